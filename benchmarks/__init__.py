@@ -1,0 +1,1 @@
+"""Benchmarks: one shared harness (``harness.py``), one module per suite."""

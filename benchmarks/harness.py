@@ -1,0 +1,165 @@
+"""The one benchmark harness every suite shares.
+
+* ``measure``: median / p20 / p80 after warm-up. On CUDA it uses
+  ``triton.testing.do_bench`` (CUDA events, L2 flushed between reps), or
+  ``do_bench_cudagraph`` when launch overhead matters; on the CPU, wall-clock.
+* ``environment``: GPU name, torch / triton / CUDA versions, date, git commit,
+  and the command line, so every result says how it was made.
+* ``write_results``: JSON + CSV, written atomically under ``benchmarks/results/``.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as _dt
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclasses.dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    reps: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0]
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def measure(fn: Callable[[], object], *, device: str | torch.device = "cpu", warmup: int = 1,
+            reps: int = 5, min_time_s: float = 0.0, cuda_graph: bool = False) -> Timing:
+    """Time ``fn`` and return median / p20 / p80 in milliseconds.
+
+    CPU: ``warmup`` untimed calls, then at least ``reps`` timed calls (more while
+    under ``min_time_s``). CUDA: ``triton.testing.do_bench`` with its warm-up and
+    L2 flush, or ``do_bench_cudagraph`` when ``cuda_graph`` is set.
+    """
+    if torch.device(device).type == "cuda":
+        import triton.testing as tt
+
+        if cuda_graph:
+            with torch.cuda.stream(torch.cuda.Stream()):
+                res = tt.do_bench_cudagraph(fn, quantiles=[0.5, 0.2, 0.8])
+        else:
+            res = tt.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        med, p20, p80 = (float(v) for v in res)
+        return Timing(med, p20, p80, reps=-1)
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps or (time.perf_counter() - start) < min_time_s:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), reps=len(times))
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: str | torch.device = "cpu") -> dict:
+    """Everything needed to say how and where a result was measured."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        gpu = torch.cuda.get_device_name(dev)
+        cc = ".".join(map(str, torch.cuda.get_device_capability(dev)))
+    else:
+        gpu, cc = None, None
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": str(dev),
+        "gpu": gpu,
+        "compute_capability": cc,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+    }
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder, then rename: no half-written results."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_results(name: str, rows: Iterable[dict], meta: dict, out_dir: Path | None = None) -> dict[str, Path]:
+    """Write ``<name>.json`` (meta + rows) and ``<name>.csv`` (rows, meta columns prefixed) atomically."""
+    rows = list(rows)
+    out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    json_path = out_dir / f"{name}.json"
+    csv_path = out_dir / f"{name}.csv"
+    atomic_write_text(json_path, json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(csv_path, buf.getvalue())
+    return {"json": json_path, "csv": csv_path}
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain fixed-width table for the terminal."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)

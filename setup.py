@@ -1,0 +1,111 @@
+"""Build qrlora-kernels and its one extension, ``qrlora_kernels._C``.
+
+The extension is built with the CUDA sources when nvcc and a CUDA build of
+torch are both present, and CPU-only otherwise. Environment variables:
+
+* ``QRLORA_CUDA_ARCHS``  -- semicolon list of compute capabilities (default ``80;90``).
+* ``QRLORA_FORCE_CPU=1`` -- skip the CUDA sources even where they could build.
+* ``CUDA_HOME``          -- the CUDA toolkit to use (found automatically otherwise).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_ARCHS = "80;90"
+
+
+def _is_toolkit(path: str | os.PathLike | None) -> bool:
+    if not path:
+        return False
+    p = Path(path)
+    # A wrapper script's folder (/usr/local/bin) has nvcc but no runtime to link.
+    has_runtime = any((p / lib).glob("libcudart.so*") for lib in ("lib64", "lib"))
+    return (p / "bin" / "nvcc").is_file() and has_runtime
+
+
+def find_cuda_home() -> str | None:
+    """CUDA_HOME when set, else the standard install location, else ask nvcc.
+
+    torch guesses the toolkit from ``dirname(dirname(which nvcc))``; on machines
+    where ``nvcc`` on PATH is a wrapper script that guess is wrong and linking
+    fails with "cannot find -lcudart", so we resolve the real toolkit ourselves.
+    """
+    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if env:
+        if not _is_toolkit(env):
+            raise RuntimeError(f"CUDA_HOME={env!r} is not a CUDA toolkit (no bin/nvcc or lib64/libcudart)")
+        return env
+    for cand in ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]:
+        if _is_toolkit(cand):
+            return cand
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:  # the real nvcc reports its own location in a dry run, even behind a wrapper
+        out = subprocess.run([nvcc, "-dryrun", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60).stderr
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"^#\$ TOP=(.+)$", out, re.MULTILINE)
+    if m and _is_toolkit(Path(m.group(1).strip()).resolve()):
+        return str(Path(m.group(1).strip()).resolve())
+    return None
+
+
+def make_extension():
+    cuda_home = None if os.environ.get("QRLORA_FORCE_CPU") == "1" else find_cuda_home()
+    if cuda_home:
+        # Must be set before torch.utils.cpp_extension is imported: it reads it once.
+        os.environ["CUDA_HOME"] = cuda_home
+    import torch
+    from torch.utils import cpp_extension
+
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
+    cu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
+    use_cuda = bool(cuda_home) and torch.version.cuda is not None and bool(cu_sources)
+    cxx_flags = ["-O3", "-std=c++17"]
+    if not use_cuda:
+        print("qrlora_kernels: building the CPU-only extension "
+              f"(nvcc found: {bool(cuda_home)}, CUDA build of torch: {torch.version.cuda is not None})")
+        return cpp_extension.CppExtension(
+            "qrlora_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})
+    archs = [a.strip() for a in os.environ.get("QRLORA_CUDA_ARCHS", DEFAULT_ARCHS).split(";") if a.strip()]
+    gencode = []
+    for a in archs:
+        a = a.replace(".", "")
+        gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    print(f"qrlora_kernels: building the CUDA extension for sm_{', sm_'.join(archs)} "
+          f"with the toolkit at {cuda_home}")
+    return cpp_extension.CUDAExtension(
+        "qrlora_kernels._C", sources + cu_sources,
+        define_macros=[("QRLORA_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", *gencode]},
+    )
+
+
+def main():
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        name="qrlora-kernels",
+        version="0.1.0",
+        description="QR-LoRA (arXiv 2508.21810): pivoted-QR adapters with fused Triton kernels",
+        packages=find_packages(include=["qrlora_kernels", "qrlora_kernels.*"]),
+        python_requires=">=3.10",
+        install_requires=["torch>=2.6", "numpy", "safetensors", "tqdm"],
+        ext_modules=[make_extension()],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        zip_safe=False,
+    )
+
+
+if __name__ == "__main__":
+    main()
