@@ -1,0 +1,199 @@
+"""Building a QR-LoRA basis (Q_r, R_r, pivots) from a frozen weight, and the rank rules.
+
+For a weight W (out x in) the column-pivoted QR ``W[:, perm] = Q R`` gives the basis
+
+* ``Q_r = Q[:, :r]``                      (out x r, orthonormal columns)
+* ``R_r = R[:r, argsort(perm)]``          (r x in, W's original column order)
+
+so that ``W ~= Q_r R_r`` and the adapter update is ``dW = Q_r diag(lam) R_r``.
+
+Sign convention: Householder QR fixes each (Q column, R row) pair only up to a sign. We flip signs so that
+``diag(R_r[:, perm[:r]]) > 0``. The basis is then a deterministic function of W and the pivots ``perm[:r]``
+(uniqueness of the QR factorisation with a positive diagonal), which is what lets ``basis_from_pivots``
+rebuild it from an adapter file that stores only the pivots.
+
+Rank rules (exactly one of ``tau`` / ``rank``):
+
+* ``energy="diag"`` (the paper): full factorisation, r = the smallest rank with
+  ``sum_{i<=r} R_ii^2 >= tau * sum_i R_ii^2``.
+* ``energy="frobenius"``: the factorisation stops early, at ``1 - ||R22||_F^2 / ||W||_F^2 >= tau``
+  (the energy of W captured by the first r rows of R).
+* ``rank=k``: a factorisation truncated at k.
+
+Factorisations run in float32 (float64 for float64 weights); Q_r and R_r are returned in the weight's dtype.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+ENERGY_RULES = ("diag", "frobenius")
+
+
+class QRLoraBasis(NamedTuple):
+    """A QR-LoRA basis of one weight.
+
+    ``diag_energy`` holds the per-component energies ``R_ii^2``, normalised:
+
+    * ``energy="diag"`` with ``tau``: by ``sum_j R_jj^2`` over the whole diagonal; length ``min(out, in)``,
+      sums to 1 (the paper's quantity, comparable across modules for a global budget);
+    * ``energy="frobenius"`` or ``rank``: the factorisation stopped at r, so the full diagonal is unknown;
+      normalised by ``||W||_F^2`` (an upper bound of ``sum_j R_jj^2``), length r.
+
+    ``energy_captured`` is ``sum(diag_energy[:rank])`` for the diag rule and ``||R_r||_F^2 / ||W||_F^2`` otherwise.
+    """
+    Q: torch.Tensor
+    R: torch.Tensor
+    perm: torch.Tensor
+    rank: int
+    energy_captured: float
+    diag_energy: torch.Tensor
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_weight(weight: torch.Tensor) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features x in_features), got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
+    if weight.numel() == 0:
+        raise ValueError(f"weight is empty (shape {tuple(weight.shape)}); there is no basis to build")
+
+
+def _check_rule(tau, rank, energy, max_rank: int) -> None:
+    if (tau is None) == (rank is None):
+        raise TypeError("give exactly one of tau= (energy fraction) or rank= (number of components); "
+                        f"got tau={tau!r}, rank={rank!r}")
+    if energy not in ENERGY_RULES:
+        raise ValueError(f"energy must be one of {ENERGY_RULES}, got {energy!r}")
+    if tau is not None:
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+            raise TypeError(f"tau must be a float in (0, 1], got {type(tau).__name__}")
+        if not 0.0 < float(tau) <= 1.0:
+            raise ValueError(f"tau must be in (0, 1], got {tau}")
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TypeError(f"rank must be an int, got {type(rank).__name__}")
+        if not 1 <= rank <= max_rank:
+            raise ValueError(f"rank must be in [1, min(out_features, in_features)] = [1, {max_rank}], got {rank}")
+
+
+def _normalise_signs(Q_r: torch.Tensor, R_r_pivoted: torch.Tensor):
+    """Flip (Q column, R row) pairs so that the diagonal of the pivoted R block is positive."""
+    r = Q_r.shape[1]
+    signs = torch.sign(torch.diagonal(R_r_pivoted[:, :r]))
+    # A zero diagonal entry means a rank-deficient block; any sign is valid there, pick +1 for determinism.
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return Q_r * signs, R_r_pivoted * signs.unsqueeze(1)
+
+
+def build_basis(weight: torch.Tensor, *, tau: float | None = None, rank: int | None = None,
+                energy: str = "diag") -> QRLoraBasis:
+    """Factorise ``weight`` with column-pivoted QR and keep the basis chosen by the rank rule.
+
+    Exactly one of ``tau`` (energy fraction in (0, 1]) or ``rank`` (1..min(out, in)). ``energy`` selects
+    how ``tau`` is read (see the module docstring); it is ignored for ``rank``.
+    """
+    from .qr import qrcp
+
+    _check_weight(weight)
+    out_features, in_features = weight.shape
+    max_rank = min(out_features, in_features)
+    _check_rule(tau, rank, energy, max_rank)
+
+    w = weight.detach().to(_compute_dtype(weight.dtype))
+    if not torch.isfinite(w).all():
+        raise ValueError("weight contains NaN or Inf; cannot build a QR-LoRA basis")
+    weight_energy = torch.linalg.vector_norm(w).square()
+    if weight_energy == 0:
+        raise ValueError("weight is all zeros: it has no energy to capture and no basis")
+
+    if rank is not None:
+        Q, R, perm = qrcp(w, rank=rank)
+        r = rank
+    elif energy == "diag":
+        Q, R, perm = qrcp(w)
+        d = torch.diagonal(R).square()
+        cumulative = torch.cumsum(d, 0)
+        # Smallest r with cumsum[r-1] >= tau * total; clamped because rounding can leave cumsum[-1] a hair below.
+        r = min(int((cumulative < tau * cumulative[-1]).sum().item()) + 1, d.numel())
+        diag_energy = d / cumulative[-1]
+        energy_captured = float(diag_energy[:r].sum())
+    else:
+        Q, R, perm = qrcp(w, tau=tau)
+        r = Q.shape[1]
+
+    if rank is not None or energy == "frobenius":
+        R_rows = R[:r]
+        diag_energy = torch.diagonal(R_rows[:, :r]).square() / weight_energy
+        energy_captured = float(torch.linalg.vector_norm(R_rows).square() / weight_energy)
+
+    Q_r, R_r_pivoted = _normalise_signs(Q[:, :r], R[:r])
+    perm = perm.to(device=weight.device, dtype=torch.int64)
+    R_r = R_r_pivoted[:, torch.argsort(perm)]
+    return QRLoraBasis(Q_r.to(weight.dtype), R_r.to(weight.dtype), perm, r, energy_captured, diag_energy)
+
+
+def truncate(basis: QRLoraBasis, rank: int, *, energy: str = "diag") -> QRLoraBasis:
+    """The leading ``rank`` components of an existing basis, without refactorising.
+
+    Pivoted QR is nested: the rank-k basis is the leading part of any larger one. For a global budget,
+    build each module's basis once with ``build_basis(w, tau=1.0, energy="diag")`` (the full diagonal),
+    then truncate to the rank each module is allotted. ``energy`` must match how ``basis`` was built:
+    "diag" recomputes ``energy_captured`` from ``diag_energy``, "frobenius" (also for ``rank=`` bases) from
+    the squared norms of the kept rows of R.
+    """
+    if energy not in ENERGY_RULES:
+        raise ValueError(f"energy must be one of {ENERGY_RULES}, got {energy!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
+    if not 1 <= rank <= basis.rank:
+        raise ValueError(f"cannot truncate a rank-{basis.rank} basis to rank {rank}; "
+                         f"rank must be in [1, {basis.rank}]")
+    Q, R = basis.Q[:, :rank], basis.R[:rank]
+    if energy == "diag":
+        energy_captured = float(basis.diag_energy[:rank].sum())
+        diag_energy = basis.diag_energy
+    else:
+        acc = _compute_dtype(basis.R.dtype)
+        kept = torch.linalg.vector_norm(R.to(acc)).square()
+        total = torch.linalg.vector_norm(basis.R.to(acc)).square()
+        energy_captured = float(basis.energy_captured * kept / total)
+        diag_energy = basis.diag_energy[:rank]
+    return QRLoraBasis(Q.contiguous(), R.contiguous(), basis.perm, rank, energy_captured, diag_energy)
+
+
+def basis_from_pivots(weight: torch.Tensor, pivots: torch.Tensor):
+    """Rebuild ``(Q_r, R_r)`` from the stored pivots ``perm[:r]`` with an unpivoted QR of ``W[:, pivots]``.
+
+    With the sign convention above this equals ``build_basis``'s output up to rounding, because the QR of a
+    full-column-rank matrix with a positive diagonal is unique. Cost: one unpivoted QR of an out x r block,
+    much cheaper than a pivoted one.
+    """
+    _check_weight(weight)
+    if not isinstance(pivots, torch.Tensor) or pivots.dtype not in (torch.int32, torch.int64):
+        raise TypeError("pivots must be an int32/int64 tensor of column indices")
+    if pivots.dim() != 1 or pivots.numel() == 0:
+        raise ValueError(f"pivots must be a non-empty 1-D tensor, got shape {tuple(pivots.shape)}")
+    out_features, in_features = weight.shape
+    r = pivots.numel()
+    if r > min(out_features, in_features):
+        raise ValueError(f"{r} pivots exceed min(out_features, in_features) = {min(out_features, in_features)}")
+    pivots = pivots.to(device=weight.device, dtype=torch.int64)
+    if int(pivots.min()) < 0 or int(pivots.max()) >= in_features:
+        raise ValueError(f"pivots must lie in [0, {in_features}), got range "
+                         f"[{int(pivots.min())}, {int(pivots.max())}]")
+    if torch.unique(pivots).numel() != r:
+        raise ValueError("pivots contain repeated column indices")
+
+    w = weight.detach().to(_compute_dtype(weight.dtype))
+    Q, R_block = torch.linalg.qr(w[:, pivots], mode="reduced")
+    Q_r, _ = _normalise_signs(Q, R_block)
+    R_r = Q_r.t() @ w
+    return Q_r.to(weight.dtype), R_r.to(weight.dtype)

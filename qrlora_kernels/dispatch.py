@@ -1,0 +1,112 @@
+"""Choosing the low-rank or the merged strategy for one QR-LoRA linear call.
+
+With T tokens, N = out_features, K = in_features, rank r and e bytes per element:
+
+* **lowrank** (path a) -- ``S = x R^T``, then one fused GEMM ``y = x W0^T + (S*lam) Q^T + b``.
+  Extra work over the frozen GEMM, forward: ``2*T*r*K`` (project, a pass over x) + ``2*T*r*N`` (inside the
+  fused GEMM). Backward adds the same again: ``G = dY Q`` (``2*T*N*r``, a pass over dY, with dlam reduced in
+  the same pass) and ``(G*lam) R`` fused into the dx GEMM (``2*T*r*K``). Relative cost ~ ``r/N + r/K``,
+  independent of T.
+* **merged** (path b) -- ``W_eff = W0 + (Q*lam) R`` then a plain GEMM. Extra forward: ``2*N*K*r`` flops plus a
+  pass over W (read W0, write W_eff: ``2*N*K*e`` bytes), independent of T, so relative cost ~ ``r/T``.
+  Backward: ``dx = dY W_eff`` costs nothing extra; dlam costs the cheaper of
+  ``2*T*r*(K+N)`` (recompute S, then G and the reduction) and ``2*T*N*K + 2*N*K*r``
+  (``diag(Q^T (dY^T x) R^T)``: a weight-gradient GEMM, cheaper only when r is large, r > N*K/(N+K) roughly).
+
+Each step is costed with a roofline, ``max(flops / peak_flops, bytes / bandwidth) + launch``, on a
+``DeviceModel`` (default: H100-class bf16 numbers; the ratio, not the absolute values, decides). The model
+prefers lowrank for inference when ``2*T*r*(K+N) < 2*N*K*r + pass over W``, i.e. roughly below
+``T ~ N*K/(N+K)`` tokens, and merged above. Multi-adapter batches (per-token lam rows) always take the
+lowrank path: there is no single merged weight.
+
+Override (for tests and experiments): the ``strategy=`` argument, else the environment variable
+``QRLORA_STRATEGY`` ("lowrank", "merged" or "auto"), else the cost model.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+STRATEGIES = ("lowrank", "merged")
+DLAM_ROUTES = ("project", "weight_grad")
+STRATEGY_ENV_VAR = "QRLORA_STRATEGY"
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    """Throughputs the roofline uses. Only their ratio and the launch cost matter for the choice."""
+    flops_per_s: float = 800e12      # dense bf16 tensor-core GEMM, achieved (H100 SXM peak ~989e12)
+    bytes_per_s: float = 3.0e12      # HBM3, achieved
+    launch_s: float = 4e-6           # one extra kernel launch
+
+
+DEFAULT_DEVICE_MODEL = DeviceModel()
+_ACC_BYTES = 4  # S and G are kept in float32
+
+
+def _step(flops: float, bytes_moved: float, model: DeviceModel) -> float:
+    return max(flops / model.flops_per_s, bytes_moved / model.bytes_per_s) + model.launch_s
+
+
+def _project_cost(T, rows, r, e, model):
+    """A = input (T x rows) times a (rows x r) basis, writing a float32 (T x r) result."""
+    return _step(2 * T * rows * r, e * (T * rows + rows * r) + _ACC_BYTES * T * r, model)
+
+
+def dlam_costs(T: int, N: int, K: int, r: int, *, elem_bytes: int = 2,
+               model: DeviceModel = DEFAULT_DEVICE_MODEL) -> dict:
+    """Seconds (modelled) for dlam in the merged path's backward, per route."""
+    e = elem_bytes
+    via_projection = _project_cost(T, K, r, e, model) + _project_cost(T, N, r, e, model)
+    via_weight_grad = (_step(2 * T * N * K, e * (T * N + T * K) + _ACC_BYTES * N * K, model)
+                       + _step(2 * N * K * r, _ACC_BYTES * N * K + e * (N * r + r * K), model))
+    return {"project": via_projection, "weight_grad": via_weight_grad}
+
+
+def strategy_costs(T: int, N: int, K: int, r: int, *, training: bool, elem_bytes: int = 2,
+                   model: DeviceModel = DEFAULT_DEVICE_MODEL) -> dict:
+    """Modelled extra seconds over the frozen GEMM (forward, plus backward when ``training``) per strategy."""
+    e = elem_bytes
+    lowrank = _project_cost(T, K, r, e, model) + 2 * T * r * N / model.flops_per_s
+    merged = _step(2 * N * K * r, e * (2 * N * K + N * r + r * K), model)
+    if training:
+        lowrank += _project_cost(T, N, r, e, model) + 2 * T * r * K / model.flops_per_s
+        merged += min(dlam_costs(T, N, K, r, elem_bytes=e, model=model).values())
+    return {"lowrank": lowrank, "merged": merged}
+
+
+def _requested_strategy(strategy: str | None) -> str | None:
+    requested = strategy if strategy is not None else os.environ.get(STRATEGY_ENV_VAR)
+    if requested is None or requested == "auto":
+        return None
+    if requested not in STRATEGIES:
+        source = "strategy" if strategy is not None else f"${STRATEGY_ENV_VAR}"
+        raise ValueError(f"{source} must be one of {STRATEGIES + ('auto',)}, got {requested!r}")
+    return requested
+
+
+def choose_strategy(T: int, N: int, K: int, r: int, *, training: bool, per_token_lam: bool = False,
+                    elem_bytes: int = 2, strategy: str | None = None,
+                    model: DeviceModel = DEFAULT_DEVICE_MODEL) -> str:
+    """"lowrank" or "merged" for this shape; ``strategy`` (or ``$QRLORA_STRATEGY``) overrides the model.
+
+    ``per_token_lam`` (a multi-adapter batch) forces "lowrank"; asking for "merged" explicitly then is an error,
+    while the environment variable only applies where it is legal.
+    """
+    requested = _requested_strategy(strategy)
+    if per_token_lam:
+        if strategy == "merged":
+            raise ValueError("strategy='merged' is impossible for a multi-adapter batch (per-token lam rows "
+                             "have no single merged weight); use 'lowrank' or None")
+        return "lowrank"
+    if requested is not None:
+        return requested
+    costs = strategy_costs(T, N, K, r, training=training, elem_bytes=elem_bytes, model=model)
+    return "merged" if costs["merged"] < costs["lowrank"] else "lowrank"
+
+
+def choose_dlam_route(T: int, N: int, K: int, r: int, *, elem_bytes: int = 2,
+                      model: DeviceModel = DEFAULT_DEVICE_MODEL) -> str:
+    """"project" (S and G) or "weight_grad" (diag(Q^T (dY^T x) R^T)) for the merged path's dlam."""
+    costs = dlam_costs(T, N, K, r, elem_bytes=elem_bytes, model=model)
+    return "weight_grad" if costs["weight_grad"] < costs["project"] else "project"

@@ -1,0 +1,200 @@
+"""``qrlora_linear``: the QR-LoRA linear layer as a function.
+
+    y = x W0^T + b + ((x R^T) * lam) Q^T          (= x (W0 + Q diag(lam) R)^T + b)
+
+Backends:
+
+* ``"triton"`` -- the fused Triton kernels through the ``torch.ops.qrlora_kernels`` ops. On CPU tensors they
+  run under Triton's interpreter, which needs ``TRITON_INTERPRET=1`` set before ``qrlora_kernels.kernels``
+  is imported. Only x and lam receive gradients.
+* ``"torch"`` -- plain differentiable torch (``F.linear`` plus the two projections): every input gets its
+  gradient, and it is gradcheck-able in float64.
+* ``None`` -- "triton" for CUDA tensors, "torch" otherwise.
+
+Strategy ("lowrank" or "merged", see ``dispatch``): the ``strategy=`` argument, ``$QRLORA_STRATEGY``, or the
+cost model. Both backends implement both strategies with the same results up to rounding.
+
+Dtype rule: x, weight, bias, Q and R must share one floating dtype (as ``F.linear`` requires). lam may have
+any floating dtype (e.g. float32 master weights for a bfloat16 model); it is applied in float32 inside the
+kernels (in the compute dtype on the torch path) and its gradient comes back in lam's own dtype. Under autocast
+(``torch.autocast`` enabled for x's device), x, weight, bias, Q and R are cast to the autocast dtype first,
+like ``F.linear`` under autocast, and lam is left as it is.
+
+Multi-adapter batches: lam of shape (A, r) holds one row per adapter, all sharing Q and R. ``adapter_ids``
+picks the rows: per sequence, shape ``x.shape[:-2]`` (for x (B, L, K): (B,), repeated over the L tokens; for
+2-D x, a 0-d id applies to every token), or per token, shape ``x.shape[:-1]``. With lam (A, r), A > 1,
+adapter_ids is required; multi-adapter batches always take the lowrank strategy.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from . import dispatch
+
+BACKENDS = ("triton", "torch")
+_AUTOCASTABLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_tensor(name, t, *, optional=False):
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _validate(x, weight, bias, Q, R, lam):
+    for name, t in (("x", x), ("weight", weight), ("Q", Q), ("R", R), ("lam", lam)):
+        _check_tensor(name, t)
+    _check_tensor("bias", bias, optional=True)
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension (..., in_features)")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has last dimension {x.shape[-1]} but weight has in_features {in_features} "
+                         f"(weight shape {tuple(weight.shape)})")
+    if Q.dim() != 2 or R.dim() != 2:
+        raise ValueError(f"Q and R must be 2-D, got shapes {tuple(Q.shape)} and {tuple(R.shape)}")
+    r = Q.shape[1]
+    if Q.shape[0] != out_features:
+        raise ValueError(f"Q has {Q.shape[0]} rows but weight has out_features {out_features}")
+    if R.shape != (r, in_features):
+        raise ValueError(f"R has shape {tuple(R.shape)}, expected (rank, in_features) = ({r}, {in_features}) "
+                         f"from Q {tuple(Q.shape)} and weight {tuple(weight.shape)}")
+    if r < 1:
+        raise ValueError("the basis has rank 0 (Q has no columns)")
+    if not ((lam.dim() == 1 and lam.shape[0] == r) or (lam.dim() == 2 and lam.shape[1] == r and lam.shape[0] >= 1)):
+        raise ValueError(f"lam has shape {tuple(lam.shape)}, expected ({r},) or (num_adapters, {r}) for rank {r}")
+    if not lam.is_floating_point():
+        raise TypeError(f"lam must be a floating-point tensor, got dtype {lam.dtype}")
+    if bias is not None and bias.shape != (out_features,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_features},)")
+    named = [("weight", weight), ("Q", Q), ("R", R), ("lam", lam)] + ([("bias", bias)] if bias is not None else [])
+    for name, t in named:
+        if t.device != x.device:
+            raise ValueError(f"mixed devices: x is on {x.device} but {name} is on {t.device}")
+    for name, t in named:
+        if name != "lam" and t.dtype != x.dtype:
+            raise TypeError(f"mixed dtypes: x is {x.dtype} but {name} is {t.dtype} "
+                            f"(x, weight, bias, Q and R must share a dtype; only lam may differ)")
+
+
+def _autocast(x, weight, bias, Q, R):
+    """Cast to the autocast dtype when autocast is on for x's device, as F.linear would."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight, bias, Q, R
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t.to(dtype) if t is not None and t.dtype in _AUTOCASTABLE else t
+
+    return cast(x), cast(weight), cast(bias), cast(Q), cast(R)
+
+
+def _lam_index(adapter_ids, x, num_adapters):
+    """Per-token adapter index (T,) int64 from per-sequence or per-token ids; validated."""
+    if not isinstance(adapter_ids, torch.Tensor):
+        raise TypeError(f"adapter_ids must be an integer torch.Tensor, got {type(adapter_ids).__name__}")
+    if adapter_ids.is_floating_point() or adapter_ids.is_complex() or adapter_ids.dtype == torch.bool:
+        raise TypeError(f"adapter_ids must be an integer tensor, got dtype {adapter_ids.dtype}")
+    if adapter_ids.device != x.device:
+        raise ValueError(f"mixed devices: x is on {x.device} but adapter_ids is on {adapter_ids.device}")
+    tokens_per_sequence = x.shape[-2] if x.dim() >= 2 else 1
+    if adapter_ids.shape == x.shape[:-1]:
+        index = adapter_ids.reshape(-1)
+    elif adapter_ids.shape == x.shape[:-2]:
+        index = adapter_ids.reshape(-1).repeat_interleave(tokens_per_sequence)
+    else:
+        raise ValueError(f"adapter_ids has shape {tuple(adapter_ids.shape)}; expected per-sequence ids of shape "
+                         f"{tuple(x.shape[:-2])} or per-token ids of shape {tuple(x.shape[:-1])} for x of shape "
+                         f"{tuple(x.shape)}")
+    # A data-dependent check: skipped while compiling (it would break the graph); out-of-range ids then fail
+    # inside the kernels' index_select instead of with this message.
+    if not torch.compiler.is_compiling() and index.numel() > 0:
+        low, high = int(index.min()), int(index.max())
+        if low < 0 or high >= num_adapters:
+            bad = low if low < 0 else high
+            raise ValueError(f"adapter id {bad} is out of range for {num_adapters} adapter(s) "
+                             f"(valid ids: 0..{num_adapters - 1})")
+    return index.to(torch.int64)
+
+
+def _check_triton_available(x):
+    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("backend='triton' on CPU tensors runs the kernels under Triton's interpreter: set "
+                           "TRITON_INTERPRET=1 before importing qrlora_kernels (or use backend='torch')")
+
+
+def _torch_path(x2, weight, bias, Q, R, lam, lam_index, strategy):
+    # lam is applied in the compute dtype so that every matmul sees one dtype (its grad flows back through .to).
+    lam_c = lam.to(x2.dtype)
+    if lam_index is not None:
+        lam_c = lam_c.index_select(0, lam_index)
+    if strategy == "merged":
+        return F.linear(x2, weight + (Q * lam_c) @ R, bias)
+    return F.linear(x2, weight, bias) + ((x2 @ R.t()) * lam_c) @ Q.t()
+
+
+def qrlora_linear(x, weight, bias, Q, R, lam, *, backend=None, adapter_ids=None, strategy=None):
+    """y = x W0^T + b + ((x R^T) * lam) Q^T for x of shape (..., in_features); returns (..., out_features).
+
+    ``weight`` (N, K), ``bias`` (N,) or None, ``Q`` (N, r), ``R`` (r, K) in W0's column order, ``lam`` (r,)
+    or (A, r). See the module docstring for ``backend``, ``adapter_ids``, ``strategy`` and the dtype rule.
+    """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    for name, t in (("x", x), ("weight", weight), ("Q", Q), ("R", R)):
+        _check_tensor(name, t)
+    _check_tensor("bias", bias, optional=True)
+    x, weight, bias, Q, R = _autocast(x, weight, bias, Q, R)
+    _validate(x, weight, bias, Q, R, lam)
+    if backend is None:
+        backend = "triton" if x.device.type == "cuda" else "torch"
+
+    out_features, in_features = weight.shape
+    rank = Q.shape[1]
+    num_adapters = lam.shape[0] if lam.dim() == 2 else 1
+    lam_index = None
+    if adapter_ids is not None:
+        lam_index = _lam_index(adapter_ids, x, num_adapters)
+        if lam.dim() == 1:
+            lam_index = None  # one adapter: the ids are all 0 (checked above) and select nothing
+    elif num_adapters > 1:
+        raise ValueError(f"lam holds {num_adapters} adapters (shape {tuple(lam.shape)}); pass adapter_ids to pick "
+                         "one per sequence or token")
+    if lam.dim() == 2 and lam_index is None:
+        lam = lam.reshape(rank)  # one row: the single-adapter case (a view, so lam's grad keeps its shape)
+
+    leading = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    tokens = x2.shape[0]
+    training = torch.is_grad_enabled() and lam.requires_grad
+    chosen = dispatch.choose_strategy(tokens, out_features, in_features, rank, training=training,
+                                      per_token_lam=lam_index is not None, elem_bytes=x.element_size(),
+                                      strategy=strategy)
+
+    if backend == "torch":
+        with torch.autocast(x.device.type, enabled=False):
+            y = _torch_path(x2, weight, bias, Q, R, lam, lam_index, chosen)
+        return y.reshape(*leading, out_features)
+
+    if torch.is_grad_enabled():
+        for name, t in (("weight", weight), ("bias", bias), ("Q", Q), ("R", R)):
+            if t is not None and t.requires_grad:
+                raise ValueError(f"{name} requires grad, but backend='triton' computes gradients for x and lam "
+                                 "only (QR-LoRA freezes W0, bias, Q and R); freeze it or use backend='torch'")
+    _check_triton_available(x)
+    from . import ops
+
+    if chosen == "merged":
+        y, _ = ops.merged_forward(x2, weight, bias, Q, R, lam)
+    else:
+        y, _ = ops.lowrank_forward(x2, weight, bias, Q, R, lam, lam_index)
+    return y.reshape(*leading, out_features)

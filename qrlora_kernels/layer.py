@@ -1,0 +1,242 @@
+"""``QRLoraLinear``: a drop-in replacement for ``nn.Linear`` with a QR-LoRA adapter.
+
+    y = x W0^T + b + ((x R^T) * lam) Q^T          (W0, b, Q, R frozen; only lam trains)
+
+State: ``weight`` and ``bias`` are frozen Parameters (so ``nn.Linear`` code that reads them keeps working);
+``lam`` is the only trainable Parameter, shape (r,) or (num_adapters, r), initialised to 0 so that a converted
+layer starts equal to the original; ``Q`` (out x r), ``R`` (r x in, W0's column order) and ``perm`` (the
+pivots, int64, length in; ``perm[:r]`` are the basis columns) are buffers and travel with ``state_dict``.
+
+Merging: ``merge()`` folds the update into ``weight`` (the forward is then a plain ``F.linear``), ``unmerge()``
+subtracts it again (exact up to rounding). While merged, lam gets no gradient.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .basis import ENERGY_RULES, QRLoraBasis, build_basis
+from .functional import BACKENDS, qrlora_linear
+
+
+def _lam_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    # Half-precision lam cannot accumulate small optimizer steps; keep float32 master values for those.
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
+class QRLoraLinear(nn.Module):
+    """``nn.Linear`` plus a frozen pivoted-QR basis and trainable coefficients ``lam``.
+
+    Build one with ``QRLoraLinear.from_linear(linear, tau=0.9)`` (or ``rank=``), or from a precomputed basis
+    with ``QRLoraLinear.from_basis``. The constructor makes an empty layer of the given shape (e.g. to load a
+    ``state_dict`` into). ``backend`` and ``strategy`` are passed to ``qrlora_linear`` (None: automatic).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
+                 num_adapters: int = 1, tau: float | None = None, energy: str = "diag",
+                 energy_captured: float | None = None, backend: str | None = None, strategy: str | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features), ("rank", rank),
+                            ("num_adapters", num_adapters)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if rank > min(in_features, out_features):
+            raise ValueError(f"rank {rank} exceeds min(in_features, out_features) = {min(in_features, out_features)}")
+        if energy not in ENERGY_RULES:
+            raise ValueError(f"energy must be one of {ENERGY_RULES}, got {energy!r}")
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.tau = tau
+        self.energy = energy
+        self.energy_captured = energy_captured
+        self.backend = backend
+        self.strategy = strategy
+        self.merged = False
+        self.active_adapter = 0
+        # Per-sequence or per-token ids used when forward() gets none (set by model-level context managers).
+        self.adapter_ids: torch.Tensor | None = None
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+        self.register_buffer("Q", torch.empty(out_features, rank, **factory))
+        self.register_buffer("R", torch.empty(rank, in_features, **factory))
+        self.register_buffer("perm", torch.arange(in_features, device=device, dtype=torch.int64))
+        lam_shape = (rank,) if num_adapters == 1 else (num_adapters, rank)
+        self.lam = nn.Parameter(torch.zeros(lam_shape, device=device, dtype=_lam_dtype(self.weight.dtype)))
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, tau: float | None = None, rank: int | None = None,
+                    energy: str = "diag", num_adapters: int = 1, **kwargs) -> "QRLoraLinear":
+        """Factorise ``linear.weight`` and keep the basis chosen by exactly one of ``tau`` or ``rank``.
+
+        ``energy="diag"`` is the paper's rule (squared diagonal of R); ``"frobenius"`` stops the factorisation
+        early at 1 - ||R22||_F^2/||W||_F^2 >= tau. The new layer shares ``linear``'s weight and bias storage.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        basis = build_basis(linear.weight, tau=tau, rank=rank, energy=energy)
+        return cls.from_basis(linear, basis, tau=tau, energy=energy, num_adapters=num_adapters, **kwargs)
+
+    @classmethod
+    def from_basis(cls, linear: nn.Linear, basis: QRLoraBasis | tuple, *, tau: float | None = None,
+                   energy: str = "diag", num_adapters: int = 1, **kwargs) -> "QRLoraLinear":
+        """A layer over ``linear`` with a precomputed basis: a ``QRLoraBasis`` (from ``build_basis`` or
+        ``truncate``) or a tuple ``(Q, R, perm)``, Q (out x r), R (r x in, original column order),
+        perm the pivots (length in, or at least r: ``perm[:r]`` are the basis columns)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_basis expects an nn.Linear, got {type(linear).__name__}")
+        Q, R, perm = basis[0], basis[1], basis[2]
+        energy_captured = basis.energy_captured if isinstance(basis, QRLoraBasis) else None
+        out_features, in_features = linear.weight.shape
+        if Q.dim() != 2 or R.dim() != 2 or Q.shape[0] != out_features or R.shape[1] != in_features \
+                or Q.shape[1] != R.shape[0]:
+            raise ValueError(f"basis shapes Q {tuple(Q.shape)}, R {tuple(R.shape)} do not fit a linear layer of "
+                             f"weight shape {tuple(linear.weight.shape)} (need Q (out, r) and R (r, in))")
+        rank = Q.shape[1]
+        perm = torch.as_tensor(perm, dtype=torch.int64)
+        if perm.dim() != 1 or not rank <= perm.numel() <= in_features:
+            raise ValueError(f"perm must be 1-D with between rank={rank} and in_features={in_features} entries, "
+                             f"got shape {tuple(perm.shape)}")
+        weight = linear.weight
+        layer = cls(in_features, out_features, rank, bias=linear.bias is not None, num_adapters=num_adapters,
+                    tau=tau, energy=energy, energy_captured=energy_captured, device="meta", dtype=weight.dtype,
+                    **kwargs)
+        # Share storage with the original layer: no copy of W0; merge() replaces rather than mutates it.
+        layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        layer.Q = Q.detach().to(device=weight.device, dtype=weight.dtype).contiguous()
+        layer.R = R.detach().to(device=weight.device, dtype=weight.dtype).contiguous()
+        full_perm = perm.to(weight.device)
+        if full_perm.numel() < in_features:
+            # Complete stored pivots to a permutation: the remaining columns, in their original order.
+            rest = torch.ones(in_features, dtype=torch.bool, device=weight.device)
+            rest[full_perm] = False
+            full_perm = torch.cat([full_perm, rest.nonzero().flatten()])
+        layer.perm = full_perm
+        lam_shape = (rank,) if num_adapters == 1 else (num_adapters, rank)
+        layer.lam = nn.Parameter(torch.zeros(lam_shape, device=weight.device, dtype=_lam_dtype(weight.dtype)))
+        return layer
+
+    # ------------------------------------------------------------------ adapters
+
+    @property
+    def num_adapters(self) -> int:
+        return self.lam.shape[0] if self.lam.dim() == 2 else 1
+
+    def add_adapter(self) -> int:
+        """Append a zero row to lam for one more adapter (sharing Q and R); returns its index.
+
+        lam is replaced by a new Parameter: build the optimizer after adding adapters.
+        """
+        if self.merged:
+            raise ValueError("cannot add an adapter to a merged layer; unmerge() first")
+        rows = self.lam.detach().reshape(-1, self.rank)
+        new = torch.cat([rows, rows.new_zeros(1, self.rank)])
+        self.lam = nn.Parameter(new, requires_grad=self.lam.requires_grad)
+        return new.shape[0] - 1
+
+    def set_num_adapters(self, num_adapters: int) -> None:
+        """Grow (zero rows) or shrink lam to ``num_adapters`` rows; 1 gives back the (r,) shape."""
+        if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
+            raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
+        if self.merged:
+            raise ValueError("cannot change the adapters of a merged layer; unmerge() first")
+        rows = self.lam.detach().reshape(-1, self.rank)[:num_adapters]
+        if rows.shape[0] < num_adapters:
+            rows = torch.cat([rows, rows.new_zeros(num_adapters - rows.shape[0], self.rank)])
+        new = rows.reshape(self.rank) if num_adapters == 1 else rows
+        self.lam = nn.Parameter(new.clone(), requires_grad=self.lam.requires_grad)
+        if self.active_adapter >= num_adapters:
+            self.active_adapter = 0
+
+    def _adapter_lam(self, adapter: int | None) -> torch.Tensor:
+        if self.lam.dim() == 1:
+            if adapter not in (None, 0):
+                raise ValueError(f"adapter {adapter} is out of range: this layer has 1 adapter")
+            return self.lam
+        index = self.active_adapter if adapter is None else adapter
+        if not 0 <= index < self.lam.shape[0]:
+            raise ValueError(f"adapter {index} is out of range for {self.lam.shape[0]} adapters")
+        return self.lam[index]
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        ids = adapter_ids if adapter_ids is not None else self.adapter_ids
+        lam = self.lam
+        if ids is None and lam.dim() == 2:
+            lam = lam[self.active_adapter]
+        return qrlora_linear(x, self.weight, self.bias, self.Q, self.R, lam, backend=self.backend,
+                             adapter_ids=ids, strategy=self.strategy)
+
+    # ------------------------------------------------------------------ merging
+
+    def delta_weight(self, adapter: int | None = None) -> torch.Tensor:
+        """dW = Q diag(lam) R (out x in) in the weight's dtype, accumulated in float32 at least."""
+        lam = self._adapter_lam(adapter).detach()
+        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        return ((self.Q.to(acc) * lam.to(acc)) @ self.R.to(acc)).to(self.weight.dtype)
+
+    def _merged_weight(self, sign: float) -> torch.Tensor:
+        lam = self._adapter_lam(None).detach() * sign
+        if self.weight.device.type == "cuda" and self.backend != "torch":
+            from . import ops
+            return ops.merged_weight(self.weight.detach(), self.Q, self.R, lam)
+        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        w = self.weight.detach().to(acc) + (self.Q.to(acc) * lam.to(acc)) @ self.R.to(acc)
+        return w.to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold dW into ``weight``; the forward becomes a plain ``F.linear``. Single adapter only."""
+        if self.merged:
+            raise ValueError("layer is already merged")
+        if self.num_adapters > 1:
+            raise ValueError(f"merge() needs a single adapter, but this layer holds {self.num_adapters}; "
+                             "use to_linear() per adapter or set_num_adapters(1)")
+        # A new tensor rather than an in-place update: the weight may share storage with the original nn.Linear.
+        self.weight = nn.Parameter(self._merged_weight(1.0), requires_grad=False)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract dW from ``weight`` again (exact up to rounding)."""
+        if not self.merged:
+            raise ValueError("layer is not merged")
+        self.weight = nn.Parameter(self._merged_weight(-1.0), requires_grad=False)
+        self.merged = False
+
+    @torch.no_grad()
+    def to_linear(self, adapter: int | None = None) -> nn.Linear:
+        """A plain ``nn.Linear`` with the adapter folded in (copies; this layer is unchanged)."""
+        weight = self.weight.detach().clone() if self.merged else (
+            self.weight.detach() + self.delta_weight(adapter)).to(self.weight.dtype)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        linear.weight.copy_(weight)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias.detach())
+        return linear
+
+    def extra_repr(self) -> str:
+        tau = "None" if self.tau is None else f"{self.tau:g}"
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
+                 f"bias={self.bias is not None}", f"rank={self.rank}", f"tau={tau}", f"energy={self.energy!r}"]
+        if self.energy_captured is not None and math.isfinite(self.energy_captured):
+            parts.append(f"energy_captured={self.energy_captured:.4f}")
+        if self.num_adapters > 1:
+            parts.append(f"num_adapters={self.num_adapters}")
+        if self.merged:
+            parts.append("merged=True")
+        return ", ".join(parts)

@@ -1,0 +1,177 @@
+"""The fused kernels as torch ops (``torch.ops.qrlora_kernels.*``), with fake and autograd registrations.
+
+Each op calls the Triton host functions of ``qrlora_kernels.kernels`` and nothing else; the math lives there
+(and in ``kernels/reference.py``). Ops are opaque to ``torch.compile``, which traces them through their fake
+implementations without graph breaks.
+
+2-D shapes only (``functional.qrlora_linear`` flattens): x (T, K), weight (N, K), Q (N, r), R (r, K),
+lam (r,) or (A, r), lam_index (T,) int64 or None. S and G are float32 (float64 for float64 inputs).
+
+Gradients: only x and lam get one. W0, Q, R and the bias are frozen by construction in QR-LoRA, so the
+autograd formulas return None for them (``functional`` refuses inputs that would silently lose a gradient).
+The ops run with autocast disabled: ``functional`` has already cast the inputs to the autocast dtype, and the
+kernels accumulate in float32 regardless.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+NAMESPACE = "qrlora_kernels"
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    from . import kernels
+    return kernels
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _no_autocast(device: torch.device):
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _num_adapters(lam: Tensor) -> int:
+    return lam.shape[0] if lam.dim() == 2 else 1
+
+
+# ---------------------------------------------------------------- low-rank path (a)
+
+@torch.library.custom_op(f"{NAMESPACE}::lowrank_forward", mutates_args=())
+def lowrank_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor, R: Tensor, lam: Tensor,
+                    lam_index: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """y = x W0^T + b + ((x R^T) * lam) Q^T; also returns S = x R^T, saved for the backward."""
+    k = _kernels()
+    with _no_autocast(x.device):
+        s = k.project(x, R.t())
+        y = k.lowrank_matmul(x, weight.t(), s, lam, Q.t(), bias, lam_index=lam_index)
+    return y, s
+
+
+@lowrank_forward.register_fake
+def _(x, weight, bias, Q, R, lam, lam_index):
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((x.shape[0], R.shape[0]), dtype=_acc_dtype(x.dtype)))
+
+
+@torch.library.custom_op(f"{NAMESPACE}::lowrank_backward", mutates_args=())
+def lowrank_backward(dy: Tensor, weight: Tensor, Q: Tensor, R: Tensor, lam: Tensor, s: Tensor,
+                     lam_index: Optional[Tensor], compute_dx: bool) -> tuple[Tensor, Tensor]:
+    """(dx, dlam): G = dY Q and dlam = sum_t S*G in one pass over dY, then dx = dY W0 + (G*lam) R.
+
+    dlam is float32 with lam's shape; dx is empty when ``compute_dx`` is False.
+    """
+    k = _kernels()
+    with _no_autocast(dy.device):
+        g, dlam = k.project_and_reduce(dy, Q, s, lam_index=lam_index, num_adapters=_num_adapters(lam))
+        if compute_dx:
+            dx = k.lowrank_matmul(dy, weight, g, lam, R, None, lam_index=lam_index)
+        else:
+            dx = dy.new_empty((0,))
+    return dx, dlam.reshape(lam.shape)
+
+
+@lowrank_backward.register_fake
+def _(dy, weight, Q, R, lam, s, lam_index, compute_dx):
+    dx = dy.new_empty((dy.shape[0], weight.shape[1]) if compute_dx else (0,))
+    return dx, lam.new_empty(lam.shape, dtype=_acc_dtype(dy.dtype))
+
+
+def _lowrank_setup_context(ctx, inputs, output):
+    x, weight, bias, Q, R, lam, lam_index = inputs
+    _, s = output
+    ctx.mark_non_differentiable(s)
+    ctx.save_for_backward(weight, Q, R, lam, s, lam_index)
+
+
+def _lowrank_backward(ctx, dy, ds):
+    weight, Q, R, lam, s, lam_index = ctx.saved_tensors
+    compute_dx = ctx.needs_input_grad[0]
+    dx, dlam = lowrank_backward(dy, weight, Q, R, lam, s, lam_index, compute_dx)
+    return (dx if compute_dx else None), None, None, None, None, dlam.to(lam.dtype), None
+
+
+lowrank_forward.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
+
+
+# ---------------------------------------------------------------- merged path (b)
+
+@torch.library.custom_op(f"{NAMESPACE}::merged_weight", mutates_args=())
+def merged_weight(weight: Tensor, Q: Tensor, R: Tensor, lam: Tensor) -> Tensor:
+    """W_eff = W0 + (Q * lam) R in weight's dtype (no autograd: used by merge() and the merged forward)."""
+    with _no_autocast(weight.device):
+        return _kernels().merged_weight(weight, Q, lam, R)
+
+
+@merged_weight.register_fake
+def _(weight, Q, R, lam):
+    return torch.empty_like(weight)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::merged_forward", mutates_args=())
+def merged_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor, R: Tensor,
+                   lam: Tensor) -> tuple[Tensor, Tensor]:
+    """y = x W_eff^T + b with W_eff = W0 + (Q*lam) R built by one kernel; returns (y, W_eff)."""
+    with _no_autocast(x.device):
+        w_eff = _kernels().merged_weight(weight, Q, lam, R)
+        y = torch.nn.functional.linear(x, w_eff, bias)
+    return y, w_eff
+
+
+@merged_forward.register_fake
+def _(x, weight, bias, Q, R, lam):
+    return x.new_empty((x.shape[0], weight.shape[0])), torch.empty_like(weight)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::merged_backward", mutates_args=())
+def merged_backward(dy: Tensor, x: Tensor, w_eff: Tensor, Q: Tensor, R: Tensor, lam: Tensor,
+                    dlam_route: str, compute_dx: bool) -> tuple[Tensor, Tensor]:
+    """(dx, dlam) with dx = dY W_eff and dlam by ``dlam_route``: "project" (S = x R^T, then G = dY Q and
+    sum_t S*G in one pass) or "weight_grad" (diag(Q^T (dY^T x) R^T)). dlam is float32 with lam's shape."""
+    k = _kernels()
+    with _no_autocast(dy.device):
+        if dlam_route == "project":
+            s = k.project(x, R.t())
+            _, dlam = k.project_and_reduce(dy, Q, s)
+        elif dlam_route == "weight_grad":
+            dlam = k.dlam_via_weight_grad(dy, x, Q, R)
+        else:
+            raise ValueError(f"dlam_route must be 'project' or 'weight_grad', got {dlam_route!r}")
+        dx = dy @ w_eff if compute_dx else dy.new_empty((0,))
+    return dx, dlam.reshape(lam.shape).to(_acc_dtype(dy.dtype))
+
+
+@merged_backward.register_fake
+def _(dy, x, w_eff, Q, R, lam, dlam_route, compute_dx):
+    dx = dy.new_empty((dy.shape[0], w_eff.shape[1]) if compute_dx else (0,))
+    return dx, lam.new_empty(lam.shape, dtype=_acc_dtype(dy.dtype))
+
+
+def _merged_setup_context(ctx, inputs, output):
+    x, weight, bias, Q, R, lam = inputs
+    _, w_eff = output
+    ctx.mark_non_differentiable(w_eff)
+    ctx.save_for_backward(x, w_eff, Q, R, lam)
+
+
+def _merged_backward(ctx, dy, dw_eff):
+    from .dispatch import choose_dlam_route
+
+    x, w_eff, Q, R, lam = ctx.saved_tensors
+    compute_dx = ctx.needs_input_grad[0]
+    route = choose_dlam_route(x.shape[0], w_eff.shape[0], w_eff.shape[1], R.shape[0],
+                              elem_bytes=x.element_size())
+    dx, dlam = merged_backward(dy, x, w_eff, Q, R, lam, route, compute_dx)
+    return (dx if compute_dx else None), None, None, None, None, dlam.to(lam.dtype)
+
+
+merged_forward.register_autograd(_merged_backward, setup_context=_merged_setup_context)
