@@ -1,0 +1,402 @@
+"""Saving and loading QR-LoRA adapters: ``adapter.safetensors`` + ``adapter_config.json``.
+
+A QR-LoRA basis is a deterministic function of the base weight and its pivots (see
+``basis.py``), so by default an adapter stores, per module, only ``lam`` (r scalars) and the
+pivots ``perm[:r]`` (r int32): the file is O(total r). At load the basis is rebuilt with
+``basis_from_pivots`` (an unpivoted QR of ``W[:, pivots]``, signs normalised).
+``include_basis=True`` also stores Q_r and R_r, for a bit-exact reload without any QR.
+
+Because the rebuilt basis is only right on the *same* base weights, ``adapter_config.json``
+keeps a fingerprint of every adapted weight (shape, dtype, a hash of a strided sample of its
+bytes, and float64 sums of it and of its squares, which see a change anywhere), plus a
+checksum of every module's stored tensors. Problems get a ``ValueError`` naming the module.
+
+Layout of ``adapter_config.json``::
+
+    {"format": "qrlora-adapter", "format_version": 1, "adapter_name": ..., "config": {QRLoraConfig},
+     "include_basis": false,
+     "modules": {name: {"rank", "in_features", "out_features", "bias", "tau", "energy",
+                        "dtype", "lam_dtype", "fingerprint": {...}, "checksum": ...}},
+     "modules_to_save": {name: checksum}}
+
+Tensors in ``adapter.safetensors``: ``<module>.lam``, ``<module>.pivots`` (and ``<module>.Q``,
+``<module>.R``), and ``modules_to_save.<module>.<state_dict key>``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .config import QRLoraConfig
+from .model import (ADAPTER_IDS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER, MODULES_TO_SAVE_ATTR, _layer_class,
+                    _set_submodule, qrlora_layers)
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+FORMAT = "qrlora-adapter"
+FORMAT_VERSION = 1
+FINGERPRINT_SAMPLES = 4096
+# float64 sums of the same values agree to ~1e-15 whatever the device or reduction order.
+FINGERPRINT_SUM_RTOL = 1e-9
+SAVED_PREFIX = "modules_to_save."
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    # view(uint8) works for every dtype, bfloat16 included (numpy has none).
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for key in sorted(tensors):  # safetensors does not keep insertion order
+        t = tensors[key]
+        h.update(f"{key}:{_dtype_name(t.dtype)}{tuple(t.shape)}".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def weight_fingerprint(weight: torch.Tensor) -> dict:
+    """A cheap identity of a weight: shape, dtype, a hash of a strided byte sample, float64 sums.
+
+    The sample hash catches any different model; the two sums catch a change anywhere in the
+    weight (fine-tuned or perturbed weights), at the cost of one pass over it.
+    """
+    w = weight.detach()
+    flat = w.reshape(-1)
+    n = flat.numel()
+    k = min(n, FINGERPRINT_SAMPLES)
+    positions = (torch.arange(k, device=w.device, dtype=torch.int64) * n) // max(k, 1)
+    sample = flat.index_select(0, positions)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{_dtype_name(w.dtype)}{tuple(w.shape)}".encode())
+    h.update(_tensor_bytes(sample))
+    w64 = w.to(torch.float64)
+    return {"shape": list(w.shape), "dtype": _dtype_name(w.dtype), "sample_hash": h.hexdigest(),
+            "sum": float(w64.sum()), "sum_sq": float(w64.square().sum())}
+
+
+def _fingerprint_problem(weight: torch.Tensor, saved: dict) -> Optional[str]:
+    """None when ``weight`` matches the saved fingerprint, else why not."""
+    if list(weight.shape) != list(saved["shape"]):
+        return f"its weight has shape {tuple(weight.shape)}, the adapter was made for {tuple(saved['shape'])}"
+    saved_dtype = _dtype_from_name(saved["dtype"])
+    # A weight held in another dtype is the same weight when it rounds to the saved values exactly.
+    now = weight_fingerprint(weight.detach().to(saved_dtype))
+    same = now["sample_hash"] == saved["sample_hash"]
+    scale_sq = max(abs(saved["sum_sq"]), 1e-300)
+    same = same and abs(now["sum_sq"] - saved["sum_sq"]) <= FINGERPRINT_SUM_RTOL * scale_sq
+    same = same and abs(now["sum"] - saved["sum"]) <= FINGERPRINT_SUM_RTOL * math.sqrt(scale_sq * weight.numel())
+    if same:
+        return None
+    if weight.dtype != saved_dtype:
+        return (f"dtype mismatch that cannot be honoured: the adapter was made on a {saved['dtype']} base weight and "
+                f"this one is {_dtype_name(weight.dtype)} and does not round to the same values; load the base model "
+                f"in {saved['dtype']}")
+    return ("its base weight differs from the one the adapter was made for (different base model or changed "
+            "weights): the fingerprint does not match")
+
+
+def _lam_rows(layer: nn.Module) -> torch.Tensor:
+    lam = layer.lam.detach()
+    return lam if lam.dim() == 2 else lam.unsqueeze(0)
+
+
+def _num_adapters(layer: nn.Module) -> int:
+    return _lam_rows(layer).shape[0]
+
+
+def _resize_adapters(layer: nn.Module, num_adapters: int) -> None:
+    """Give ``layer`` ``num_adapters`` rows of lam; new rows are zero (no update)."""
+    current = _num_adapters(layer)
+    if current >= num_adapters:
+        return
+    if hasattr(layer, "set_num_adapters"):
+        layer.set_num_adapters(num_adapters)
+        return
+    for _ in range(num_adapters - current):
+        layer.add_adapter()
+
+
+def _write_lam_row(layer: nn.Module, row: int, values: torch.Tensor) -> None:
+    with torch.no_grad():
+        lam = layer.lam
+        padded = torch.zeros(lam.shape[-1], dtype=lam.dtype, device=lam.device)
+        padded[: values.numel()] = values.to(device=lam.device, dtype=lam.dtype)
+        if lam.dim() == 1:
+            if row != 0:
+                raise ValueError(f"layer has one adapter, cannot write adapter row {row}")
+            lam.copy_(padded)
+        else:
+            lam[row].copy_(padded)
+
+
+# ------------------------------------------------------------------------------------------ save
+def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_basis: bool = False,
+                 adapter_name: str = DEFAULT_ADAPTER) -> dict[str, Path]:
+    """Write ``path/adapter.safetensors`` and ``path/adapter_config.json`` (each atomically).
+
+    ``adapter_name`` picks the adapter (row of lam) to save when several are loaded.
+    ``include_basis=True`` also stores Q_r and R_r for a bit-exact reload.
+    Returns the two paths.
+    """
+    from safetensors.torch import save as safetensors_save
+
+    layers = qrlora_layers(model)
+    if not layers:
+        raise ValueError("the model has no QR-LoRA layers to save (call apply_qrlora first)")
+    ids = getattr(model, ADAPTER_IDS_ATTR, {DEFAULT_ADAPTER: 0})
+    if adapter_name not in ids:
+        raise ValueError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(ids)}")
+    row = ids[adapter_name]
+    config = getattr(model, CONFIG_ATTR, None)
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict] = {}
+    for name, layer in layers:
+        if getattr(layer, "merged", False):
+            raise ValueError(f"{name}: layer is merged; unmerge() it before saving, so its base weight is W0")
+        r = int(layer.rank)
+        lam = _lam_rows(layer)[row].to("cpu").clone()
+        pivots = layer.perm[:r].to("cpu", torch.int32).clone()
+        own = {"lam": lam, "pivots": pivots}
+        if include_basis:
+            own["Q"] = layer.Q.detach().to("cpu").contiguous().clone()
+            own["R"] = layer.R.detach().to("cpu").contiguous().clone()
+        tensors.update({f"{name}.{key}": t for key, t in own.items()})
+        modules[name] = {
+            "rank": r, "in_features": layer.in_features, "out_features": layer.out_features,
+            "bias": layer.bias is not None, "tau": getattr(layer, "tau", None),
+            "energy": getattr(layer, "energy", None), "energy_captured": getattr(layer, "energy_captured", None),
+            "dtype": _dtype_name(layer.weight.dtype),
+            "lam_dtype": _dtype_name(lam.dtype), "fingerprint": weight_fingerprint(layer.weight),
+            "checksum": _checksum(own),
+        }
+    saved_modules: dict[str, str] = {}
+    for name in getattr(model, MODULES_TO_SAVE_ATTR, []):
+        state = {k: v.detach().to("cpu").contiguous().clone()
+                 for k, v in model.get_submodule(name).state_dict().items()}
+        tensors.update({f"{SAVED_PREFIX}{name}.{k}": v for k, v in state.items()})
+        saved_modules[name] = _checksum(state)
+
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "adapter_name": adapter_name,
+        "config": config.to_dict() if isinstance(config, QRLoraConfig) else None,
+        "include_basis": bool(include_basis), "modules": modules, "modules_to_save": saved_modules,
+    }
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    weights_path, config_path = out / ADAPTER_WEIGHTS, out / ADAPTER_CONFIG
+    _atomic_write_bytes(weights_path, safetensors_save(tensors, metadata={"format": FORMAT}))
+    _atomic_write_bytes(config_path, (json.dumps(meta, indent=1) + "\n").encode())
+    return {"weights": weights_path, "config": config_path}
+
+
+# ------------------------------------------------------------------------------------------ load
+def _read_config(config_path: Path) -> dict:
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {config_path.parent}")
+    try:
+        meta = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path} is truncated or corrupt: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("modules"), dict):
+        raise ValueError(f"{config_path} is not a QR-LoRA adapter config (format {FORMAT!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{config_path} has format_version {meta.get('format_version')}; "
+                         f"this qrlora_kernels reads version {FORMAT_VERSION}")
+    return meta
+
+
+def _diagnose_safetensors(path: Path) -> str:
+    """Which modules a damaged safetensors file lost, read from its header where possible."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"the file is {size} bytes, too short for a header; every module is missing"
+        (header_len,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError):
+            return "its header is unreadable"
+    available = size - 8 - header_len
+    lost = sorted({key.rsplit(".", 1)[0] for key, info in header.items()
+                   if key != "__metadata__" and info["data_offsets"][1] > available})
+    lost = [name[len(SAVED_PREFIX):].rsplit(".", 1)[0] if name.startswith(SAVED_PREFIX) else name for name in lost]
+    if lost:
+        return f"data missing for module(s) {', '.join(sorted(set(lost)))}"
+    return "its header does not match its data"
+
+
+def _read_tensors(weights_path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {weights_path.parent}")
+    try:
+        return load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own error types, by version
+        raise ValueError(f"{weights_path} is truncated or corrupt ({_diagnose_safetensors(weights_path)}; "
+                         f"safetensors: {err})") from None
+
+
+def _module_tensors(tensors: dict, name: str, info: dict, include_basis: bool, path: Path) -> dict:
+    keys = ["lam", "pivots"] + (["Q", "R"] if include_basis else [])
+    missing = [k for k in keys if f"{name}.{k}" not in tensors]
+    if missing:
+        raise ValueError(f"{name}: {path} lacks its tensor(s) {missing} (truncated or corrupt adapter)")
+    own = {k: tensors[f"{name}.{k}"] for k in keys}
+    if _checksum(own) != info.get("checksum"):
+        raise ValueError(f"{name}: its stored tensors do not match their checksum: {path} is corrupt")
+    r = int(info["rank"])
+    if own["lam"].shape != (r,) or own["pivots"].shape != (r,):
+        raise ValueError(f"{name}: lam/pivots have shapes {tuple(own['lam'].shape)}/{tuple(own['pivots'].shape)}, "
+                         f"expected ({r},)")
+    if not own["lam"].is_floating_point():
+        raise ValueError(f"{name}: lam is stored as {own['lam'].dtype}, which cannot be honoured as coefficients")
+    return own
+
+
+def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
+                 adapter_name: Optional[str] = None) -> dict[str, int]:
+    """Load an adapter saved by ``save_adapter``; returns the model's mapping adapter name -> id.
+
+    On a base model (plain ``nn.Linear`` layers) each adapted module is rebuilt from its
+    pivots and the model's own weights, which must be those the adapter was made on. On a
+    model that already has QR-LoRA layers, the adapter is loaded under ``adapter_name``
+    (default: the name it was saved under): a known name is overwritten, a new one becomes
+    another row of every layer's ``lam``, selectable per sequence with ``adapter_batch``. An
+    adapter whose pivots are a prefix of a layer's (a lower ``tau`` on the same weights)
+    shares that layer's basis, its missing coefficients being zero.
+    """
+    folder = Path(path)
+    meta = _read_config(folder / ADAPTER_CONFIG)
+    tensors = _read_tensors(folder / ADAPTER_WEIGHTS)
+    include_basis = bool(meta.get("include_basis"))
+    name_to_load = adapter_name if adapter_name is not None else meta.get("adapter_name") or DEFAULT_ADAPTER
+    if not isinstance(name_to_load, str) or not name_to_load:
+        raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
+    QRLoraLinear = _layer_class()
+
+    # Check everything before changing the model, so a bad adapter leaves it untouched.
+    plan = []
+    for name, info in meta["modules"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{name}: module not found in the model (the adapter was made for another "
+                             f"architecture, or the model was wrapped)") from None
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"{name}: expected an nn.Linear or QRLoraLinear, found {type(module).__name__}")
+        if (module.out_features, module.in_features) != (info["out_features"], info["in_features"]):
+            raise ValueError(f"{name}: the model's layer is {module.out_features}x{module.in_features}, "
+                             f"the adapter's {info['out_features']}x{info['in_features']}")
+        if getattr(module, "merged", False):
+            raise ValueError(f"{name}: layer is merged; unmerge() it before loading another adapter")
+        problem = _fingerprint_problem(module.weight, info["fingerprint"])
+        if problem:
+            raise ValueError(f"{name}: {problem}")
+        own = _module_tensors(tensors, name, info, include_basis, folder / ADAPTER_WEIGHTS)
+        if isinstance(module, QRLoraLinear):
+            r_new, r_layer = int(info["rank"]), int(module.rank)
+            pivots = own["pivots"].to(device=module.perm.device, dtype=torch.int64)
+            if r_new > r_layer or not torch.equal(module.perm[:r_new], pivots):
+                raise ValueError(f"{name}: the adapter's basis (rank {r_new}) is not the leading part of the "
+                                 f"model's QR-LoRA basis (rank {r_layer}): adapters of one batch must share the "
+                                 f"basis; merge_and_unload or reload the base model first")
+        plan.append((name, module, own, info))
+    saved_meta = meta.get("modules_to_save") or {}
+    for name, checksum in saved_meta.items():
+        state = {k[len(SAVED_PREFIX) + len(name) + 1:]: v for k, v in tensors.items()
+                 if k.startswith(f"{SAVED_PREFIX}{name}.")}
+        if _checksum(state) != checksum:
+            raise ValueError(f"{name}: the stored modules_to_save tensors are missing or corrupt")
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{name}: module (modules_to_save) not found in the model") from None
+
+    ids = dict(getattr(model, ADAPTER_IDS_ATTR, None) or {})
+    fresh = not ids and not qrlora_layers(model)
+    if saved_meta and not fresh and name_to_load not in ids and ids:
+        raise ValueError(f"adapter {name_to_load!r} has modules_to_save ({', '.join(saved_meta)}), which one model "
+                         f"cannot hold per adapter; load it into a fresh base model instead")
+    if name_to_load not in ids:
+        ids[name_to_load] = len(ids)
+    row, num_adapters = ids[name_to_load], len(ids)
+
+    if fresh:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for _, layer in qrlora_layers(model):
+        _resize_adapters(layer, num_adapters)
+    for name, module, own, info in plan:
+        if isinstance(module, QRLoraLinear):
+            layer = module
+        else:
+            layer = _build_layer(module, own, info, include_basis, num_adapters)
+            _set_submodule(model, name, layer)
+        _write_lam_row(layer, row, own["lam"])
+
+    for name in saved_meta:
+        target = model.get_submodule(name)
+        state = {k[len(SAVED_PREFIX) + len(name) + 1:]: v for k, v in tensors.items()
+                 if k.startswith(f"{SAVED_PREFIX}{name}.")}
+        target.load_state_dict(state, strict=True)
+        for p in target.parameters():
+            p.requires_grad_(True)
+    if fresh or not hasattr(model, CONFIG_ATTR):
+        config = meta.get("config")
+        setattr(model, CONFIG_ATTR, QRLoraConfig.from_dict(config) if config else None)
+    setattr(model, MODULES_TO_SAVE_ATTR, sorted(set(getattr(model, MODULES_TO_SAVE_ATTR, [])) | set(saved_meta)))
+    setattr(model, ADAPTER_IDS_ATTR, ids)
+    return dict(ids)
+
+
+def _build_layer(linear: nn.Linear, own: dict, info: dict, include_basis: bool, num_adapters: int) -> nn.Module:
+    from .basis import basis_from_pivots
+    QRLoraLinear = _layer_class()
+    weight = linear.weight
+    pivots = own["pivots"].to(device=weight.device, dtype=torch.int64)
+    if include_basis:
+        Q = own["Q"].to(device=weight.device, dtype=weight.dtype)
+        R = own["R"].to(device=weight.device, dtype=weight.dtype)
+    else:
+        Q, R = basis_from_pivots(weight, pivots)
+    layer = QRLoraLinear.from_basis(linear, (Q, R, pivots), tau=info.get("tau"), energy=info.get("energy") or "diag",
+                                    num_adapters=num_adapters)
+    layer.energy_captured = info.get("energy_captured")
+    return layer

@@ -1,0 +1,175 @@
+"""``QRLoraConfig``: which modules of a model become QR-LoRA layers, and how their rank is chosen.
+
+Follows the conventions of Hugging Face PEFT's tuner configs (``target_modules``,
+``exclude_modules``, ``layers_to_transform``, ``modules_to_save``) so that users can
+move a PEFT recipe over by changing the class name. Module selection lives here
+(``QRLoraConfig.is_target``) so that ``model.py`` only finds and replaces modules.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any, Iterable, Optional, Union
+
+ALL_LINEAR = "all-linear"
+DEFAULT_TAU = 0.9
+ENERGY_RULES = ("diag", "frobenius")
+# Containers whose numbered children are the model's layers (BERT "layer.3.", Llama "layers.3.", GPT-2 "h.3.").
+DEFAULT_LAYERS_PATTERN = ("layer", "layers", "h", "blocks", "block")
+
+
+def _as_name_list(value, field: str) -> Optional[Union[str, list[str]]]:
+    """None, a regex string, or a list of name suffixes; anything else is a clear TypeError."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        names = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+        bad = [n for n in names if not isinstance(n, str) or not n]
+        if bad:
+            raise TypeError(f"{field} must contain non-empty module names (str), got {bad!r}")
+        return names
+    raise TypeError(f"{field} must be None, a regex string or a list of module names, got {type(value).__name__}")
+
+
+def _name_matches(name: str, spec: Union[str, list[str]]) -> bool:
+    """PEFT's rule: a string is a regex matched against the full name; a list matches exact names or name suffixes."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == target or name.endswith("." + target) for target in spec)
+
+
+@dataclasses.dataclass
+class QRLoraConfig:
+    """Configuration of QR-LoRA adapters for a whole model.
+
+    Args:
+        target_modules: the ``nn.Linear`` modules to adapt. A list of names or name suffixes
+            (``["query", "value"]`` matches ``encoder.layer.0.attention.self.query``), a regex
+            matched against the full module name, or ``"all-linear"``: every ``nn.Linear``
+            except the output head (the module returned by ``get_output_embeddings()``, and
+            everything inside a ``classifier`` / ``score`` head), as in PEFT.
+        exclude_modules: names (same forms as ``target_modules``, but not ``"all-linear"``)
+            never adapted, even when targeted.
+        layers: layer indices to adapt (an int or a list); ``None`` adapts every layer. The index
+            is read from names like ``layer.3.`` / ``layers.3.`` / ``h.3.`` (see ``layers_pattern``);
+            a targeted module outside any numbered layer is skipped when ``layers`` is set.
+        layers_pattern: the container names whose numbered children are layers.
+        tau: the energy fraction that sets each module's rank (0 < tau <= 1). Defaults to 0.9
+            when neither ``rank`` nor ``budget`` is given.
+        rank: a fixed rank for every module (capped at ``min(in, out)``); exclusive with ``tau``
+            and ``budget``.
+        energy: ``"diag"`` (the paper's rule: the smallest r with sum_{i<=r} R_ii^2 >= tau * sum_i R_ii^2,
+            which needs the full factorisation) or ``"frobenius"`` (1 - ||R22||_F^2 / ||W||_F^2 >= tau,
+            which lets the factorisation stop early).
+        budget: a global number of trainable scalars. The ``budget`` components with the largest
+            normalised energy ``R_ii^2 / sum_j R_jj^2`` (per module) across *all* targeted modules
+            are kept, so the model trains exactly ``budget`` scalars. Needs ``energy="diag"``;
+            exclusive with ``tau`` and ``rank``. A targeted module that receives no component
+            stays a plain ``nn.Linear``.
+        modules_to_save: modules (names or suffixes, e.g. ``["classifier"]``) that stay fully
+            trainable and are stored in the adapter file, like PEFT's ``modules_to_save``.
+    """
+
+    target_modules: Optional[Union[str, list[str]]] = None
+    exclude_modules: Optional[Union[str, list[str]]] = None
+    layers: Optional[Union[int, list[int]]] = None
+    layers_pattern: Optional[Union[str, list[str]]] = None
+    tau: Optional[float] = None
+    rank: Optional[int] = None
+    energy: str = "diag"
+    budget: Optional[int] = None
+    modules_to_save: Optional[list[str]] = None
+
+    def __post_init__(self):
+        if self.target_modules is None:
+            raise ValueError("target_modules is required: a list of module names, a regex, or 'all-linear'")
+        self.target_modules = _as_name_list(self.target_modules, "target_modules")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules is an empty list: nothing would be adapted")
+        self.exclude_modules = _as_name_list(self.exclude_modules, "exclude_modules")
+        if self.exclude_modules == ALL_LINEAR:
+            raise ValueError("exclude_modules cannot be 'all-linear'")
+        if self.modules_to_save is not None:
+            saved = _as_name_list(self.modules_to_save, "modules_to_save")
+            if isinstance(saved, str):
+                saved = [saved]
+            self.modules_to_save = saved
+        if self.layers is not None:
+            layers = [self.layers] if isinstance(self.layers, int) else self.layers
+            if not isinstance(layers, (list, tuple)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in layers):
+                raise TypeError(f"layers must be an int or a list of ints, got {self.layers!r}")
+            if any(i < 0 for i in layers):
+                raise ValueError(f"layers must be non-negative layer indices, got {list(layers)}")
+            self.layers = sorted(set(layers))
+        if self.layers_pattern is not None:
+            pattern = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
+            self.layers_pattern = _as_name_list(list(pattern), "layers_pattern")
+        if self.energy not in ENERGY_RULES:
+            raise ValueError(f"energy must be one of {ENERGY_RULES}, got {self.energy!r}")
+        chosen = [k for k in ("tau", "rank", "budget") if getattr(self, k) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"give only one of tau, rank and budget (got {', '.join(chosen)})")
+        if not chosen:
+            self.tau = DEFAULT_TAU
+        if self.tau is not None:
+            if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)):
+                raise TypeError(f"tau must be a float, got {type(self.tau).__name__}")
+            if not 0.0 < float(self.tau) <= 1.0:
+                raise ValueError(f"tau must lie in (0, 1], got {self.tau}")
+            self.tau = float(self.tau)
+        for key in ("rank", "budget"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{key} must be a positive int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{key} must be a positive int, got {value}")
+        if self.budget is not None and self.energy != "diag":
+            raise ValueError("budget ranks components by their diagonal energy R_ii^2 / sum_j R_jj^2, "
+                             "so it needs energy='diag'")
+
+    # ------------------------------------------------------------------ module selection
+    def layer_index(self, name: str) -> Optional[int]:
+        """The layer number in a module name (``encoder.layer.3.attention`` -> 3), or None."""
+        containers = self.layers_pattern or list(DEFAULT_LAYERS_PATTERN)
+        alternatives = "|".join(re.escape(c) for c in containers)
+        found = re.search(rf"(?:^|\.)(?:{alternatives})\.(\d+)(?:\.|$)", name)
+        return int(found.group(1)) if found else None
+
+    def is_target(self, name: str, *, all_linear_excluded: Iterable[str] = ()) -> bool:
+        """Whether the module called ``name`` is targeted (its type is checked by the caller)."""
+        if self.target_modules == ALL_LINEAR:
+            if name in set(all_linear_excluded):
+                return False
+        elif not _name_matches(name, self.target_modules):
+            return False
+        if self.exclude_modules is not None and _name_matches(name, self.exclude_modules):
+            return False
+        if self.layers is not None:
+            index = self.layer_index(name)
+            if index is None or index not in self.layers:
+                return False
+        return True
+
+    def is_module_to_save(self, name: str) -> bool:
+        return bool(self.modules_to_save) and _name_matches(name, self.modules_to_save)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QRLoraConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"QRLoraConfig.from_dict needs a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown QRLoraConfig fields: {unknown}")
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

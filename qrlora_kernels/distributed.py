@@ -1,0 +1,117 @@
+"""Sharing the factorisations of ``apply_qrlora`` across the ranks of a process group.
+
+Training itself uses PyTorch's own engines: a QR-LoRA model is a plain ``nn.Module`` whose
+only trainable tensors are the ``lam`` vectors (and ``modules_to_save``), so it goes through
+``DistributedDataParallel`` and FSDP2's ``fully_shard`` unchanged (see tests/test_distributed.py).
+
+What this module adds is the set-up: each rank factorises only the modules it owns (a greedy
+longest-job-first split by flop count), then every basis is broadcast from its owner. Each
+basis is therefore computed exactly once, by one rank, with the same code as in a single
+process, and every rank ends with bit-identical bases. With ``budget``, only the small
+energy diagonals travel first; the global selection runs identically on every rank; then
+only the truncated bases are broadcast.
+
+Tensors are broadcast on the weights' device, so the backend must support it (gloo: CPU,
+nccl: CUDA).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def world_info(group=None) -> tuple[int, int]:
+    """(this process's rank in ``group``, group size); (0, 1) outside torch.distributed."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
+    """Longest job first onto the least-loaded rank: a deterministic, balanced split."""
+    load = [0.0] * world_size
+    owners = [0] * len(costs)
+    for j in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        k = min(range(world_size), key=lambda k: (load[k], k))
+        owners[j] = k
+        load[k] += costs[j]
+    return owners
+
+
+def _progress(iterable, total: int, enabled: Optional[bool], desc: str):
+    from tqdm.auto import tqdm
+    return tqdm(iterable, total=total, desc=desc, unit="module", disable=(None if enabled is None else not enabled),
+                leave=False)
+
+
+def compute_bases(weights: Sequence[torch.Tensor], factorise: Callable, *, names: Sequence[str],
+                  progress: Optional[bool] = None, group=None,
+                  ranks_fn: Optional[Callable[[list[torch.Tensor]], list[int]]] = None) -> list:
+    """Factorise every weight once (split across ranks when in a process group).
+
+    ``factorise(weight)`` returns a basis object with ``Q, R, perm, rank, energy_captured,
+    diag_energy`` and ``truncated(r)``. ``ranks_fn(diag_energies)`` optionally sets every
+    module's final rank from all modules' energies (the global budget). Returns the bases in
+    input order; every rank gets identical tensors.
+    """
+    rank, world = world_info(group)
+    if world == 1:
+        bases = [factorise(w) for w in _progress(weights, len(weights), progress, "QR-LoRA factorisation")]
+        if ranks_fn is not None:
+            final = ranks_fn([b.diag_energy[:b.rank] for b in bases])
+            bases = [b.truncated(r) for b, r in zip(bases, final)]
+        return bases
+
+    import torch.distributed as dist
+
+    def src(owner: int) -> int:
+        return owner if group is None else dist.get_global_rank(group, owner)
+
+    costs = [float(w.shape[0]) * w.shape[1] * min(w.shape) for w in weights]
+    owners = assign_owners(costs, world)
+    mine = [j for j in range(len(weights)) if owners[j] == rank]
+    local = {j: factorise(weights[j]) for j in _progress(mine, len(mine), progress and rank == 0,
+                                                         f"QR-LoRA factorisation (rank {rank}/{world})")}
+
+    # Phase 1: the small per-module facts (rank, energy, diagonal) every rank needs.
+    metas, diags = [], []
+    for j, w in enumerate(weights):
+        meta = torch.zeros(4, dtype=torch.float64, device=w.device)
+        if owners[j] == rank:
+            b = local[j]
+            meta[0], meta[1], meta[2] = b.rank, b.diag_energy.numel(), b.energy_captured
+            meta[3] = _DTYPES.index(b.Q.dtype)
+        dist.broadcast(meta, src=src(owners[j]), group=group)
+        diag = (local[j].diag_energy.to(device=w.device, dtype=torch.float64).contiguous() if owners[j] == rank
+                else torch.empty(int(meta[1]), dtype=torch.float64, device=w.device))
+        dist.broadcast(diag, src=src(owners[j]), group=group)
+        metas.append(meta.tolist())
+        diags.append(diag)
+    final = (ranks_fn([d[:int(m[0])] for d, m in zip(diags, metas)]) if ranks_fn is not None
+             else [int(m[0]) for m in metas])
+
+    # Phase 2: the (truncated) bases themselves.
+    from .model import _Basis
+    out = []
+    for j, w in enumerate(weights):
+        r = final[j]
+        m, n = w.shape
+        dtype = _DTYPES[int(metas[j][3])]
+        if owners[j] == rank:
+            b = local.pop(j)
+            b = b.truncated(r) if ranks_fn is not None else b
+            Q, R, perm = b.Q.contiguous(), b.R.contiguous(), b.perm.to(torch.int64).contiguous()
+        else:
+            Q = torch.empty(m, r, dtype=dtype, device=w.device)
+            R = torch.empty(r, n, dtype=dtype, device=w.device)
+            perm = torch.empty(n, dtype=torch.int64, device=w.device)
+        for t in (Q, R, perm):
+            if t.numel():
+                dist.broadcast(t, src=src(owners[j]), group=group)
+        captured = float(diags[j][:r].sum()) if ranks_fn is not None else float(metas[j][2])
+        out.append(_Basis(Q, R, perm, r, captured, diags[j].to("cpu")))
+    return out

@@ -1,0 +1,358 @@
+"""Model-level QR-LoRA: find targeted ``nn.Linear`` modules, replace them, freeze the rest.
+
+``apply_qrlora(model, config)`` is PEFT's ``get_peft_model`` for QR-LoRA, but in place: the
+model keeps its class, so ``transformers`` code paths (generation, ``save_pretrained`` of the
+base) keep working. The adapter's bookkeeping lives in three attributes of the root module:
+
+* ``model.qrlora_config``         -- the ``QRLoraConfig`` used;
+* ``model.qrlora_adapter_ids``    -- adapter name -> row of every layer's ``lam`` (``{"default": 0}``);
+* ``model.qrlora_modules_to_save`` -- names of the fully trainable ``modules_to_save``.
+
+``adapter_batch(model, ids)`` routes a multi-adapter batch through any model's ``forward``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .config import ALL_LINEAR, QRLoraConfig
+from . import distributed as _dist
+
+ADAPTER_IDS_ATTR = "qrlora_adapter_ids"
+CONFIG_ATTR = "qrlora_config"
+MODULES_TO_SAVE_ATTR = "qrlora_modules_to_save"
+DEFAULT_ADAPTER = "default"
+SEQ_CLS_HEAD_NAMES = ("classifier", "score")
+
+
+def _layer_class():
+    from .layer import QRLoraLinear  # lazy: keeps ``import qrlora_kernels.config`` light
+    return QRLoraLinear
+
+
+# ---------------------------------------------------------------------------------------- report
+@dataclasses.dataclass
+class ModuleReport:
+    name: str
+    out_features: int
+    in_features: int
+    rank: int
+    energy_captured: float
+    params: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+
+@dataclasses.dataclass
+class QRLoraReport:
+    """What ``apply_qrlora`` did: per adapted module, and totals."""
+
+    modules: list[ModuleReport]
+    skipped: list[str]              # targeted but given no component by ``budget``: left as nn.Linear
+    modules_to_save: list[str]
+    adapter_params: int             # sum of ranks: the trainable lam scalars
+    modules_to_save_params: int
+    trainable_params: int
+    total_params: int
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["trainable_percent"] = self.trainable_percent
+        return out
+
+    def __str__(self) -> str:
+        header = ("module", "shape", "rank", "energy", "params")
+        rows = [(m.name, f"{m.out_features}x{m.in_features}", str(m.rank), f"{m.energy_captured:.4f}", str(m.params))
+                for m in self.modules]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        if self.skipped:
+            lines.append(f"left as nn.Linear (no component within the budget): {len(self.skipped)} modules")
+        if self.modules_to_save:
+            lines.append(f"modules_to_save: {', '.join(self.modules_to_save)} ({self.modules_to_save_params:,} params)")
+        lines.append(f"adapted modules: {len(self.modules)} | QR-LoRA params: {self.adapter_params:,} | "
+                     f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,} || "
+                     f"trainable%: {self.trainable_percent:.4f}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- selection
+def _output_head_names(model: nn.Module) -> set[str]:
+    """Linear modules that ``"all-linear"`` leaves alone: the LM head and classification heads."""
+    heads: list[nn.Module] = []
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            emb = get_out()
+        except (NotImplementedError, AttributeError):
+            emb = None
+        if isinstance(emb, nn.Module):
+            heads.append(emb)
+    for attr in SEQ_CLS_HEAD_NAMES:
+        head = getattr(model, attr, None)
+        if isinstance(head, nn.Module):
+            heads.append(head)
+    excluded: set[str] = set()
+    for name, module in model.named_modules():
+        if any(module is h for h in heads):
+            excluded.add(name)
+            excluded.update(f"{name}.{sub}" if name else sub for sub, _ in module.named_modules() if sub)
+    return excluded
+
+
+def find_targets(model: nn.Module, config: QRLoraConfig) -> list[tuple[str, nn.Linear]]:
+    """The ``(name, nn.Linear)`` pairs ``config`` targets, in ``named_modules`` order."""
+    excluded = _output_head_names(model) if config.target_modules == ALL_LINEAR else set()
+    saved_prefixes = [name for name, _ in model.named_modules() if name and config.is_module_to_save(name)]
+    QRLoraLinear = _layer_class()
+    targets = []
+    for name, module in model.named_modules():
+        if not name or type(module) is QRLoraLinear or not isinstance(module, nn.Linear):
+            continue
+        # A module trained in full (modules_to_save) needs no adapter inside it.
+        if any(name == p or name.startswith(p + ".") for p in saved_prefixes):
+            continue
+        if config.is_target(name, all_linear_excluded=excluded):
+            targets.append((name, module))
+    return targets
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def qrlora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    QRLoraLinear = _layer_class()
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QRLoraLinear)]
+
+
+# ---------------------------------------------------------------------------------------- bases
+@dataclasses.dataclass
+class _Basis:
+    Q: torch.Tensor
+    R: torch.Tensor
+    perm: torch.Tensor
+    rank: int
+    energy_captured: float
+    diag_energy: torch.Tensor
+
+    def truncated(self, r: int) -> "_Basis":
+        # Leading columns of a pivoted QR are the pivoted QR of the leading pivots: truncation is a slice.
+        return _Basis(self.Q[:, :r].contiguous(), self.R[:r].contiguous(), self.perm, r,
+                      float(self.diag_energy[:r].to(torch.float64).sum()), self.diag_energy)
+
+
+def _factorise(weight: torch.Tensor, config: QRLoraConfig) -> _Basis:
+    from .basis import build_basis
+    with torch.no_grad():
+        if config.budget is not None:
+            # The budget competes over every component, so each module needs its full diagonal.
+            # tau=1 with the diag rule: the full factorisation, energies normalised by sum_j R_jj^2.
+            Q, R, perm, rank, captured, diag = build_basis(weight.detach(), tau=1.0, energy="diag")
+        else:
+            rank = None if config.rank is None else min(config.rank, min(weight.shape))
+            Q, R, perm, rank, captured, diag = build_basis(weight.detach(), tau=config.tau, rank=rank,
+                                                           energy=config.energy)
+    return _Basis(Q, R, perm, int(rank), float(captured), torch.as_tensor(diag).detach())
+
+
+def _budget_ranks(diag_energies: Sequence[torch.Tensor], budget: int, names: Sequence[str]) -> list[int]:
+    """Per module, how many of the ``budget`` globally largest normalised energies it owns.
+
+    Each module's energies are non-increasing, so the winners of every module are a prefix:
+    the count is that module's rank. Ties are broken by module order, then component order.
+    """
+    sizes = [int(d.numel()) for d in diag_energies]
+    total = sum(sizes)
+    if budget > total:
+        raise ValueError(f"budget={budget} exceeds the {total} components available in the "
+                         f"{len(sizes)} targeted modules")
+    flat = torch.cat([d.detach().to("cpu", torch.float64).reshape(-1) for d in diag_energies])
+    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    # A stable descending sort makes the selection deterministic (identical on every rank).
+    order = torch.sort(flat, descending=True, stable=True).indices[:budget]
+    counts = torch.bincount(owner[order], minlength=len(sizes))
+    return [int(c) for c in counts]
+
+
+def _make_layer(linear: nn.Linear, basis: _Basis, config: QRLoraConfig, num_adapters: int = 1) -> nn.Module:
+    from .basis import QRLoraBasis
+    QRLoraLinear = _layer_class()
+    packed = QRLoraBasis(basis.Q, basis.R, basis.perm, basis.rank, basis.energy_captured, basis.diag_energy)
+    return QRLoraLinear.from_basis(linear, packed, tau=config.tau, energy=config.energy, num_adapters=num_adapters)
+
+
+# ---------------------------------------------------------------------------------------- public API
+def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[bool] = None,
+                 group=None) -> QRLoraReport:
+    """Replace every ``nn.Linear`` that ``config`` targets by a ``QRLoraLinear``, in place.
+
+    Every other parameter is frozen, except those of ``config.modules_to_save``. Each
+    factorisation runs on its weight's device. Inside an initialised ``torch.distributed``
+    process group (``group``, default the world) the factorisations are split across the
+    ranks and the bases broadcast, so every rank ends with the same model as one process would.
+
+    ``progress``: show a tqdm bar over modules (None: only on a terminal).
+    Returns a ``QRLoraReport`` (``print(report)`` gives a table).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_qrlora needs an nn.Module, got {type(model).__name__}")
+    if not isinstance(config, QRLoraConfig):
+        raise TypeError(f"config must be a QRLoraConfig, got {type(config).__name__}")
+    if qrlora_layers(model):
+        raise ValueError("this model already has QR-LoRA layers; to add another adapter use "
+                         "load_adapter(model, path, adapter_name=...), or merge_and_unload(model) first")
+    targets = find_targets(model, config)
+    if not targets:
+        linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(f"no nn.Linear module matched target_modules={config.target_modules!r}"
+                         f" (exclude_modules={config.exclude_modules!r}, layers={config.layers!r}); "
+                         f"the model's linear modules include {linear_names[:8]}")
+    saved = [n for n, _ in model.named_modules() if n and config.is_module_to_save(n)]
+    if config.modules_to_save and not saved:
+        raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of the model")
+    # Keep only the outermost matches, so nested ones are not counted twice.
+    saved = [n for n in saved if not any(n.startswith(p + ".") for p in saved if p != n)]
+
+    names = [n for n, _ in targets]
+    bases = _dist.compute_bases([lin.weight for _, lin in targets], lambda w: _factorise(w, config),
+                                names=names, progress=progress, group=group,
+                                ranks_fn=(lambda diags: _budget_ranks(diags, config.budget, names))
+                                if config.budget is not None else None)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    reports, skipped = [], []
+    for (name, linear), basis in zip(targets, bases):
+        if basis is None or basis.rank == 0:
+            skipped.append(name)
+            continue
+        layer = _make_layer(linear, basis, config)
+        _set_submodule(model, name, layer)
+        reports.append(ModuleReport(name, linear.out_features, linear.in_features, basis.rank,
+                                    basis.energy_captured, basis.rank))
+    saved_params = 0
+    for name in saved:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+            saved_params += p.numel()
+    setattr(model, CONFIG_ATTR, config)
+    setattr(model, ADAPTER_IDS_ATTR, {DEFAULT_ADAPTER: 0})
+    setattr(model, MODULES_TO_SAVE_ATTR, saved)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return QRLoraReport(reports, skipped, saved, sum(m.rank for m in reports), saved_params, trainable, total)
+
+
+def _merged_linear(layer: nn.Module, row: Optional[int]) -> nn.Linear:
+    lam = layer.lam.detach()
+    if lam.dim() == 2:
+        if row is None:
+            if lam.shape[0] != 1:
+                raise ValueError(f"layer has {lam.shape[0]} adapters: pass adapter_name to choose the one to merge")
+            row = 0
+        lam = lam[row]
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                       device=layer.weight.device, dtype=layer.weight.dtype)
+    with torch.no_grad():
+        from .kernels.reference import merged_weight
+        linear.weight.copy_(merged_weight(layer.weight.detach(), layer.Q, lam, layer.R))
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias.detach())
+    return linear
+
+
+def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) -> nn.Module:
+    """Turn every ``QRLoraLinear`` back into a plain ``nn.Linear`` with W0 + Q diag(lam) R merged in.
+
+    With several adapters loaded, ``adapter_name`` picks the one to merge. Returns ``model``
+    (changed in place), without QR-LoRA bookkeeping; its outputs equal the adapted model's.
+    """
+    layers = qrlora_layers(model)
+    if not layers:
+        raise ValueError("the model has no QR-LoRA layers to merge")
+    row = None
+    if adapter_name is not None:
+        ids = getattr(model, ADAPTER_IDS_ATTR, {DEFAULT_ADAPTER: 0})
+        if adapter_name not in ids:
+            raise ValueError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(ids)}")
+        row = ids[adapter_name]
+    for name, layer in layers:
+        if getattr(layer, "merged", False) and hasattr(layer, "unmerge"):
+            layer.unmerge()
+        try:
+            merged = _merged_linear(layer, row)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+        _set_submodule(model, name, merged)
+    for attr in (CONFIG_ATTR, ADAPTER_IDS_ATTR, MODULES_TO_SAVE_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
+
+
+def adapter_id_tensor(model: nn.Module, adapter_ids) -> torch.Tensor:
+    """Adapter names or ids (one per sequence) -> an int64 tensor of rows of ``lam``."""
+    ids = getattr(model, ADAPTER_IDS_ATTR, None)
+    if ids is None:
+        raise ValueError("the model has no QR-LoRA adapters (call apply_qrlora or load_adapter first)")
+    if isinstance(adapter_ids, torch.Tensor):
+        if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
+            raise TypeError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
+        out = adapter_ids.long()
+    else:
+        if isinstance(adapter_ids, (str, int)):
+            raise TypeError("adapter_ids must be a sequence (one id or name per sequence of the batch)")
+        rows = []
+        for a in adapter_ids:
+            if isinstance(a, str):
+                if a not in ids:
+                    raise ValueError(f"unknown adapter {a!r}; loaded adapters: {sorted(ids)}")
+                rows.append(ids[a])
+            elif isinstance(a, int) and not isinstance(a, bool):
+                rows.append(a)
+            else:
+                raise TypeError(f"adapter ids must be names (str) or ints, got {a!r}")
+        out = torch.tensor(rows, dtype=torch.long)
+    if out.numel() and (int(out.min()) < 0 or int(out.max()) >= len(ids)):
+        raise ValueError(f"adapter id out of range: ids must lie in [0, {len(ids)}), got {out.tolist()}")
+    return out
+
+
+@contextlib.contextmanager
+def adapter_batch(model: nn.Module, adapter_ids: Union[torch.Tensor, Iterable[Union[int, str]]]):
+    """Run one batch with a different adapter per sequence, through the model's own ``forward``.
+
+    ``adapter_ids``: one adapter name or id per sequence (the leading batch dimension). Inside
+    the ``with`` block every ``QRLoraLinear`` receives them as its ``adapter_ids`` argument::
+
+        with adapter_batch(model, ["sst2", "default", "sst2"]):
+            logits = model(**batch).logits
+    """
+    ids = adapter_id_tensor(model, adapter_ids)
+    layers = [layer for _, layer in qrlora_layers(model)]
+    previous = [layer.adapter_ids for layer in layers]
+    per_device: dict[torch.device, torch.Tensor] = {}
+    try:
+        for layer in layers:
+            device = layer.weight.device
+            if device not in per_device:
+                per_device[device] = ids.to(device)
+            layer.adapter_ids = per_device[device]
+        yield ids
+    finally:
+        for layer, old in zip(layers, previous):
+            layer.adapter_ids = old
