@@ -71,7 +71,9 @@ def make_extension():
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
     cu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
     use_cuda = bool(cuda_home) and torch.version.cuda is not None and bool(cu_sources)
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++17, or C++20
+    # from torch 2.10 on), and a fixed one breaks one of the two supported stacks.
+    cxx_flags = ["-O3"]
     if not use_cuda:
         print("qrlora_kernels: building the CPU-only extension "
               f"(nvcc found: {bool(cuda_home)}, CUDA build of torch: {torch.version.cuda is not None})")
@@ -86,8 +88,10 @@ def make_extension():
           f"with the toolkit at {cuda_home}")
     return cpp_extension.CUDAExtension(
         "qrlora_kernels._C", sources + cu_sources,
-        define_macros=[("QRLORA_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", *gencode]},
+        # Archs joined by "_": ';' and ',' do not survive the compiler command line intact.
+        define_macros=[("QRLORA_WITH_CUDA", "1"),
+                       ("QRLORA_CUDA_ARCHS", "_".join(a.replace(".", "") for a in archs))],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", *gencode]},
     )
 
 

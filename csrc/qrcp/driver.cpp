@@ -1,0 +1,117 @@
+// The one host driver of the blocked column-pivoted QR (LAPACK dgeqp3 with dlaqps panels),
+// shared by both back ends: panels run on the device (panel_cpu.cpp / panel_cuda.cu), the
+// trailing update is one ATen GEMM per panel (MKL or cuBLAS), and the host reads back one
+// small record per panel to apply the stopping rules.
+#include "driver.h"
+
+#include "panel.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace qrlora::qrcp {
+namespace {
+
+constexpr int64_t kDefaultBlock = 32;
+
+void factor_panel(Workspace& ws, int64_t offset, int64_t nb) {
+#ifdef QRLORA_WITH_CUDA
+  if (ws.C.is_cuda()) return factor_panel_cuda(ws, offset, nb);
+#endif
+  TORCH_CHECK(ws.C.is_cpu(), "qrcp: this build of qrlora_kernels._C has no CUDA back end");
+  factor_panel_cpu(ws, offset, nb);
+}
+
+void recompute_norms(Workspace& ws, int64_t row_start, int64_t col_start) {
+#ifdef QRLORA_WITH_CUDA
+  if (ws.C.is_cuda()) return recompute_norms_cuda(ws, row_start, col_start);
+#endif
+  recompute_norms_cpu(ws, row_start, col_start);
+}
+
+QRCPTuple empty_result(const at::Tensor& A, int64_t m, int64_t n) {
+  return {at::zeros({m, 0}, A.options()), at::zeros({0, n}, A.options()),
+          at::arange(n, A.options().dtype(at::kLong))};
+}
+
+}  // namespace
+
+QRCPTuple qrcp_geqp3(const at::Tensor& A, const StopRules& rules, int64_t block_size) {
+  const int64_t m = A.size(0), n = A.size(1), mn = std::min(m, n);
+  if (mn == 0) return empty_result(A, m, n);
+  const int64_t kcap = rules.kmax >= 0 ? std::min(rules.kmax, mn) : mn;
+  const int64_t nb = std::max<int64_t>(1, std::min(block_size > 0 ? block_size : kDefaultBlock, mn));
+  const auto opts = A.options();
+
+  Workspace ws;
+  ws.m = m;
+  ws.n = n;
+  ws.nb = nb;
+  // clone, not contiguous(): a column-major input would otherwise be factored in place.
+  ws.C = A.t().clone(at::MemoryFormat::Contiguous);
+  ws.vn1 = at::empty({n}, opts);
+  ws.vn2 = at::empty({n}, opts);
+  ws.perm = at::arange(n, opts.dtype(at::kLong));
+  ws.tau = at::zeros({mn}, opts);
+  ws.Ft = at::zeros({nb, n}, opts);
+  ws.aux = at::zeros({2 * nb + 2}, opts);
+  ws.recompute = at::ones({n}, opts.dtype(at::kInt));
+  ws.state = at::zeros({4}, opts.dtype(at::kInt));
+  ws.info = at::zeros({1 + 2 * nb}, opts.dtype(at::kDouble));
+  recompute_norms(ws, 0, 0);
+  const double maxnorm0 = ws.vn1.max().item<double>();
+  ws.energy_scale = maxnorm0 > 0 ? std::min(1.0 / maxnorm0, 1e300) : 1.0;
+
+  int64_t k = 0, kstop = -1;
+  double energy0 = -1;
+  while (k < kcap) {
+    const int64_t off = k;
+    factor_panel(ws, off, std::min(nb, kcap - k));
+    const at::Tensor info = ws.info.to(at::kCPU);  // the one host synchronisation per panel
+    const double* rec = info.data_ptr<double>();
+    const int64_t kb = static_cast<int64_t>(rec[0]);
+    if (energy0 < 0) energy0 = rec[1 + nb];
+    if (rules.any_tolerance()) {
+      for (int64_t i = 0; i < kb; ++i) {
+        if (rules.satisfied(rec[1 + i], rec[1 + nb + i], maxnorm0, energy0)) {
+          kstop = off + i;
+          break;
+        }
+      }
+    }
+    if (kstop >= 0) break;
+    k = off + kb;
+    // Truncated (Duersch-Gu): R's rows are complete after the panel, so the last panel's
+    // trailing update would only serve output nobody asked for.
+    if (k >= kcap) break;
+    ws.C.slice(0, k, n).slice(1, k, m).addmm_(
+        ws.Ft.slice(0, 0, kb).slice(1, kb, n - off).t(), ws.C.slice(0, off, k).slice(1, k, m),
+        /*beta=*/1, /*alpha=*/-1);
+    recompute_norms(ws, k, k);
+  }
+  const int64_t kf = kstop >= 0 ? kstop : k;
+  at::Tensor R = ws.C.narrow(1, 0, kf).t().triu().contiguous();
+  at::Tensor Q = kf == 0 ? at::zeros({m, 0}, opts)
+                         : at::linalg_householder_product(ws.C.narrow(0, 0, kf).t(), ws.tau.narrow(0, 0, kf));
+  return {Q, R, ws.perm};
+}
+
+QRCPTuple qrcp_op(const at::Tensor& A, int64_t rank, double tau, double abstol, double reltol,
+                  c10::string_view method, int64_t block_size, int64_t seed) {
+  TORCH_CHECK(A.dim() == 2, "qrcp: expected a 2-D matrix, got ", A.dim(), " dimensions");
+  TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble,
+              "qrcp: the op computes in float32 or float64, got ", A.scalar_type());
+  StopRules rules;
+  rules.kmax = rank;
+  rules.tau = tau;
+  rules.abstol = abstol;
+  rules.reltol = reltol;
+  TORCH_CHECK(rank <= std::min(A.size(0), A.size(1)), "qrcp: rank ", rank, " exceeds min(m, n)");
+  TORCH_CHECK(tau <= 1.0, "qrcp: tau must lie in (0, 1], got ", tau);
+  if (method == "geqp3") return qrcp_geqp3(A, rules, block_size);
+  if (method == "randomized") return qrcp_randomized(A, rules, block_size, seed);
+  TORCH_CHECK(false, "qrcp: unknown method '", std::string(method), "' (expected 'geqp3' or 'randomized')");
+}
+
+}  // namespace qrlora::qrcp

@@ -1,0 +1,187 @@
+// CPU panel of the blocked column-pivoted QR: LAPACK dlaqps, written as plain loops because
+// ATen's per-call overhead (several microseconds) times a dozen calls per column would
+// dominate at n = 4096. The one pass over the trailing matrix per column (the GEMV that
+// produces F) is fused with the pivot-row update and the norm downdate, so each step reads
+// the trailing matrix once.
+#include "panel.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+
+namespace qrlora::qrcp {
+namespace {
+
+template <typename T>
+inline T dot(const T* __restrict a, const T* __restrict b, int64_t len) {
+  // Eight independent partial sums: lets the compiler vectorise without -ffast-math.
+  T s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8)
+    for (int u = 0; u < 8; ++u) s[u] += a[i + u] * b[i + u];
+  T r = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  for (; i < len; ++i) r += a[i] * b[i];
+  return r;
+}
+
+// Euclidean norm without overflow or underflow (LAPACK nrm2 semantics). float squares fit in
+// double's range, so one pass in double suffices; double needs the scaled two-pass form.
+inline float safe_norm(const float* x, int64_t len) {
+  double s = 0;
+  for (int64_t i = 0; i < len; ++i) s += double(x[i]) * double(x[i]);
+  return static_cast<float>(std::sqrt(s));
+}
+
+inline double safe_norm(const double* x, int64_t len) {
+  double amax = 0;
+  for (int64_t i = 0; i < len; ++i) amax = std::max(amax, std::abs(x[i]));
+  if (amax == 0.0 || !std::isfinite(amax)) return amax;
+  double s = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    const double t = x[i] / amax;
+    s += t * t;
+  }
+  return amax * std::sqrt(s);
+}
+
+template <typename T>
+void factor_panel_impl(Workspace& ws, int64_t off, int64_t nb) {
+  const int64_t m = ws.m, n = ws.n, info_stride = ws.nb;
+  T* C = ws.C.data_ptr<T>();
+  T* vn1 = ws.vn1.data_ptr<T>();
+  T* vn2 = ws.vn2.data_ptr<T>();
+  int64_t* perm = ws.perm.data_ptr<int64_t>();
+  T* tau = ws.tau.data_ptr<T>();
+  T* Ft = ws.Ft.data_ptr<T>();
+  T* auxv = ws.aux.data_ptr<T>();
+  T* w = auxv + info_stride;
+  int32_t* flags = ws.recompute.data_ptr<int32_t>();
+  double* info = ws.info.data_ptr<double>();
+  const T tol3z = std::sqrt(std::numeric_limits<T>::epsilon());
+  const double escale = ws.energy_scale;
+
+  int64_t kb = 0;
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t k = off + j;
+    // Pivot: first column of largest partial norm (idamax), plus the stopping-rule records.
+    int64_t pvt = k;
+    T best = T(-1);
+    double energy = 0;
+    for (int64_t c = k; c < n; ++c) {
+      const T v = vn1[c];
+      if (v > best) {
+        best = v;
+        pvt = c;
+      }
+      const double e = double(v) * escale;
+      energy += e * e;
+    }
+    info[1 + j] = double(best);
+    info[1 + info_stride + j] = energy;
+    if (pvt != k) {
+      std::swap_ranges(C + pvt * m, C + pvt * m + m, C + k * m);
+      for (int64_t t = 0; t < j; ++t) std::swap(Ft[t * n + (pvt - off)], Ft[t * n + (k - off)]);
+      std::swap(perm[pvt], perm[k]);
+      vn1[pvt] = vn1[k];
+      vn2[pvt] = vn2[k];
+    }
+    T* col = C + k * m;
+    const int64_t len = m - k;
+    // Bring column k up to date with the panel's earlier reflectors: col -= V_panel F(k, :)^T.
+    if (j > 0) {
+      at::parallel_for(0, len, 8192, [&](int64_t b, int64_t e) {
+        for (int64_t t = 0; t < j; ++t) {
+          const T f = Ft[t * n + (k - off)];
+          const T* vt = C + (off + t) * m + k;
+          for (int64_t i = b; i < e; ++i) col[k + i] -= f * vt[i];
+        }
+      });
+    }
+    // Householder reflector (dlarfg): H = I - tau v v^T with v[0] = 1, H col = beta e1.
+    const T alpha = col[k];
+    const T xnorm = len > 1 ? safe_norm(col + k + 1, len - 1) : T(0);
+    T tk = 0, beta = alpha;
+    if (xnorm != T(0)) {
+      beta = -std::copysign(std::hypot(alpha, xnorm), alpha);
+      tk = (beta - alpha) / beta;
+      const T scal = T(1) / (alpha - beta);
+      for (int64_t i = 1; i < len; ++i) col[k + i] *= scal;
+    }
+    tau[k] = tk;
+    col[k] = T(1);
+    // auxv = -tau V_panel^T v : the incremental term of F's new column.
+    at::parallel_for(0, j, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) auxv[t] = -tk * dot(C + (off + t) * m + k, col + k, len);
+    });
+    for (int64_t t = 0; t < j; ++t) w[t] = C[(off + t) * m + k];
+    w[j] = T(1);
+    const bool downdate = k + 1 < m;
+    std::atomic<bool> flagged{false};
+    // The one pass over the trailing matrix: F's column, the pivot-row update, the norm downdate.
+    at::parallel_for(k + 1, n, 16, [&](int64_t b, int64_t e) {
+      bool any = false;
+      for (int64_t c = b; c < e; ++c) {
+        T* row = C + c * m;
+        const int64_t fc = c - off;
+        T f = tk * dot(row + k, col + k, len);
+        for (int64_t t = 0; t < j; ++t) f += Ft[t * n + fc] * auxv[t];
+        Ft[j * n + fc] = f;
+        T r = row[k];
+        for (int64_t t = 0; t <= j; ++t) r -= w[t] * Ft[t * n + fc];
+        row[k] = r;
+        if (downdate && vn1[c] != T(0)) {
+          // Drmac-Bujanovic safeguard: downdate unless cancellation made it unreliable.
+          T temp = std::abs(r) / vn1[c];
+          temp = std::max(T(0), (T(1) + temp) * (T(1) - temp));
+          const T ratio = vn1[c] / vn2[c];
+          if (temp * ratio * ratio <= tol3z) {
+            flags[c] = 1;
+            any = true;
+          } else {
+            vn1[c] *= std::sqrt(temp);
+          }
+        }
+      }
+      if (any) flagged.store(true, std::memory_order_relaxed);
+    });
+    for (int64_t c = off; c <= k; ++c) Ft[j * n + (c - off)] = T(0);
+    col[k] = beta;
+    kb = j + 1;
+    // Unreliable norms: end the panel here; the driver applies the update and recomputes them.
+    if (flagged.load()) break;
+  }
+  info[0] = double(kb);
+}
+
+template <typename T>
+void recompute_norms_impl(Workspace& ws, int64_t row_start, int64_t col_start) {
+  const int64_t m = ws.m;
+  const T* C = ws.C.data_ptr<T>();
+  T* vn1 = ws.vn1.data_ptr<T>();
+  T* vn2 = ws.vn2.data_ptr<T>();
+  int32_t* flags = ws.recompute.data_ptr<int32_t>();
+  at::parallel_for(col_start, ws.n, 16, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      if (!flags[c]) continue;
+      vn1[c] = vn2[c] = safe_norm(C + c * m + row_start, m - row_start);
+      flags[c] = 0;
+    }
+  });
+}
+
+}  // namespace
+
+void factor_panel_cpu(Workspace& ws, int64_t offset, int64_t nb) {
+  if (ws.C.scalar_type() == at::kDouble) factor_panel_impl<double>(ws, offset, nb);
+  else factor_panel_impl<float>(ws, offset, nb);
+}
+
+void recompute_norms_cpu(Workspace& ws, int64_t row_start, int64_t col_start) {
+  if (ws.C.scalar_type() == at::kDouble) recompute_norms_impl<double>(ws, row_start, col_start);
+  else recompute_norms_impl<float>(ws, row_start, col_start);
+}
+
+}  // namespace qrlora::qrcp
