@@ -15,8 +15,8 @@ Strategy ("lowrank" or "merged", see ``dispatch``): the ``strategy=`` argument, 
 cost model. Both backends implement both strategies with the same results up to rounding.
 
 Dtype rule: x, weight, bias, Q and R must share one floating dtype (as ``F.linear`` requires). lam may have
-any floating dtype (e.g. float32 master weights for a bfloat16 model); it is applied in float32 inside the
-kernels (in the compute dtype on the torch path) and its gradient comes back in lam's own dtype. Under autocast
+any floating dtype (e.g. float32 master weights for a bfloat16 model); it is applied in float32 (float64 for
+float64 inputs) on both backends, and its gradient comes back in lam's own dtype. Under autocast
 (``torch.autocast`` enabled for x's device), x, weight, bias, Q and R are cast to the autocast dtype first,
 like ``F.linear`` under autocast, and lam is left as it is.
 
@@ -133,13 +133,20 @@ def _check_triton_available(x):
 
 
 def _torch_path(x2, weight, bias, Q, R, lam, lam_index, strategy):
-    # lam is applied in the compute dtype so that every matmul sees one dtype (its grad flows back through .to).
-    lam_c = lam.to(x2.dtype)
+    # Like the kernels, whatever carries lam is computed in float32 (float64 for float64 inputs) even for half
+    # inputs: dlam is a reduction over all tokens, and in half precision it loses too much. In the merged
+    # strategy dlam flows through the gradient of W_eff, so that GEMM runs in float32 too (this path is the
+    # reference, not the fast one). At lam = 0 the lowrank result is exactly F.linear's: the correction is 0.
+    acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    lam_rows = lam.to(acc)
     if lam_index is not None:
-        lam_c = lam_c.index_select(0, lam_index)
+        lam_rows = lam_rows.index_select(0, lam_index)
+    Q_acc, R_acc = Q.to(acc), R.to(acc)
     if strategy == "merged":
-        return F.linear(x2, weight + (Q * lam_c) @ R, bias)
-    return F.linear(x2, weight, bias) + ((x2 @ R.t()) * lam_c) @ Q.t()
+        w_eff = weight.to(acc) + (Q_acc * lam_rows) @ R_acc
+        return F.linear(x2.to(acc), w_eff, None if bias is None else bias.to(acc)).to(x2.dtype)
+    correction = ((x2.to(acc) @ R_acc.t()) * lam_rows) @ Q_acc.t()
+    return F.linear(x2, weight, bias) + correction.to(x2.dtype)
 
 
 def qrlora_linear(x, weight, bias, Q, R, lam, *, backend=None, adapter_ids=None, strategy=None):

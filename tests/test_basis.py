@@ -1,0 +1,138 @@
+"""build_basis / basis_from_pivots / truncate against definitions computed independently with scipy (float64)."""
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from qrlora_kernels.basis import QRLoraBasis, basis_from_pivots, build_basis, truncate
+from qrlora_kernels.testing import assert_rel_close
+
+
+def _weight(out_features, in_features, dtype=torch.float32):
+    # Decaying column scales: a spectrum like a trained weight's, and no near-ties among the pivots.
+    scales = torch.logspace(0, -2, in_features, dtype=torch.float64)
+    w = torch.randn(out_features, in_features, dtype=torch.float64) * scales[torch.randperm(in_features)]
+    return w.to(dtype)
+
+
+def _scipy_qrcp(weight):
+    Q, R, P = scipy.linalg.qr(weight.double().numpy(), mode="economic", pivoting=True)
+    return torch.from_numpy(Q), torch.from_numpy(R), torch.from_numpy(P.astype(np.int64))
+
+
+def _rank_r_approx(Q, R, perm, r):
+    """W's rank-r pivoted-QR approximation Q[:, :r] R[:r, argsort(perm)]: invariant to the per-pair signs."""
+    return Q[:, :r].double() @ R[:r].double()[:, torch.argsort(perm)]
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (33, 33)])
+@pytest.mark.parametrize("tau", [0.5, 0.9, 0.99])
+def test_diag_rule_matches_definition(shape, tau):
+    w = _weight(*shape)
+    Qs, Rs, Ps = _scipy_qrcp(w)
+    d = torch.diagonal(Rs) ** 2
+    fractions = torch.cumsum(d, 0) / d.sum()
+    expected_rank = next(i + 1 for i in range(d.numel()) if fractions[i] >= tau)
+
+    basis = build_basis(w, tau=tau, energy="diag")
+    assert isinstance(basis, QRLoraBasis)
+    assert basis.rank == expected_rank
+    assert torch.equal(basis.perm[:expected_rank], Ps[:expected_rank])
+    assert basis.energy_captured == pytest.approx(float(fractions[expected_rank - 1]), rel=1e-5)
+    assert_rel_close(basis.diag_energy, d / d.sum(), 1e-5, name="diag_energy")
+    assert basis.Q.shape == (shape[0], expected_rank) and basis.R.shape == (expected_rank, shape[1])
+    assert basis.Q.dtype == w.dtype and basis.R.dtype == w.dtype and basis.perm.dtype == torch.int64
+    assert_rel_close(basis.Q @ basis.R, _rank_r_approx(Qs, Rs, Ps, expected_rank), 1e-5, name="Q_r R_r")
+
+
+@pytest.mark.parametrize("tau", [0.6, 0.9])
+def test_frobenius_rule_matches_definition(tau):
+    w = _weight(48, 36)
+    Qs, Rs, Ps = _scipy_qrcp(w)
+    total = w.double().square().sum()
+    # 1 - ||R22||^2 / ||W||^2 after k steps = (energy of R's first k rows) / ||W||^2.
+    captured = torch.cumsum(Rs.square().sum(1), 0) / total
+    expected_rank = next(i + 1 for i in range(captured.numel()) if captured[i] >= tau)
+
+    basis = build_basis(w, tau=tau, energy="frobenius")
+    assert basis.rank == expected_rank
+    assert basis.energy_captured == pytest.approx(float(captured[expected_rank - 1]), rel=1e-5)
+    assert basis.diag_energy.shape == (expected_rank,)
+    assert_rel_close(basis.Q @ basis.R, _rank_r_approx(Qs, Rs, Ps, expected_rank), 1e-5, name="Q_r R_r")
+
+
+@pytest.mark.parametrize("rank", [1, 7, 24])
+def test_rank_rule_and_sign_convention(rank):
+    w = _weight(24, 31)
+    Qs, Rs, Ps = _scipy_qrcp(w)
+    basis = build_basis(w, rank=rank)
+    assert basis.rank == rank
+    assert torch.equal(basis.perm[:rank], Ps[:rank])
+    pivot_block = basis.R[:, basis.perm[:rank]]
+    assert (torch.diagonal(pivot_block) > 0).all()
+    assert torch.count_nonzero(torch.tril(pivot_block, -1)) == 0
+    assert_rel_close(basis.Q.t() @ basis.Q, torch.eye(rank), 1e-5, name="Q^T Q")
+    assert_rel_close(basis.Q @ basis.R, _rank_r_approx(Qs, Rs, Ps, rank), 1e-5, name="Q_r R_r")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_basis_from_pivots_matches_build_basis(dtype):
+    w = _weight(40, 28, dtype)
+    basis = build_basis(w, tau=0.9)
+    Q, R = basis_from_pivots(w, basis.perm[:basis.rank])
+    band = 1e-6 if dtype == torch.float32 else 1e-12
+    # Compared elementwise (not up to sign): the sign convention makes the basis unique.
+    assert_rel_close(Q, basis.Q, band * 10, name="Q")
+    assert_rel_close(R, basis.R, band * 10, name="R")
+
+
+def test_half_precision_weight_is_factorised_in_float32():
+    w = _weight(32, 24, torch.float32)
+    basis16 = build_basis(w.to(torch.bfloat16), rank=6)
+    basis32 = build_basis(w.to(torch.bfloat16).float(), rank=6)
+    assert basis16.Q.dtype == torch.bfloat16
+    assert torch.equal(basis16.perm, basis32.perm)
+    assert torch.equal(basis16.Q, basis32.Q.to(torch.bfloat16))
+
+
+def test_truncate_equals_smaller_factorisation():
+    w = _weight(36, 30)
+    full = build_basis(w, tau=1.0, energy="diag")
+    small = truncate(full, 5)
+    direct = build_basis(w, rank=5)
+    assert small.rank == 5
+    assert_rel_close(small.Q, direct.Q, 1e-5, name="Q")
+    assert_rel_close(small.R, direct.R, 1e-5, name="R")
+    assert small.energy_captured == pytest.approx(float(full.diag_energy[:5].sum()))
+
+    by_rank = build_basis(w, rank=12)
+    from_rank = truncate(by_rank, 5, energy="frobenius")
+    assert from_rank.energy_captured == pytest.approx(direct.energy_captured, rel=1e-5)
+
+
+def test_bad_inputs():
+    w = _weight(8, 6)
+    with pytest.raises(TypeError, match="exactly one of tau"):
+        build_basis(w)
+    with pytest.raises(TypeError, match="exactly one of tau"):
+        build_basis(w, tau=0.9, rank=2)
+    with pytest.raises(ValueError, match=r"tau must be in \(0, 1\]"):
+        build_basis(w, tau=1.5)
+    with pytest.raises(ValueError, match=r"rank must be in \[1, min"):
+        build_basis(w, rank=7)
+    with pytest.raises(ValueError, match="energy must be one of"):
+        build_basis(w, tau=0.9, energy="spectral")
+    with pytest.raises(ValueError, match="must be 2-D"):
+        build_basis(w[0], rank=1)
+    with pytest.raises(TypeError, match="floating-point"):
+        build_basis(torch.ones(4, 4, dtype=torch.int64), rank=1)
+    with pytest.raises(ValueError, match="all zeros"):
+        build_basis(torch.zeros(4, 4), rank=1)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        build_basis(torch.full((4, 4), float("nan")), rank=1)
+    with pytest.raises(ValueError, match="repeated"):
+        basis_from_pivots(w, torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match=r"pivots must lie in \[0, 6\)"):
+        basis_from_pivots(w, torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match="cannot truncate a rank-3 basis to rank 4"):
+        truncate(build_basis(w, rank=3), 4)
