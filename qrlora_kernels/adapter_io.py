@@ -319,7 +319,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
         except AttributeError:
             raise ValueError(f"{name}: module not found in the model (the adapter was made for another "
                              f"architecture, or the model was wrapped)") from None
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, (nn.Linear, QRLoraLinear)):
             raise ValueError(f"{name}: expected an nn.Linear or QRLoraLinear, found {type(module).__name__}")
         if (module.out_features, module.in_features) != (info["out_features"], info["in_features"]):
             raise ValueError(f"{name}: the model's layer is {module.out_features}x{module.in_features}, "

@@ -1,0 +1,243 @@
+"""save_adapter / load_adapter: tiny files, exact reloads, multi-adapter loading, and every failure named."""
+import copy
+import json
+import struct
+
+import pytest
+import torch
+from torch import nn
+
+from qrlora_kernels import QRLoraConfig, QRLoraLinear, apply_qrlora, load_adapter, save_adapter
+from qrlora_kernels.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _fingerprint_problem, weight_fingerprint
+from qrlora_kernels.model import adapter_batch, qrlora_layers
+from qrlora_kernels.testing import assert_rel_close
+
+HIDDEN = 32
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Linear(HIDDEN, HIDDEN)
+        self.value = nn.Linear(HIDDEN, HIDDEN, bias=False)
+        self.norm = nn.LayerNorm(HIDDEN)
+
+    def forward(self, h):
+        return self.norm(h + torch.tanh(self.query(h)) * self.value(h))
+
+
+class TinyModel(nn.Module):
+    def __init__(self, num_layers=3):
+        super().__init__()
+        self.layers = nn.ModuleList(Block() for _ in range(num_layers))
+        self.classifier = nn.Linear(HIDDEN, 2)
+
+    def forward(self, h):
+        for block in self.layers:
+            h = block(h)
+        return self.classifier(h)
+
+
+CONFIG = QRLoraConfig(target_modules=["query", "value"], modules_to_save=["classifier"])
+
+
+def _adapted(base, config=CONFIG, scale=0.5):
+    """A converted copy of ``base`` with random (trained-looking) lam and classifier."""
+    model = copy.deepcopy(base)
+    apply_qrlora(model, config, progress=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * scale)
+    return model
+
+
+@pytest.fixture
+def base():
+    return TinyModel().eval()
+
+
+def test_round_trip_from_pivots_reproduces_outputs(base, tmp_path):
+    model = _adapted(base)
+    x = torch.randn(3, 4, HIDDEN)
+    expected = model(x)
+    paths = save_adapter(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
+    assert paths["weights"] == tmp_path / ADAPTER_WEIGHTS
+    meta = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    assert meta["include_basis"] is False and QRLoraConfig.from_dict(meta["config"]) == CONFIG
+    from safetensors.torch import load_file
+    stored = load_file(tmp_path / ADAPTER_WEIGHTS)
+    assert not any(k.endswith((".Q", ".R")) for k in stored)  # no basis by default: O(total r)
+    fresh = copy.deepcopy(base)
+    assert load_adapter(fresh, tmp_path) == {"default": 0}
+    assert_rel_close(fresh(x), expected, 1e-5, name="reloaded output")
+    for name, layer in qrlora_layers(fresh):
+        original = model.get_submodule(name)
+        assert torch.equal(layer.perm[:layer.rank], original.perm[:original.rank])
+        assert_rel_close(layer.Q, original.Q, 1e-5, name=f"{name}.Q")
+    trainable = {n for n, p in fresh.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_include_basis_reloads_bit_exactly(base, tmp_path):
+    model = _adapted(base)
+    save_adapter(model, tmp_path, include_basis=True)
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, tmp_path)
+    x = torch.randn(2, 5, HIDDEN)
+    assert torch.equal(fresh(x), model(x))
+    for name, layer in qrlora_layers(fresh):
+        assert torch.equal(layer.Q, model.get_submodule(name).Q) and torch.equal(layer.R, model.get_submodule(name).R)
+
+
+def test_writes_are_atomic(base, tmp_path, monkeypatch):
+    model = _adapted(base)
+    save_adapter(model, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    import qrlora_kernels.adapter_io as io
+
+    def fail(_fd):
+        raise OSError("disk full")
+    monkeypatch.setattr(io.os, "fsync", fail)
+    with torch.no_grad():
+        model.layers[0].query.lam.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(model, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old files intact, no temp files left
+
+
+def test_budget_601_on_roberta_base_dims_gives_a_file_under_16kb(tmp_path):
+    # True roberta-base query/value shapes (768x768, 12 layers); a small vocabulary keeps the build fast.
+    from transformers import RobertaConfig, RobertaModel
+    torch.manual_seed(0)
+    model = RobertaModel(RobertaConfig(vocab_size=128, max_position_embeddings=40), add_pooling_layer=False).eval()
+    report = apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"], budget=601), progress=False)
+    assert report.adapter_params == 601
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 601
+    save_adapter(model, tmp_path)
+    size = (tmp_path / ADAPTER_WEIGHTS).stat().st_size
+    assert size < 16 * 1024, f"adapter file is {size} bytes"
+    assert (tmp_path / ADAPTER_CONFIG).stat().st_size < 32 * 1024
+
+
+def test_fingerprint_sees_a_change_anywhere():
+    weight = torch.randn(100, 100)
+    saved = weight_fingerprint(weight)
+    assert _fingerprint_problem(weight.clone(), saved) is None
+    changed = weight.clone()
+    changed.view(-1)[1] += 1e-3  # not one of the sampled positions: only the sums can see it
+    assert "fingerprint does not match" in _fingerprint_problem(changed, saved)
+    assert "shape (100, 99)" in _fingerprint_problem(weight[:, :99], saved)
+
+
+def test_load_errors_name_the_module(base, tmp_path):
+    model = _adapted(base)
+    save_adapter(model, tmp_path)
+    other = TinyModel().eval()
+    with pytest.raises(ValueError, match=r"layers\.0\.query: its base weight differs.*fingerprint"):
+        load_adapter(other, tmp_path)
+    changed = copy.deepcopy(base)
+    with torch.no_grad():
+        changed.layers[1].value.weight[3, 5] += 0.01
+    with pytest.raises(ValueError, match=r"layers\.1\.value: its base weight differs"):
+        load_adapter(changed, tmp_path)
+    assert not qrlora_layers(changed)  # a failed load leaves the model untouched
+    shorter = copy.deepcopy(base)
+    del shorter.layers[2]
+    with pytest.raises(ValueError, match=r"layers\.2\.query: module not found in the model"):
+        load_adapter(shorter, tmp_path)
+    half = copy.deepcopy(base).half()
+    with pytest.raises(ValueError, match=r"layers\.0\.query: dtype mismatch that cannot be honoured.*float32.*float16"):
+        load_adapter(half, tmp_path)
+
+
+def test_dtype_mismatch_is_honoured_when_the_weights_round_to_the_saved_ones(tmp_path):
+    base = TinyModel().eval()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.copy_(p.half().float())  # weights that fp16 represents exactly
+    model = _adapted(base)
+    save_adapter(model, tmp_path)
+    half = copy.deepcopy(base).half()
+    load_adapter(half, tmp_path)
+    for name, layer in qrlora_layers(half):
+        assert layer.weight.dtype == torch.float16
+        assert_rel_close(layer.lam, model.get_submodule(name).lam, 0.0, name=f"{name}.lam")
+
+
+def _tensor_span(path, key):
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    start, end = json.loads(data[8:8 + n])[key]["data_offsets"]
+    return 8 + n + start, 8 + n + end
+
+
+def test_truncated_and_corrupt_files(base, tmp_path):
+    model = _adapted(base)
+    save_adapter(model, tmp_path)
+    weights = tmp_path / ADAPTER_WEIGHTS
+    good = weights.read_bytes()
+    # A flipped byte inside one module's lam: the checksum names that module.
+    start, _ = _tensor_span(weights, "layers.1.query.lam")
+    weights.write_bytes(good[:start] + bytes([good[start] ^ 0xFF]) + good[start + 1:])
+    with pytest.raises(ValueError, match=r"layers\.1\.query: its stored tensors do not match their checksum"):
+        load_adapter(copy.deepcopy(base), tmp_path)
+    # Truncated: the header survives, so the modules whose data is gone are named.
+    start, _ = _tensor_span(tmp_path / ADAPTER_WEIGHTS, "layers.2.value.pivots")
+    weights.write_bytes(good[:start + 2])
+    with pytest.raises(ValueError, match=r"truncated or corrupt \(data missing for module\(s\) .*layers\.2\.value"):
+        load_adapter(copy.deepcopy(base), tmp_path)
+    weights.write_bytes(good[:5])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_adapter(copy.deepcopy(base), tmp_path)
+    weights.write_bytes(good)
+    (tmp_path / ADAPTER_CONFIG).write_text('{"format": "qrlora-adapter", "modu')
+    with pytest.raises(ValueError, match="adapter_config.json is truncated or corrupt"):
+        load_adapter(copy.deepcopy(base), tmp_path)
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        load_adapter(copy.deepcopy(base), tmp_path / "missing")
+
+
+def test_save_errors(base, tmp_path):
+    with pytest.raises(ValueError, match="no QR-LoRA layers to save"):
+        save_adapter(copy.deepcopy(base), tmp_path)
+    with pytest.raises(ValueError, match="unknown adapter 'sst2'"):
+        save_adapter(_adapted(base), tmp_path, adapter_name="sst2")
+
+
+def test_named_adapters_share_the_basis_in_one_mixed_batch(base, tmp_path):
+    per_task = {task: _adapted(base, QRLoraConfig(target_modules=["query", "value"])) for task in ("sst2", "mnli")}
+    # A lower tau on the same weights: its pivots are the leading part of the others', so it shares their basis.
+    per_task["small"] = _adapted(base, QRLoraConfig(target_modules=["query", "value"], tau=0.5))
+    for task, m in per_task.items():
+        save_adapter(m, tmp_path / task)
+    model = copy.deepcopy(base)
+    assert load_adapter(model, tmp_path / "sst2", adapter_name="sst2") == {"sst2": 0}
+    assert load_adapter(model, tmp_path / "mnli", adapter_name="mnli") == {"sst2": 0, "mnli": 1}
+    assert load_adapter(model, tmp_path / "small", adapter_name="small") == {"sst2": 0, "mnli": 1, "small": 2}
+    assert all(layer.lam.shape[0] == 3 for _, layer in qrlora_layers(model))
+    x = torch.randn(4, 6, HIDDEN)
+    order = ["mnli", "small", "sst2", "mnli"]
+    with adapter_batch(model, order):
+        mixed = model(x)
+    for i, task in enumerate(order):
+        assert_rel_close(mixed[i], per_task[task](x[i:i + 1])[0], 1e-5, name=f"sequence {i} ({task})")
+    # Reloading a known name overwrites it; a larger basis than the model's cannot be shared.
+    assert load_adapter(model, tmp_path / "sst2", adapter_name="mnli") == {"sst2": 0, "mnli": 1, "small": 2}
+    narrow = copy.deepcopy(base)
+    load_adapter(narrow, tmp_path / "small")
+    with pytest.raises(ValueError, match=r"layers\.0\.query: the adapter's basis .* is not the leading part"):
+        load_adapter(narrow, tmp_path / "sst2", adapter_name="sst2")
+
+
+def test_modules_to_save_round_trip_and_single_owner(base, tmp_path):
+    model = _adapted(base, CONFIG)
+    save_adapter(model, tmp_path / "a")
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, tmp_path / "a")
+    assert torch.equal(fresh.classifier.weight, model.classifier.weight)
+    assert fresh.classifier.weight.requires_grad and fresh.qrlora_modules_to_save == ["classifier"]
+    with pytest.raises(ValueError, match="has modules_to_save \\(classifier\\)"):
+        load_adapter(fresh, tmp_path / "a", adapter_name="second")
+    assert isinstance(fresh.layers[0].query, QRLoraLinear)

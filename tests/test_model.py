@@ -1,0 +1,270 @@
+"""QRLoraConfig, apply_qrlora (selection, freezing, report, global budget), merge_and_unload, adapter_batch.
+
+The models here are small stand-ins with transformer-like names; tests/test_hf_models.py runs
+real ``transformers`` classes.
+"""
+import copy
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from torch import nn
+
+from qrlora_kernels import QRLoraConfig, QRLoraLinear, apply_qrlora, merge_and_unload
+from qrlora_kernels.model import adapter_batch, find_targets, qrlora_layers
+from qrlora_kernels.testing import assert_rel_close, rel_error
+
+HIDDEN, FFN = 32, 48
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Linear(HIDDEN, HIDDEN)
+        self.value = nn.Linear(HIDDEN, HIDDEN)
+        self.up = nn.Linear(HIDDEN, FFN)
+        self.down = nn.Linear(FFN, HIDDEN, bias=False)
+        self.norm = nn.LayerNorm(HIDDEN)
+
+    def forward(self, h):
+        h = self.norm(h + torch.tanh(self.query(h)) * self.value(h))
+        return h + self.down(torch.relu(self.up(h)))
+
+
+class TinyModel(nn.Module):
+    """Named like a transformer: ``layers.<i>.query`` ..., an output head ``lm_head``, a ``classifier``."""
+
+    def __init__(self, num_layers=3):
+        super().__init__()
+        self.embed = nn.Linear(8, HIDDEN)
+        self.layers = nn.ModuleList(Block() for _ in range(num_layers))
+        self.classifier = nn.Sequential(nn.Linear(HIDDEN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, 3))
+        self.lm_head = nn.Linear(HIDDEN, 10)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, x):
+        h = self.embed(x)
+        for block in self.layers:
+            h = block(h)
+        return torch.cat([self.classifier(h[:, 0]), self.lm_head(h).mean(1)], dim=-1)
+
+
+def _pair(num_layers=3):
+    base = TinyModel(num_layers).eval()
+    return base, copy.deepcopy(base)
+
+
+def _names(model, config):
+    return [n for n, _ in find_targets(model, config)]
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_config_defaults_and_json_round_trip():
+    cfg = QRLoraConfig(target_modules=["query", "value"])
+    assert cfg.tau == 0.9 and cfg.rank is None and cfg.budget is None and cfg.energy == "diag"
+    for original in (cfg, QRLoraConfig(target_modules=r".*\.(query|value)", layers=[2, 0], modules_to_save="classifier"),
+                     QRLoraConfig(target_modules="all-linear", budget=601, exclude_modules=["down"]),
+                     QRLoraConfig(target_modules=["up"], rank=4, energy="frobenius")):
+        again = QRLoraConfig.from_dict(__import__("json").loads(original.to_json_string()))
+        assert again == original
+    assert QRLoraConfig(target_modules=["q"], layers=3).layers == [3]
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({}, ValueError, "target_modules is required"),
+    ({"target_modules": []}, ValueError, "empty list"),
+    ({"target_modules": [1]}, TypeError, "non-empty module names"),
+    ({"target_modules": 3}, TypeError, "target_modules must be"),
+    ({"target_modules": ["q"], "exclude_modules": "all-linear"}, ValueError, "exclude_modules cannot"),
+    ({"target_modules": ["q"], "tau": 0.9, "rank": 4}, ValueError, "only one of tau, rank and budget"),
+    ({"target_modules": ["q"], "rank": 4, "budget": 10}, ValueError, "only one of tau, rank and budget"),
+    ({"target_modules": ["q"], "tau": 1.5}, ValueError, r"tau must lie in \(0, 1\]"),
+    ({"target_modules": ["q"], "tau": "high"}, TypeError, "tau must be a float"),
+    ({"target_modules": ["q"], "rank": 0}, ValueError, "rank must be a positive int"),
+    ({"target_modules": ["q"], "budget": 2.5}, TypeError, "budget must be a positive int"),
+    ({"target_modules": ["q"], "energy": "trace"}, ValueError, "energy must be one of"),
+    ({"target_modules": ["q"], "budget": 10, "energy": "frobenius"}, ValueError, "needs energy='diag'"),
+    ({"target_modules": ["q"], "layers": [-1]}, ValueError, "non-negative"),
+    ({"target_modules": ["q"], "layers": "0"}, TypeError, "layers must be an int or a list"),
+])
+def test_config_rejects_bad_fields(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        QRLoraConfig(**kwargs)
+
+
+def test_from_dict_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="unknown QRLoraConfig fields: \\['r'\\]"):
+        QRLoraConfig.from_dict({"target_modules": ["q"], "r": 8})
+
+
+# ------------------------------------------------------------------------------------------ selection
+def test_target_selection_suffix_regex_all_linear_exclude_layers():
+    model = TinyModel()
+    assert _names(model, QRLoraConfig(target_modules=["query"])) == [f"layers.{i}.query" for i in range(3)]
+    # Regex: full-name match, like PEFT.
+    assert _names(model, QRLoraConfig(target_modules=r"layers\.1\.(query|up)")) == ["layers.1.query", "layers.1.up"]
+    assert _names(model, QRLoraConfig(target_modules="query")) == []  # a regex string must match the full name
+    everything = _names(model, QRLoraConfig(target_modules="all-linear"))
+    assert "embed" in everything and "layers.2.down" in everything
+    assert not any(n.startswith(("lm_head", "classifier")) for n in everything)  # output heads excluded
+    assert _names(model, QRLoraConfig(target_modules="all-linear", exclude_modules=["up", "down", "embed"],
+                                      layers=[0, 2])) == [
+        "layers.0.query", "layers.0.value", "layers.2.query", "layers.2.value"]
+    # A module trained in full is not also adapted.
+    assert "classifier.0" not in _names(model, QRLoraConfig(target_modules=["0"], modules_to_save=["classifier"]))
+
+
+def test_layer_index_patterns():
+    cfg = QRLoraConfig(target_modules=["q"])
+    assert cfg.layer_index("encoder.layer.11.attention.self.query") == 11
+    assert cfg.layer_index("model.layers.3.self_attn.q_proj") == 3
+    assert cfg.layer_index("transformer.h.7.attn.c_attn") == 7
+    assert cfg.layer_index("pooler.dense") is None
+    assert QRLoraConfig(target_modules=["q"], layers_pattern="blk").layer_index("blk.4.q") == 4
+
+
+# ------------------------------------------------------------------------------------------ apply
+def test_apply_keeps_outputs_freezes_and_reports():
+    base, model = _pair()
+    x = torch.randn(4, 5, 8)
+    report = apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"], modules_to_save=["classifier"]),
+                          progress=False)
+    assert [m.name for m in report.modules] == [f"layers.{i}.{p}" for i in range(3) for p in ("query", "value")]
+    for name, layer in qrlora_layers(model):
+        assert isinstance(layer, QRLoraLinear)
+        entry = next(m for m in report.modules if m.name == name)
+        assert entry.rank == layer.rank == layer.lam.numel() == entry.params
+        assert entry.shape == (HIDDEN, HIDDEN) and 0.9 <= entry.energy_captured <= 1.0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{m.name}.lam" for m in report.modules} | {
+        f"classifier.{i}.{k}" for i in (0, 2) for k in ("weight", "bias")}
+    assert report.adapter_params == sum(m.rank for m in report.modules)
+    assert report.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert report.total_params == sum(p.numel() for p in model.parameters())
+    assert report.trainable_percent == pytest.approx(100 * report.trainable_params / report.total_params)
+    text = str(report)
+    assert "layers.2.value" in text and "trainable%" in text and "modules_to_save: classifier" in text
+    # lam = 0: the converted model is the original model.
+    assert_rel_close(model(x), base(x), 1e-6, name="converted output")
+    assert model.qrlora_adapter_ids == {"default": 0}
+
+
+def test_apply_rank_and_frobenius_rules_reach_layers():
+    _, model = _pair(2)
+    report = apply_qrlora(model, QRLoraConfig(target_modules=["up"], rank=100), progress=False)
+    assert [m.rank for m in report.modules] == [HIDDEN, HIDDEN]  # capped at min(in, out)
+    _, model = _pair(2)
+    report = apply_qrlora(model, QRLoraConfig(target_modules=["down"], tau=0.5, energy="frobenius"), progress=False)
+    for m in report.modules:
+        assert 0.5 <= m.energy_captured < 1.0
+        assert model.get_submodule(m.name).energy == "frobenius"
+
+
+def test_apply_errors():
+    model = TinyModel()
+    with pytest.raises(ValueError, match=r"no nn.Linear module matched target_modules=\['attention'\]"):
+        apply_qrlora(model, QRLoraConfig(target_modules=["attention"]))
+    with pytest.raises(ValueError, match="modules_to_save=\\['head'\\] matched no module"):
+        apply_qrlora(model, QRLoraConfig(target_modules=["query"], modules_to_save=["head"]))
+    with pytest.raises(TypeError, match="config must be a QRLoraConfig"):
+        apply_qrlora(model, {"target_modules": ["query"]})
+    apply_qrlora(model, QRLoraConfig(target_modules=["query"]), progress=False)
+    with pytest.raises(ValueError, match="already has QR-LoRA layers"):
+        apply_qrlora(model, QRLoraConfig(target_modules=["value"]))
+    with pytest.raises(ValueError, match=r"budget=100000 exceeds the"):
+        apply_qrlora(TinyModel(), QRLoraConfig(target_modules=["query"], budget=100_000))
+
+
+def _independent_budget_counts(weights, budget):
+    """The budget rule from its definition, with scipy's pivoted QR in float64."""
+    energies = []
+    for w in weights:
+        _, r, _ = scipy.linalg.qr(w.double().numpy(), pivoting=True, mode="economic")
+        d = np.diag(r) ** 2
+        energies.append(d / d.sum())
+    flat = np.concatenate(energies)
+    owner = np.concatenate([np.full(e.size, i) for i, e in enumerate(energies)])
+    winners = owner[np.argsort(-flat, kind="stable")[:budget]]
+    return [int((winners == i).sum()) for i in range(len(weights))]
+
+
+@pytest.mark.parametrize("budget", [7, 61])
+def test_global_budget_is_exact_and_follows_the_energies(budget):
+    base, model = _pair()
+    config = QRLoraConfig(target_modules="all-linear", budget=budget)
+    targets = find_targets(base, config)
+    expected = _independent_budget_counts([lin.weight.detach() for _, lin in targets], budget)
+    report = apply_qrlora(model, config, progress=False)
+    got = {m.name: m.rank for m in report.modules}
+    assert [got.get(n, 0) for n, _ in targets] == expected
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == budget == report.adapter_params
+    # Modules given no component stay plain nn.Linear, and are reported.
+    for (name, _), count in zip(targets, expected):
+        assert isinstance(model.get_submodule(name), QRLoraLinear) == (count > 0)
+    assert report.skipped == [n for (n, _), c in zip(targets, expected) if c == 0]
+    x = torch.randn(2, 3, 8)
+    assert_rel_close(model(x), base(x), 1e-6, name="budget model at lam=0")
+
+
+# ------------------------------------------------------------------------------------------ training, merging
+def test_training_changes_only_lam_and_merge_and_unload_keeps_outputs():
+    base, model = _pair(2)
+    apply_qrlora(model, QRLoraConfig(target_modules=["query", "value", "up"]), progress=False)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".lam")}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    x, target = torch.randn(8, 4, 8), torch.randn(8, 13)
+    losses = []
+    for _ in range(5):
+        optimizer.zero_grad()
+        loss = (model(x) - target).square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for k, v in model.state_dict().items():
+        if not k.endswith(".lam"):
+            assert torch.equal(v, frozen[k]), k
+    adapted = model(x).detach()
+    assert rel_error(adapted, base(x)) > 1e-4
+    merge_and_unload(model)
+    assert not qrlora_layers(model) and not hasattr(model, "qrlora_adapter_ids")
+    assert all(type(model.get_submodule(f"layers.{i}.{p}")) is nn.Linear for i in range(2) for p in ("query", "up"))
+    assert_rel_close(model(x), adapted, 1e-5, name="merged output")
+    with pytest.raises(ValueError, match="no QR-LoRA layers to merge"):
+        merge_and_unload(model)
+
+
+def test_adapter_batch_routes_ids_and_validates():
+    _, model = _pair(2)
+    apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"]), progress=False)
+    for _, layer in qrlora_layers(model):
+        layer.set_num_adapters(3)
+        with torch.no_grad():
+            layer.lam.normal_()
+    model.qrlora_adapter_ids = {"a": 0, "b": 1, "c": 2}
+    x = torch.randn(4, 5, 8)
+    with adapter_batch(model, ["c", "a", 1, "c"]):
+        mixed = model(x)
+    for i, row in enumerate([2, 0, 1, 2]):
+        for _, layer in qrlora_layers(model):
+            layer.active_adapter = row
+        assert_rel_close(mixed[i:i + 1], model(x[i:i + 1]), 1e-5, name=f"sequence {i}")
+    assert all(layer.adapter_ids is None for _, layer in qrlora_layers(model))  # ids removed after the block
+    with pytest.raises(ValueError, match="unknown adapter 'z'"):
+        with adapter_batch(model, ["a", "z"]):
+            pass
+    with pytest.raises(ValueError, match="adapter id out of range"):
+        with adapter_batch(model, [0, 3]):
+            pass
+    with pytest.raises(TypeError, match="integer tensor"):
+        with adapter_batch(model, torch.tensor([0.0, 1.0])):
+            pass
+    with pytest.raises(ValueError, match="pass adapter_name to choose"):
+        merge_and_unload(model)
+    merged = merge_and_unload(copy.deepcopy(model), adapter_name="b")
+    for _, layer in qrlora_layers(model):
+        layer.active_adapter = 1
+    assert_rel_close(merged(x), model(x), 1e-5, name="merged adapter b")
