@@ -1,0 +1,200 @@
+"""QR-LoRA under torch.distributed, launched with torchrun: 2 CPU processes, gloo backend.
+
+The test runs this very file under ``torchrun --nproc_per_node 2``; each rank checks that
+
+1. ``apply_qrlora`` inside the process group splits the factorisations (each rank computes
+   only its share) and ends with bases bit-identical to a single process's, with and
+   without a global ``budget``;
+2. DistributedDataParallel trains the converted model: lam gradients equal the
+   single-process gradient of the whole batch, frozen tensors stay untouched;
+3. FSDP2 (``torch.distributed.fsdp.fully_shard``) does the same with sharded lam.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+HIDDEN = 24
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Linear(HIDDEN, HIDDEN)
+        self.value = nn.Linear(HIDDEN, HIDDEN)
+        self.up = nn.Linear(HIDDEN, 40)
+        self.down = nn.Linear(40, HIDDEN)
+
+    def forward(self, h):
+        h = h + torch.tanh(self.query(h)) * self.value(h)
+        return h + self.down(torch.relu(self.up(h)))
+
+
+class TinyModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(Block() for _ in range(3))
+
+    def forward(self, h):
+        for block in self.layers:
+            h = block(h)
+        return h
+
+
+def _base_model():
+    torch.manual_seed(1234)  # every rank builds the same base model
+    return TinyModel()
+
+
+def _bases(model):
+    from qrlora_kernels.model import qrlora_layers
+    return {name: (layer.Q, layer.R, layer.perm, layer.rank) for name, layer in qrlora_layers(model)}
+
+
+def _lam_grads_single_process(config, x, target):
+    from qrlora_kernels import apply_qrlora
+    model = _base_model()
+    apply_qrlora(model, config, progress=False, group=_single_group())
+    _set_lam(model)
+    (model(x) - target).square().mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+_SINGLE = {}
+
+
+def _single_group():
+    return _SINGLE["group"]
+
+
+def _set_lam(model):
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".lam"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def _check_apply(rank, world):
+    import qrlora_kernels.model as qm
+    from qrlora_kernels import QRLoraConfig, apply_qrlora
+    calls = []
+    original = qm._factorise
+
+    def counting(weight, config):
+        calls.append(tuple(weight.shape))
+        return original(weight, config)
+    qm._factorise = counting
+    try:
+        for config in (QRLoraConfig(target_modules="all-linear", tau=0.8),
+                       QRLoraConfig(target_modules="all-linear", budget=97)):
+            calls.clear()
+            shared = _base_model()
+            report = apply_qrlora(shared, config, progress=False)
+            mine = len(calls)
+            alone = _base_model()
+            single_report = apply_qrlora(alone, config, progress=False, group=_single_group())
+            assert 0 < mine < len(single_report.modules) + len(single_report.skipped), \
+                f"rank {rank} factorised {mine} modules: the work was not split"
+            assert [(m.name, m.rank) for m in report.modules] == [(m.name, m.rank) for m in single_report.modules]
+            assert report.adapter_params == single_report.adapter_params
+            got, expected = _bases(shared), _bases(alone)
+            assert got.keys() == expected.keys()
+            for name in got:
+                for a, b in zip(got[name][:3], expected[name][:3]):
+                    assert torch.equal(a, b), f"rank {rank}: {name} basis differs from a single process's"
+            if config.budget is not None:
+                assert report.adapter_params == 97
+    finally:
+        qm._factorise = original
+
+
+def _check_ddp(rank, world):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from qrlora_kernels import QRLoraConfig, apply_qrlora
+    config = QRLoraConfig(target_modules=["query", "value", "up"])
+    gen = torch.Generator().manual_seed(99)
+    x, target = torch.randn(4, 5, HIDDEN, generator=gen), torch.randn(4, 5, HIDDEN, generator=gen)
+    expected = _lam_grads_single_process(config, x, target)
+    model = _base_model()
+    apply_qrlora(model, config, progress=False)
+    _set_lam(model)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".lam")}
+    ddp = DistributedDataParallel(model)
+    share = slice(2 * rank, 2 * rank + 2)  # each rank its half of the batch
+    (ddp(x[share]) - target[share]).square().mean().backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7, msg=f"DDP grad of {name}")
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    for k, v in model.state_dict().items():
+        if not k.endswith(".lam"):
+            assert torch.equal(v, frozen[k]), f"DDP changed frozen {k}"
+    lam = torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters() if p.requires_grad])
+    gathered = [torch.empty_like(lam) for _ in range(world)]
+    dist.all_gather(gathered, lam)
+    assert torch.equal(gathered[0], gathered[1]), "DDP ranks diverged"
+
+
+def _check_fsdp2(rank, world):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from qrlora_kernels import QRLoraConfig, apply_qrlora
+    config = QRLoraConfig(target_modules=["query", "value", "up"])
+    gen = torch.Generator().manual_seed(5)
+    x, target = torch.randn(4, 5, HIDDEN, generator=gen), torch.randn(4, 5, HIDDEN, generator=gen)
+    expected = _lam_grads_single_process(config, x, target)
+    model = _base_model()
+    apply_qrlora(model, config, progress=False)
+    _set_lam(model)
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    share = slice(2 * rank, 2 * rank + 2)
+    (model(x[share]) - target[share]).square().mean().backward()
+    sharded = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert isinstance(p.grad, DTensor)
+            sharded += 1
+            torch.testing.assert_close(p.grad.full_tensor(), expected[name], rtol=1e-5, atol=1e-7,
+                                       msg=f"FSDP2 grad of {name}")
+    assert sharded == 9
+    torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01).step()
+    (model(x[share]) - target[share]).square().mean().backward()  # a second step runs on updated shards
+
+
+def main():
+    import torch.distributed as dist
+    torch.set_num_threads(1)  # the same BLAS path on every rank and in the single-process reference
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    groups = [dist.new_group([r]) for r in range(world)]  # collective: every rank creates every group
+    _SINGLE["group"] = groups[rank]
+    for check in (_check_apply, _check_ddp, _check_fsdp2):
+        check(rank, world)
+        dist.barrier()
+        if rank == 0:
+            print(f"PASSED {check.__name__}", flush=True)
+    dist.destroy_process_group()
+
+
+def test_apply_ddp_and_fsdp2_under_torchrun():
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=root)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, f"torchrun failed (exit {done.returncode}):\n{log[-6000:]}"
+    for name in ("_check_apply", "_check_ddp", "_check_fsdp2"):
+        assert f"PASSED {name}" in done.stdout, log[-3000:]
+
+
+if __name__ == "__main__":
+    main()
