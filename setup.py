@@ -27,7 +27,8 @@ def _is_toolkit(path: str | os.PathLike | None) -> bool:
         return False
     p = Path(path)
     # A wrapper script's folder (/usr/local/bin) has nvcc but no runtime to link.
-    has_runtime = any((p / lib).glob("libcudart.so*") for lib in ("lib64", "lib"))
+    # any() of the glob iterator itself: a generator object is always truthy.
+    has_runtime = any(any((p / lib).glob("libcudart.so*")) for lib in ("lib64", "lib"))
     return (p / "bin" / "nvcc").is_file() and has_runtime
 
 

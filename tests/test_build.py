@@ -1,0 +1,96 @@
+"""Build plumbing: setup.find_cuda_home() sees through a wrapper nvcc, and the extension says what it is."""
+import importlib.util
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup_module_():
+    spec = importlib.util.spec_from_file_location("qrlora_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # setup.py only runs setup() under __main__
+    return module
+
+
+def fake_toolkit(root: Path) -> Path:
+    (root / "bin").mkdir(parents=True)
+    (root / "lib64").mkdir()
+    (root / "bin" / "nvcc").write_text("#!/bin/sh\nexit 0\n")
+    (root / "lib64" / "libcudart.so.13").write_text("")
+    return root
+
+
+def no_standard_locations(module, monkeypatch):
+    real = module._is_toolkit
+    monkeypatch.setattr(module, "_is_toolkit",
+                        lambda p: False if str(p).startswith("/usr/local/cuda") else real(p))
+
+
+def test_cuda_home_env_is_used_when_it_is_a_toolkit(setup_module_, tmp_path, monkeypatch):
+    toolkit = fake_toolkit(tmp_path / "cuda-x")
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    assert setup_module_.find_cuda_home() == str(toolkit)
+
+
+def test_cuda_home_env_that_is_not_a_toolkit_is_an_error(setup_module_, tmp_path, monkeypatch):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("")  # a wrapper's folder: nvcc but no runtime library
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    with pytest.raises(RuntimeError, match="is not a CUDA toolkit"):
+        setup_module_.find_cuda_home()
+
+
+def test_wrapper_nvcc_is_resolved_to_the_real_toolkit(setup_module_, tmp_path, monkeypatch):
+    real = fake_toolkit(tmp_path / "real-cuda")
+    wrapper_dir = tmp_path / "wrapper-bin"
+    wrapper_dir.mkdir()
+    wrapper = wrapper_dir / "nvcc"
+    # Like the wrapper on these machines: it execs the real nvcc, whose dry run names its TOP.
+    wrapper.write_text(f"#!/bin/sh\necho '#$ TOP={real}' >&2\nexit 0\n")
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(wrapper_dir))
+    no_standard_locations(setup_module_, monkeypatch)
+    found = setup_module_.find_cuda_home()
+    assert found == str(real.resolve())
+    # torch's own guess, dirname(dirname(nvcc)), would have been the wrapper's folder.
+    assert Path(found) != wrapper_dir.parent
+
+
+def test_no_nvcc_anywhere_means_no_toolkit(setup_module_, tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    no_standard_locations(setup_module_, monkeypatch)
+    assert setup_module_.find_cuda_home() is None
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
+def test_real_toolkit_on_this_machine(setup_module_, monkeypatch):
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    home = setup_module_.find_cuda_home()
+    assert home is not None
+    assert (Path(home) / "bin" / "nvcc").is_file()
+    assert any((Path(home) / lib).glob("libcudart.so*") for lib in ("lib64", "lib"))
+
+
+def test_build_info_reports_a_kind():
+    import torch
+    from qrlora_kernels import build_info
+
+    info = build_info()
+    assert info["kind"] in ("cpu", "cuda")
+    assert isinstance(info["archs"], list)
+    if info["kind"] == "cuda":
+        assert info["archs"] and all(a.startswith("sm_") for a in info["archs"])
+    else:
+        assert info["archs"] == []
+    assert hasattr(torch.ops.qrlora, "qrcp")

@@ -1,0 +1,326 @@
+"""qrcp: LAPACK's QRCP test ratios on xGEQP3RK's matrix types, scipy-compatible pivots, the
+stopping rules against their definitions, the randomized mode's rank-revealing quality,
+and the input checks."""
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from qrlora_kernels import qrcp
+from qrlora_kernels.qr import QRCPResult
+
+THRESHOLD = 30.0  # LAPACK's test threshold for the scaled ratios
+SIZES = [0, 1, 2, 3, 5, 10, 50]
+METHODS = ["geqp3", "randomized"]
+
+
+def eps_of(dtype):
+    return torch.finfo(dtype).eps
+
+
+def one_norm(x):
+    return x.abs().sum(0).max().item() if x.numel() else 0.0
+
+
+def lapack_ratios(A, res, work_dtype=None):
+    """(factorisation ratio, orthogonality ratio) in LAPACK's scaled 1-norm form, in float64.
+
+    For a truncated result the factorisation check is ``||Q^T A P - R||`` (R's rows are exactly
+    Q^T A P), for a full one ``||A P - Q R||``.
+    """
+    dtype = work_dtype or res.Q.dtype
+    eps = eps_of(dtype)
+    m, n = A.shape
+    A64, Q, R, perm = A.double().cpu(), res.Q.double().cpu(), res.R.double().cpu(), res.perm.cpu()
+    k = R.shape[0]
+    # Scale to O(1) first so that near-overflow inputs do not overflow the check itself.
+    scale = (A64.abs().max().item() if A64.numel() else 0.0) or 1.0
+    AP = A64[:, perm] / scale
+    anorm = one_norm(AP) or 1.0
+    if k == min(m, n):
+        fact = one_norm(AP - Q @ (R / scale))
+    else:
+        fact = one_norm(Q.T @ AP - R / scale)
+    fact /= max(m, n, 1) * anorm * eps
+    orth = one_norm(Q.T @ Q - torch.eye(k, dtype=torch.float64)) / (max(m, 1) * eps)
+    return fact, orth
+
+
+def check_structure(A, res, *, monotone=True, work_dtype=None):
+    m, n = A.shape
+    Q, R, perm = res
+    k = R.shape[0]
+    assert isinstance(res, QRCPResult)
+    assert Q.shape == (m, k) and R.shape == (k, n) and perm.shape == (n,)
+    assert perm.dtype == torch.int64 and Q.dtype == R.dtype == (work_dtype or A.dtype)
+    assert sorted(perm.tolist()) == list(range(n)), "perm is not a permutation"
+    assert torch.equal(R, R.triu()), "R is not upper trapezoidal"
+    if monotone and k > 1:
+        d = R.diagonal().abs().double()
+        slack = 10 * eps_of(R.dtype) * d[0]  # rounding in equal norms
+        assert bool((d[1:] <= d[:-1] * (1 + 1e-3) + slack).all()), f"|R_ii| increases: {d.tolist()}"
+    fact, orth = lapack_ratios(A, res, work_dtype)
+    assert fact < THRESHOLD, f"||AP - QR|| ratio {fact:.1f} (shape {m}x{n})"
+    assert orth < THRESHOLD, f"||Q^T Q - I|| ratio {orth:.1f} (shape {m}x{n})"
+
+
+def with_spectrum(m, n, sigma, dtype=torch.float64, generator=None):
+    """m x n matrix with singular values ``sigma`` (length min(m, n)) and random singular vectors."""
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(m, k, dtype=torch.float64, generator=generator))
+    V, _ = torch.linalg.qr(torch.randn(n, k, dtype=torch.float64, generator=generator))
+    return ((U * torch.as_tensor(sigma, dtype=torch.float64)) @ V.T).to(dtype)
+
+
+def matrix_types(m, n, dtype):
+    """LAPACK xGEQP3RK's test matrix types (dchkqp3rk), by name."""
+    eps = eps_of(dtype)
+    k = min(m, n)
+    rand = torch.randn(m, n, dtype=torch.float64)
+    types = {"zero": torch.zeros(m, n, dtype=torch.float64)}
+    diag = torch.zeros(m, n, dtype=torch.float64)
+    diag[range(k), range(k)] = torch.randn(k, dtype=torch.float64)
+    types["diagonal"] = diag
+    types["upper triangular"] = rand.triu()
+    types["lower triangular"] = rand.tril()
+    for name, cols in {"zero column first": [0], "zero column last": [n - 1], "zero column middle": [n // 2],
+                       "zero first half": list(range(n // 2)), "zero last half": list(range(n // 2, n)),
+                       "zero odd columns": list(range(1, n, 2)), "zero even columns": list(range(0, n, 2))}.items():
+        a = rand.clone()
+        a[:, cols] = 0
+        types[name] = a
+    geometric = lambda cond: cond ** (-torch.arange(k, dtype=torch.float64) / max(k - 1, 1))  # noqa: E731
+    types["cond 2"] = with_spectrum(m, n, geometric(2.0))
+    types["cond sqrt(0.1/eps)"] = with_spectrum(m, n, geometric(math.sqrt(0.1 / eps)))
+    types["cond 0.1/eps"] = with_spectrum(m, n, geometric(0.1 / eps))
+    one_small = torch.ones(k, dtype=torch.float64)
+    one_small[-1] = eps
+    types["one small singular value"] = with_spectrum(m, n, one_small)
+    # LAPACK dlatb4's near-underflow / near-overflow norms.
+    small = 0.25 * torch.finfo(dtype).tiny / eps
+    types["near underflow"] = rand * (small / rand.abs().max())
+    types["near overflow"] = rand * ((1 / small) / rand.abs().max())
+    return {name: a.to(dtype) for name, a in types.items()}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block_size", [1, 3, 20])
+def test_lapack_ratios_all_sizes(device, method, dtype, block_size):
+    for m in SIZES:
+        for n in SIZES:
+            A = torch.randn(m, n, dtype=dtype, device=device)
+            res = qrcp(A, method=method, _block_size=block_size)
+            assert res.Q.device == A.device
+            check_structure(A, res, monotone=method == "geqp3")
+
+
+@pytest.mark.parametrize("shape", [(40, 30), (30, 40), (70, 70)])
+@pytest.mark.parametrize("block_size", [3, 20])
+def test_sizes_crossing_panel_boundaries(device, shape, block_size):
+    # 70 = 3 * 20 + 10 and 40 = 2 * 20: full, partial and exactly filled last panels.
+    A = torch.randn(*shape, dtype=torch.float64, device=device)
+    for method in METHODS:
+        check_structure(A, qrcp(A, method=method, _block_size=block_size), monotone=method == "geqp3")
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(36, 24), (24, 36)])
+def test_lapack_matrix_types(device, method, dtype, shape):
+    for name, A in matrix_types(*shape, dtype).items():
+        A = A.to(device)
+        try:
+            check_structure(A, qrcp(A, method=method, _block_size=5), monotone=method == "geqp3")
+        except AssertionError as exc:
+            raise AssertionError(f"matrix type {name!r}: {exc}") from exc
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 20, None])
+@pytest.mark.parametrize("shape", [(60, 45), (45, 60), (50, 50)])
+def test_pivots_equal_scipy(device, shape, block_size):
+    # Columns of clearly different norms: no near-ties for the pivot order.
+    A = torch.randn(*shape, dtype=torch.float64) * torch.logspace(0, 2, shape[1], dtype=torch.float64)[torch.randperm(shape[1])]
+    res = qrcp(A.to(device), _block_size=block_size)
+    _, r_ref, p_ref = scipy.linalg.qr(A.numpy(), pivoting=True, mode="economic")
+    np.testing.assert_array_equal(res.perm.cpu().numpy(), p_ref)
+    np.testing.assert_allclose(res.R.cpu().diagonal().abs().numpy(), np.abs(np.diag(r_ref)), rtol=1e-10)
+    # scipy's own check: an unpivoted QR of A[:, perm] reproduces |R|.
+    r_again = np.linalg.qr(A.numpy()[:, p_ref], mode="r")
+    np.testing.assert_allclose(np.abs(res.R.cpu().numpy()), np.abs(r_again), atol=1e-10 * np.abs(r_again).max())
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("rank", [1, 7, 20, 21, 33])
+def test_truncated_equals_leading_part_of_full(device, method, rank):
+    A = torch.randn(48, 40, dtype=torch.float64, device=device)
+    full = qrcp(A, method=method, _block_size=20, _seed=7)
+    trunc = qrcp(A, rank=rank, method=method, _block_size=20, _seed=7)
+    assert trunc.R.shape == (rank, 40) and trunc.Q.shape == (48, rank)
+    assert torch.equal(trunc.perm[:rank], full.perm[:rank])
+    torch.testing.assert_close(trunc.Q, full.Q[:, :rank], rtol=0, atol=1e-12)
+    # The trailing columns may be ordered differently: compare them by original column index.
+    by_column = lambda res: res.R[:rank][:, torch.argsort(res.perm)]  # noqa: E731
+    torch.testing.assert_close(by_column(trunc), by_column(full), rtol=0, atol=1e-12)
+    check_structure(A, trunc, monotone=method == "geqp3")
+
+
+def residual_profile(A, method, seed):
+    """Largest remaining column norm and remaining energy after k steps, k = 0..min(m, n),
+    computed from the definitions on the full factorisation."""
+    full = qrcp(A, method=method, _block_size=5, _seed=seed)
+    R = full.R
+    kmax = min(A.shape)
+    maxnorm = [R[k:, k:].norm(dim=0).max().item() if k < kmax else 0.0 for k in range(kmax + 1)]
+    energy = [R[k:, k:].square().sum().item() for k in range(kmax + 1)]
+    return maxnorm, energy, A.square().sum().item(), full
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_stopping_rules_stop_where_defined(device, method):
+    gen = torch.Generator().manual_seed(3)
+    A = with_spectrum(40, 30, 0.5 ** torch.arange(30, dtype=torch.float64), generator=gen).to(device)
+    maxnorm, energy, total, full = residual_profile(A, method, seed=11)
+    amax = max(A.norm(dim=0).tolist())
+    for target in (0, 3, 8, 17):
+        # Thresholds halfway (geometrically) between the states target-1 and target: no ties.
+        abstol = math.sqrt(maxnorm[target] * maxnorm[target - 1]) if target else 2 * maxnorm[0]
+        res = qrcp(A, abstol=abstol, method=method, _block_size=5, _seed=11)
+        assert res.R.shape[0] == target, f"abstol={abstol:.3e}: stopped at {res.R.shape[0]}, expected {target}"
+        res = qrcp(A, reltol=abstol / amax, method=method, _block_size=5, _seed=11)
+        assert res.R.shape[0] == target, f"reltol: stopped at {res.R.shape[0]}, expected {target}"
+        if target:
+            captured = [1 - e / total for e in energy]
+            tau = 0.5 * (captured[target] + captured[target - 1])
+            res = qrcp(A, tau=tau, method=method, _block_size=5, _seed=11)
+            assert res.R.shape[0] == target, f"tau={tau}: stopped at {res.R.shape[0]}, expected {target}"
+            # R's rows are Q^T A P, so their energy is exactly the energy captured.
+            assert res.R.square().sum().item() / total >= tau - 1e-12
+            check_structure(A, res, monotone=method == "geqp3")
+    # rank caps the tolerance rules (LAPACK KMAX).
+    assert qrcp(A, rank=4, abstol=0.0, method=method).R.shape[0] == 4
+    # tau = 1 means all the energy: it stops at the exact (numerical) rank, here all 30 columns.
+    assert qrcp(A, tau=1.0, method=method).R.shape[0] >= 29
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_zero_matrix_has_rank_zero_under_tolerances(device, method):
+    A = torch.zeros(12, 9, device=device)
+    for kw in ({"abstol": 0.0}, {"reltol": 1e-3}, {"tau": 0.5}):
+        res = qrcp(A, method=method, **kw)
+        assert res.Q.shape == (12, 0) and res.R.shape == (0, 9), kw
+    full = qrcp(A, method=method)
+    assert full.R.shape == (9, 9) and not full.R.any()
+    check_structure(A, full)
+
+
+def test_exact_rank_deficiency_stops_at_rank(device):
+    A = (torch.randn(30, 6, dtype=torch.float64) @ torch.randn(6, 25, dtype=torch.float64)).to(device)
+    for method in METHODS:
+        res = qrcp(A, reltol=1e-10, method=method)
+        assert res.R.shape[0] == 6, method
+        check_structure(A, res, monotone=method == "geqp3")
+
+
+def test_randomized_is_rank_revealing(device):
+    gen = torch.Generator().manual_seed(5)
+    n = 120
+    sigma = 0.9 ** torch.arange(n, dtype=torch.float64)
+    A = with_spectrum(150, n, sigma, generator=gen).to(device)
+    res = qrcp(A, method="randomized", _block_size=16, _seed=1)
+    det = qrcp(A)
+    d = res.R.diagonal().abs().cpu()
+    # |R_kk| tracks sigma_k (a strong RRQR guarantees a polynomial factor; geqp3 and HQRRP are
+    # far better in practice), and the rank-k truncation is near the SVD optimum.
+    ratio = d / sigma
+    assert bool(((ratio > 0.1) & (ratio < 10)).all()), f"|R_kk| / sigma_k out of [0.1, 10]: {ratio.min()}, {ratio.max()}"
+    AP = A[:, res.perm]
+    for k in (10, 30, 60):
+        trunc = torch.linalg.norm(AP - res.Q[:, :k] @ res.R[:k]).item()
+        optimum = sigma[k:].square().sum().sqrt().item()
+        det_trunc = torch.linalg.norm(A[:, det.perm] - det.Q[:, :k] @ det.R[:k]).item()
+        assert trunc <= 3 * optimum, f"rank {k}: residual {trunc:.3e} vs SVD optimum {optimum:.3e}"
+        assert trunc <= 2 * det_trunc, f"rank {k}: randomized {trunc:.3e} much worse than geqp3 {det_trunc:.3e}"
+
+
+def test_randomized_is_reproducible_from_seed():
+    A = torch.randn(40, 35)
+    a = qrcp(A, method="randomized", _seed=3, _block_size=8)
+    b = qrcp(A, method="randomized", _seed=3, _block_size=8)
+    assert torch.equal(a.perm, b.perm) and torch.equal(a.R, b.R)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_factored_in_float32(device, dtype):
+    A = torch.randn(33, 21, device=device).to(dtype)
+    res = qrcp(A)
+    assert res.Q.dtype == res.R.dtype == torch.float32
+    check_structure(A.float(), res)
+
+
+def test_edge_shapes(device):
+    for m, n in [(0, 5), (5, 0), (0, 0)]:
+        res = qrcp(torch.randn(m, n, device=device))
+        assert res.Q.shape == (m, 0) and res.R.shape == (0, n) and res.perm.tolist() == list(range(n))
+    res = qrcp(torch.tensor([[-3.0]], device=device))
+    assert res.perm.tolist() == [0] and abs(res.R.item()) == 3.0 and abs(res.Q.item()) == 1.0
+
+
+def test_input_is_not_modified_and_layouts_agree():
+    A = torch.randn(30, 20, dtype=torch.float64)
+    col_major = A.t().contiguous().t()
+    before = col_major.clone()
+    a, b = qrcp(A), qrcp(col_major)
+    assert torch.equal(col_major, before), "qrcp wrote into its input"
+    assert torch.equal(a.perm, b.perm)
+    torch.testing.assert_close(a.R, b.R)
+    strided = torch.randn(30, 40, dtype=torch.float64)[:, ::2]
+    check_structure(strided, qrcp(strided))
+
+
+def test_backward_raises():
+    A = torch.randn(10, 8, requires_grad=True)
+    Q, R, perm = qrcp(A)
+    with pytest.raises(RuntimeError, match="qrcp is not differentiable"):
+        (Q.sum() + R.sum()).backward()
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: qrcp(torch.randn(3)), ValueError, "2-D matrix, got 1 dimensions"),
+    (lambda: qrcp(torch.randn(2, 3, 4)), ValueError, "2-D matrix, got 3 dimensions"),
+    (lambda: qrcp([[1.0, 2.0]]), TypeError, "must be a torch.Tensor"),
+    (lambda: qrcp(torch.ones(3, 3, dtype=torch.int64)), TypeError, "floating point, got dtype torch.int64"),
+    (lambda: qrcp(torch.ones(3, 3, dtype=torch.complex64)), TypeError, "complex"),
+    (lambda: qrcp(torch.randn(4, 3), rank=-1), ValueError, r"rank must lie in \[0, min\(m, n\)\]"),
+    (lambda: qrcp(torch.randn(4, 3), rank=4), ValueError, r"rank must lie in \[0, min\(m, n\)\] = \[0, 3\], got 4"),
+    (lambda: qrcp(torch.randn(4, 3), rank=2.0), TypeError, "rank must be an int"),
+    (lambda: qrcp(torch.randn(4, 3), tau=0.0), ValueError, r"tau .* must lie in \(0, 1\]"),
+    (lambda: qrcp(torch.randn(4, 3), tau=1.5), ValueError, r"tau .* must lie in \(0, 1\]"),
+    (lambda: qrcp(torch.randn(4, 3), tau=float("nan")), ValueError, "tau is NaN"),
+    (lambda: qrcp(torch.randn(4, 3), tau=0.9, rank=2), ValueError, "conflicting stopping rules"),
+    (lambda: qrcp(torch.randn(4, 3), tau=0.9, abstol=1e-3), ValueError, "conflicting stopping rules"),
+    (lambda: qrcp(torch.randn(4, 3), abstol=-1.0), ValueError, "abstol must be >= 0"),
+    (lambda: qrcp(torch.randn(4, 3), reltol=-0.5), ValueError, "reltol must be >= 0"),
+    (lambda: qrcp(torch.randn(4, 3), method="svd"), ValueError, "unknown method 'svd'"),
+])
+def test_bad_inputs(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_names_first_bad_column(bad):
+    A = torch.randn(6, 5)
+    A[4, 3] = bad
+    A[1, 4] = bad
+    with pytest.raises(ValueError, match=r"NaN or Inf \(first in column 3\)"):
+        qrcp(A)
+
+
+def test_op_is_registered_with_its_schema():
+    schema = str(torch.ops.qrlora.qrcp.default._schema)
+    assert "qrcp(Tensor A, int rank, float tau, float abstol, float reltol, str method" in schema
+    with pytest.raises(RuntimeError, match="unknown method 'x'"):
+        torch.ops.qrlora.qrcp(torch.randn(3, 3), -1, -1.0, -1.0, -1.0, "x", 0, 0)
