@@ -304,9 +304,16 @@ def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) ->
     return model
 
 
+def _bookkeeping_root(model: nn.Module) -> nn.Module:
+    """The module holding the adapter bookkeeping, looking through DDP-style ``.module`` wrappers."""
+    while not hasattr(model, ADAPTER_IDS_ATTR) and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
 def adapter_id_tensor(model: nn.Module, adapter_ids) -> torch.Tensor:
     """Adapter names or ids (one per sequence) -> an int64 tensor of rows of ``lam``."""
-    ids = getattr(model, ADAPTER_IDS_ATTR, None)
+    ids = getattr(_bookkeeping_root(model), ADAPTER_IDS_ATTR, None)
     if ids is None:
         raise ValueError("the model has no QR-LoRA adapters (call apply_qrlora or load_adapter first)")
     if isinstance(adapter_ids, torch.Tensor):

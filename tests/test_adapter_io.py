@@ -241,3 +241,15 @@ def test_modules_to_save_round_trip_and_single_owner(base, tmp_path):
     with pytest.raises(ValueError, match="has modules_to_save \\(classifier\\)"):
         load_adapter(fresh, tmp_path / "a", adapter_name="second")
     assert isinstance(fresh.layers[0].query, QRLoraLinear)
+
+
+@pytest.mark.gpu
+def test_adapter_saved_on_gpu_loads_on_cpu(base, tmp_path):
+    # Fingerprints are byte samples and float64 sums, so they do not depend on the device.
+    model = _adapted(base).cuda()
+    apply_device_x = torch.randn(2, 4, HIDDEN)
+    expected = model(apply_device_x.cuda()).cpu()
+    save_adapter(model, tmp_path)
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, tmp_path)
+    assert_rel_close(fresh(apply_device_x), expected, 5e-4, name="GPU-saved adapter on CPU (tf32 band)")

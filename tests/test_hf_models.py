@@ -116,3 +116,33 @@ def test_real_minilm_weights_offline(monkeypatch):
     target = torch.randn(2, 384)
     _check_training(model, base, batch, lambda out: (pooled(out) - target).square().mean(), pooled)
     assert all(isinstance(model.get_submodule(m.name), QRLoraLinear) for m in report.modules)
+
+
+def test_llama_mixed_adapter_batch_equals_each_adapter_alone(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from qrlora_kernels import load_adapter, save_adapter
+    from qrlora_kernels.model import adapter_batch
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    base = LlamaForCausalLM(config).eval()
+    qr_config = QRLoraConfig(target_modules=["q_proj", "v_proj", "down_proj"])
+    tuned = {}
+    for task in ("code", "chat"):
+        tuned[task] = copy.deepcopy(base)
+        apply_qrlora(tuned[task], qr_config, progress=False)
+        with torch.no_grad():
+            for _, layer in qrlora_layers(tuned[task]):
+                layer.lam.normal_(0.0, 0.5)
+        save_adapter(tuned[task], tmp_path / task)
+    served = copy.deepcopy(base)
+    for task in tuned:
+        load_adapter(served, tmp_path / task, adapter_name=task)
+    ids = torch.randint(0, 96, (3, 9))
+    order = ["chat", "code", "chat"]
+    with torch.no_grad(), adapter_batch(served, order):
+        mixed = served(input_ids=ids).logits
+    with torch.no_grad():
+        for i, task in enumerate(order):
+            alone = tuned[task](input_ids=ids[i:i + 1]).logits[0]
+            assert_rel_close(mixed[i], alone, 1e-5, name=f"sequence {i} ({task})")
+            assert rel_error(alone, base(input_ids=ids[i:i + 1]).logits[0]) > 1e-3
