@@ -12,8 +12,8 @@ autograd formulas return None for them (``functional`` refuses inputs that would
 The ops run with autocast disabled: ``functional`` has already cast the inputs to the autocast dtype, and the
 kernels accumulate in float32 regardless.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: custom_op reads the schema from real annotations, and older
+# torch releases (2.6) cannot evaluate string ones.
 import contextlib
 import functools
 from typing import Optional

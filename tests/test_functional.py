@@ -1,0 +1,227 @@
+"""qrlora_linear: output, dx and dlam against float64 formulas, for both backends and both strategies."""
+import os
+from unittest import mock
+
+import pytest
+import torch
+
+from qrlora_kernels import dispatch, ops
+from qrlora_kernels.functional import qrlora_linear
+from qrlora_kernels.testing import REL_TOL, assert_rel_close
+
+
+def _kernels_committed():
+    import qrlora_kernels.kernels as kernels
+    return hasattr(kernels, "lowrank_matmul")
+
+
+# Until the Triton host functions land in qrlora_kernels/kernels/, the backend="triton" cases are skipped, visibly.
+NEEDS_KERNELS = pytest.mark.skipif(not _kernels_committed(), reason="Triton host functions not in qrlora_kernels.kernels yet")
+TRITON = pytest.param("triton", marks=NEEDS_KERNELS)
+
+
+def _problem(T, K, N, r, *, dtype=torch.float32, bias=True, num_adapters=None, leading=None):
+    x = torch.randn(*(leading or (T,)), K, dtype=dtype)
+    weight = torch.randn(N, K, dtype=dtype) / K ** 0.5
+    Q = torch.linalg.qr(torch.randn(N, r, dtype=torch.float64))[0].to(dtype)
+    R = torch.randn(r, K, dtype=dtype)
+    lam = torch.randn(r if num_adapters is None else (num_adapters, r), dtype=dtype)
+    b = torch.randn(N, dtype=dtype) if bias else None
+    return x, weight, b, Q, R, lam
+
+
+def _reference(x, weight, bias, Q, R, lam, dy, lam_index=None):
+    """float64 y, dx, dlam from the closed forms (independent of the code under test)."""
+    x2, dy2 = x.double().reshape(-1, x.shape[-1]), dy.double().reshape(-1, dy.shape[-1])
+    W, Qd, Rd = weight.double(), Q.double(), R.double()
+    rows = lam.double() if lam_index is None else lam.double()[lam_index]
+    s = x2 @ Rd.t()
+    y = x2 @ W.t() + (s * rows) @ Qd.t() + (0 if bias is None else bias.double())
+    g = dy2 @ Qd
+    dx = dy2 @ W + (g * rows) @ Rd
+    if lam_index is None:
+        dlam = (s * g).sum(0)
+    else:
+        dlam = torch.zeros_like(lam, dtype=torch.float64).index_add_(0, lam_index, s * g)
+    return y.reshape(dy.shape), dx.reshape(x.shape), dlam
+
+
+def _run(x, weight, bias, Q, R, lam, **kwargs):
+    x = x.detach().requires_grad_()
+    lam = lam.detach().requires_grad_()
+    y = qrlora_linear(x, weight, bias, Q, R, lam, **kwargs)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    return y, x.grad, lam.grad, dy
+
+
+CASES = {
+    "T1-r1": dict(T=1, K=17, N=33, r=1),
+    "odd-rfull": dict(T=9, K=33, N=17, r=17),
+    "3d": dict(T=None, K=24, N=40, r=5, leading=(2, 3)),
+    "no-bias": dict(T=20, K=48, N=20, r=20, bias=False),
+}
+
+
+@pytest.mark.parametrize("strategy", ["lowrank", "merged"])
+@pytest.mark.parametrize("backend", ["torch", TRITON])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_float64_reference(case, dtype, backend, strategy):
+    x, weight, bias, Q, R, lam = _problem(**CASES[case], dtype=dtype)
+    y, dx, dlam, dy = _run(x, weight, bias, Q, R, lam, backend=backend, strategy=strategy)
+    y_ref, dx_ref, dlam_ref = _reference(x, weight, bias, Q, R, lam, dy)
+    assert y.dtype == dtype and dx.dtype == dtype and dlam.dtype == dtype
+    assert_rel_close(y, y_ref, REL_TOL[dtype], name="y")
+    assert_rel_close(dx, dx_ref, REL_TOL[dtype], name="dx")
+    assert_rel_close(dlam, dlam_ref, REL_TOL[dtype], name="dlam")
+
+
+@pytest.mark.parametrize("backend", ["torch", TRITON])
+def test_non_contiguous_x(backend):
+    x, weight, bias, Q, R, lam = _problem(T=30, K=16, N=24, r=6)
+    x_t = torch.randn(16, 30).t()  # a transposed view: strides (1, 30)
+    assert not x_t.is_contiguous()
+    y, dx, dlam, dy = _run(x_t, weight, bias, Q, R, lam, backend=backend, strategy="lowrank")
+    y_ref, dx_ref, dlam_ref = _reference(x_t, weight, bias, Q, R, lam, dy)
+    assert_rel_close(y, y_ref, name="y")
+    assert_rel_close(dx, dx_ref, name="dx")
+    assert_rel_close(dlam, dlam_ref, name="dlam")
+
+
+@pytest.mark.parametrize("backend", ["torch", TRITON])
+def test_multi_adapter_batch(backend):
+    x, weight, bias, Q, R, lam = _problem(T=None, K=20, N=24, r=7, num_adapters=3, leading=(4, 5))
+    ids = torch.tensor([2, 0, 2, 1])
+    y, dx, dlam, dy = _run(x, weight, bias, Q, R, lam, backend=backend, adapter_ids=ids)
+    lam_index = ids.repeat_interleave(5)
+    y_ref, dx_ref, dlam_ref = _reference(x, weight, bias, Q, R, lam, dy, lam_index)
+    assert dlam.shape == (3, 7)
+    assert_rel_close(y, y_ref, name="y")
+    assert_rel_close(dx, dx_ref, name="dx")
+    assert_rel_close(dlam, dlam_ref, name="dlam")
+    # Per-token ids (shape x.shape[:-1]) mean the same thing.
+    y_tokens = qrlora_linear(x, weight, bias, Q, R, lam, backend=backend, adapter_ids=lam_index.reshape(4, 5))
+    assert_rel_close(y_tokens, y_ref, name="y (per-token ids)")
+
+
+def test_single_row_lam_keeps_its_shape():
+    x, weight, bias, Q, R, lam = _problem(T=6, K=16, N=16, r=4, num_adapters=1)
+    y, dx, dlam, dy = _run(x, weight, bias, Q, R, lam, backend="torch")
+    assert dlam.shape == (1, 4)
+    _, _, dlam_ref = _reference(x, weight, bias, Q, R, lam[0], dy)
+    assert_rel_close(dlam[0], dlam_ref, name="dlam")
+
+
+@pytest.mark.parametrize("strategy", ["lowrank", "merged"])
+def test_gradcheck_torch_path_float64(strategy):
+    x, weight, bias, Q, R, lam = _problem(T=None, K=6, N=5, r=3, dtype=torch.float64, leading=(2, 3))
+    inputs = [t.requires_grad_() for t in (x, weight, bias, Q, R, lam)]
+    assert torch.autograd.gradcheck(
+        lambda *a: qrlora_linear(*a, backend="torch", strategy=strategy), inputs)
+    ids = torch.tensor([1, 0])
+    lam2 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x_, lam_: qrlora_linear(x_, weight, bias, Q, R, lam_, backend="torch", adapter_ids=ids), (x, lam2))
+
+
+def test_bf16_autocast_keeps_float32_lam():
+    x, weight, bias, Q, R, lam = _problem(T=12, K=32, N=16, r=8)
+    x.requires_grad_()
+    lam.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = qrlora_linear(x, weight, bias, Q, R, lam)
+    assert y.dtype == torch.bfloat16
+    y_ref, _, _ = _reference(x, weight, bias, Q, R, lam, torch.zeros(12, 16))
+    assert_rel_close(y, y_ref, REL_TOL[torch.bfloat16], name="y")
+    y.float().sum().backward()
+    assert lam.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["torch", TRITON])
+def test_float32_lam_with_half_weights(backend):
+    x, weight, bias, Q, R, lam = _problem(T=8, K=16, N=16, r=4, dtype=torch.float16)
+    lam32 = lam.float()
+    y, dx, dlam, dy = _run(x, weight, bias, Q, R, lam32, backend=backend, strategy="lowrank")
+    assert y.dtype == torch.float16 and dlam.dtype == torch.float32
+    y_ref, _, dlam_ref = _reference(x, weight, bias, Q, R, lam32, dy)
+    assert_rel_close(y, y_ref, REL_TOL[torch.float16], name="y")
+    assert_rel_close(dlam, dlam_ref, REL_TOL[torch.float16], name="dlam")
+
+
+@NEEDS_KERNELS
+def test_strategy_override_reaches_the_ops(monkeypatch):
+    x, weight, bias, Q, R, lam = _problem(T=4, K=16, N=16, r=4)
+    for name, op in (("merged", "merged_forward"), ("lowrank", "lowrank_forward")):
+        monkeypatch.setenv(dispatch.STRATEGY_ENV_VAR, name)
+        with mock.patch.object(ops, op, wraps=getattr(ops, op)) as spy:
+            qrlora_linear(x, weight, bias, Q, R, lam, backend="triton")
+        assert spy.call_count == 1, name
+    monkeypatch.setenv(dispatch.STRATEGY_ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match=r"\$QRLORA_STRATEGY must be one of"):
+        qrlora_linear(x, weight, bias, Q, R, lam)
+
+
+def test_bad_inputs(monkeypatch):
+    x, weight, bias, Q, R, lam = _problem(T=4, K=16, N=12, r=3)
+    with pytest.raises(ValueError, match="x has last dimension 15 but weight has in_features 16"):
+        qrlora_linear(x[:, :15], weight, bias, Q, R, lam)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got dtype torch.int32"):
+        qrlora_linear(x.int(), weight, bias, Q, R, lam)
+    with pytest.raises(TypeError, match="mixed dtypes: x is torch.float32 but Q is torch.float64"):
+        qrlora_linear(x, weight, bias, Q.double(), R, lam)
+    with pytest.raises(ValueError, match="mixed devices: x is on cpu but R is on meta"):
+        qrlora_linear(x, weight, bias, Q, R.to("meta"), lam)
+    with pytest.raises(ValueError, match=r"lam has shape \(4,\), expected \(3,\) or \(num_adapters, 3\)"):
+        qrlora_linear(x, weight, bias, Q, R, torch.randn(4))
+    with pytest.raises(ValueError, match=r"R has shape \(3, 15\), expected"):
+        qrlora_linear(x, weight, bias, Q, R[:, :15], lam)
+    with pytest.raises(ValueError, match=r"bias has shape \(11,\), expected \(12,\)"):
+        qrlora_linear(x, weight, bias[:11], Q, R, lam)
+    lam3 = torch.randn(3, 3)
+    with pytest.raises(ValueError, match="lam holds 3 adapters"):
+        qrlora_linear(x, weight, bias, Q, R, lam3)
+    with pytest.raises(ValueError, match="adapter id 3 is out of range for 3 adapter"):
+        qrlora_linear(x, weight, bias, Q, R, lam3, adapter_ids=torch.tensor([0, 1, 3, 2]))
+    with pytest.raises(ValueError, match="adapter id -1 is out of range"):
+        qrlora_linear(x, weight, bias, Q, R, lam3, adapter_ids=torch.tensor([0, 1, -1, 2]))
+    with pytest.raises(ValueError, match=r"adapter_ids has shape \(3,\); expected"):
+        qrlora_linear(x, weight, bias, Q, R, lam3, adapter_ids=torch.tensor([0, 1, 2]))
+    with pytest.raises(TypeError, match="adapter_ids must be an integer tensor"):
+        qrlora_linear(x, weight, bias, Q, R, lam3, adapter_ids=torch.zeros(4))
+    with pytest.raises(ValueError, match="strategy='merged' is impossible for a multi-adapter batch"):
+        qrlora_linear(x, weight, bias, Q, R, lam3, adapter_ids=torch.tensor([0, 1, 2, 2]), strategy="merged")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        qrlora_linear(x, weight, bias, Q, R, lam, backend="cuda")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        qrlora_linear(x, weight, bias, Q, R, lam, strategy="fused")
+    with pytest.raises(ValueError, match="weight requires grad, but backend='triton'"):
+        qrlora_linear(x, weight.requires_grad_(), bias, Q, R, lam, backend="triton")
+    weight.requires_grad_(False)
+    monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1"):
+        qrlora_linear(x, weight, bias, Q, R, lam, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("strategy", ["lowrank", "merged"])
+def test_cuda_triton_matches_float64_reference(dtype, strategy):
+    x, weight, bias, Q, R, lam = (t.cuda() for t in _problem(T=None, K=96, N=80, r=40, dtype=dtype, leading=(3, 7)))
+    y, dx, dlam, dy = _run(x, weight, bias, Q, R, lam.float(), strategy=strategy)  # backend None -> triton
+    y_ref, dx_ref, dlam_ref = _reference(x, weight, bias, Q, R, lam.float(), dy)
+    band = REL_TOL["tf32"] if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else REL_TOL[dtype]
+    assert_rel_close(y, y_ref, band, name="y")
+    assert_rel_close(dx, dx_ref, band, name="dx")
+    assert_rel_close(dlam, dlam_ref, band, name="dlam")
+
+
+@pytest.mark.gpu
+def test_cuda_multi_adapter_bf16():
+    x, weight, bias, Q, R, lam = (t.cuda() for t in _problem(T=None, K=64, N=48, r=16, dtype=torch.bfloat16,
+                                                              num_adapters=4, leading=(5, 9)))
+    ids = torch.tensor([3, 0, 1, 3, 2], device="cuda")
+    y, dx, dlam, dy = _run(x, weight, bias, Q, R, lam.float(), adapter_ids=ids)
+    y_ref, dx_ref, dlam_ref = _reference(x, weight, bias, Q, R, lam.float(), dy, ids.repeat_interleave(9))
+    for name, got, want in (("y", y, y_ref), ("dx", dx, dx_ref), ("dlam", dlam, dlam_ref)):
+        assert_rel_close(got, want, REL_TOL[torch.bfloat16], name=name)
