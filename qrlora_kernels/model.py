@@ -201,7 +201,8 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
     """Replace every ``nn.Linear`` that ``config`` targets by a ``QRLoraLinear``, in place.
 
     Every other parameter is frozen, except those of ``config.modules_to_save``. Each
-    factorisation runs on its weight's device. Inside an initialised ``torch.distributed``
+    factorisation runs on its weight's device, one module at a time: ``qrcp`` takes one
+    2-D matrix, so repeated shapes are not batched into one call. Inside an initialised ``torch.distributed``
     process group (``group``, default the world) the factorisations are split across the
     ranks and the bases broadcast, so every rank ends with the same model as one process would.
 
@@ -258,21 +259,9 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
 
 
 def _merged_linear(layer: nn.Module, row: Optional[int]) -> nn.Linear:
-    lam = layer.lam.detach()
-    if lam.dim() == 2:
-        if row is None:
-            if lam.shape[0] != 1:
-                raise ValueError(f"layer has {lam.shape[0]} adapters: pass adapter_name to choose the one to merge")
-            row = 0
-        lam = lam[row]
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                       device=layer.weight.device, dtype=layer.weight.dtype)
-    with torch.no_grad():
-        from .kernels.reference import merged_weight
-        linear.weight.copy_(merged_weight(layer.weight.detach(), layer.Q, lam, layer.R))
-        if layer.bias is not None:
-            linear.bias.copy_(layer.bias.detach())
-    return linear
+    if row is None and layer.num_adapters > 1:
+        raise ValueError(f"layer has {layer.num_adapters} adapters: pass adapter_name to choose the one to merge")
+    return layer.to_linear(row)
 
 
 def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) -> nn.Module:
@@ -291,8 +280,6 @@ def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) ->
             raise ValueError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(ids)}")
         row = ids[adapter_name]
     for name, layer in layers:
-        if getattr(layer, "merged", False) and hasattr(layer, "unmerge"):
-            layer.unmerge()
         try:
             merged = _merged_linear(layer, row)
         except ValueError as err:

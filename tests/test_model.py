@@ -268,3 +268,10 @@ def test_adapter_batch_routes_ids_and_validates():
     for _, layer in qrlora_layers(model):
         layer.active_adapter = 1
     assert_rel_close(merged(x), model(x), 1e-5, name="merged adapter b")
+
+
+def test_progress_bar_over_modules(capsys):
+    _, model = _pair(1)
+    apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"]), progress=True)
+    err = capsys.readouterr().err
+    assert "QR-LoRA factorisation" in err and "/2 [" in err  # a bar over the 2 targeted modules
