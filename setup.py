@@ -61,6 +61,16 @@ def find_cuda_home() -> str | None:
     return None
 
 
+def _pip_cuda_include_dirs() -> list[str]:
+    """Headers of the CUDA libraries that pip wheels install (nvidia/*/include): a minimal
+    toolkit (nvcc + cudart only) lacks cuBLAS/cuSPARSE headers that ATen's CUDA headers include."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return sorted(str(p) for root in nvidia.__path__ for p in Path(root).glob("*/include") if p.is_dir())
+
+
 def make_extension():
     cuda_home = None if os.environ.get("QRLORA_FORCE_CPU") == "1" else find_cuda_home()
     if cuda_home:
@@ -68,6 +78,10 @@ def make_extension():
         os.environ["CUDA_HOME"] = cuda_home
     import torch
     from torch.utils import cpp_extension
+
+    if cuda_home:
+        # cpp_extension reads CUDA_HOME once, at its first import, which may already have happened.
+        cpp_extension.CUDA_HOME = cuda_home
 
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
     cu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
@@ -89,6 +103,7 @@ def make_extension():
           f"with the toolkit at {cuda_home}")
     return cpp_extension.CUDAExtension(
         "qrlora_kernels._C", sources + cu_sources,
+        include_dirs=_pip_cuda_include_dirs(),
         # Archs joined by "_": ';' and ',' do not survive the compiler command line intact.
         define_macros=[("QRLORA_WITH_CUDA", "1"),
                        ("QRLORA_CUDA_ARCHS", "_".join(a.replace(".", "") for a in archs))],
@@ -97,6 +112,7 @@ def make_extension():
 
 
 def main():
+    extension = make_extension()  # first: it decides CUDA_HOME before cpp_extension is imported
     from torch.utils.cpp_extension import BuildExtension
 
     setup(
@@ -106,7 +122,7 @@ def main():
         packages=find_packages(include=["qrlora_kernels", "qrlora_kernels.*"]),
         python_requires=">=3.10",
         install_requires=["torch>=2.6", "numpy", "safetensors", "tqdm"],
-        ext_modules=[make_extension()],
+        ext_modules=[extension],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         zip_safe=False,
     )

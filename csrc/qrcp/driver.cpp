@@ -55,7 +55,7 @@ QRCPTuple qrcp_geqp3(const at::Tensor& A, const StopRules& rules, int64_t block_
   ws.perm = at::arange(n, opts.dtype(at::kLong));
   ws.tau = at::zeros({mn}, opts);
   ws.Ft = at::zeros({nb, n}, opts);
-  ws.aux = at::zeros({2 * nb + 2}, opts);
+  ws.aux = at::zeros({2 * nb + 4}, opts);
   ws.recompute = at::ones({n}, opts.dtype(at::kInt));
   ws.state = at::zeros({4}, opts.dtype(at::kInt));
   ws.info = at::zeros({1 + 2 * nb}, opts.dtype(at::kDouble));

@@ -15,7 +15,7 @@ struct Workspace {
   at::Tensor perm;       // n, int64: C[j] holds original column perm[j]
   at::Tensor tau;        // min(m, n): Householder scalars
   at::Tensor Ft;         // nb x n: F^T of dlaqps, column index relative to the panel offset
-  at::Tensor aux;        // 2 * nb + 2 scratch (auxv and the pivot-row weights)
+  at::Tensor aux;        // 2 * nb + 4 scratch: auxv, pivot-row weights, tau and beta of the step
   at::Tensor recompute;  // n, int32: 1 = norm no longer trustworthy, recompute after the panel
   at::Tensor state;      // 4, int32 (device): [steps done, panel ended early, -, -]
   // Per panel, double: [0] steps done (kb); [1 + i] largest remaining column norm before step i;

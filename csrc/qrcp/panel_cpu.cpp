@@ -15,6 +15,10 @@
 namespace qrlora::qrcp {
 namespace {
 
+// Below this many elements per thread a parallel region costs more than it saves (OpenMP
+// fork/barrier is several microseconds, far worse when the 2 cores are shared).
+constexpr int64_t kMinParallelWork = 32768;
+
 template <typename T>
 inline T dot(const T* __restrict a, const T* __restrict b, int64_t len) {
   // Eight independent partial sums: lets the compiler vectorise without -ffast-math.
@@ -113,7 +117,7 @@ void factor_panel_impl(Workspace& ws, int64_t off, int64_t nb) {
     tau[k] = tk;
     col[k] = T(1);
     // auxv = -tau V_panel^T v : the incremental term of F's new column.
-    at::parallel_for(0, j, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, j, std::max<int64_t>(1, kMinParallelWork / len), [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) auxv[t] = -tk * dot(C + (off + t) * m + k, col + k, len);
     });
     for (int64_t t = 0; t < j; ++t) w[t] = C[(off + t) * m + k];
@@ -121,7 +125,7 @@ void factor_panel_impl(Workspace& ws, int64_t off, int64_t nb) {
     const bool downdate = k + 1 < m;
     std::atomic<bool> flagged{false};
     // The one pass over the trailing matrix: F's column, the pivot-row update, the norm downdate.
-    at::parallel_for(k + 1, n, 16, [&](int64_t b, int64_t e) {
+    at::parallel_for(k + 1, n, std::max<int64_t>(16, kMinParallelWork / len), [&](int64_t b, int64_t e) {
       bool any = false;
       for (int64_t c = b; c < e; ++c) {
         T* row = C + c * m;

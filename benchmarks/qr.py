@@ -1,0 +1,123 @@
+"""Pivoted QR speed: ``qrcp`` (both modes, full and truncated) against the alternatives.
+
+Side by side in one run, fp32, random N(0, 1) matrices, medians after a warm-up
+(benchmarks/harness.py):
+
+* ``qrcp`` geqp3 and randomized, full and truncated at rank 64 and 256;
+* ``scipy.linalg.qr(pivoting=True)`` (LAPACK geqp3; CPU only): the bar for the deterministic mode;
+* ``torch.geqrf`` and ``torch.linalg.qr`` (unpivoted QR): the floor;
+* ``torch.linalg.svd``: what SVD-initialised methods pay;
+* on CUDA, ``cupy.linalg.qr`` when cupy is installed.
+
+Every row carries its ratio to scipy's geqp3 (CPU), to ``torch.geqrf`` and to the SVD of the
+same size, all measured in this run. Run::
+
+    python -m benchmarks.qr                       # quick CPU set (1024^2, 2048^2), ~1-2 min
+    python -m benchmarks.qr --full                # 1024^2, 2048^2, 4096^2, 4096x11008 (slow on CPU)
+    python -m benchmarks.qr --sizes 4096 --routines qrcp,scipy_geqp3,geqrf
+
+Writes ``benchmarks/results/<device>/qr.{json,csv}``. On a shared CPU the BLAS thread pools of
+torch (OpenMP) and scipy (OpenBLAS) spin after each call; a short pause between routines keeps
+one pool's spinning from being billed to the next routine.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable
+
+import torch
+
+from benchmarks.harness import RESULTS_DIR, environment, format_table, measure, write_results
+
+QUICK_SIZES = [(1024, 1024), (2048, 2048)]
+FULL_SIZES = [(1024, 1024), (2048, 2048), (4096, 4096), (4096, 11008)]
+TRUNCATED_RANKS = (64, 256)
+POOL_PAUSE_S = 0.5
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    m, _, n = text.lower().partition("x")
+    return int(m), int(n or m)
+
+
+def routines(A: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """Name -> zero-argument callable, for one input matrix."""
+    from qrlora_kernels import qrcp
+
+    device = A.device
+    out: dict[str, Callable[[], object]] = {}
+    for method in ("geqp3", "randomized"):
+        out[f"qrcp_{method}"] = lambda method=method: qrcp(A, method=method, _seed=0)
+        for r in TRUNCATED_RANKS:
+            if r <= min(A.shape):
+                out[f"qrcp_{method}_rank{r}"] = lambda method=method, r=r: qrcp(A, rank=r, method=method, _seed=0)
+    if device.type == "cpu":
+        import scipy.linalg
+
+        A_np = A.numpy()
+        out["scipy_geqp3"] = lambda: scipy.linalg.qr(A_np, pivoting=True, mode="economic")
+    out["geqrf"] = lambda: torch.geqrf(A)
+    out["linalg_qr"] = lambda: torch.linalg.qr(A)
+    out["svd"] = lambda: torch.linalg.svd(A, full_matrices=False)
+    if device.type == "cuda":
+        try:
+            import cupy
+
+            A_cp = cupy.asarray(A)
+            out["cupy_qr"] = lambda: cupy.linalg.qr(A_cp)
+        except ImportError:
+            pass
+    return out
+
+
+def run(sizes, *, device: str = "cpu", dtype=torch.float32, reps: int = 3, only: set[str] | None = None,
+        progress: bool = True) -> list[dict]:
+    """Time every routine at every size; returns rows with medians and same-run ratios."""
+    from tqdm import tqdm
+
+    plan = []
+    for m, n in sizes:
+        A = torch.randn(m, n, dtype=dtype, device=device, generator=None)
+        for name, fn in routines(A).items():
+            if only is None or name in only or any(name.startswith(o) for o in only):
+                plan.append(((m, n), name, fn))
+    rows = []
+    bar = tqdm(plan, desc="qr benchmark", disable=not progress)
+    for (m, n), name, fn in bar:
+        bar.set_postfix_str(f"{m}x{n} {name}")
+        time.sleep(POOL_PAUSE_S)
+        t = measure(fn, device=device, warmup=1, reps=reps)
+        rows.append({"m": m, "n": n, "dtype": str(dtype).replace("torch.", ""), "routine": name, **t.as_dict()})
+    for row in rows:
+        same = {r["routine"]: r["median_ms"] for r in rows if (r["m"], r["n"]) == (row["m"], row["n"])}
+        for ref in ("scipy_geqp3", "geqrf", "linalg_qr", "svd"):
+            row[f"vs_{ref}"] = row["median_ms"] / same[ref] if ref in same else None
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", help="comma list: 2048 or 4096x11008 (default: the quick CPU set)")
+    parser.add_argument("--full", action="store_true", help="all sizes of the issue (slow on the CPU)")
+    parser.add_argument("--quick", action="store_true", help="the quick set (default)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--routines", help="comma list of routine names or prefixes (default: all)")
+    parser.add_argument("--out", default="qr", help="result file stem")
+    args = parser.parse_args(argv)
+    if args.sizes:
+        sizes = [parse_size(s) for s in args.sizes.split(",")]
+    else:
+        sizes = FULL_SIZES if args.full else QUICK_SIZES
+    only = set(args.routines.split(",")) if args.routines else None
+    torch.manual_seed(0)
+    rows = run(sizes, device=args.device, reps=args.reps, only=only)
+    print(format_table(rows, ["m", "n", "routine", "median_ms", "p20_ms", "p80_ms", "vs_scipy_geqp3", "vs_geqrf", "vs_svd"]))
+    paths = write_results(args.out, rows, environment(args.device), RESULTS_DIR / torch.device(args.device).type)
+    print(f"wrote {paths['json']} and {paths['csv']}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
