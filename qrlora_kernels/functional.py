@@ -133,20 +133,22 @@ def _check_triton_available(x):
 
 
 def _torch_path(x2, weight, bias, Q, R, lam, lam_index, strategy):
-    # Like the kernels, whatever carries lam is computed in float32 (float64 for float64 inputs) even for half
-    # inputs: dlam is a reduction over all tokens, and in half precision it loses too much. In the merged
-    # strategy dlam flows through the gradient of W_eff, so that GEMM runs in float32 too (this path is the
-    # reference, not the fast one). At lam = 0 the lowrank result is exactly F.linear's: the correction is 0.
+    # What carries lam is kept in float32 (float64 for float64 inputs), like the kernels' accumulators: dlam
+    # reduces over every token and loses too much in half precision. Lowrank: the (T, r) projections and lam
+    # are float32, the big GEMMs run in the input dtype. Merged: plain autograd gets dlam from the gradient of
+    # W_eff, dY^T x, whose half-precision rounding cancellation can amplify past the fp16 band; so for half
+    # inputs this reference path runs that GEMM in float32 (slow on GPUs: use backend="triton" for speed).
+    # At lam = 0 the lowrank result is exactly F.linear's, because the correction is an exact zero.
     acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
     lam_rows = lam.to(acc)
     if lam_index is not None:
         lam_rows = lam_rows.index_select(0, lam_index)
-    Q_acc, R_acc = Q.to(acc), R.to(acc)
     if strategy == "merged":
-        w_eff = weight.to(acc) + (Q_acc * lam_rows) @ R_acc
-        return F.linear(x2.to(acc), w_eff, None if bias is None else bias.to(acc)).to(x2.dtype)
-    correction = ((x2.to(acc) @ R_acc.t()) * lam_rows) @ Q_acc.t()
-    return F.linear(x2, weight, bias) + correction.to(x2.dtype)
+        w_eff = weight.to(acc) + (Q.to(acc) * lam_rows) @ R.to(acc)
+        y = F.linear(x2.to(acc), w_eff, None if bias is None else bias.to(acc))
+        return y.to(x2.dtype)
+    scaled = ((x2 @ R.t()).to(acc) * lam_rows).to(x2.dtype)
+    return F.linear(x2, weight, bias) + scaled @ Q.t()
 
 
 def qrlora_linear(x, weight, bias, Q, R, lam, *, backend=None, adapter_ids=None, strategy=None):
