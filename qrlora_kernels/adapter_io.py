@@ -310,8 +310,17 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     if not isinstance(name_to_load, str) or not name_to_load:
         raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
     QRLoraLinear = _layer_class()
+    saved_meta = meta.get("modules_to_save") or {}
+    ids = dict(getattr(model, ADAPTER_IDS_ATTR, None) or {})
+    fresh = not ids and not qrlora_layers(model)
+    if saved_meta and not fresh and set(ids) != {name_to_load}:
+        raise ValueError(f"adapter {name_to_load!r} has modules_to_save ({', '.join(saved_meta)}), which all "
+                         f"adapters of one model share; load it into a fresh base model instead")
+    if name_to_load not in ids:
+        ids[name_to_load] = len(ids)
+    row, num_adapters = ids[name_to_load], len(ids)
 
-    # Check everything before changing the model, so a bad adapter leaves it untouched.
+    # Check and build everything before changing the model, so a bad adapter leaves it untouched.
     plan = []
     for name, info in meta["modules"].items():
         try:
@@ -337,8 +346,13 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
                 raise ValueError(f"{name}: the adapter's basis (rank {r_new}) is not the leading part of the "
                                  f"model's QR-LoRA basis (rank {r_layer}): adapters of one batch must share the "
                                  f"basis; merge_and_unload or reload the base model first")
-        plan.append((name, module, own, info))
-    saved_meta = meta.get("modules_to_save") or {}
+            layer = module
+        else:
+            try:
+                layer = _build_layer(module, own, info, include_basis, num_adapters)
+            except (ValueError, RuntimeError) as err:
+                raise ValueError(f"{name}: cannot rebuild the basis from the stored pivots: {err}") from None
+        plan.append((name, module, layer, own))
     for name, checksum in saved_meta.items():
         state = {k[len(SAVED_PREFIX) + len(name) + 1:]: v for k, v in tensors.items()
                  if k.startswith(f"{SAVED_PREFIX}{name}.")}
@@ -349,25 +363,13 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
         except AttributeError:
             raise ValueError(f"{name}: module (modules_to_save) not found in the model") from None
 
-    ids = dict(getattr(model, ADAPTER_IDS_ATTR, None) or {})
-    fresh = not ids and not qrlora_layers(model)
-    if saved_meta and not fresh and name_to_load not in ids and ids:
-        raise ValueError(f"adapter {name_to_load!r} has modules_to_save ({', '.join(saved_meta)}), which one model "
-                         f"cannot hold per adapter; load it into a fresh base model instead")
-    if name_to_load not in ids:
-        ids[name_to_load] = len(ids)
-    row, num_adapters = ids[name_to_load], len(ids)
-
     if fresh:
         for p in model.parameters():
             p.requires_grad_(False)
     for _, layer in qrlora_layers(model):
         _resize_adapters(layer, num_adapters)
-    for name, module, own, info in plan:
-        if isinstance(module, QRLoraLinear):
-            layer = module
-        else:
-            layer = _build_layer(module, own, info, include_basis, num_adapters)
+    for name, module, layer, own in plan:
+        if layer is not module:
             _set_submodule(model, name, layer)
         _write_lam_row(layer, row, own["lam"])
 
