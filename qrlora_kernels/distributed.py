@@ -12,7 +12,14 @@ energy diagonals travel first; the global selection runs identically on every ra
 only the truncated bases are broadcast.
 
 Tensors are broadcast on the weights' device, so the backend must support it (gloo: CPU,
-nccl: CUDA).
+nccl: CUDA). Call ``apply_qrlora`` on the full (unsharded) model, before wrapping it in DDP
+or ``fully_shard``; every rank must call it with the same model and config (it is collective).
+
+    torchrun --nproc_per_node 8 train.py     # in train.py:
+        dist.init_process_group("nccl"); model.cuda()
+        apply_qrlora(model, config)           # each rank factorises 1/8 of the modules
+        for block in model.model.layers: fully_shard(block)
+        fully_shard(model)
 """
 from __future__ import annotations
 
