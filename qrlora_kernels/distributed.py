@@ -55,7 +55,7 @@ def _progress(iterable, total: int, enabled: Optional[bool], desc: str):
                 leave=False)
 
 
-def compute_bases(weights: Sequence[torch.Tensor], factorise: Callable, *, names: Sequence[str],
+def compute_bases(weights: Sequence[torch.Tensor], factorise: Callable, *,
                   progress: Optional[bool] = None, group=None,
                   ranks_fn: Optional[Callable[[list[torch.Tensor]], list[int]]] = None) -> list:
     """Factorise every weight once (split across ranks when in a process group).

@@ -169,7 +169,7 @@ def _factorise(weight: torch.Tensor, config: QRLoraConfig) -> _Basis:
     return _Basis(Q, R, perm, int(rank), float(captured), torch.as_tensor(diag).detach())
 
 
-def _budget_ranks(diag_energies: Sequence[torch.Tensor], budget: int, names: Sequence[str]) -> list[int]:
+def _budget_ranks(diag_energies: Sequence[torch.Tensor], budget: int) -> list[int]:
     """Per module, how many of the ``budget`` globally largest normalised energies it owns.
 
     Each module's energies are non-increasing, so the winners of every module are a prefix:
@@ -228,10 +228,9 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
     # Keep only the outermost matches, so nested ones are not counted twice.
     saved = [n for n in saved if not any(n.startswith(p + ".") for p in saved if p != n)]
 
-    names = [n for n, _ in targets]
     bases = _dist.compute_bases([lin.weight for _, lin in targets], lambda w: _factorise(w, config),
-                                names=names, progress=progress, group=group,
-                                ranks_fn=(lambda diags: _budget_ranks(diags, config.budget, names))
+                                progress=progress, group=group,
+                                ranks_fn=(lambda diags: _budget_ranks(diags, config.budget))
                                 if config.budget is not None else None)
 
     for p in model.parameters():

@@ -9,7 +9,6 @@ In each: at lam = 0 the outputs equal the original model's, training changes the
 gradients reach only lam and ``modules_to_save``.
 """
 import copy
-import os
 
 import pytest
 import torch
