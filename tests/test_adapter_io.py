@@ -223,6 +223,11 @@ def test_named_adapters_share_the_basis_in_one_mixed_batch(base, tmp_path):
         mixed = model(x)
     for i, task in enumerate(order):
         assert_rel_close(mixed[i], per_task[task](x[i:i + 1])[0], 1e-5, name=f"sequence {i} ({task})")
+    # One adapter of a multi-adapter model saves on its own and reloads alone.
+    save_adapter(model, tmp_path / "mnli_again", adapter_name="mnli")
+    alone = copy.deepcopy(base)
+    load_adapter(alone, tmp_path / "mnli_again")
+    assert_rel_close(alone(x), per_task["mnli"](x), 1e-5, name="mnli saved from the multi-adapter model")
     # Reloading a known name overwrites it; a larger basis than the model's cannot be shared.
     assert load_adapter(model, tmp_path / "sst2", adapter_name="mnli") == {"sst2": 0, "mnli": 1, "small": 2}
     narrow = copy.deepcopy(base)
