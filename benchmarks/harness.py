@@ -51,21 +51,25 @@ def _quantile(xs: list[float], q: float) -> float:
 
 
 def measure(fn: Callable[[], object], *, device: str | torch.device = "cpu", warmup: int = 1,
-            reps: int = 5, min_time_s: float = 0.0, cuda_graph: bool = False) -> Timing:
+            reps: int = 5, min_time_s: float = 0.0, cuda_graph: bool = False,
+            rep_ms: float | None = None) -> Timing:
     """Time ``fn`` and return median / p20 / p80 in milliseconds.
 
     CPU: ``warmup`` untimed calls, then at least ``reps`` timed calls (more while
     under ``min_time_s``). CUDA: ``triton.testing.do_bench`` with its warm-up and
-    L2 flush, or ``do_bench_cudagraph`` when ``cuda_graph`` is set.
+    L2 flush, or ``do_bench_cudagraph`` when ``cuda_graph`` is set; ``rep_ms``
+    (default: triton's) is their timing window, to raise for slow steps so that
+    the median is over several of them.
     """
     if torch.device(device).type == "cuda":
         import triton.testing as tt
 
+        window = {} if rep_ms is None else {"rep": rep_ms}
         if cuda_graph:
             with torch.cuda.stream(torch.cuda.Stream()):
-                res = tt.do_bench_cudagraph(fn, quantiles=[0.5, 0.2, 0.8])
+                res = tt.do_bench_cudagraph(fn, quantiles=[0.5, 0.2, 0.8], **window)
         else:
-            res = tt.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+            res = tt.do_bench(fn, quantiles=[0.5, 0.2, 0.8], **window)
         med, p20, p80 = (float(v) for v in res)
         return Timing(med, p20, p80, reps=-1)
     for _ in range(warmup):

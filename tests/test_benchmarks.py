@@ -1,0 +1,337 @@
+"""The benchmark suite: the main job's CLI and result files, the providers' math, the GPU suite and profiler
+scripts' failure modes on a machine without a GPU."""
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import models as M
+from benchmarks import providers as P
+from benchmarks import throughput as TP
+from qrlora_kernels.testing import REL_TOL, assert_rel_close
+
+REPO = Path(__file__).resolve().parents[1]
+TORCH_PROVIDERS = [name for name, p in P.PROVIDERS.items() if p.backend != "triton"]
+META_KEYS = {"gpu", "torch", "triton", "cuda", "date", "git_commit", "command", "suite", "timing_method",
+             "peak_memory_method", "providers_timed", "providers_not_timed"}
+ROW_KEYS = {"provider", "backend", "strategy", "shape", "out_features", "in_features", "tokens", "rank", "dtype",
+            "mode", "median_ms", "p20_ms", "p80_ms", "tflops", "gflop", "ratio_vs_frozen", "ratio_vs_peft",
+            "peak_mem_mb", "status"}
+no_gpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+
+
+def _env_without_interpreter():
+    # tests/conftest.py turns the Triton interpreter on for this process; the CLI must see a plain CPU machine.
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    # One thread: on this shared 2-core machine, OpenMP threads waiting for descheduled siblings made the tiny
+    # cases several times slower than running them on one core.
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """One small CLI run shared by the schema tests: every torch provider, plus a Triton one that the CPU
+    must report as not timed, plus the tiny Llama model level."""
+    out = tmp_path_factory.mktemp("throughput")
+    cmd = [sys.executable, "-m", "benchmarks.throughput", "--shapes", "48x32", "--tokens", "32", "--ranks", "16,tau",
+           "--dtype", "fp32", "--providers", ",".join(TORCH_PROVIDERS + ["qrlora_triton"]),
+           "--model-presets", "tiny-llama", "--no-qr", "--device", "cpu", "--out", str(out)]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=_env_without_interpreter(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc, time.perf_counter() - started
+
+
+def test_cli_writes_json_with_schema(cli_run):
+    out, _, _ = cli_run
+    data = json.loads((out / "throughput.json").read_text())
+    assert META_KEYS <= set(data["meta"]), META_KEYS - set(data["meta"])
+    assert data["meta"]["torch"] == torch.__version__ and data["meta"]["gpu"] is None
+    assert data["meta"]["git_commit"] not in ("", None)
+    assert "throughput" in data["meta"]["command"] and "--shapes 48x32" in data["meta"]["command"]
+    rows = data["rows"]
+    assert rows and all(ROW_KEYS <= set(r) for r in rows), [ROW_KEYS - set(r) for r in rows][:1]
+
+
+def test_cli_every_provider_ran(cli_run):
+    out, _, _ = cli_run
+    data = json.loads((out / "throughput.json").read_text())
+    rows, meta = data["rows"], data["meta"]
+    ranks = [16, round(TP.TAU_RANK_FRACTION * 32)]
+    for name in TORCH_PROVIDERS:
+        for mode in P.MODES:
+            wanted = ranks if P.PROVIDERS[name].uses_rank else [None]
+            got = sorted((r["rank"] for r in rows if r["provider"] == name and r["mode"] == mode),
+                         key=lambda v: -1 if v is None else v)
+            assert got == wanted, f"{name} {mode}: ranks {got}, expected {wanted}"
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    assert all(math.isfinite(r["median_ms"]) and r["median_ms"] > 0 and r["tflops"] > 0 for r in rows)
+    assert sorted(meta["providers_timed"]) == sorted(TORCH_PROVIDERS)
+    assert "qrlora_triton" in meta["providers_not_timed"] and "not timed on CPU" in meta["providers_not_timed"][
+        "qrlora_triton"]
+    assert not [r for r in rows if r["provider"] == "qrlora_triton"]
+
+
+def test_cli_ratios_are_same_run_quotients(cli_run):
+    out, _, _ = cli_run
+    rows = json.loads((out / "throughput.json").read_text())["rows"]
+    for r in rows:
+        frozen = next(f for f in rows if f["provider"] == "frozen_linear" and f["mode"] == r["mode"])
+        assert r["ratio_vs_frozen"] == pytest.approx(r["median_ms"] / frozen["median_ms"])
+        if r["rank"] is None:
+            assert r["ratio_vs_peft"] is None
+        else:
+            peft = next(f for f in rows if f["provider"] == "peft_lora" and f["mode"] == r["mode"]
+                        and f["rank"] == r["rank"])
+            assert r["ratio_vs_peft"] == pytest.approx(r["median_ms"] / peft["median_ms"])
+
+
+def test_cli_writes_csv_png_models_and_states_what_was_not_timed(cli_run):
+    out, proc, seconds = cli_run
+    rows = json.loads((out / "throughput.json").read_text())["rows"]
+    with open(out / "throughput.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows) and ROW_KEYS <= set(csv_rows[0])
+    png = (out / "throughput.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    models = json.loads((out / "models.json").read_text())
+    assert {r["method"] for r in models["rows"]} == set(M.METHODS)
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in models["rows"]), models["rows"]
+    assert "not timed: qrlora_triton" in proc.stdout
+    assert seconds < 120
+    summary = TP.summarize(out)
+    assert "48x32" in summary and "tiny-llama" in summary
+
+
+def test_cpu_default_plan_and_announcement(capsys):
+    plan = TP.resolve_plan(TP.build_parser().parse_args([]), cuda=False)
+    assert plan["suite"] == "cpu-default" and plan["dtype"] == "fp32"
+    assert not [p for p in plan["providers"] if P.PROVIDERS[p].backend == "triton"]
+    assert TP.default_out_dir(plan, "cpu") == TP.RESULTS_DIR / "cpu-default"
+    TP._announce(plan, "cpu")
+    said = capsys.readouterr().out
+    assert "CPU default" in said and "NOT timed: the Triton path" in said and "not GPU numbers" in said
+    gpu = TP.resolve_plan(TP.build_parser().parse_args([]), cuda=True)
+    assert gpu["dtype"] == "bf16" and gpu["tokens"] == [512, 2048, 8192, 16384] and "peft_lora" in gpu["providers"]
+    assert {"qrlora_triton", "qrlora_triton_lowrank", "qrlora_triton_merged"} <= set(gpu["providers"])
+
+
+def test_help_lists_presets_and_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        TP.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for word in list(TP.LAYER_PRESETS) + list(P.PROVIDERS) + ["--preset", "--tokens", "--ranks", "--dtype", "--modes",
+                                                               "--providers", "--out", "--quick", "--model-level",
+                                                               "--no-qr", "--case", "28672x8192"]:
+        assert word in text, word
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ranks", "abc"], "ranks must be positive ints or 'tau'"),
+    (["--tokens", "0"], "tokens must be a comma-separated list of positive ints"),
+    (["--providers", "lora"], "unknown provider"),
+    (["--preset", "gpt-9"], "unknown preset"),
+    (["--shapes", "12by3"], "shapes are OUTxIN"),
+    (["--case", "shape=4x4,tokens=8"], "--case needs rank, provider"),
+])
+def test_bad_options_are_clear_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        TP.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("shape=4x4,tokens=8,rank=2,provider=nope", "provider 'nope' is unknown"),
+    ("shape=4x4,tokens=-1,rank=2,provider=full_ft", "tokens must be a positive int"),
+    ("shape=four,tokens=8,rank=2,provider=full_ft", "shape must be OUTxIN"),
+    ("shape=4x4,tokens=8,rank=2,provider=full_ft,colour=red", "unknown --case key"),
+    ("shape=4x4,tokens=8,rank=2,provider=full_ft,mode=bwd", "mode must be one of"),
+    ("tokens", "items are key=value"),
+])
+def test_parse_case_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        TP.parse_case(spec)
+
+
+def test_case_runs_one_provider_on_cpu(capsys):
+    assert TP.main(["--case", "shape=48x32,tokens=16,rank=16,provider=qrlora_torch,mode=fwd+bwd,iters=2",
+                    "--device", "cpu"]) == 0
+    assert "ran 2 iterations of bench/qrlora_torch/48x32/T16/r16/fwd+bwd" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", TORCH_PROVIDERS)
+def test_provider_computes_the_layer_and_its_input_gradient(name):
+    provider = P.PROVIDERS[name]
+    case = P.Case(48, 32, 24, 16, torch.float32, "fwd+bwd")
+    module = P.build_module(provider, case)
+    xs, dys = P.make_inputs(case, 2)
+    expected = P.reference_output(provider, module, xs[1])
+    with torch.no_grad():
+        assert_rel_close(module(xs[1]), expected, REL_TOL[torch.float32], name=f"{name} output")
+    # The step's first call uses buffer 1; its dx must be dY @ (d y / d x) of the float64 reference.
+    grads = P.make_step(module, case, xs, dys)()
+    x64 = xs[1].detach().double().requires_grad_(True)
+    ref = P.reference_output(provider, module, x64)
+    ref_dx, = torch.autograd.grad(ref, x64, dys[1].double())
+    assert_rel_close(grads[0], ref_dx, REL_TOL[torch.float32], name=f"{name} dx")
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    assert len(grads) == 1 + len(trainable) and all(g.shape == p.shape for g, p in zip(grads[1:], trainable))
+    assert bool(trainable) == (name != "frozen_linear")
+
+
+def test_adapters_are_not_timed_at_their_zero_initialisation():
+    case = P.Case(48, 32, 24, 16, torch.float32, "fwd")
+    peft_layer = P.build_module(P.PROVIDERS["peft_lora"], case)
+    assert peft_layer.lora_B["default"].weight.abs().min() > 0
+    qr_layer = P.build_module(P.PROVIDERS["qrlora_torch"], case)
+    assert qr_layer.lam.abs().min() > 0 and qr_layer.Q.abs().max() > 0
+    xs, _ = P.make_inputs(case, 3)
+    assert len({x.data_ptr() for x in xs}) == 3 and all(x.abs().min() > 0 for x in xs)
+
+
+def test_steps_rotate_through_the_input_buffers():
+    case = P.Case(48, 32, 24, 16, torch.float32, "fwd")
+    module = P.build_module(P.PROVIDERS["frozen_linear"], case)
+    seen = []
+    module.register_forward_hook(lambda mod, args, out: seen.append(args[0].data_ptr()))
+    xs, dys = P.make_inputs(case, P.buffer_count(case))
+    step = P.make_step(module, case, xs, dys)
+    for _ in range(2 * len(xs)):
+        step()
+    assert set(seen) == {x.data_ptr() for x in xs} and seen[0] != seen[1]
+
+
+def test_flop_counts_follow_the_algorithms():
+    T, N, K, r = 64, 48, 32, 16
+    fwd = P.Case(N, K, T, r, torch.float32, "fwd")
+    train = P.Case(N, K, T, r, torch.float32, "fwd+bwd")
+    f = {name: (P.flops(P.PROVIDERS[name], fwd, "lowrank"), P.flops(P.PROVIDERS[name], train, "lowrank"))
+         for name in ("frozen_linear", "full_ft", "peft_lora", "qrlora_torch")}
+    gemm = 2 * T * N * K
+    assert f["frozen_linear"] == (gemm, 2 * gemm) and f["full_ft"] == (gemm, 3 * gemm)
+    # Both adapters add the two projections forward; LoRA's backward adds two more (its weight gradients).
+    assert f["peft_lora"][0] == f["qrlora_torch"][0] > gemm
+    assert f["peft_lora"][1] - f["qrlora_torch"][1] == f["qrlora_torch"][0] - gemm
+    merged = P.flops(P.PROVIDERS["qrlora_torch"], fwd, "merged")
+    assert merged - gemm == 2 * N * K * r
+
+
+def test_case_validation():
+    with pytest.raises(ValueError, match="rank 40 exceeds min"):
+        P.Case(48, 32, 8, 40, torch.float32, "fwd")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        P.Case(48, 32, 8, 4, torch.float32, "bwd")
+    with pytest.raises(ValueError, match="tokens must be a positive int"):
+        P.Case(48, 32, 0, 4, torch.float32, "fwd")
+
+
+def test_time_budget_marks_cases_not_run():
+    plan = TP.resolve_plan(TP.build_parser().parse_args(["--shapes", "48x32", "--tokens", "8", "--ranks", "16",
+                                                          "--providers", "frozen_linear,peft_lora"]), cuda=False)
+    rows, not_timed = TP.run_layers(plan, "cpu", time_budget=0.0, progress=False)
+    assert not_timed == {} and len(rows) == 4
+    assert all(r["status"] == "not run" and "time budget" in r["note"] and r["ratio_vs_frozen"] is None
+               for r in rows)
+
+
+def test_plot_refuses_rows_without_measurements(tmp_path):
+    from benchmarks.plots import plot_layers
+    with pytest.raises(ValueError, match="no measured row to plot"):
+        plot_layers([{"provider": "full_ft", "status": "error"}], tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_model_level_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown method 'dora'"):
+        M.build_model(M.MODEL_PRESETS["tiny-llama"], "dora")
+    with pytest.raises(ValueError, match="unknown model preset 'gpt-9'"):
+        M.run_models(["gpt-9"])
+
+
+def test_qr_section_through_benchmarks_qr(tmp_path, monkeypatch):
+    import benchmarks.qr as qr_bench
+    monkeypatch.setattr(qr_bench, "POOL_PAUSE_S", 0.0, raising=False)
+    result = TP.run_qr_section("cpu", [(32, 32)], tmp_path)
+    assert result["status"] == "ok", result
+    stored = json.loads((tmp_path / "qr.json").read_text())
+    assert stored["rows"] and {"gpu", "git_commit"} <= set(stored["meta"])
+    monkeypatch.delattr(qr_bench, "run")
+    skipped = TP.run_qr_section("cpu", [(32, 32)], tmp_path)
+    assert skipped == {"status": "skipped", "reason": "benchmarks.qr has no run() function"}
+
+
+def _script(path, *args, env=None):
+    return subprocess.run(["bash", str(REPO / path), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env=env or _env_without_interpreter())
+
+
+@no_gpu_only
+def test_device_suite_fails_fast_without_gpu():
+    started = time.perf_counter()
+    proc = _script("benchmarks/device_suite.sh")
+    assert proc.returncode == 3 and "no CUDA GPU" in proc.stderr and "Nothing was run" in proc.stderr
+    assert time.perf_counter() - started < 60
+
+
+@no_gpu_only
+def test_device_suite_dry_run_checks_every_step_then_the_gpu():
+    proc = _script("benchmarks/device_suite.sh", "--dry-run")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    for step in ("timeout", "build", "gpu-tests", "cuda-tests", "bench", "qr+summary", "results-folder"):
+        assert f"ok    {step}:" in proc.stdout, step
+    assert "no CUDA GPU" in proc.stderr
+
+
+def test_device_suite_rejects_bad_budget():
+    proc = _script("benchmarks/device_suite.sh", "--budget", "5")
+    assert proc.returncode == 2 and "--budget must be a whole number of seconds >= 60" in proc.stderr
+
+
+def _path_without(tool, tmp_path):
+    # A PATH with bash, python and coreutils but certainly no Nsight tool.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in ("bash", "sed", "tr", "date", "mkdir", "dirname", "env"):
+        found = shutil.which(name)
+        if found:
+            (bin_dir / name).symlink_to(found)
+    (bin_dir / "python").symlink_to(sys.executable)
+    env = _env_without_interpreter()
+    env["PATH"] = str(bin_dir)
+    return env, bin_dir
+
+
+@pytest.mark.parametrize("tool, product", [("nsys", "Nsight Systems"), ("ncu", "Nsight Compute")])
+def test_profile_fails_clearly_without_the_tool(tool, product, tmp_path):
+    env, _ = _path_without(tool, tmp_path)
+    proc = _script("benchmarks/profile.sh", "--tool", tool, "shape=48x32,tokens=16,rank=16,provider=full_ft", env=env)
+    assert proc.returncode == 3 and f"{tool} not found on PATH" in proc.stderr and product in proc.stderr
+
+
+@no_gpu_only
+def test_profile_fails_clearly_without_a_gpu(tmp_path):
+    env, bin_dir = _path_without("nsys", tmp_path)
+    fake = bin_dir / "nsys"
+    fake.write_text("#!/bin/sh\necho fake nsys must not be reached >&2\nexit 0\n")
+    fake.chmod(0o755)
+    proc = _script("benchmarks/profile.sh", "shape=48x32,tokens=16,rank=16,provider=full_ft", env=env)
+    assert proc.returncode == 4 and "no CUDA GPU visible to torch" in proc.stderr
+    assert "fake nsys" not in proc.stderr
+
+
+def test_profile_needs_a_case():
+    proc = _script("benchmarks/profile.sh")
+    assert proc.returncode == 2 and "missing CASE" in proc.stderr
