@@ -15,6 +15,44 @@
 namespace qrlora::qrcp {
 namespace {
 
+// Everything one step's trailing pass needs (see trailing_pass_cpu.inc).
+template <typename T>
+struct TrailingPass {
+  T* C;
+  int64_t m, n, off, j, k;
+  T tau;
+  const T* auxv;
+  const T* w;
+  T* Ft;
+  T* vn1;
+  const T* vn2;
+  int32_t* flags;
+  bool downdate;
+  T tol3z;
+};
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define QRLORA_HAVE_AVX2_PASS 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "trailing_pass_cpu.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+namespace baseline {
+#include "trailing_pass_cpu.inc"
+}  // namespace baseline
+
+template <typename T>
+bool run_trailing_pass(const TrailingPass<T>& p, int64_t b, int64_t e) {
+#ifdef QRLORA_HAVE_AVX2_PASS
+  static const bool use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (use_avx2) return avx2::trailing_pass(p, b, e);
+#endif
+  return baseline::trailing_pass(p, b, e);
+}
+
 // Below this many elements per thread a parallel region costs more than it saves (OpenMP
 // fork/barrier is several microseconds, far worse when the 2 cores are shared).
 constexpr int64_t kMinParallelWork = 32768;
@@ -124,32 +162,10 @@ void factor_panel_impl(Workspace& ws, int64_t off, int64_t nb) {
     w[j] = T(1);
     const bool downdate = k + 1 < m;
     std::atomic<bool> flagged{false};
+    const TrailingPass<T> pass{C, m, n, off, j, k, tk, auxv, w, Ft, vn1, vn2, flags, downdate, tol3z};
     // The one pass over the trailing matrix: F's column, the pivot-row update, the norm downdate.
     at::parallel_for(k + 1, n, std::max<int64_t>(16, kMinParallelWork / len), [&](int64_t b, int64_t e) {
-      bool any = false;
-      for (int64_t c = b; c < e; ++c) {
-        T* row = C + c * m;
-        const int64_t fc = c - off;
-        T f = tk * dot(row + k, col + k, len);
-        for (int64_t t = 0; t < j; ++t) f += Ft[t * n + fc] * auxv[t];
-        Ft[j * n + fc] = f;
-        T r = row[k];
-        for (int64_t t = 0; t <= j; ++t) r -= w[t] * Ft[t * n + fc];
-        row[k] = r;
-        if (downdate && vn1[c] != T(0)) {
-          // Drmac-Bujanovic safeguard: downdate unless cancellation made it unreliable.
-          T temp = std::abs(r) / vn1[c];
-          temp = std::max(T(0), (T(1) + temp) * (T(1) - temp));
-          const T ratio = vn1[c] / vn2[c];
-          if (temp * ratio * ratio <= tol3z) {
-            flags[c] = 1;
-            any = true;
-          } else {
-            vn1[c] *= std::sqrt(temp);
-          }
-        }
-      }
-      if (any) flagged.store(true, std::memory_order_relaxed);
+      if (run_trailing_pass(pass, b, e)) flagged.store(true, std::memory_order_relaxed);
     });
     for (int64_t c = off; c <= k; ++c) Ft[j * n + (c - off)] = T(0);
     col[k] = beta;
