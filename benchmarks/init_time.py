@@ -1,21 +1,27 @@
-"""Initialisation time of QR-LoRA on RoBERTa-base's attention: all query and value matrices.
+"""Initialisation time of QR-LoRA: ``apply_qrlora`` on a model's weights, against the scipy route.
 
-24 weights of 768x768 (12 layers x {query, value}), fp32, random with RoBERTa's init
-(normal, std 0.02), on this machine's device (CPU here). Side by side in one run:
+Two shape sets, random weights (normal, std 0.02), on ``--device`` (default: cuda if present):
 
-* ``apply_qrlora`` with the paper's rule (``energy="diag"``, tau=0.9: a full pivoted QR each),
-  the early-stopping Frobenius rule (tau=0.9), a fixed rank (8), and the global budget (601);
-* the scipy route: per matrix ``scipy.linalg.qr(W, pivoting=True, mode="economic")`` (LAPACK
-  geqp3), the same diagonal-energy rank rule, and Q_r / R_r = R[:r, argsort(perm)] in torch.
+* ``roberta-qv`` (default): RoBERTa-base's attention, all query and value matrices: 24 x 768x768,
+  fp32. Side by side in one run: ``apply_qrlora`` with the paper's rule (``energy="diag"``,
+  tau=0.9: a full pivoted QR each), the early-stopping Frobenius rule (tau=0.9), a fixed rank
+  (8) and the global budget (601); and the scipy route: per matrix
+  ``scipy.linalg.qr(W, pivoting=True, mode="economic")`` (LAPACK geqp3) on the CPU, the same
+  diagonal-energy rank rule, and Q_r / R_r = R[:r, argsort(perm)].
+* ``llama7b``: the issue's GPU target, Llama-2-7B's 7 projection types x 32 layers
+  (4096x4096 q/k/v/o, 11008x4096 gate/up, 4096x11008 down), bf16. No scipy route (hours on a
+  CPU); one timed run per rule, since one model's bases take tens of GB.
 
-Medians after a warm-up (benchmarks/harness.py). Run::
+Medians after a warm-up (benchmarks/harness.py), whole-call wall clock with the device
+synchronised. Run::
 
-    python -m benchmarks.init_time            # writes benchmarks/results/cpu/init_time.{json,csv}
+    python -m benchmarks.init_time                          # -> benchmarks/results/cpu/init_time.{json,csv}
+    python -m benchmarks.init_time --shapes llama7b --device cuda
 """
 from __future__ import annotations
 
 import argparse
-import copy
+import gc
 
 import numpy as np
 import scipy.linalg
@@ -24,25 +30,42 @@ from torch import nn
 
 from benchmarks.harness import RESULTS_DIR, environment, format_table, measure, write_results
 
-HIDDEN, LAYERS = 768, 12
+SHAPES = {
+    # name: (container path, {module: (out, in)}, layers, default dtype, targets)
+    "roberta-qv": ("encoder.layer", {"attention.self.query": (768, 768), "attention.self.value": (768, 768)},
+                   12, torch.float32),
+    "llama7b": ("model.layers", {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096),
+                                 "self_attn.v_proj": (4096, 4096), "self_attn.o_proj": (4096, 4096),
+                                 "mlp.gate_proj": (11008, 4096), "mlp.up_proj": (11008, 4096),
+                                 "mlp.down_proj": (4096, 11008)}, 32, torch.bfloat16),
+}
 
 
-class RobertaAttentionWeights(nn.Module):
-    """Only the adapted part of roberta-base: ``encoder.layer.<i>.attention.self.{query,value}``."""
-
-    def __init__(self, device, dtype):
-        super().__init__()
-        self.encoder = nn.Module()
-        self.encoder.layer = nn.ModuleList()
-        for _ in range(LAYERS):
-            block = nn.Module()
-            block.attention = nn.Module()
-            block.attention.self = nn.Module()
-            for name in ("query", "value"):
-                linear = nn.Linear(HIDDEN, HIDDEN, device=device, dtype=dtype)
-                nn.init.normal_(linear.weight, std=0.02)
-                setattr(block.attention.self, name, linear)
-            self.encoder.layer.append(block)
+def build_model(shapes: str, layers: int, device, dtype) -> nn.Module:
+    """An nn.Module holding only the adapted weights, under the real model's module names."""
+    container, modules, _, _ = SHAPES[shapes]
+    root = nn.Module()
+    stack = nn.ModuleList()
+    for _ in range(layers):
+        block = nn.Module()
+        for path, (out_features, in_features) in modules.items():
+            parent = block
+            *parents, leaf = path.split(".")
+            for part in parents:
+                if not hasattr(parent, part):
+                    parent.add_module(part, nn.Module())
+                parent = getattr(parent, part)
+            linear = nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype)
+            nn.init.normal_(linear.weight, std=0.02)
+            parent.add_module(leaf, linear)
+        stack.append(block)
+    parent = root
+    *parents, leaf = container.split(".")
+    for part in parents:
+        parent.add_module(part, nn.Module())
+        parent = getattr(parent, part)
+    parent.add_module(leaf, stack)
+    return root.requires_grad_(False)
 
 
 def scipy_route(weights: list[torch.Tensor], tau: float):
@@ -59,48 +82,81 @@ def scipy_route(weights: list[torch.Tensor], tau: float):
     return out
 
 
+def _rank_summary(ranks: list[int]) -> str:
+    return f"{min(ranks)}..{max(ranks)} (sum {sum(ranks)})" if ranks else ""
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="roberta-qv")
+    parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
+    parser.add_argument("--rules", default="diag,frobenius,rank,budget",
+                        help="comma-separated subset of diag, frobenius, rank, budget")
+    parser.add_argument("--reps", type=int, default=None, help="timed runs per rule (default 3; llama7b 1)")
+    parser.add_argument("--no-scipy", action="store_true", help="skip the scipy geqp3 route")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
     from qrlora_kernels import QRLoraConfig, apply_qrlora
 
-    torch.manual_seed(0)
-    device, dtype = torch.device(args.device), torch.float32
-    template = RobertaAttentionWeights(device, dtype).requires_grad_(False)
-    weights = [m.weight.detach().cpu() for m in template.modules() if isinstance(m, nn.Linear)]
-    configs = {
-        "qrlora diag tau=0.9": QRLoraConfig(target_modules=["query", "value"], tau=0.9),
-        "qrlora frobenius tau=0.9": QRLoraConfig(target_modules=["query", "value"], tau=0.9, energy="frobenius"),
-        "qrlora rank=8": QRLoraConfig(target_modules=["query", "value"], rank=8),
-        "qrlora budget=601": QRLoraConfig(target_modules=["query", "value"], budget=601),
+    _, modules, default_layers, dtype = SHAPES[args.shapes]
+    layers = args.layers or default_layers
+    big = args.shapes == "llama7b"
+    reps = args.reps or (1 if big else 3)
+    device = torch.device(args.device)
+    targets = [path.rsplit(".", 1)[1] for path in modules]
+    rules = {
+        "diag": QRLoraConfig(target_modules=targets, tau=0.9),
+        "frobenius": QRLoraConfig(target_modules=targets, tau=0.9, energy="frobenius"),
+        "rank": QRLoraConfig(target_modules=targets, rank=8),
+        "budget": QRLoraConfig(target_modules=targets, budget=601),
     }
+    chosen = [r.strip() for r in args.rules.split(",") if r.strip()]
+    unknown = sorted(set(chosen) - set(rules))
+    if unknown:
+        parser.error(f"unknown rule(s) {unknown}; choose from {sorted(rules)}")
+
     rows = []
-    baseline = measure(lambda: scipy_route(weights, 0.9), reps=args.reps)
-    rows.append({"method": "scipy geqp3 + diag rule tau=0.9", "median_ms": baseline.median_ms,
-                 "p20_ms": baseline.p20_ms, "p80_ms": baseline.p80_ms, "ranks": "",
-                 "speedup_vs_scipy": 1.0})
-    for label, config in configs.items():
-        copies = iter([copy.deepcopy(template) for _ in range(args.reps + 1)])
+    scipy_ms = None
+    if not (args.no_scipy or big):
+        torch.manual_seed(0)
+        weights = [m.weight.detach().float().cpu() for m in build_model(args.shapes, layers, "cpu", dtype).modules()
+                   if isinstance(m, nn.Linear)]
+        baseline = measure(lambda: scipy_route(weights, 0.9), reps=reps)
+        scipy_ms = baseline.median_ms
+        rows.append({"method": "scipy geqp3 (CPU) + diag rule tau=0.9", "median_ms": baseline.median_ms,
+                     "p20_ms": baseline.p20_ms, "p80_ms": baseline.p80_ms,
+                     "ranks": _rank_summary([r for *_, r in scipy_route(weights, 0.9)]), "speedup_vs_scipy": 1.0})
+    labels = {"diag": "diag tau=0.9", "frobenius": "frobenius tau=0.9", "rank": "rank=8", "budget": "budget=601"}
+    for rule in chosen:
+        config = rules[rule]
+        warmup = 0 if big else 1
+        # Each timed call converts a fresh model (apply_qrlora works in place); building them is not timed.
+        torch.manual_seed(0)
+        fresh = [build_model(args.shapes, layers, device, dtype) for _ in range(warmup + reps)]
         reports = []
 
         def run():
-            reports.append(apply_qrlora(next(copies), config, progress=False))
+            model = fresh.pop()
+            reports[:] = [apply_qrlora(model, config, progress=False)]
             if device.type == "cuda":
                 torch.cuda.synchronize()
-        timing = measure(run, device="cpu", reps=args.reps)  # wall clock: the whole apply, synchronised
+
+        timing = measure(run, device="cpu", warmup=warmup, reps=reps)
         ranks = [m.rank for m in reports[-1].modules]
-        rows.append({"method": label, "median_ms": timing.median_ms, "p20_ms": timing.p20_ms,
-                     "p80_ms": timing.p80_ms, "ranks": f"{min(ranks)}..{max(ranks)} (sum {sum(ranks)})",
-                     "speedup_vs_scipy": baseline.median_ms / timing.median_ms})
-    scipy_ranks = [r for *_, r in scipy_route(weights, 0.9)]
-    rows[0]["ranks"] = f"{min(scipy_ranks)}..{max(scipy_ranks)} (sum {sum(scipy_ranks)})"
-    meta = environment(device) | {"matrices": f"{2 * LAYERS} x {HIDDEN}x{HIDDEN} fp32",
-                                  "note": "RoBERTa-base query+value init; scipy route runs on the CPU"}
+        rows.append({"method": f"apply_qrlora {labels[rule]}", "median_ms": timing.median_ms,
+                     "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms, "ranks": _rank_summary(ranks),
+                     "speedup_vs_scipy": scipy_ms / timing.median_ms if scipy_ms else None})
+        reports.clear()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    shapes_text = ", ".join(f"{o}x{i}" for o, i in modules.values())
+    meta = environment(device) | {"shapes": args.shapes, "matrices": f"{layers} layers x [{shapes_text}]",
+                                  "dtype": str(dtype), "note": "random weights, normal std 0.02; scipy on the CPU"}
     print(format_table(rows, ["method", "median_ms", "p20_ms", "p80_ms", "speedup_vs_scipy", "ranks"]))
-    paths = write_results("init_time", rows, meta, out_dir=RESULTS_DIR / device.type)
+    name = "init_time" if args.shapes == "roberta-qv" else f"init_time_{args.shapes}"
+    paths = write_results(name, rows, meta, out_dir=RESULTS_DIR / device.type)
     print(f"wrote {paths['json']}")
 
 
