@@ -275,3 +275,15 @@ def test_progress_bar_over_modules(capsys):
     apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"]), progress=True)
     err = capsys.readouterr().err
     assert "QR-LoRA factorisation" in err and "/2 [" in err  # a bar over the 2 targeted modules
+
+
+@pytest.mark.gpu
+def test_apply_factorises_on_the_model_device():
+    base = TinyModel().eval().cuda()
+    model = copy.deepcopy(base)
+    report = apply_qrlora(model, QRLoraConfig(target_modules="all-linear", budget=40), progress=False)
+    assert report.adapter_params == 40
+    for _, layer in qrlora_layers(model):
+        assert layer.Q.is_cuda and layer.R.is_cuda and layer.lam.is_cuda
+    x = torch.randn(2, 3, 8, device="cuda")
+    assert_rel_close(model(x), base(x), 5e-4, name="converted output on cuda (tf32 band)")
