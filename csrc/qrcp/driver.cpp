@@ -37,7 +37,7 @@ QRCPTuple empty_result(const at::Tensor& A, int64_t m, int64_t n) {
 
 }  // namespace
 
-QRCPTuple qrcp_geqp3(const at::Tensor& A, const StopRules& rules, int64_t block_size) {
+QRCPTuple qrcp_geqp3(const at::Tensor& A, const StopRules& rules, int64_t block_size, bool form_q) {
   const int64_t m = A.size(0), n = A.size(1), mn = std::min(m, n);
   if (mn == 0) return empty_result(A, m, n);
   const int64_t kcap = rules.kmax >= 0 ? std::min(rules.kmax, mn) : mn;
@@ -92,8 +92,9 @@ QRCPTuple qrcp_geqp3(const at::Tensor& A, const StopRules& rules, int64_t block_
   }
   const int64_t kf = kstop >= 0 ? kstop : k;
   at::Tensor R = ws.C.narrow(1, 0, kf).t().triu().contiguous();
-  at::Tensor Q = kf == 0 ? at::zeros({m, 0}, opts)
-                         : at::linalg_householder_product(ws.C.narrow(0, 0, kf).t(), ws.tau.narrow(0, 0, kf));
+  at::Tensor Q = kf == 0 || !form_q
+                     ? at::zeros({m, form_q ? 0 : kf}, opts)
+                     : at::linalg_householder_product(ws.C.narrow(0, 0, kf).t(), ws.tau.narrow(0, 0, kf));
   return {Q, R, ws.perm};
 }
 

@@ -26,7 +26,8 @@ struct StopRules {
 using QRCPTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 // Deterministic blocked QRCP (dgeqp3/dlaqps). A: m x n float or double.
-QRCPTuple qrcp_geqp3(const at::Tensor& A, const StopRules& rules, int64_t block_size);
+// form_q = false skips forming Q (returned empty): the randomized driver only needs pivots.
+QRCPTuple qrcp_geqp3(const at::Tensor& A, const StopRules& rules, int64_t block_size, bool form_q = true);
 // Randomized QRCP (HQRRP / Duersch-Gu): pivot blocks chosen from a Gaussian sketch.
 QRCPTuple qrcp_randomized(const at::Tensor& A, const StopRules& rules, int64_t block_size, int64_t seed);
 

@@ -59,8 +59,10 @@ QRCPTuple qrcp_randomized(const at::Tensor& A, const StopRules& rules, int64_t b
                                                     : std::numeric_limits<float>::epsilon();
   auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
 
-  // Column-major working copy: geqrf panels and the WY update read whole columns.
-  at::Tensor W = A.t().clone(at::MemoryFormat::Contiguous).t();
+  // Column-major working copy (Wt row-major = W column-major): geqrf panels and the WY update
+  // read whole columns, and moving a column is copying one contiguous row of Wt.
+  at::Tensor Wt = A.t().clone(at::MemoryFormat::Contiguous);
+  at::Tensor W = Wt.t();
   at::Tensor perm = at::arange(n, long_opts);
   at::Tensor tau_all = at::zeros({mn}, opts);
   at::Tensor Y = at::matmul(gaussian(sketch_rows, m, gen, opts), W);
@@ -83,12 +85,12 @@ QRCPTuple qrcp_randomized(const at::Tensor& A, const StopRules& rules, int64_t b
     StopRules sketch_rules;
     sketch_rules.kmax = b;
     const at::Tensor sketch_perm =
-        std::get<2>(qrcp_geqp3(Y.slice(1, k, n).to(at::kCPU), sketch_rules, 0)).contiguous();
+        std::get<2>(qrcp_geqp3(Y.slice(1, k, n).to(at::kCPU), sketch_rules, 0, /*form_q=*/false)).contiguous();
     auto [dst, src] = front_moves(sketch_perm.data_ptr<int64_t>(), b, n - k);
     if (!dst.empty()) {
       const at::Tensor d = at::tensor(dst, long_opts.device(at::kCPU)).add_(k).to(opts.device());
       const at::Tensor s = at::tensor(src, long_opts.device(at::kCPU)).add_(k).to(opts.device());
-      W.index_copy_(1, d, W.index_select(1, s));
+      Wt.index_copy_(0, d, Wt.index_select(0, s));
       Y.index_copy_(1, d, Y.index_select(1, s));
       perm.index_copy_(0, d, perm.index_select(0, s));
     }
