@@ -14,7 +14,7 @@ same size, all measured in this run. Run::
 
     python -m benchmarks.qr                       # quick CPU set (1024^2, 2048^2), ~1-2 min
     python -m benchmarks.qr --full                # 1024^2, 2048^2, 4096^2, 4096x11008 (slow on CPU)
-    python -m benchmarks.qr --sizes 4096 --routines qrcp,scipy_geqp3,geqrf
+    python -m benchmarks.qr --sizes 4096 --routines qrcp,scipy_geqp3,geqrf --threads 1
 
 Writes ``benchmarks/results/<device>/qr.{json,csv}``. On a shared CPU the BLAS thread pools of
 torch (OpenMP) and scipy (OpenBLAS) spin after each call; a short pause between routines keeps
@@ -23,6 +23,7 @@ one pool's spinning from being billed to the next routine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from typing import Callable
 
@@ -71,8 +72,8 @@ def routines(A: torch.Tensor) -> dict[str, Callable[[], object]]:
     return out
 
 
-def run(sizes, *, device: str = "cpu", dtype=torch.float32, reps: int = 3, only: set[str] | None = None,
-        progress: bool = True) -> list[dict]:
+def run(sizes, *, device: str = "cpu", dtype=torch.float32, reps: int = 3, warmup: int = 1,
+        only: set[str] | None = None, progress: bool = True) -> list[dict]:
     """Time every routine at every size; returns rows with medians and same-run ratios."""
     from tqdm import tqdm
 
@@ -87,7 +88,7 @@ def run(sizes, *, device: str = "cpu", dtype=torch.float32, reps: int = 3, only:
     for (m, n), name, fn in bar:
         bar.set_postfix_str(f"{m}x{n} {name}")
         time.sleep(POOL_PAUSE_S)
-        t = measure(fn, device=device, warmup=1, reps=reps)
+        t = measure(fn, device=device, warmup=warmup, reps=reps)
         rows.append({"m": m, "n": n, "dtype": str(dtype).replace("torch.", ""), "routine": name, **t.as_dict()})
     for row in rows:
         same = {r["routine"]: r["median_ms"] for r in rows if (r["m"], r["n"]) == (row["m"], row["n"])}
@@ -103,6 +104,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="the quick set (default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for every routine alike (torch's OpenMP/MKL and scipy's OpenBLAS)")
     parser.add_argument("--routines", help="comma list of routine names or prefixes (default: all)")
     parser.add_argument("--out", default="qr", help="result file stem")
     args = parser.parse_args(argv)
@@ -112,9 +116,18 @@ def main(argv=None):
         sizes = FULL_SIZES if args.full else QUICK_SIZES
     only = set(args.routines.split(",")) if args.routines else None
     torch.manual_seed(0)
-    rows = run(sizes, device=args.device, reps=args.reps, only=only)
-    print(format_table(rows, ["m", "n", "routine", "median_ms", "p20_ms", "p80_ms", "vs_scipy_geqp3", "vs_geqrf", "vs_svd"]))
-    paths = write_results(args.out, rows, environment(args.device), RESULTS_DIR / torch.device(args.device).type)
+    limits = contextlib.nullcontext()
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(args.threads)
+        limits = threadpool_limits(limits=args.threads)
+    with limits:
+        rows = run(sizes, device=args.device, reps=args.reps, warmup=args.warmup, only=only)
+    print(format_table(rows, ["m", "n", "routine", "median_ms", "p20_ms", "p80_ms", "vs_scipy_geqp3", "vs_geqrf",
+                              "vs_linalg_qr", "vs_svd"]))
+    meta = {**environment(args.device), "threads": args.threads or torch.get_num_threads()}
+    paths = write_results(args.out, rows, meta, RESULTS_DIR / torch.device(args.device).type)
     print(f"wrote {paths['json']} and {paths['csv']}")
     return rows
 
