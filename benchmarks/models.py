@@ -13,20 +13,23 @@ projections, ``peft.get_peft_model``, ``lora_alpha = r``, no dropout), and ``qrl
 rank tau = 0.9 gives on realistic spectra (~0.55 x width), both on the same projections via
 ``qrlora_kernels.apply_qrlora``. A step is ``zero_grad``, forward, loss, backward and an AdamW step over the
 trainable parameters; parameters and optimizer states are in the benchmark dtype. Timed after two warm-up
-steps (so the adapters are no longer at their zero initialisation, and the optimizer states exist).
-Peak memory: ``torch.cuda.max_memory_allocated`` over one step on CUDA; not measured on the CPU.
+steps (so the adapters are no longer at their zero initialisation, and the optimizer states exist): on a GPU
+each method on its own with ``do_bench`` over a 1 s window; on the CPU the methods of one model round-robin,
+one step each per round. Peak memory: ``torch.cuda.max_memory_allocated`` over one step on CUDA; not measured
+on the CPU.
 """
 from __future__ import annotations
 
 import dataclasses
 import gc
+import statistics
 import time
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from .harness import measure
+from .harness import Timing, measure
 
 METHODS = ("full_ft", "peft_lora", "qrlora", "qrlora_tau")
 REALISTIC_RANK_FRACTION = 0.55
@@ -147,59 +150,97 @@ def make_train_step(preset: ModelPreset, model: nn.Module, batch: dict) -> Calla
     return step
 
 
-def run_model(preset: ModelPreset, method: str, *, device="cpu", dtype=torch.float32,
-              reps: int = 5, min_time_s: float = 0.5) -> dict:
-    """One row: tokens/s, step time and peak memory of ``method`` on ``preset``."""
-    is_cuda = torch.device(device).type == "cuda"
+def _prepare(preset: ModelPreset, method: str, device, dtype):
     model, setup_s = build_model(preset, method, device=device, dtype=dtype)
     batch = make_batch(preset, device=device, dtype=dtype)
     step = make_train_step(preset, model, batch)
     for _ in range(2):
         step()
-    peak_mb = None
-    if is_cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        torch.cuda.synchronize()
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    timing = measure(step, device=device, warmup=1, reps=reps, min_time_s=min_time_s,
-                     rep_ms=max(200.0, 10 * reps) if is_cuda else None)
+    return model, step, setup_s
+
+
+def _row(preset: ModelPreset, method: str, model, dtype, timing: Timing, peak_mb, setup_s) -> dict:
     tokens = preset.batch * preset.seq_len
-    row = {
+    return {
         "model": preset.name, "method": method, "rank": method_rank(preset, method),
         "dtype": str(dtype).replace("torch.", ""), "batch": preset.batch, "seq_len": preset.seq_len,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in model.parameters()),
-        "median_ms": timing.median_ms, "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms,
-        "tokens_per_s": tokens / (timing.median_ms / 1e3), "peak_mem_mb": peak_mb, "setup_s": setup_s,
+        "median_ms": timing.median_ms, "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms, "reps": timing.reps,
+        "tokens_per_s": tokens / (timing.median_ms * 1e-3), "peak_mem_mb": peak_mb, "setup_s": setup_s,
         "status": "ok", "note": "",
     }
-    del model, step, batch
+
+
+def _error_row(preset: ModelPreset, method: str, exc: BaseException) -> dict:
+    return {"model": preset.name, "method": method, "rank": method_rank(preset, method), "status": "error",
+            "note": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def run_model_cuda(preset: ModelPreset, method: str, *, device="cuda", dtype=torch.bfloat16) -> dict:
+    """One row on a GPU, the method on its own: do_bench over a 1 s window, and the peak memory of a step."""
+    model, step, setup_s = _prepare(preset, method, device, dtype)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize()
+    peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    timing = measure(step, device=device, rep_ms=1000.0)
+    row = _row(preset, method, model, dtype, timing, peak_mb, setup_s)
+    del model, step
     gc.collect()
-    if is_cuda:
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()
     return row
 
 
+def run_models_cpu_interleaved(preset: ModelPreset, methods, *, dtype=torch.float32, rounds: int = 5) -> list[dict]:
+    """CPU: every method's step once per round, round-robin, so that load from other processes on a shared
+    machine falls on all of them alike (the models are small enough to hold together)."""
+    prepared, rows = {}, {}
+    for method in methods:
+        try:
+            prepared[method] = _prepare(preset, method, "cpu", dtype)
+        except Exception as exc:
+            rows[method] = _error_row(preset, method, exc)
+    times = {m: [] for m in prepared}
+    for _ in range(rounds):
+        for method, (_, step, _) in prepared.items():
+            times[method].append(measure(step, warmup=0, reps=1).median_ms)
+    for method, (model, _, setup_s) in prepared.items():
+        ts = sorted(times[method])
+        q = statistics.quantiles(ts, n=5, method="inclusive") if len(ts) > 1 else ts * 4
+        rows[method] = _row(preset, method, model, dtype, Timing(statistics.median(ts), q[0], q[3], len(ts)),
+                            None, setup_s)
+    return [rows[m] for m in methods]
+
+
 def run_models(preset_names, *, device="cpu", dtype=torch.float32, methods=METHODS, progress=None,
-               reps: int = 5, min_time_s: float = 0.5) -> list[dict]:
-    """Rows for every (preset, method); a failing method gives a row with status "error", not a crash."""
-    rows = []
+               rounds: int = 5) -> list[dict]:
+    """Rows for every (preset, method); a failing method gives a row with status "error", not a crash.
+    ``speedup_vs_full_ft``: full fine-tuning's step time over the method's, same run."""
     for name in preset_names:
         if name not in MODEL_PRESETS:
             raise ValueError(f"unknown model preset {name!r}; known: {sorted(MODEL_PRESETS)}")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}; known: {METHODS}")
+    cuda = torch.device(device).type == "cuda"
+    rows = []
+    for name in preset_names:
         preset = MODEL_PRESETS[name]
+        if not cuda:
+            rows += run_models_cpu_interleaved(preset, methods, dtype=dtype, rounds=rounds)
+            if progress is not None:
+                progress.update(len(methods))
+            continue
         for method in methods:
             try:
-                rows.append(run_model(preset, method, device=device, dtype=dtype, reps=reps,
-                                      min_time_s=min_time_s))
+                rows.append(run_model_cuda(preset, method, device=device, dtype=dtype))
             except Exception as exc:  # an OOM or a missing piece must not lose the other rows
-                rows.append({"model": name, "method": method, "rank": method_rank(preset, method),
-                             "status": "error", "note": f"{type(exc).__name__}: {exc}"[:300]})
+                rows.append(_error_row(preset, method, exc))
+                del exc
                 gc.collect()
-                if torch.device(device).type == "cuda":
-                    torch.cuda.empty_cache()
+                torch.cuda.empty_cache()
             if progress is not None:
                 progress.update(1)
     full = {r["model"]: r for r in rows if r["method"] == "full_ft" and r["status"] == "ok"}

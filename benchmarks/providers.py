@@ -23,7 +23,7 @@ qrlora_triton_*    the same with the strategy forced
 
 Every weight is random and non-zero, including LoRA's B (PEFT starts it at 0) and QR-LoRA's lam (starts at 0):
 zeros run measurably faster on some GPUs, and a benchmark must time the general case. Q and R are random
-rather than a real factorisation: the kernels' speed does not depend on their values, and the factorisation
+(Gaussian, scaled) rather than a real factorisation: the kernels' speed does not depend on their values, and the factorisation
 is timed on its own (the QR initialisation section).
 
 Flops (``flops``) are the nominal work of each provider's algorithm, the accounting of
@@ -121,9 +121,12 @@ def unavailable_reason(provider: Provider, device: str) -> Optional[str]:
                 return ("the Triton path runs on CPU only under Triton's interpreter (TRITON_INTERPRET=1), "
                         "which is far too slow to time meaningfully: not timed on CPU")
         try:
-            import qrlora_kernels.kernels  # noqa: F401
+            import qrlora_kernels.kernels as kernels
         except ImportError as exc:
             return f"the Triton kernels are not importable ({exc})"
+        missing = [name for name in ("project", "lowrank_matmul") if not hasattr(kernels, name)]
+        if missing:
+            return f"qrlora_kernels.kernels lacks {', '.join(missing)} (the Triton kernels have not landed)"
     if provider.name == "peft_lora":
         try:
             import peft  # noqa: F401
@@ -211,7 +214,9 @@ def build_module(provider: Provider, case: Case, *, seed: int = 0) -> nn.Module:
             return layer
         if provider.is_qrlora:
             from qrlora_kernels import QRLoraLinear
-            Q = torch.linalg.qr(torch.randn(N, r, device=case.device, dtype=torch.float32))[0].to(case.dtype)
+            # Scaled like an orthonormal basis; orthogonality itself does not change the kernels' speed, and a
+            # QR of a 28672 x 4506 matrix per case would cost more than timing the case.
+            Q = (torch.randn(N, r, device=case.device, dtype=torch.float32) / math.sqrt(N)).to(case.dtype)
             R = (torch.randn(r, K, device=case.device, dtype=torch.float32) / math.sqrt(K)).to(case.dtype)
             perm = torch.randperm(K, device=case.device)
             layer = QRLoraLinear.from_basis(linear, (Q, R, perm), backend=provider.backend,

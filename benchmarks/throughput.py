@@ -39,17 +39,18 @@ LAYER_PRESETS = {
     "roberta-base": [(768, 768), (3072, 768), (768, 3072)],
     "llama-7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
     "llama-70b": [(8192, 8192), (28672, 8192), (8192, 28672), (1024, 8192)],
-    # The CPU default: roberta-base's attention projection only.
-    "cpu-small": [(768, 768)],
+    # roberta-base's attention projection only: the CPU default and part of the quick GPU set.
+    "roberta-attn": [(768, 768)],
 }
 GPU_DEFAULT = dict(presets=["roberta-base", "llama-7b", "llama-70b"], tokens=[512, 2048, 8192, 16384],
                    ranks=["16", "64", "256", "tau"], dtype="bf16", modes=list(P.MODES),
                    providers=["full_ft", "frozen_linear", "peft_lora", "qrlora_torch", "qrlora_triton",
                               "qrlora_triton_lowrank", "qrlora_triton_merged"],
                    model_presets=["roberta-base", "llama-7b-blocks"])
-GPU_QUICK = dict(GPU_DEFAULT, presets=["roberta-base", "llama-7b"], tokens=[2048, 8192], ranks=["16", "tau"],
+# The quick GPU set (the device suite's): roberta-base's attention projection and every llama-7b shape.
+GPU_QUICK = dict(GPU_DEFAULT, presets=["roberta-attn", "llama-7b"], tokens=[2048, 8192], ranks=["16", "tau"],
                  model_presets=["roberta-base"])
-CPU_DEFAULT = dict(presets=["cpu-small"], tokens=[128, 512], ranks=["16", "tau"], dtype="fp32",
+CPU_DEFAULT = dict(presets=["roberta-attn"], tokens=[128, 512], ranks=["16", "tau"], dtype="fp32",
                    modes=list(P.MODES),
                    providers=["full_ft", "frozen_linear", "peft_lora", "qrlora_torch", "qrlora_torch_lowrank",
                               "qrlora_torch_merged"],
@@ -128,8 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--providers", type=_choice_list(list(P.PROVIDERS), "provider"),
                         help=f"providers, comma-separated: {', '.join(P.PROVIDERS)}")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--threads", type=lambda t: _int_list(t, "threads")[0], default=None,
+                        help="CPU threads for torch (default: 1 for the CPU default, torch's own otherwise: on a "
+                             "shared machine, threads waiting for descheduled siblings swamp small timings)")
     parser.add_argument("--quick", action="store_true",
-                        help="GPU: a short subset (roberta-base and llama-7b, T 2048/8192, r 16/tau); "
+                        help="GPU: a short subset (768x768 and the llama-7b shapes, T 2048/8192, r 16/tau); "
                              "CPU: the CPU default")
     parser.add_argument("--model-level", choices=["auto", "on", "off"], default="auto",
                         help="model-level training steps (auto: part of the default runs, tiny models on the CPU default, "
@@ -138,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "tiny-llama"], "model preset"),
                         help="model-level presets, comma-separated")
     parser.add_argument("--no-qr", action="store_true", help="skip the QR initialisation section")
+    parser.add_argument("--qr-sizes", type=_shape_list, default=None,
+                        help="QR section matrix sizes MxN, comma-separated (default: 4096x4096,4096x11008 on a GPU, "
+                             "512x512 on the CPU)")
     parser.add_argument("--only", choices=["layers", "models", "qr"], default=None,
                         help="run one section only (layer level, model level, or QR initialisation)")
     parser.add_argument("--cuda-graph", action="store_true",
@@ -232,10 +239,19 @@ def measure_case(provider, case, *, cuda_graph: bool = False) -> dict:
 CPU_ROUNDS = 7
 
 
+class Failure(str):
+    """A case's error message. Kept instead of the exception: its traceback would pin the case's tensors
+    (on a GPU, gigabytes) for the rest of the run."""
+
+    @classmethod
+    def of(cls, exc: BaseException) -> "Failure":
+        return cls(f"{type(exc).__name__}: {exc}"[:300])
+
+
 def measure_interleaved(pairs, *, rounds: int = CPU_ROUNDS) -> list:
     """CPU: time a group of (provider, case) pairs round-robin, one call each per round, so that load from
     other processes on a shared machine falls on every provider alike. Returns a result dict or the
-    exception per pair."""
+    ``Failure`` per pair."""
     steps, results = [], [None] * len(pairs)
     for i, (provider, case) in enumerate(pairs):
         try:
@@ -246,18 +262,18 @@ def measure_interleaved(pairs, *, rounds: int = CPU_ROUNDS) -> list:
             step()
             steps.append((i, step))
         except Exception as exc:
-            results[i] = exc
+            results[i] = Failure.of(exc)
     times = {i: [] for i, _ in steps}
     for _ in range(rounds):
         for i, step in steps:
-            if isinstance(results[i], Exception):
+            if isinstance(results[i], Failure):
                 continue
             try:
                 times[i].append(measure(step, device="cpu", warmup=0, reps=1).median_ms)
             except Exception as exc:
-                results[i] = exc
+                results[i] = Failure.of(exc)
     for i, _ in steps:
-        if not isinstance(results[i], Exception):
+        if not isinstance(results[i], Failure):
             ts = sorted(times[i])
             q = statistics.quantiles(ts, n=5, method="inclusive") if len(ts) > 1 else ts * 4
             timing = Timing(statistics.median(ts), q[0], q[3], reps=len(ts))
@@ -352,7 +368,7 @@ def run_layers(plan: dict, device: str, *, cuda_graph=False, time_budget=None, p
                 try:
                     results.append(measure_case(provider, case, cuda_graph=cuda_graph))
                 except Exception as exc:  # one OOM or kernel failure must not lose the other rows
-                    results.append(exc)
+                    results.append(Failure.of(exc))
                     _free(device)
                 bar.update(1)
         else:
@@ -361,8 +377,8 @@ def run_layers(plan: dict, device: str, *, cuda_graph=False, time_budget=None, p
             row = _base_row(provider, case)
             if result is None:
                 row.update(status="not run", note=f"time budget of {time_budget:g} s spent")
-            elif isinstance(result, Exception):
-                row.update(status="error", note=f"{type(result).__name__}: {result}"[:300])
+            elif isinstance(result, Failure):
+                row.update(status="error", note=str(result))
             else:
                 row.update(result, status="ok", note="")
             rows.append(row)
@@ -448,8 +464,9 @@ def _announce(plan: dict, device: str) -> None:
     if plan["suite"] == "cpu-default":
         print("CPU default (no CUDA device): a small run, not the GPU suite. Timed: the torch paths ("
               + ", ".join(plan["providers"]) + f") on {', '.join(f'{n}x{k}' for n, k in plan['shapes'])}, "
-              f"T={plan['tokens']}, {plan['dtype']}. NOT timed: the Triton path (on CPU it would run in Triton's "
-              "interpreter, far too slow to time meaningfully). These are CPU numbers, not GPU numbers.")
+              f"T={plan['tokens']}, {plan['dtype']}, {torch.get_num_threads()} CPU thread(s). NOT timed: the Triton "
+              "path (on CPU it would run in Triton's interpreter, far too slow to time meaningfully). These are CPU "
+              "numbers, not GPU numbers.")
     else:
         print(f"suite: {plan['suite']} on {device}; providers: {', '.join(plan['providers'])}")
 
@@ -588,6 +605,9 @@ def main(argv=None) -> int:
             parser.error(str(exc))
     cuda = torch.device(device).type == "cuda"
     plan = resolve_plan(args, cuda=cuda)
+    threads = args.threads or (1 if plan["suite"] == "cpu-default" else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
     out_dir = args.out or default_out_dir(plan, device)
     _announce(plan, device)
     started = time.perf_counter()
@@ -624,8 +644,7 @@ def main(argv=None) -> int:
         from .models import METHODS, run_models
         dtype = P.DTYPES[plan["dtype"]]
         bar = _progress_bar(len(plan["model_presets"]) * len(METHODS), "model steps", sys.stderr.isatty())
-        cheap = dict(reps=3, min_time_s=0.1) if not cuda else {}
-        model_rows = run_models(plan["model_presets"], device=device, dtype=dtype, progress=bar, **cheap)
+        model_rows = run_models(plan["model_presets"], device=device, dtype=dtype, progress=bar)
         bar.close()
         meta = environment(device) | {"suite": plan["suite"], "peak_memory_method": (
             "torch.cuda.max_memory_allocated over one training step" if cuda else "not measured on CPU"),
@@ -635,7 +654,7 @@ def main(argv=None) -> int:
         print(format_table(model_rows, MODEL_COLUMNS))
 
     if "qr" in sections:
-        qr = run_qr_section(device, QR_SIZES_GPU if cuda else QR_SIZES_CPU, out_dir)
+        qr = run_qr_section(device, args.qr_sizes or (QR_SIZES_GPU if cuda else QR_SIZES_CPU), out_dir)
         if qr["status"] == "ok":
             print("\nQR initialisation (benchmarks.qr):")
             columns = [c for c in qr["rows"][0]] if qr["rows"] else []

@@ -247,6 +247,26 @@ def test_time_budget_marks_cases_not_run():
                for r in rows)
 
 
+def test_a_failing_provider_gives_an_error_row_and_the_others_still_run(monkeypatch):
+    plan = TP.resolve_plan(TP.build_parser().parse_args(["--shapes", "48x32", "--tokens", "8", "--ranks", "16",
+                                                          "--modes", "fwd", "--providers",
+                                                          "frozen_linear,peft_lora,qrlora_torch"]), cuda=False)
+    real_build = P.build_module
+
+    def build(provider, case, **kwargs):
+        if provider.name == "peft_lora":
+            raise RuntimeError("simulated out of memory")
+        return real_build(provider, case, **kwargs)
+
+    monkeypatch.setattr(P, "build_module", build)
+    rows, _ = TP.run_layers(plan, "cpu", progress=False)
+    status = {r["provider"]: (r["status"], r.get("note")) for r in rows}
+    assert status["peft_lora"] == ("error", "RuntimeError: simulated out of memory")
+    assert status["frozen_linear"][0] == status["qrlora_torch"][0] == "ok"
+    qr_row = next(r for r in rows if r["provider"] == "qrlora_torch")
+    assert qr_row["ratio_vs_peft"] is None and qr_row["ratio_vs_frozen"] > 0
+
+
 def test_plot_refuses_rows_without_measurements(tmp_path):
     from benchmarks.plots import plot_layers
     with pytest.raises(ValueError, match="no measured row to plot"):
