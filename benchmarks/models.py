@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .harness import Timing, measure
+from .providers import peft_model
 
 METHODS = ("full_ft", "peft_lora", "qrlora", "qrlora_tau")
 REALISTIC_RANK_FRACTION = 0.55
@@ -107,7 +108,7 @@ def build_model(preset: ModelPreset, method: str, *, device="cpu", dtype=torch.f
         r = method_rank(preset, method)
         config = peft.LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=list(preset.targets),
                                  modules_to_save=saved)
-        model = peft.get_peft_model(model, config, autocast_adapter_dtype=False)
+        model = peft_model(model, config)
     elif method in ("qrlora", "qrlora_tau"):
         from qrlora_kernels import QRLoraConfig, apply_qrlora
         apply_qrlora(model, QRLoraConfig(target_modules=list(preset.targets), rank=method_rank(preset, method),

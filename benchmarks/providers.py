@@ -184,6 +184,17 @@ class _PeftHost(nn.Module):
         return self.proj(x)
 
 
+def peft_model(model: nn.Module, config):
+    """``peft.get_peft_model`` with the adapter kept in the model's dtype (peft >= 0.12 would otherwise upcast
+    half-precision adapters to float32; older versions never do)."""
+    import inspect
+
+    import peft
+    if "autocast_adapter_dtype" in inspect.signature(peft.get_peft_model).parameters:
+        return peft.get_peft_model(model, config, autocast_adapter_dtype=False)
+    return peft.get_peft_model(model, config)
+
+
 def _random_(t: torch.Tensor, scale: float) -> torch.Tensor:
     with torch.no_grad():
         return t.normal_(0.0, scale)
@@ -207,7 +218,7 @@ def build_module(provider: Provider, case: Case, *, seed: int = 0) -> nn.Module:
         if provider.name == "peft_lora":
             import peft
             config = peft.LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=["proj"], bias="none")
-            model = peft.get_peft_model(_PeftHost(linear), config, autocast_adapter_dtype=False)
+            model = peft_model(_PeftHost(linear), config)
             layer = model.base_model.model.proj
             _random_(layer.lora_A["default"].weight, 1.0 / math.sqrt(K))
             _random_(layer.lora_B["default"].weight, 1.0 / math.sqrt(r))

@@ -192,6 +192,26 @@ def test_provider_computes_the_layer_and_its_input_gradient(name):
     assert bool(trainable) == (name != "frozen_linear")
 
 
+@pytest.mark.parametrize("name", [n for n, p in P.PROVIDERS.items() if p.backend == "triton"])
+def test_triton_provider_computes_the_layer(name):
+    # Under the interpreter (tests/conftest.py turns it on without a GPU), on the smallest legal shapes.
+    provider = P.PROVIDERS[name]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reason = P.unavailable_reason(provider, device)
+    if reason is not None:
+        pytest.skip(reason)
+    case = P.Case(48, 32, 32, 16, torch.float32, "fwd+bwd", device)
+    module = P.build_module(provider, case)
+    xs, dys = P.make_inputs(case, 2)
+    grads = P.make_step(module, case, xs, dys)()
+    x64 = xs[1].detach().double().requires_grad_(True)
+    ref_dx, = torch.autograd.grad(P.reference_output(provider, module, x64), x64, dys[1].double())
+    tol = REL_TOL["tf32"] if device == "cuda" else REL_TOL[torch.float32]
+    assert_rel_close(grads[0], ref_dx, tol, name=f"{name} dx")
+    with torch.no_grad():
+        assert_rel_close(module(xs[0]), P.reference_output(provider, module, xs[0]), tol, name=f"{name} output")
+
+
 def test_adapters_are_not_timed_at_their_zero_initialisation():
     case = P.Case(48, 32, 24, 16, torch.float32, "fwd")
     peft_layer = P.build_module(P.PROVIDERS["peft_lora"], case)
