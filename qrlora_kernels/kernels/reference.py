@@ -73,6 +73,13 @@ def merged_weight(weight: torch.Tensor, Q: torch.Tensor, lam: torch.Tensor, R: t
     return (weight.to(acc) + (Q.to(acc) * lam.to(acc)) @ R.to(acc)).to(weight.dtype)
 
 
+def dlam_via_weight_grad(dy: torch.Tensor, x: torch.Tensor, Q: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """dlam = diag(Q^T (dY^T x) R^T), i.e. dlam_i = sum_jk Q_ji (dY^T x)_jk R_ik (float32, float64 for float64)."""
+    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    weight_grad = dy.to(acc).t() @ x.to(acc)
+    return ((Q.to(acc).t() @ weight_grad) * R.to(acc)).sum(dim=1)
+
+
 def qrlora_linear(x, weight, bias, Q, R, lam, *, lam_index=None):
     """The whole layer on 2-D x: y = x W0^T + b + ((x R^T) * lam) Q^T."""
     s = project(x, R.t())

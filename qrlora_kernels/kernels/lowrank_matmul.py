@@ -1,0 +1,200 @@
+"""One GEMM with a low-rank correction fused into its accumulator: ``out = a @ b + (p * lam) @ u + bias``.
+
+Forward:  ``a = x``,  ``b = W0^T`` (K, N), ``p = S = x R^T`` (T, r), ``u = Q^T`` (r, N), plus the bias.
+Backward: ``a = dY``, ``b = W0``   (N, K), ``p = G = dY Q``   (T, r), ``u = R``   (r, K), no bias.
+
+The kernel is Triton tutorial 03's grouped GEMM: a K-loop over a/b tiles into one float32 accumulator, then an
+r-loop that adds ``tl.dot((p*lam) tile, u tile)`` into the same accumulator, then the bias epilogue. The
+correction therefore costs ``2*T*r*N`` flops and no extra pass over the output. ``lam`` is applied in float32
+and the scaled tile is cast to the input dtype so the second dot also runs on tensor cores.
+Reference: ``reference.lowrank_matmul``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import utils
+
+_TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+@triton.jit
+def grouped_tile(pid, num_rows, num_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    """Tutorial 03's grouped ordering: GROUP_M row tiles share column tiles while they are hot in L2."""
+    num_pid_m = tl.cdiv(num_rows, BLOCK_ROWS)
+    num_pid_n = tl.cdiv(num_cols, BLOCK_COLS)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.autotune(configs=utils.gemm_configs(), key=["M", "N", "K", "R"])
+@triton.jit
+def _lowrank_matmul_kernel(
+    a_ptr, b_ptr, p_ptr, lam_ptr, lam_index_ptr, u_ptr, bias_ptr, out_ptr,
+    M, N, K, R,
+    stride_am, stride_ak, stride_bk, stride_bn,
+    stride_pm, stride_pr, stride_la, stride_lr, stride_ur, stride_un,
+    stride_bias, stride_om, stride_on,
+    HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, PER_TOKEN_LAM: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Wrapped (not masked) rows and columns keep the inner loads unmasked along M and N; the store masks them.
+    # int64 so that row * stride cannot overflow for large token counts.
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if HAS_LOWRANK:
+        if PER_TOKEN_LAM:
+            adapter = tl.load(lam_index_ptr + rows).to(tl.int64)
+        for j in range(0, tl.cdiv(R, BLOCK_K)):
+            offs_r = j * BLOCK_K + offs_k
+            in_rank = offs_r < R
+            p = tl.load(p_ptr + rows[:, None] * stride_pm + offs_r[None, :] * stride_pr,
+                        mask=in_rank[None, :], other=0.0)
+            if PER_TOKEN_LAM:
+                lam = tl.load(lam_ptr + adapter[:, None] * stride_la + offs_r[None, :] * stride_lr,
+                              mask=in_rank[None, :], other=0.0)
+            else:
+                lam = tl.load(lam_ptr + offs_r * stride_lr, mask=in_rank, other=0.0)[None, :]
+            scaled = (p.to(ACC_DTYPE) * lam.to(ACC_DTYPE)).to(u_ptr.dtype.element_ty)
+            u = tl.load(u_ptr + offs_r[:, None] * stride_ur + cols[None, :] * stride_un,
+                        mask=in_rank[:, None], other=0.0)
+            acc = tl.dot(scaled, u, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols * stride_bias)
+        acc += bias.to(ACC_DTYPE)[None, :]
+
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(a, b, p, lam, lam_index, u, bias, out, input_precision):
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return out
+    has_lowrank = p is not None
+    R = p.shape[1] if has_lowrank else 0
+    # Unused pointer arguments still need a tensor; ``a`` stands in (never dereferenced).
+    p_ = p if has_lowrank else a
+    u_ = u if has_lowrank else a
+    lam_ = lam if has_lowrank else a
+    lam_2d = lam_.dim() == 2
+    index_ = lam_index if lam_index is not None else a
+    bias_ = bias if bias is not None else a
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _lowrank_matmul_kernel[grid](
+        a, b, p_, lam_, index_, u_, bias_, out,
+        M, N, K, R,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        p_.stride(0), p_.stride(1) if p_.dim() == 2 else 0,
+        lam_.stride(0) if lam_2d else 0, lam_.stride(-1),
+        u_.stride(0), u_.stride(1) if u_.dim() == 2 else 0,
+        bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
+        HAS_LOWRANK=has_lowrank, HAS_BIAS=bias is not None, PER_TOKEN_LAM=lam_index is not None,
+        INPUT_PRECISION=utils.dot_precision(a.dtype, input_precision),
+        ACC_DTYPE=_TL_ACC[utils.accumulator_dtype(a.dtype)],
+    )
+    return out
+
+
+def check_lam(lam: torch.Tensor, r: int, lam_index: torch.Tensor | None, tokens: int) -> torch.Tensor:
+    """lam as (r,) for one adapter or (A, r) with a (tokens,) integer lam_index; clear errors otherwise."""
+    utils.check_float("lam", lam)
+    if lam.dim() not in (1, 2) or lam.shape[-1] != r:
+        raise ValueError(f"lam has shape {tuple(lam.shape)}, expected ({r},) or (num_adapters, {r}) for rank {r}")
+    if lam_index is None:
+        if lam.dim() == 2:
+            if lam.shape[0] != 1:
+                raise ValueError(f"lam has {lam.shape[0]} adapters but no lam_index was given")
+            lam = lam[0]
+        return lam
+    if lam.dim() != 2:
+        raise ValueError(f"lam_index was given, so lam must be (num_adapters, {r}); got shape {tuple(lam.shape)}")
+    check_lam_index(lam_index, tokens)
+    return lam
+
+
+def check_lam_index(lam_index: torch.Tensor, tokens: int) -> None:
+    # The range of the ids is not checked here: that needs a device sync (functional.qrlora_linear checks it).
+    if not isinstance(lam_index, torch.Tensor) or lam_index.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"lam_index must be an int32 or int64 tensor, got "
+                        f"{getattr(lam_index, 'dtype', type(lam_index).__name__)}")
+    if lam_index.shape != (tokens,):
+        raise ValueError(f"lam_index has shape {tuple(lam_index.shape)} but there are {tokens} tokens "
+                         f"(expected ({tokens},))")
+
+
+def lowrank_matmul(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, lam: torch.Tensor, u: torch.Tensor,
+                   bias: torch.Tensor | None = None, *, lam_index: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None, input_precision: str | None = None) -> torch.Tensor:
+    """out = a @ b + (p * lam) @ u + bias in one kernel, returned in ``a``'s dtype (accumulated in float32).
+
+    ``a`` (M, K), ``b`` (K, N), ``p`` (M, r) (float32 is typical), ``lam`` (r,) or (A, r) with ``lam_index``
+    (M,), ``u`` (r, N), ``bias`` (N,) or None. a, b, u and bias share a dtype; any strides. ``out``: an (M, N)
+    buffer of a's dtype to write into. ``input_precision``: "ieee" or "tf32" for float32 (default: follows
+    ``torch.backends.cuda.matmul.allow_tf32``; always "ieee" under the interpreter).
+    """
+    for name, t in (("a", a), ("b", b), ("p", p), ("u", u)):
+        utils.check_float(name, t)
+        utils.check_2d(name, t)
+    M, K = a.shape
+    utils.check_size("inner dimension", "a.shape[1]", K, "b.shape[0]", b.shape[0])
+    N = b.shape[1]
+    r = p.shape[1]
+    utils.check_size("token count", "a.shape[0]", M, "p.shape[0]", p.shape[0])
+    utils.check_size("rank", "p.shape[1]", r, "u.shape[0]", u.shape[0])
+    utils.check_size("output size", "b.shape[1]", N, "u.shape[1]", u.shape[1])
+    if r < 1:
+        raise ValueError("rank must be at least 1 (p has no columns)")
+    for name, t in (("b", b), ("u", u)) + ((("bias", bias),) if bias is not None else ()):
+        if t.dtype != a.dtype:
+            raise TypeError(f"mixed dtypes: a is {a.dtype} but {name} is {t.dtype}")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({N},) from b's {N} columns")
+    lam = check_lam(lam, r, lam_index, M)
+    device = utils.check_runnable(a, b, p, lam, u, bias, lam_index)
+    out = utils.check_out(out, (M, N), a.dtype, device)
+    with utils.nvtx_range("qrlora/lowrank_matmul", device):
+        return _launch(a, b, p, lam, lam_index, u, bias, out, input_precision)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+           input_precision: str | None = None) -> torch.Tensor:
+    """Plain ``a @ b`` with the same kernel, but the result may be stored wider than the inputs
+    (e.g. float32 for float16 inputs), which torch's matmul cannot do on every version."""
+    for name, t in (("a", a), ("b", b)):
+        utils.check_float(name, t)
+        utils.check_2d(name, t)
+    utils.check_size("inner dimension", "a.shape[1]", a.shape[1], "b.shape[0]", b.shape[0])
+    if a.dtype != b.dtype:
+        raise TypeError(f"mixed dtypes: a is {a.dtype} but b is {b.dtype}")
+    device = utils.check_runnable(a, b)
+    out = utils.check_out(out, (a.shape[0], b.shape[1]), out_dtype or a.dtype, device)
+    return _launch(a, b, None, None, None, None, None, out, input_precision)

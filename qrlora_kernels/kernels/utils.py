@@ -1,0 +1,141 @@
+"""Helpers shared by the Triton kernels: interpreter detection, launch configs, dot precision, NVTX, checks.
+
+Triton reads ``TRITON_INTERPRET`` when a kernel is decorated, so the mode is fixed at import time; the host
+wrappers re-check it at call time only to give a clear error for CPU tensors.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+
+INTERPRET_ENV_VAR = "TRITON_INTERPRET"
+# Fixed when this module (hence every kernel) is imported; see the module docstring.
+INTERPRETED = os.environ.get(INTERPRET_ENV_VAR) == "1"
+
+DOT_PRECISIONS = ("ieee", "tf32")
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton's CPU interpreter is requested now (the variable as currently set)."""
+    return os.environ.get(INTERPRET_ENV_VAR) == "1"
+
+
+def check_runnable(*tensors: torch.Tensor | None) -> torch.device:
+    """All tensors on one device, and that device can run the kernels; returns the device.
+
+    CPU tensors run only under the interpreter, and only if it was on when the kernels were decorated.
+    """
+    present = [t for t in tensors if t is not None]
+    device = present[0].device
+    for t in present[1:]:
+        if t.device != device:
+            raise ValueError(f"mixed devices: {device} and {t.device}; every tensor must be on one device")
+    if device.type == "cpu":
+        if not (interpreter_enabled() and INTERPRETED):
+            raise RuntimeError("the Triton kernels got CPU tensors: CPU runs need Triton's interpreter, so set "
+                               "TRITON_INTERPRET=1 before importing qrlora_kernels (or use CUDA tensors)")
+    elif device.type != "cuda":
+        raise ValueError(f"the Triton kernels run on CUDA (or CPU under the interpreter), got device {device}")
+    return device
+
+
+def dot_precision(dtype: torch.dtype, requested: str | None = None) -> str:
+    """``input_precision`` for ``tl.dot``: only float32 operands have a choice.
+
+    float32 follows ``torch.backends.cuda.matmul.allow_tf32`` unless ``requested`` says otherwise; the
+    interpreter computes in numpy, so it is always "ieee" there.
+    """
+    if requested is not None and requested not in DOT_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {DOT_PRECISIONS} or None, got {requested!r}")
+    if INTERPRETED or dtype != torch.float32:
+        return "ieee"
+    if requested is not None:
+        return requested
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_float(name: str, t: torch.Tensor, allowed=(torch.float16, torch.bfloat16, torch.float32, torch.float64)):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in allowed:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected one of {', '.join(str(d) for d in allowed)}")
+
+
+def check_2d(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+
+
+def check_size(what: str, name_a: str, size_a: int, name_b: str, size_b: int) -> None:
+    if size_a != size_b:
+        raise ValueError(f"{what} mismatch: {name_a} is {size_a} but {name_b} is {size_b}")
+
+
+def check_out(out: torch.Tensor | None, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A preallocated output with the right shape, dtype and device, or a fresh one."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
+    if out.dtype != dtype:
+        raise TypeError(f"out has dtype {out.dtype}, expected {dtype}")
+    if out.device != device:
+        raise ValueError(f"out is on {out.device}, expected {device}")
+    return out
+
+
+def nvtx_range(name: str, device: torch.device):
+    """An NVTX range for Nsight on CUDA; a free no-op elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.nvtx.range(name)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------- launch configurations
+
+def _config(bm, bn, bk, group_m, stages, warps):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+                         num_stages=stages, num_warps=warps)
+
+
+# A handful in the spirit of Triton tutorial 03 and LoRAFusion (BM128 BN256 BK64 GROUP_M 8, 4 stages, 8 warps
+# on H100); the smaller tiles cover skinny T and A100's smaller shared memory.
+_GPU_GEMM_CONFIGS = [
+    _config(128, 256, 64, 8, 3, 8),
+    _config(128, 256, 64, 8, 4, 8),
+    _config(256, 128, 64, 8, 3, 8),
+    _config(128, 128, 64, 8, 4, 4),
+    _config(128, 128, 32, 8, 4, 4),
+    _config(64, 128, 64, 8, 4, 4),
+    _config(64, 64, 64, 8, 4, 4),
+    _config(32, 64, 64, 8, 5, 2),
+]
+
+# Projections produce r columns, often few: narrower N tiles so small r does not waste a 256-wide tile.
+_GPU_PROJECT_CONFIGS = [
+    _config(128, 64, 64, 8, 4, 4),
+    _config(128, 128, 64, 8, 4, 8),
+    _config(64, 64, 64, 8, 4, 4),
+    _config(64, 32, 64, 8, 4, 2),
+    _config(32, 32, 64, 8, 5, 2),
+    _config(256, 64, 32, 8, 3, 8),
+]
+
+# Under the interpreter autotuning would run every config, so there is exactly one, small enough that the
+# tests' odd dims span several tiles (and tl.dot's 16 minimum holds).
+_INTERPRETER_CONFIG = [_config(32, 32, 16, 2, 1, 1)]
+
+
+def gemm_configs():
+    return _INTERPRETER_CONFIG if INTERPRETED else _GPU_GEMM_CONFIGS
+
+
+def project_configs():
+    return _INTERPRETER_CONFIG if INTERPRETED else _GPU_PROJECT_CONFIGS
