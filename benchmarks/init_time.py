@@ -16,6 +16,7 @@ Medians after a warm-up (benchmarks/harness.py), whole-call wall clock with the 
 synchronised. Run::
 
     python -m benchmarks.init_time                          # -> benchmarks/results/cpu/init_time.{json,csv}
+    python -m benchmarks.init_time --threads 1              # -> .../init_time_1thread.{json,csv}
     python -m benchmarks.init_time --shapes llama7b --device cuda
 """
 from __future__ import annotations
@@ -95,7 +96,18 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=None, help="timed runs per rule (default 3; llama7b 1)")
     parser.add_argument("--no-scipy", action="store_true", help="skip the scipy geqp3 route")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch and for scipy's BLAS (e.g. 1 on a shared, busy machine)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        from threadpoolctl import threadpool_limits
+        torch.set_num_threads(args.threads)
+        with threadpool_limits(limits=args.threads):
+            return _run(args, parser)
+    return _run(args, parser)
+
+
+def _run(args, parser):
 
     from qrlora_kernels import QRLoraConfig, apply_qrlora
 
@@ -152,10 +164,12 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.empty_cache()
     shapes_text = ", ".join(f"{o}x{i}" for o, i in modules.values())
-    meta = environment(device) | {"shapes": args.shapes, "matrices": f"{layers} layers x [{shapes_text}]",
+    meta = environment(device) | {"shapes": args.shapes, "threads": args.threads or torch.get_num_threads(), "matrices": f"{layers} layers x [{shapes_text}]",
                                   "dtype": str(dtype), "note": "random weights, normal std 0.02; scipy on the CPU"}
     print(format_table(rows, ["method", "median_ms", "p20_ms", "p80_ms", "speedup_vs_scipy", "ranks"]))
     name = "init_time" if args.shapes == "roberta-qv" else f"init_time_{args.shapes}"
+    if args.threads is not None:
+        name += f"_{args.threads}thread"
     paths = write_results(name, rows, meta, out_dir=RESULTS_DIR / device.type)
     print(f"wrote {paths['json']}")
 
