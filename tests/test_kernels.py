@@ -1,0 +1,315 @@
+"""The Triton host functions against their float64 reference twins (kernels/reference.py).
+
+On this CPU machine the kernels run under Triton's interpreter (conftest sets TRITON_INTERPRET=1): float32 and
+float16. On CUDA the same cases run, plus bfloat16. Every output goes through a NaN-poisoned ``out=`` buffer
+and is checked fully written. Shapes are odd and small (the interpreter's single config has 32x32 tiles and
+16-wide K/r chunks, so these shapes span several tiles and partial chunks).
+"""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from qrlora_kernels import kernels
+from qrlora_kernels.kernels import reference, utils
+from qrlora_kernels.testing import REL_TOL, assert_all_written, assert_rel_close, poisoned
+
+# (T, K, N, r, strided): T=1, odd K and N, r=1, r=min(K, N), r just above a 16 (and 32) multiple,
+# and one case where every input is a non-contiguous view.
+CASES = {
+    "one_token": (1, 33, 17, 5, False),
+    "rank_one": (45, 17, 33, 1, False),
+    "full_rank": (20, 33, 17, 17, False),
+    "rank_above_block": (40, 45, 80, 33, False),
+    "strided": (33, 45, 17, 9, True),
+}
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.gpu)]
+
+
+def _skip_unrunnable(device, dtype):
+    if device == "cpu":
+        if not utils.INTERPRETED:
+            pytest.skip("CPU tensors need TRITON_INTERPRET=1 set before import (the CUDA cases cover this run)")
+        if dtype == torch.bfloat16:
+            pytest.skip("Triton's interpreter has no bfloat16 (covered by the CUDA case)")
+
+
+def _tensor(shape, dtype, device, strided=False, scale=1.0):
+    """Random (never zero) data; ``strided`` gives a view with non-unit strides on every dimension."""
+    if not strided:
+        return torch.randn(shape, dtype=torch.float64).mul_(scale).to(device=device, dtype=dtype)
+    if len(shape) == 1:
+        return _tensor((2 * shape[0],), dtype, device, scale=scale)[::2]
+    rows, cols = shape
+    return _tensor((cols, 2 * rows), dtype, device, scale=scale).t()[::2]
+
+
+def _f64(t):
+    return None if t is None else t.detach().to(torch.float64)
+
+
+def _band(dtype):
+    # float32 cases force input_precision="ieee", so the exact-fp32 band applies on CUDA too.
+    return REL_TOL[dtype]
+
+
+def _problem(case, dtype, device):
+    T, K, N, r, strided = CASES[case]
+    return dict(
+        x=_tensor((T, K), dtype, device, strided),
+        weight=_tensor((N, K), dtype, device, strided, scale=K ** -0.5),
+        Q=_tensor((N, r), dtype, device, strided, scale=N ** -0.5),
+        R=_tensor((r, K), dtype, device, strided),
+        dy=_tensor((T, N), dtype, device, strided),
+        bias=_tensor((N,), dtype, device, strided),
+        T=T, K=K, N=N, r=r,
+    )
+
+
+def _lam(r, num_adapters, device, T):
+    if num_adapters is None:
+        return torch.randn(r, device=device), None
+    lam = torch.randn(num_adapters, r, device=device)
+    lam_index = torch.randint(0, num_adapters, (T,), device=device)
+    return lam, lam_index
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_project(case, dtype, device):
+    _skip_unrunnable(device, dtype)
+    p = _problem(case, dtype, device)
+    out = poisoned((p["T"], p["r"]), dtype=torch.float32, device=device)
+    s = kernels.project(p["x"], p["R"].t(), out=out, input_precision="ieee")
+    assert s is out
+    assert_all_written(out, "S")
+    # S is stored in float32 whatever the input, so the band is float32's only for float32 products.
+    assert_rel_close(s, reference.project(_f64(p["x"]), _f64(p["R"]).t()), _band(dtype), name="S")
+
+
+@pytest.mark.parametrize("num_adapters", [None, 3])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_lowrank_matmul_forward(case, dtype, with_bias, num_adapters, device):
+    """y = x W0^T + (S*lam) Q^T + b with b = W0.t() and u = Q.t() (transposed views, as the op layer passes)."""
+    _skip_unrunnable(device, dtype)
+    p = _problem(case, dtype, device)
+    lam, lam_index = _lam(p["r"], num_adapters, device, p["T"])
+    s = torch.randn(p["T"], p["r"], device=device)  # float32, as project returns
+    bias = p["bias"] if with_bias else None
+    out = poisoned((p["T"], p["N"]), dtype=dtype, device=device)
+    y = kernels.lowrank_matmul(p["x"], p["weight"].t(), s, lam, p["Q"].t(), bias, lam_index=lam_index,
+                               out=out, input_precision="ieee")
+    assert y is out and y.dtype == dtype
+    assert_all_written(out, "y")
+    expected = reference.lowrank_matmul(_f64(p["x"]), _f64(p["weight"]).t(), _f64(s), _f64(lam), _f64(p["Q"]).t(),
+                                        _f64(bias), lam_index=lam_index)
+    assert_rel_close(y, expected, _band(dtype), name="y")
+
+
+@pytest.mark.parametrize("num_adapters", [None, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_backward_chain(case, dtype, num_adapters, device):
+    """G and dlam in one pass over dY, then dx = dY W0 + (G*lam) R, each against its reference twin."""
+    _skip_unrunnable(device, dtype)
+    p = _problem(case, dtype, device)
+    T, N, K, r = p["T"], p["N"], p["K"], p["r"]
+    lam, lam_index = _lam(r, num_adapters, device, T)
+    s = torch.randn(T, r, device=device)
+    g_out = poisoned((T, r), dtype=torch.float32, device=device)
+    dlam_shape = (r,) if num_adapters is None else (num_adapters, r)
+    dlam_out = poisoned(dlam_shape, dtype=torch.float32, device=device)
+    g, dlam = kernels.project_and_reduce(p["dy"], p["Q"], s, lam_index=lam_index, num_adapters=num_adapters or 1,
+                                         out=g_out, dlam_out=dlam_out, input_precision="ieee")
+    assert g is g_out and dlam is dlam_out
+    assert_all_written(g_out, "G")
+    assert_all_written(dlam_out, "dlam")
+    g_ref, dlam_ref = reference.project_and_reduce(_f64(p["dy"]), _f64(p["Q"]), _f64(s), lam_index=lam_index,
+                                                   num_adapters=num_adapters or 1)
+    # G and dlam are float32 sums of exact products of the inputs: float32's band for every input dtype.
+    assert_rel_close(g, g_ref, REL_TOL[torch.float32], name="G")
+    assert_rel_close(dlam, dlam_ref, REL_TOL[torch.float32], name="dlam")
+
+    dx_out = poisoned((T, K), dtype=dtype, device=device)
+    dx = kernels.lowrank_matmul(p["dy"], p["weight"], g, lam, p["R"], None, lam_index=lam_index, out=dx_out,
+                                input_precision="ieee")
+    assert_all_written(dx_out, "dx")
+    dx_ref = reference.lowrank_matmul(_f64(p["dy"]), _f64(p["weight"]), _f64(g), _f64(lam), _f64(p["R"]),
+                                      lam_index=lam_index)
+    assert_rel_close(dx, dx_ref, _band(dtype), name="dx")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["one_token", "full_rank", "rank_above_block", "strided"])
+def test_merged_weight(case, dtype, device):
+    _skip_unrunnable(device, dtype)
+    p = _problem(case, dtype, device)
+    lam = torch.randn(p["r"], device=device)
+    out = poisoned((p["N"], p["K"]), dtype=dtype, device=device)
+    w_eff = kernels.merged_weight(p["weight"], p["Q"], lam, p["R"], out=out, input_precision="ieee")
+    assert w_eff is out
+    assert_all_written(out, "W_eff")
+    expected = reference.merged_weight(_f64(p["weight"]), _f64(p["Q"]), _f64(lam), _f64(p["R"]))
+    assert_rel_close(w_eff, expected, _band(dtype), name="W_eff")
+
+
+def test_merged_weight_in_place_and_single_row_lam(device):
+    """out=weight merges in place (each tile reads its W0 block before writing it); lam (1, r) is accepted."""
+    _skip_unrunnable(device, torch.float32)
+    p = _problem("rank_above_block", torch.float32, device)
+    lam = torch.randn(1, p["r"], device=device)
+    expected = reference.merged_weight(_f64(p["weight"]), _f64(p["Q"]), _f64(lam[0]), _f64(p["R"]))
+    weight = p["weight"].clone()
+    assert kernels.merged_weight(weight, p["Q"], lam, p["R"], out=weight, input_precision="ieee") is weight
+    assert_rel_close(weight, expected, name="in-place W_eff")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["one_token", "full_rank", "strided"])
+def test_dlam_via_weight_grad(case, dtype, device):
+    """Against its reference, and against the projection route (the two dlam routes must agree)."""
+    _skip_unrunnable(device, dtype)
+    p = _problem(case, dtype, device)
+    dlam = kernels.dlam_via_weight_grad(p["dy"], p["x"], p["Q"], p["R"], input_precision="ieee")
+    assert dlam.dtype == torch.float32 and dlam.shape == (p["r"],)
+    expected = reference.dlam_via_weight_grad(_f64(p["dy"]), _f64(p["x"]), _f64(p["Q"]), _f64(p["R"]))
+    # The weight gradient is kept in float32 for half inputs, so float32's band holds (up to r*K cancellation).
+    assert_rel_close(dlam, expected, 10 * REL_TOL[torch.float32], name="dlam (weight grad)")
+    s = kernels.project(p["x"], p["R"].t(), input_precision="ieee")
+    _, dlam_projected = kernels.project_and_reduce(p["dy"], p["Q"], s, input_precision="ieee")
+    assert_rel_close(dlam, dlam_projected, 10 * REL_TOL[torch.float32], name="dlam routes")
+
+
+def test_float64_inputs_accumulate_in_float64(device):
+    _skip_unrunnable(device, torch.float64)
+    p = _problem("rank_above_block", torch.float64, device)
+    lam = torch.randn(p["r"], dtype=torch.float64, device=device)
+    s = kernels.project(p["x"], p["R"].t())
+    assert s.dtype == torch.float64
+    y = kernels.lowrank_matmul(p["x"], p["weight"].t(), s, lam, p["Q"].t(), p["bias"])
+    assert_rel_close(y, reference.qrlora_linear(p["x"], p["weight"], p["bias"], p["Q"], p["R"], lam), name="y")
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(T=st.integers(1, 70), K=st.integers(1, 70), N=st.integers(1, 70), data=st.data())
+def test_layer_forward_random_shapes(T, K, N, data):
+    """project + lowrank_matmul = the whole layer, on random shapes and ranks (CPU, float32)."""
+    if not utils.INTERPRETED:
+        pytest.skip("CPU tensors need TRITON_INTERPRET=1 set before import")
+    r = data.draw(st.integers(1, min(K, N)), label="r")
+    x, weight, Q, R = (torch.randn(*shape) for shape in ((T, K), (N, K), (N, r), (r, K)))
+    lam, bias = torch.randn(r), torch.randn(N)
+    s = kernels.project(x, R.t())
+    y = kernels.lowrank_matmul(x, weight.t(), s, lam, Q.t(), bias)
+    expected = reference.qrlora_linear(*(t.double() for t in (x, weight, bias, Q, R, lam)))
+    assert_rel_close(y, expected, name="y")
+
+
+def test_zero_tokens(device):
+    _skip_unrunnable(device, torch.float32)
+    p = _problem("full_rank", torch.float32, device)
+    x = p["x"][:0]
+    s = kernels.project(x, p["R"].t())
+    assert s.shape == (0, p["r"])
+    assert kernels.lowrank_matmul(x, p["weight"].t(), s, torch.randn(p["r"]), p["Q"].t()).shape == (0, p["N"])
+    _, dlam = kernels.project_and_reduce(p["dy"][:0], p["Q"], s)
+    assert torch.equal(dlam, torch.zeros(p["r"]))
+
+
+# ---------------------------------------------------------------- error paths
+
+def _cpu_problem():
+    return _problem("full_rank", torch.float32, "cpu")
+
+
+def test_mismatched_sizes_name_both_sizes():
+    p = _cpu_problem()
+    x, W, Q, R = p["x"], p["weight"], p["Q"], p["R"]
+    s = torch.randn(p["T"], p["r"])
+    lam = torch.randn(p["r"])
+    with pytest.raises(ValueError, match=r"inner dimension mismatch: a.shape\[1\] is 33 but b.shape\[0\] is 32"):
+        kernels.lowrank_matmul(x, torch.randn(32, p["N"]), s, lam, Q.t())
+    with pytest.raises(ValueError, match=r"rank mismatch: p.shape\[1\] is 17 but u.shape\[0\] is 16"):
+        kernels.lowrank_matmul(x, W.t(), s, lam, Q.t()[:16])
+    with pytest.raises(ValueError, match=r"inner dimension mismatch: a.shape\[1\] is 33 but basis.shape\[0\] is 30"):
+        kernels.project(x, R.t()[:30])
+    with pytest.raises(ValueError, match=r"s has shape \(20, 16\), expected \(tokens, rank\) = \(20, 17\)"):
+        kernels.project_and_reduce(p["dy"], Q, s[:, :16])
+    with pytest.raises(ValueError, match=r"rank mismatch: Q.shape\[1\] is 17 but R.shape\[0\] is 16"):
+        kernels.merged_weight(W, Q, lam, R[:16])
+    with pytest.raises(ValueError, match=r"token count mismatch: dy.shape\[0\] is 20 but x.shape\[0\] is 19"):
+        kernels.dlam_via_weight_grad(p["dy"], x[:19], Q, R)
+    with pytest.raises(ValueError, match=r"bias has shape \(16,\), expected \(17,\)"):
+        kernels.lowrank_matmul(x, W.t(), s, lam, Q.t(), p["bias"][:16])
+
+
+def test_bad_lam_and_lam_index():
+    p = _cpu_problem()
+    x, W, Q = p["x"], p["weight"], p["Q"]
+    s = torch.randn(p["T"], p["r"])
+    with pytest.raises(ValueError, match=r"lam has shape \(5,\), expected \(17,\) or \(num_adapters, 17\)"):
+        kernels.lowrank_matmul(x, W.t(), s, torch.randn(5), Q.t())
+    with pytest.raises(ValueError, match="lam has 3 adapters but no lam_index was given"):
+        kernels.lowrank_matmul(x, W.t(), s, torch.randn(3, p["r"]), Q.t())
+    with pytest.raises(ValueError, match=r"lam_index has shape \(7,\) but there are 20 tokens"):
+        kernels.lowrank_matmul(x, W.t(), s, torch.randn(3, p["r"]), Q.t(), lam_index=torch.zeros(7, dtype=torch.long))
+    with pytest.raises(TypeError, match="lam_index must be an int32 or int64 tensor, got torch.float32"):
+        kernels.project_and_reduce(p["dy"], Q, s, lam_index=torch.zeros(p["T"]), num_adapters=2)
+    with pytest.raises(ValueError, match="the merged strategy serves one adapter"):
+        kernels.merged_weight(W, Q, torch.randn(2, p["r"]), p["R"])
+
+
+def test_bad_dtypes_and_out():
+    p = _cpu_problem()
+    x, W, Q, R = p["x"], p["weight"], p["Q"], p["R"]
+    s = torch.randn(p["T"], p["r"])
+    lam = torch.randn(p["r"])
+    with pytest.raises(TypeError, match="mixed dtypes: a is torch.float32 but b is torch.float16"):
+        kernels.lowrank_matmul(x, W.t().half(), s, lam, Q.t())
+    with pytest.raises(TypeError, match="a has dtype torch.int64"):
+        kernels.project(torch.ones(3, p["K"], dtype=torch.long), R.t())
+    with pytest.raises(ValueError, match=r"out has shape \(20, 16\), expected \(20, 17\)"):
+        kernels.lowrank_matmul(x, W.t(), s, lam, Q.t(), out=torch.empty(p["T"], 16))
+    with pytest.raises(TypeError, match="out has dtype torch.float16, expected torch.float32"):
+        kernels.project(x, R.t(), out=torch.empty(p["T"], p["r"], dtype=torch.float16))
+    with pytest.raises(ValueError, match="input_precision must be one of"):
+        kernels.project(x, R.t(), input_precision="tf64")
+
+
+def test_cpu_without_interpreter_says_how_to_fix(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    p = _cpu_problem()
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before importing qrlora_kernels"):
+        utils.check_runnable(p["x"])
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before importing qrlora_kernels"):
+        kernels.project(p["x"], p["R"].t())
+
+
+def test_mixed_devices_are_named():
+    x = torch.randn(4, 16)
+    with pytest.raises(ValueError, match="mixed devices: cpu and meta"):
+        utils.check_runnable(x, torch.empty(16, 4, device="meta"))
+
+
+def test_dot_precision_rule(monkeypatch):
+    """float32 follows allow_tf32 unless forced; half inputs and the interpreter always get "ieee"."""
+    assert utils.dot_precision(torch.float16, "tf32") == "ieee"
+    monkeypatch.setattr(utils, "INTERPRETED", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert utils.dot_precision(torch.float32) == "tf32"
+    assert utils.dot_precision(torch.float32, "ieee") == "ieee"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert utils.dot_precision(torch.float32) == "ieee"
+    monkeypatch.setattr(utils, "INTERPRETED", True)
+    assert utils.dot_precision(torch.float32, "tf32") == "ieee"
+
+
+def test_interpreter_uses_exactly_one_config():
+    if not utils.INTERPRETED:
+        pytest.skip("only meaningful under the interpreter")
+    assert len(utils.gemm_configs()) == len(utils.project_configs()) == 1
+    config = utils.gemm_configs()[0].kwargs
+    assert min(config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]) >= 16  # tl.dot's minimum
