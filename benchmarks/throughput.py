@@ -588,6 +588,14 @@ def summarize(out_dir: Path) -> str:
     return "\n".join(parts)
 
 
+def _print_failures(rows: list[dict], key: tuple[str, ...], limit: int = 10) -> None:
+    failed = [r for r in rows if r.get("status") not in ("ok", "not run")]
+    for r in failed[:limit]:
+        print(f"{r['status']}: {' '.join(str(r.get(k)) for k in key)}: {r.get('note')}")
+    if len(failed) > limit:
+        print(f"... and {len(failed) - limit} more failed rows (see the JSON)")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -628,6 +636,7 @@ def main(argv=None) -> int:
         print("\nLayer level (" + ("CPU default, " if plan["suite"] == "cpu-default" else "")
               + f"{plan['dtype']}, median ms; ratios: time / frozen linear's and / PEFT LoRA's):")
         print(format_table(rows, LAYER_COLUMNS))
+        _print_failures(rows, ("provider", "shape", "tokens", "rank", "mode"))
         for name, reason in not_timed.items():
             print(f"not timed: {name}: {reason}")
         if not args.no_plot:
@@ -651,6 +660,7 @@ def main(argv=None) -> int:
         written += list(write_results("models", model_rows, meta, out_dir).values())
         print(f"\nModel level (one training step, {plan['dtype']}):")
         print(format_table(model_rows, MODEL_COLUMNS))
+        _print_failures(model_rows, ("model", "method"))
 
     if "qr" in sections:
         qr = run_qr_section(device, args.qr_sizes or (QR_SIZES_GPU if cuda else QR_SIZES_CPU), out_dir)
