@@ -7,7 +7,8 @@
 #   shape=4096x4096,tokens=2048,rank=64,provider=qrlora_triton,mode=fwd+bwd
 # The case runs a few warm-up steps (compilation, autotuning), then its timed iterations inside a
 # cudaProfilerStart/Stop window, each in an NVTX range "bench/<provider>/<shape>/T../r../<mode>/iterN";
-# the kernels add their own ranges ("qrlora/fwd", "qrlora/bwd", "qrcp/...").
+# the kernels add their own ranges around every launch ("qrlora/project", "qrlora/project_and_reduce",
+# "qrlora/lowrank_matmul", "qrlora/merged_weight", "qrlora/dlam_via_weight_grad").
 #
 #   nsys: `nsys profile --capture-range=cudaProfilerApi --trace=cuda,nvtx,osrt` -> DIR/<name>.nsys-rep,
 #         plus `nsys stats` kernel and NVTX summaries printed at the end.

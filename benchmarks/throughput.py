@@ -319,7 +319,10 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 
 def _base_row(provider, case) -> dict:
-    return {"provider": provider.name, "backend": provider.backend or "torch", "shape": case.shape,
+    backend = provider.backend or "torch"
+    if backend == "triton" and torch.device(case.device).type != "cuda":
+        backend = "triton-interpreter"  # asked for with TRITON_INTERPRET=1: a correctness run, not a speed
+    return {"provider": provider.name, "backend": backend, "shape": case.shape,
             "out_features": case.out_features, "in_features": case.in_features, "tokens": case.tokens,
             "rank": case.rank if provider.uses_rank else None, "dtype": str(case.dtype).replace("torch.", ""),
             "mode": case.mode}

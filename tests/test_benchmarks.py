@@ -375,3 +375,9 @@ def test_profile_fails_clearly_without_a_gpu(tmp_path):
 def test_profile_needs_a_case():
     proc = _script("benchmarks/profile.sh")
     assert proc.returncode == 2 and "missing CASE" in proc.stderr
+
+
+def test_triton_rows_on_cpu_are_labelled_as_interpreter_runs():
+    case = P.Case(48, 32, 16, 16, torch.float32, "fwd", "cpu")
+    assert TP._base_row(P.PROVIDERS["qrlora_triton"], case)["backend"] == "triton-interpreter"
+    assert TP._base_row(P.PROVIDERS["qrlora_torch"], case)["backend"] == "torch"
