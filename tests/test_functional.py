@@ -10,16 +10,6 @@ from qrlora_kernels.functional import qrlora_linear
 from qrlora_kernels.testing import REL_TOL, assert_rel_close
 
 
-def _kernels_committed():
-    import qrlora_kernels.kernels as kernels
-    return hasattr(kernels, "lowrank_matmul")
-
-
-# Until the Triton host functions land in qrlora_kernels/kernels/, the backend="triton" cases are skipped, visibly.
-NEEDS_KERNELS = pytest.mark.skipif(not _kernels_committed(), reason="Triton host functions not in qrlora_kernels.kernels yet")
-TRITON = pytest.param("triton", marks=NEEDS_KERNELS)
-
-
 def _problem(T, K, N, r, *, dtype=torch.float32, bias=True, num_adapters=None, leading=None):
     x = torch.randn(*(leading or (T,)), K, dtype=dtype)
     weight = torch.randn(N, K, dtype=dtype) / K ** 0.5
@@ -64,7 +54,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("strategy", ["lowrank", "merged"])
-@pytest.mark.parametrize("backend", ["torch", TRITON])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_float64_reference(case, dtype, backend, strategy):
@@ -77,7 +67,7 @@ def test_matches_float64_reference(case, dtype, backend, strategy):
     assert_rel_close(dlam, dlam_ref, REL_TOL[dtype], name="dlam")
 
 
-@pytest.mark.parametrize("backend", ["torch", TRITON])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_non_contiguous_x(backend):
     x, weight, bias, Q, R, lam = _problem(T=30, K=16, N=24, r=6)
     x_t = torch.randn(16, 30).t()  # a transposed view: strides (1, 30)
@@ -89,7 +79,7 @@ def test_non_contiguous_x(backend):
     assert_rel_close(dlam, dlam_ref, name="dlam")
 
 
-@pytest.mark.parametrize("backend", ["torch", TRITON])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_multi_adapter_batch(backend):
     x, weight, bias, Q, R, lam = _problem(T=None, K=20, N=24, r=7, num_adapters=3, leading=(4, 5))
     ids = torch.tensor([2, 0, 2, 1])
@@ -138,7 +128,7 @@ def test_bf16_autocast_keeps_float32_lam():
     assert lam.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", ["torch", TRITON])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_float32_lam_with_half_weights(backend):
     x, weight, bias, Q, R, lam = _problem(T=8, K=16, N=16, r=4, dtype=torch.float16)
     lam32 = lam.float()
@@ -149,7 +139,6 @@ def test_float32_lam_with_half_weights(backend):
     assert_rel_close(dlam, dlam_ref, REL_TOL[torch.float16], name="dlam")
 
 
-@NEEDS_KERNELS
 def test_strategy_override_reaches_the_ops(monkeypatch):
     x, weight, bias, Q, R, lam = _problem(T=4, K=16, N=16, r=4)
     for name, op in (("merged", "merged_forward"), ("lowrank", "lowrank_forward")):

@@ -11,16 +11,6 @@ from qrlora_kernels.layer import QRLoraLinear
 from qrlora_kernels.testing import REL_TOL, assert_rel_close
 
 
-def _kernels_committed():
-    import qrlora_kernels.kernels as kernels
-    return hasattr(kernels, "lowrank_matmul")
-
-
-# Until the Triton host functions land in qrlora_kernels/kernels/, the backend="triton" cases are skipped, visibly.
-NEEDS_KERNELS = pytest.mark.skipif(not _kernels_committed(), reason="Triton host functions not in qrlora_kernels.kernels yet")
-TRITON = pytest.param("triton", marks=NEEDS_KERNELS)
-
-
 def _linear(in_features=40, out_features=24, bias=True, dtype=torch.float32):
     lin = nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
     with torch.no_grad():
@@ -59,7 +49,7 @@ def test_drop_in_attributes_and_exact_equality_at_zero():
     assert lin.weight.requires_grad
 
 
-@pytest.mark.parametrize("backend", ["torch", TRITON])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_forward_matches_float64_reference(backend):
     layer = QRLoraLinear.from_linear(_linear(33, 17), rank=9)
     layer.backend = backend
@@ -160,7 +150,7 @@ def test_bf16_autocast_on_cpu():
     assert x.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", ["torch", TRITON])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_training_changes_only_lam(backend):
     torch.manual_seed(0)
     model = nn.Sequential(QRLoraLinear.from_linear(_linear(32, 24), tau=0.9), nn.Tanh(),

@@ -8,16 +8,6 @@ from qrlora_kernels.layer import QRLoraLinear
 from qrlora_kernels.testing import assert_rel_close
 
 
-def _kernels_committed():
-    import qrlora_kernels.kernels as kernels
-    return hasattr(kernels, "lowrank_matmul")
-
-
-# Until the Triton host functions land in qrlora_kernels/kernels/, the backend="triton" cases are skipped, visibly.
-NEEDS_KERNELS = pytest.mark.skipif(not _kernels_committed(), reason="Triton host functions not in qrlora_kernels.kernels yet")
-TRITON = pytest.param("triton", marks=NEEDS_KERNELS)
-
-
 def _operands(T=16, K=24, N=20, r=5, num_adapters=None, dtype=torch.float32):
     x = torch.randn(T, K, dtype=dtype, requires_grad=True)
     weight = torch.randn(N, K, dtype=dtype)
@@ -34,7 +24,6 @@ def _opcheck(op, args):
     assert all(v == "SUCCESS" for v in results.values()), results
 
 
-@NEEDS_KERNELS
 def test_opcheck_lowrank_ops():
     x, weight, bias, Q, R, lam = _operands()
     _opcheck(ops.lowrank_forward, (x, weight, bias, Q, R, lam, None))
@@ -48,7 +37,6 @@ def test_opcheck_lowrank_ops():
         _opcheck(ops.lowrank_backward, (dy, weight, Q, R, lam.detach(), s, index, compute_dx))
 
 
-@NEEDS_KERNELS
 def test_opcheck_merged_ops():
     x, weight, bias, Q, R, lam = _operands()
     _opcheck(ops.merged_forward, (x, weight, bias, Q, R, lam))
@@ -58,7 +46,6 @@ def test_opcheck_merged_ops():
         _opcheck(ops.merged_backward, (dy, x.detach(), weight, Q, R, lam.detach(), route, True))
 
 
-@NEEDS_KERNELS
 @pytest.mark.parametrize("route", dispatch.DLAM_ROUTES)
 def test_merged_backward_routes_agree(route):
     x, weight, bias, Q, R, lam = _operands(T=12, K=20, N=16, r=6)
@@ -93,8 +80,7 @@ class _AdapterModel(nn.Module):
 
 @pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
 @pytest.mark.parametrize("backend,strategy", [("torch", "lowrank"), ("torch", "merged"),
-                                              pytest.param("triton", "lowrank", marks=NEEDS_KERNELS),
-                                              pytest.param("triton", "merged", marks=NEEDS_KERNELS)])
+                                              ("triton", "lowrank"), ("triton", "merged")])
 def test_compile_fullgraph(backend, strategy, compile_backend):
     torch._dynamo.reset()
     model = _model(backend, strategy)
@@ -112,7 +98,6 @@ def test_compile_fullgraph(backend, strategy, compile_backend):
         assert_rel_close(layer.lam.grad, grad.double(), name="compiled dlam")
 
 
-@NEEDS_KERNELS
 def test_compile_fullgraph_multi_adapter():
     torch._dynamo.reset()
     model = _AdapterModel(_model("triton", None, num_adapters=3))
