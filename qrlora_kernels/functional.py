@@ -28,6 +28,7 @@ adapter_ids is required; multi-adapter batches always take the lowrank strategy.
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,21 @@ def _autocast(x, weight, bias, Q, R):
     return cast(x), cast(weight), cast(bias), cast(Q), cast(R)
 
 
+_last_id_range = (None, -1, 0, 0)  # (weakref to the ids tensor, its version counter, min, max)
+
+
+def _id_range(adapter_ids):
+    """(min, max) of the ids. On CUDA this syncs with the host, so it is remembered for the last tensor seen:
+    a model-level context hands the same ids tensor to every layer, and only the first layer pays."""
+    global _last_id_range
+    ref, version, low, high = _last_id_range
+    if ref is not None and ref() is adapter_ids and adapter_ids._version == version:
+        return low, high
+    low, high = int(adapter_ids.min()), int(adapter_ids.max())
+    _last_id_range = (weakref.ref(adapter_ids), adapter_ids._version, low, high)
+    return low, high
+
+
 def _lam_index(adapter_ids, x, num_adapters):
     """Per-token adapter index (T,) int64 from per-sequence or per-token ids; validated."""
     if not isinstance(adapter_ids, torch.Tensor):
@@ -115,10 +131,9 @@ def _lam_index(adapter_ids, x, num_adapters):
         raise ValueError(f"adapter_ids has shape {tuple(adapter_ids.shape)}; expected per-sequence ids of shape "
                          f"{tuple(x.shape[:-2])} or per-token ids of shape {tuple(x.shape[:-1])} for x of shape "
                          f"{tuple(x.shape)}")
-    # A data-dependent check: skipped while compiling (it would break the graph); out-of-range ids then fail
-    # inside the kernels' index_select instead of with this message.
+    # A data-dependent check: skipped while compiling (it would break the graph; the ids are then trusted).
     if not torch.compiler.is_compiling() and index.numel() > 0:
-        low, high = int(index.min()), int(index.max())
+        low, high = _id_range(adapter_ids)
         if low < 0 or high >= num_adapters:
             bad = low if low < 0 else high
             raise ValueError(f"adapter id {bad} is out of range for {num_adapters} adapter(s) "

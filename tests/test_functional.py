@@ -214,3 +214,12 @@ def test_cuda_multi_adapter_bf16():
     y_ref, dx_ref, dlam_ref = _reference(x, weight, bias, Q, R, lam.float(), dy, ids.repeat_interleave(9))
     for name, got, want in (("y", y, y_ref), ("dx", dx, dx_ref), ("dlam", dlam, dlam_ref)):
         assert_rel_close(got, want, REL_TOL[torch.bfloat16], name=name)
+
+
+def test_adapter_id_range_is_rechecked_after_in_place_changes():
+    x, weight, bias, Q, R, lam = _problem(T=4, K=16, N=12, r=3, num_adapters=2)
+    ids = torch.tensor([0, 1, 1, 0])
+    qrlora_linear(x, weight, bias, Q, R, lam, adapter_ids=ids)
+    ids[2] = 5  # same tensor object, new contents: the remembered range must not be reused
+    with pytest.raises(ValueError, match="adapter id 5 is out of range for 2 adapter"):
+        qrlora_linear(x, weight, bias, Q, R, lam, adapter_ids=ids)

@@ -139,3 +139,17 @@ def test_compile_fullgraph_inductor_cuda_bf16():
     assert_rel_close(y, expected.double(), 2e-2, name="inductor y")
     y.float().square().sum().backward()
     assert all(torch.isfinite(layer.lam.grad).all() for layer in (model[0], model[2]))
+
+
+def test_compile_fullgraph_under_bf16_autocast():
+    torch._dynamo.reset()
+    model = _model("torch", None)
+    x = torch.randn(2, 5, 24)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x)
+        y = compiled(x)
+    assert y.dtype == torch.bfloat16
+    assert_rel_close(y, expected.double(), 1e-2, name="compiled autocast y")
+    y.float().square().sum().backward()
+    assert model[0].lam.grad.dtype == torch.float32
