@@ -223,3 +223,15 @@ def test_adapter_id_range_is_rechecked_after_in_place_changes():
     ids[2] = 5  # same tensor object, new contents: the remembered range must not be reused
     with pytest.raises(ValueError, match="adapter id 5 is out of range for 2 adapter"):
         qrlora_linear(x, weight, bias, Q, R, lam, adapter_ids=ids)
+
+
+@pytest.mark.parametrize("strategy", ["lowrank", "merged"])
+def test_broadcast_grad_output(strategy):
+    # y.sum().backward() hands the backward a stride-0 (expanded) dY.
+    x, weight, bias, Q, R, lam = _problem(T=None, K=24, N=20, r=5, leading=(2, 8))
+    x.requires_grad_()
+    lam.requires_grad_()
+    qrlora_linear(x, weight, bias, Q, R, lam, backend="triton", strategy=strategy).sum().backward()
+    _, dx_ref, dlam_ref = _reference(x, weight, bias, Q, R, lam, torch.ones(2, 8, 20))
+    assert_rel_close(x.grad, dx_ref, name="dx")
+    assert_rel_close(lam.grad, dlam_ref, name="dlam")
