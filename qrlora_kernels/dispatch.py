@@ -19,6 +19,10 @@ prefers lowrank for inference when ``2*T*r*(K+N) < 2*N*K*r + pass over W``, i.e.
 ``T ~ N*K/(N+K)`` tokens, and merged above. Multi-adapter batches (per-token lam rows) always take the
 lowrank path: there is no single merged weight.
 
+Memory (not in the model): for the backward, lowrank saves only S (T x r, float32); merged saves x and W_eff
+(N x K), which is what the frozen GEMM alone would not keep. The merged path is picked when T is large, where
+W_eff is no bigger than the activations already held; force "lowrank" when memory is tight.
+
 Override (for tests and experiments): the ``strategy=`` argument, else the environment variable
 ``QRLORA_STRATEGY`` ("lowrank", "merged" or "auto"), else the cost model.
 """
