@@ -20,7 +20,9 @@ from . import utils
 from .lowrank_matmul import _TL_ACC, grouped_tile, matmul
 
 
-@triton.autotune(configs=utils.gemm_configs(), key=["N", "K", "R"])
+# restore_value: autotuning runs the kernel once per config, which would apply the update repeatedly when out is
+# weight itself (an in-place merge); restoring out between runs keeps that safe.
+@triton.autotune(configs=utils.gemm_configs(), key=["N", "K", "R"], restore_value=["out_ptr"])
 @triton.jit
 def _merged_weight_kernel(
     w_ptr, q_ptr, lam_ptr, r_ptr, out_ptr,

@@ -116,6 +116,7 @@ _GPU_GEMM_CONFIGS = [
     _config(64, 128, 64, 8, 4, 4),
     _config(64, 64, 64, 8, 4, 4),
     _config(32, 64, 64, 8, 5, 2),
+    _config(16, 128, 64, 8, 4, 4),  # decode-sized T: tl.dot's smallest M tile
 ]
 
 # Projections produce r columns, often few: narrower N tiles so small r does not waste a 256-wide tile.
