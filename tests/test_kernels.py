@@ -329,3 +329,14 @@ def test_kernels_compile_for_sm80_and_sm90():
                            "--dtypes", "bf16"], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("ok   sm_") == 14, done.stdout
+
+
+def test_autotune_key_buckets_tokens_and_prunes_oversized_tiles():
+    assert [utils.token_bucket(t) for t in (0, 1, 16, 17, 1000)] == [1, 1, 16, 32, 1024]
+    prune = utils.prune_by_size("M", "N")
+    decode = prune(utils._GPU_GEMM_CONFIGS, {"M": 1, "N": 4096})
+    assert decode and all(c.kwargs["BLOCK_M"] == 16 for c in decode)
+    assert prune(utils._GPU_GEMM_CONFIGS, {"M": 8192, "N": 4096}) == utils._GPU_GEMM_CONFIGS
+    # Nothing fits a 1 x 1 output: the smallest config is kept rather than none.
+    tiny = prune(utils._GPU_PROJECT_CONFIGS, {"M": 1, "N": 1})
+    assert [c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in tiny] == [32 * 32]

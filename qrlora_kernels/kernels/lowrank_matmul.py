@@ -35,11 +35,12 @@ def grouped_tile(pid, num_rows, num_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: 
     return pid_m, pid_n
 
 
-@triton.autotune(configs=utils.gemm_configs(), key=["M", "N", "K", "R"])
+@triton.autotune(configs=utils.gemm_configs(), key=["M_BUCKET", "N", "K", "R"],
+                 prune_configs_by={"early_config_prune": utils.prune_by_size("M", "N")})
 @triton.jit
 def _lowrank_matmul_kernel(
     a_ptr, b_ptr, p_ptr, lam_ptr, lam_index_ptr, u_ptr, bias_ptr, out_ptr,
-    M, N, K, R,
+    M, N, K, R, M_BUCKET,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_pm, stride_pr, stride_la, stride_lr, stride_ur, stride_un,
     stride_bias, stride_om, stride_on,
@@ -111,7 +112,7 @@ def _launch(a, b, p, lam, lam_index, u, bias, out, input_precision):
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _lowrank_matmul_kernel[grid](
         a, b, p_, lam_, index_, u_, bias_, out,
-        M, N, K, R,
+        M, N, K, R, utils.token_bucket(M),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         p_.stride(0), p_.stride(1) if p_.dim() == 2 else 0,
         lam_.stride(0) if lam_2d else 0, lam_.stride(-1),

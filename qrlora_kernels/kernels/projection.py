@@ -27,11 +27,12 @@ REDUCE_NONE, REDUCE_BLOCKS, REDUCE_TOKENS = 0, 1, 2
 
 # reset_to_zero: while autotuning, configs with a smaller BLOCK_M write more partial rows than the winner;
 # zeroing before the winner's run keeps their leftovers out of the sum.
-@triton.autotune(configs=utils.project_configs(), key=["M", "R", "K", "REDUCE"], reset_to_zero=["partial_ptr"])
+@triton.autotune(configs=utils.project_configs(), key=["M_BUCKET", "R", "K", "REDUCE"],
+                 reset_to_zero=["partial_ptr"], prune_configs_by={"early_config_prune": utils.prune_by_size("M", "R")})
 @triton.jit
 def _project_kernel(
     a_ptr, basis_ptr, s_ptr, g_ptr, partial_ptr,
-    M, R, K,
+    M, R, K, M_BUCKET,
     stride_am, stride_ak, stride_bk, stride_br,
     stride_sm, stride_sr, stride_gm, stride_gr, stride_pm, stride_pr,
     REDUCE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -91,7 +92,7 @@ def _launch(a, basis, s, g, partial, reduce, input_precision):
     p_ = partial if partial is not None else g
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(R, meta["BLOCK_N"]),)  # noqa: E731
     _project_kernel[grid](
-        a, basis, s_, g, p_, M, R, K,
+        a, basis, s_, g, p_, M, R, K, utils.token_bucket(M),
         a.stride(0), a.stride(1), basis.stride(0), basis.stride(1),
         s_.stride(0), s_.stride(1), g.stride(0), g.stride(1), p_.stride(0), p_.stride(1),
         REDUCE=reduce, INPUT_PRECISION=utils.dot_precision(a.dtype, input_precision),

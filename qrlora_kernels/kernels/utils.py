@@ -134,6 +134,23 @@ _GPU_PROJECT_CONFIGS = [
 _INTERPRETER_CONFIG = [_config(32, 32, 16, 2, 1, 1)]
 
 
+def token_bucket(tokens: int) -> int:
+    """Autotune key for a token count: the next power of two, so that every new sequence length in training
+    does not trigger a fresh autotuning sweep (the kernels take it as an otherwise unused argument)."""
+    return triton.next_power_of_2(max(int(tokens), 1))
+
+
+def prune_by_size(rows_arg: str, cols_arg: str):
+    """An ``early_config_prune`` dropping tiles far larger than the output (e.g. 128-row tiles for one decode
+    token): fewer configs to compile and time on the first call. Keeps at least the smallest config."""
+    def prune(configs, named_args, **kwargs):
+        rows = triton.next_power_of_2(max(int(named_args[rows_arg]), 1))
+        cols = triton.next_power_of_2(max(int(named_args[cols_arg]), 1))
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, rows) and c.kwargs["BLOCK_N"] <= max(32, cols)]
+        return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))]
+    return prune
+
+
 def gemm_configs():
     return _INTERPRETER_CONFIG if INTERPRETED else _GPU_GEMM_CONFIGS
 
