@@ -9,8 +9,8 @@ correction therefore costs ``2*T*r*N`` flops and no extra pass over the output. 
 and the scaled tile is cast to the input dtype so the second dot also runs on tensor cores.
 Reference: ``reference.lowrank_matmul``.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: the kernels' tl.constexpr annotations stay real objects, which every
+# Triton release (3.6 on the GPU image, 3.8 here) reads the same way.
 import torch
 import triton
 import triton.language as tl

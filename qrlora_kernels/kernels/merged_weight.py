@@ -10,8 +10,8 @@ inputs: rounding M to half loses too much to cancellation in the sum), then the 
 (torch). It is cheaper than the projection route only when r is large (see ``dispatch.dlam_costs``).
 Reference: ``reference.merged_weight`` and ``reference.dlam_via_weight_grad``.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: the kernels' tl.constexpr annotations stay real objects, which every
+# Triton release (3.6 on the GPU image, 3.8 here) reads the same way.
 import torch
 import triton
 import triton.language as tl

@@ -13,8 +13,8 @@
     under ``torch.use_deterministic_algorithms(True)``.
 Reference: ``reference.project`` and ``reference.project_and_reduce``.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: the kernels' tl.constexpr annotations stay real objects, which every
+# Triton release (3.6 on the GPU image, 3.8 here) reads the same way.
 import torch
 import triton
 import triton.language as tl
