@@ -30,15 +30,16 @@ def finetune():
 
 
 def test_offline_qrlora_trains_saves_and_reloads(finetune, tmp_path):
-    result = finetune.main(["--offline", "--method", "qrlora", "--max-steps", "24", "--output-dir", str(tmp_path),
-                            "--no-progress", "--device", "cpu"])
+    # A fixed rank keeps the factorisations truncated and cheap; tests/test_hf_models.py covers tau on MiniLM.
+    result = finetune.main(["--offline", "--method", "qrlora", "--rank", "32", "--max-steps", "12", "--batch-size", "8",
+                            "--output-dir", str(tmp_path), "--no-progress", "--device", "cpu"])
     model = result.pop("model_object")
     saved = json.loads((tmp_path / "results_sst2_qrlora.json").read_text())
-    assert saved["steps"] == 24 and saved["method"] == "qrlora"
+    assert saved["steps"] == 12 and saved["method"] == "qrlora"
     lam = sum(layer.rank for _, layer in qrlora_layers(model))
     assert saved["trainable_params"] == lam + sum(p.numel() for p in model.classifier.parameters())
     losses = saved["losses"]
-    assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6, losses
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
     assert 0.0 <= saved["dev"]["accuracy"] <= 1.0
     # The saved adapter rebuilds the fine-tuned classifier on a freshly loaded base model.
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
