@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import time
 from typing import Callable
 
@@ -74,26 +75,47 @@ def routines(A: torch.Tensor) -> dict[str, Callable[[], object]]:
 
 def run(sizes, *, device: str = "cpu", dtype=torch.float32, reps: int = 3, warmup: int = 1,
         only: set[str] | None = None, progress: bool = True) -> list[dict]:
-    """Time every routine at every size; returns rows with medians and same-run ratios."""
+    """Time every routine at every size; returns rows with medians and same-run ratios.
+
+    Repetitions are interleaved (A B C, A B C, ...) so that the load of a shared machine falls on
+    every routine alike; each sample is one ``harness.measure`` call. On the CPU each row also
+    carries the median process CPU time, which descheduling by other users does not inflate.
+    """
     from tqdm import tqdm
 
-    plan = []
-    for m, n in sizes:
-        A = torch.randn(m, n, dtype=dtype, device=device, generator=None)
-        for name, fn in routines(A).items():
-            if only is None or name in only or any(name.startswith(o) for o in only):
-                plan.append(((m, n), name, fn))
     rows = []
-    bar = tqdm(plan, desc="qr benchmark", disable=not progress)
-    for (m, n), name, fn in bar:
-        bar.set_postfix_str(f"{m}x{n} {name}")
-        time.sleep(POOL_PAUSE_S)
-        t = measure(fn, device=device, warmup=warmup, reps=reps)
-        rows.append({"m": m, "n": n, "dtype": str(dtype).replace("torch.", ""), "routine": name, **t.as_dict()})
+    bar = tqdm(total=len(sizes), desc="qr benchmark", disable=not progress)
+    for m, n in sizes:
+        A = torch.randn(m, n, dtype=dtype, device=device)
+        plan = {name: fn for name, fn in routines(A).items()
+                if only is None or name in only or any(name.startswith(o) for o in only)}
+        wall: dict[str, list[float]] = {name: [] for name in plan}
+        cpu: dict[str, list[float]] = {name: [] for name in plan}
+        for name, fn in plan.items():
+            bar.set_postfix_str(f"{m}x{n} warm-up {name}")
+            for _ in range(warmup):
+                fn()
+        for rep in range(reps):
+            for name, fn in plan.items():
+                bar.set_postfix_str(f"{m}x{n} rep {rep + 1}/{reps} {name}")
+                time.sleep(POOL_PAUSE_S)
+                c0 = time.process_time()
+                wall[name].append(measure(fn, device=device, warmup=0, reps=1).median_ms)
+                cpu[name].append((time.process_time() - c0) * 1e3)
+        for name in plan:
+            w = sorted(wall[name])
+            rows.append({"m": m, "n": n, "dtype": str(dtype).replace("torch.", ""), "routine": name,
+                         "median_ms": statistics.median(w), "p20_ms": w[int(0.2 * (len(w) - 1))],
+                         "p80_ms": w[round(0.8 * (len(w) - 1))], "reps": len(w),
+                         "cpu_ms": statistics.median(cpu[name]) if torch.device(device).type == "cpu" else None})
+        bar.update(1)
+    bar.close()
     for row in rows:
-        same = {r["routine"]: r["median_ms"] for r in rows if (r["m"], r["n"]) == (row["m"], row["n"])}
+        same = {r["routine"]: r for r in rows if (r["m"], r["n"]) == (row["m"], row["n"])}
         for ref in ("scipy_geqp3", "geqrf", "linalg_qr", "svd"):
-            row[f"vs_{ref}"] = row["median_ms"] / same[ref] if ref in same else None
+            row[f"vs_{ref}"] = row["median_ms"] / same[ref]["median_ms"] if ref in same else None
+            if row["cpu_ms"] is not None and ref in ("scipy_geqp3", "geqrf"):
+                row[f"cpu_vs_{ref}"] = row["cpu_ms"] / same[ref]["cpu_ms"] if ref in same else None
     return rows
 
 
@@ -124,8 +146,8 @@ def main(argv=None):
         limits = threadpool_limits(limits=args.threads)
     with limits:
         rows = run(sizes, device=args.device, reps=args.reps, warmup=args.warmup, only=only)
-    print(format_table(rows, ["m", "n", "routine", "median_ms", "p20_ms", "p80_ms", "vs_scipy_geqp3", "vs_geqrf",
-                              "vs_linalg_qr", "vs_svd"]))
+    print(format_table(rows, ["m", "n", "routine", "median_ms", "p20_ms", "p80_ms", "cpu_ms", "vs_scipy_geqp3",
+                              "vs_geqrf", "vs_linalg_qr", "vs_svd", "cpu_vs_scipy_geqp3", "cpu_vs_geqrf"]))
     meta = {**environment(args.device), "threads": args.threads or torch.get_num_threads()}
     paths = write_results(args.out, rows, meta, RESULTS_DIR / torch.device(args.device).type)
     print(f"wrote {paths['json']} and {paths['csv']}")
