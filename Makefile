@@ -9,7 +9,7 @@ install:
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
 	@mkdir -p build
 	$(PYTHON) -m pip install --no-build-isolation -v -e . > build/install.log 2>&1 || (tail -60 build/install.log; exit 1)
-	@grep -oE "qrlora_kernels: building .*" build/install.log || true
+	@grep -m1 -oE "qrlora_kernels: building .*" build/install.log || true
 	$(PYTHON) -c "import qrlora_kernels as q; print('qrlora_kernels extension:', q.build_info())"
 
 bench: install
