@@ -27,6 +27,7 @@ _EXPORTS = {
     "QRLoraConfig": ".config",
     "apply_qrlora": ".model",
     "merge_and_unload": ".model",
+    "adapter_batch": ".model",
     "save_adapter": ".adapter_io",
     "load_adapter": ".adapter_io",
 }
