@@ -158,7 +158,9 @@ def truncate(basis: QRLoraBasis, rank: int, *, energy: str = "diag") -> QRLoraBa
                          f"rank must be in [1, {basis.rank}]")
     Q, R = basis.Q[:, :rank], basis.R[:rank]
     if energy == "diag":
-        energy_captured = float(basis.diag_energy[:rank].sum())
+        # Summed in float64 so a basis truncated here and one rebuilt from broadcast float64 energies
+        # (distributed.compute_bases) report the same energy_captured.
+        energy_captured = float(basis.diag_energy[:rank].to(torch.float64).sum())
         diag_energy = basis.diag_energy
     else:
         acc = _compute_dtype(basis.R.dtype)

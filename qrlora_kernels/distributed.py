@@ -27,6 +27,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .basis import QRLoraBasis, truncate
+
 _DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -60,17 +62,17 @@ def compute_bases(weights: Sequence[torch.Tensor], factorise: Callable, *,
                   ranks_fn: Optional[Callable[[list[torch.Tensor]], list[int]]] = None) -> list:
     """Factorise every weight once (split across ranks when in a process group).
 
-    ``factorise(weight)`` returns a basis object with ``Q, R, perm, rank, energy_captured,
-    diag_energy`` and ``truncated(r)``. ``ranks_fn(diag_energies)`` optionally sets every
-    module's final rank from all modules' energies (the global budget). Returns the bases in
-    input order; every rank gets identical tensors.
+    ``factorise(weight)`` returns a ``QRLoraBasis`` built with the diag rule when ``ranks_fn`` is given.
+    ``ranks_fn(diag_energies)`` optionally sets every module's final rank from all modules' energies
+    (the global budget); a module given rank 0 comes back as None. Returns the bases in input order;
+    every rank gets identical tensors.
     """
     rank, world = world_info(group)
     if world == 1:
         bases = [factorise(w) for w in _progress(weights, len(weights), progress, "QR-LoRA factorisation")]
         if ranks_fn is not None:
             final = ranks_fn([b.diag_energy[:b.rank] for b in bases])
-            bases = [b.truncated(r) for b, r in zip(bases, final)]
+            bases = [truncate(b, r) if r > 0 else None for b, r in zip(bases, final)]
         return bases
 
     import torch.distributed as dist
@@ -102,15 +104,17 @@ def compute_bases(weights: Sequence[torch.Tensor], factorise: Callable, *,
              else [int(m[0]) for m in metas])
 
     # Phase 2: the (truncated) bases themselves.
-    from .model import _Basis
     out = []
     for j, w in enumerate(weights):
         r = final[j]
+        if r == 0:  # no component within the budget; ``final`` is identical on every rank, so all skip it
+            out.append(None)
+            continue
         m, n = w.shape
         dtype = _DTYPES[int(metas[j][3])]
         if owners[j] == rank:
             b = local.pop(j)
-            b = b.truncated(r) if ranks_fn is not None else b
+            b = truncate(b, r) if ranks_fn is not None else b
             Q, R, perm = b.Q.contiguous(), b.R.contiguous(), b.perm.to(torch.int64).contiguous()
         else:
             Q = torch.empty(m, r, dtype=dtype, device=w.device)
@@ -120,5 +124,5 @@ def compute_bases(weights: Sequence[torch.Tensor], factorise: Callable, *,
             if t.numel():
                 dist.broadcast(t, src=src(owners[j]), group=group)
         captured = float(diags[j][:r].sum()) if ranks_fn is not None else float(metas[j][2])
-        out.append(_Basis(Q, R, perm, r, captured, diags[j].to("cpu")))
+        out.append(QRLoraBasis(Q, R, perm, r, captured, diags[j].to("cpu")))
     return out

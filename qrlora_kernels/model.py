@@ -19,6 +19,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .basis import QRLoraBasis, build_basis
 from .config import ALL_LINEAR, QRLoraConfig
 from . import distributed as _dist
 
@@ -140,33 +141,14 @@ def qrlora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 # ---------------------------------------------------------------------------------------- bases
-@dataclasses.dataclass
-class _Basis:
-    Q: torch.Tensor
-    R: torch.Tensor
-    perm: torch.Tensor
-    rank: int
-    energy_captured: float
-    diag_energy: torch.Tensor
-
-    def truncated(self, r: int) -> "_Basis":
-        # Leading columns of a pivoted QR are the pivoted QR of the leading pivots: truncation is a slice.
-        return _Basis(self.Q[:, :r].contiguous(), self.R[:r].contiguous(), self.perm, r,
-                      float(self.diag_energy[:r].to(torch.float64).sum()), self.diag_energy)
-
-
-def _factorise(weight: torch.Tensor, config: QRLoraConfig) -> _Basis:
-    from .basis import build_basis
+def _factorise(weight: torch.Tensor, config: QRLoraConfig) -> QRLoraBasis:
     with torch.no_grad():
         if config.budget is not None:
             # The budget competes over every component, so each module needs its full diagonal.
             # tau=1 with the diag rule: the full factorisation, energies normalised by sum_j R_jj^2.
-            Q, R, perm, rank, captured, diag = build_basis(weight.detach(), tau=1.0, energy="diag")
-        else:
-            rank = None if config.rank is None else min(config.rank, min(weight.shape))
-            Q, R, perm, rank, captured, diag = build_basis(weight.detach(), tau=config.tau, rank=rank,
-                                                           energy=config.energy)
-    return _Basis(Q, R, perm, int(rank), float(captured), torch.as_tensor(diag).detach())
+            return build_basis(weight.detach(), tau=1.0, energy="diag")
+        rank = None if config.rank is None else min(config.rank, min(weight.shape))
+        return build_basis(weight.detach(), tau=config.tau, rank=rank, energy=config.energy)
 
 
 def _budget_ranks(diag_energies: Sequence[torch.Tensor], budget: int) -> list[int]:
@@ -188,11 +170,9 @@ def _budget_ranks(diag_energies: Sequence[torch.Tensor], budget: int) -> list[in
     return [int(c) for c in counts]
 
 
-def _make_layer(linear: nn.Linear, basis: _Basis, config: QRLoraConfig, num_adapters: int = 1) -> nn.Module:
-    from .basis import QRLoraBasis
+def _make_layer(linear: nn.Linear, basis: QRLoraBasis, config: QRLoraConfig, num_adapters: int = 1) -> nn.Module:
     QRLoraLinear = _layer_class()
-    packed = QRLoraBasis(basis.Q, basis.R, basis.perm, basis.rank, basis.energy_captured, basis.diag_energy)
-    return QRLoraLinear.from_basis(linear, packed, tau=config.tau, energy=config.energy, num_adapters=num_adapters)
+    return QRLoraLinear.from_basis(linear, basis, tau=config.tau, energy=config.energy, num_adapters=num_adapters)
 
 
 # ---------------------------------------------------------------------------------------- public API
