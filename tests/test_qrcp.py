@@ -154,16 +154,16 @@ def test_pivots_equal_scipy(device, shape, block_size):
 
 @pytest.mark.parametrize("block_size", [1, 3, 20])
 def test_norm_downdate_safeguard_matches_scipy(device, block_size):
-    # Columns 12..23 are columns 0..11 plus 1e-6 noise: once their partners are factored, their
-    # downdated norms lose all accuracy and must be recomputed (Drmac-Bujanovic), else the
-    # later pivot order is wrong.
+    # Columns 12..23 are columns 0..11 plus 1e-9 noise: once their partners are factored,
+    # 1 - (r/vn1)^2 is below float64's eps, the downdated norms are noise, and only the
+    # recomputation (Drmac-Bujanovic) ranks them correctly against the 1e-11 columns.
     base = torch.randn(40, 12, dtype=torch.float64) * torch.logspace(0, 1, 12, dtype=torch.float64)
-    near = base + 1e-6 * torch.randn(40, 12, dtype=torch.float64) * torch.logspace(0, 1.5, 12, dtype=torch.float64)
-    A = torch.cat([base, near, torch.randn(40, 6, dtype=torch.float64) * 1e-3], dim=1)
+    near = base + 1e-9 * torch.randn(40, 12, dtype=torch.float64) * torch.logspace(0, 1.5, 12, dtype=torch.float64)
+    A = torch.cat([base, near, torch.randn(40, 6, dtype=torch.float64) * 1e-11], dim=1)
     res = qrcp(A.to(device), _block_size=block_size)
     _, r_ref, p_ref = scipy.linalg.qr(A.numpy(), pivoting=True, mode="economic")
     np.testing.assert_array_equal(res.perm.cpu().numpy(), p_ref)
-    np.testing.assert_allclose(res.R.cpu().diagonal().abs().numpy(), np.abs(np.diag(r_ref)), rtol=1e-6)
+    np.testing.assert_allclose(res.R.cpu().diagonal().abs().numpy()[:24], np.abs(np.diag(r_ref))[:24], rtol=1e-4)
     check_structure(A.to(device), res)
 
 
