@@ -16,23 +16,9 @@ import triton
 import triton.language as tl
 
 from . import utils
+from .gemm_tile import add_lowrank_tile, grouped_tile, matmul_tile
 
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
-
-
-@triton.jit
-def grouped_tile(pid, num_rows, num_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
-                 GROUP_M: tl.constexpr):
-    """Tutorial 03's grouped ordering: GROUP_M row tiles share column tiles while they are hot in L2."""
-    num_pid_m = tl.cdiv(num_rows, BLOCK_ROWS)
-    num_pid_n = tl.cdiv(num_cols, BLOCK_COLS)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
 
 
 @triton.autotune(configs=utils.gemm_configs(), key=["M_BUCKET", "N", "K", "R"],
@@ -55,36 +41,12 @@ def _lowrank_matmul_kernel(
     # int64 so that row * stride cannot overflow for large token counts.
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-
-    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-
+    acc = matmul_tile(a_ptr, b_ptr, rows, cols, K, stride_am, stride_ak, stride_bk, stride_bn,
+                      INPUT_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_LOWRANK:
-        if PER_TOKEN_LAM:
-            adapter = tl.load(lam_index_ptr + rows).to(tl.int64)
-        for j in range(0, tl.cdiv(R, BLOCK_K)):
-            offs_r = j * BLOCK_K + offs_k
-            in_rank = offs_r < R
-            p = tl.load(p_ptr + rows[:, None] * stride_pm + offs_r[None, :] * stride_pr,
-                        mask=in_rank[None, :], other=0.0)
-            if PER_TOKEN_LAM:
-                lam = tl.load(lam_ptr + adapter[:, None] * stride_la + offs_r[None, :] * stride_lr,
-                              mask=in_rank[None, :], other=0.0)
-            else:
-                lam = tl.load(lam_ptr + offs_r * stride_lr, mask=in_rank, other=0.0)[None, :]
-            scaled = (p.to(ACC_DTYPE) * lam.to(ACC_DTYPE)).to(u_ptr.dtype.element_ty)
-            u = tl.load(u_ptr + offs_r[:, None] * stride_ur + cols[None, :] * stride_un,
-                        mask=in_rank[:, None], other=0.0)
-            acc = tl.dot(scaled, u, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = add_lowrank_tile(acc, p_ptr, lam_ptr, lam_index_ptr, u_ptr, rows, cols, R,
+                               stride_pm, stride_pr, stride_la, stride_lr, stride_ur, stride_un,
+                               PER_TOKEN_LAM, INPUT_PRECISION, ACC_DTYPE, BLOCK_K)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols * stride_bias)

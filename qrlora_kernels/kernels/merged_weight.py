@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from . import utils
-from .lowrank_matmul import _TL_ACC, grouped_tile, matmul
+from .gemm_tile import add_lowrank_tile, grouped_tile
+from .lowrank_matmul import _TL_ACC, matmul
 
 
 # restore_value: autotuning runs the kernel once per config, which would apply the update repeatedly when out is
@@ -38,17 +39,12 @@ def _merged_weight_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = (offs_m % N).to(tl.int64)
     cols = (offs_n % K).to(tl.int64)
-    offs_r0 = tl.arange(0, BLOCK_K)
 
+    # W_eff's update (Q * lam) @ R is the low-rank term of lowrank_matmul with Q in place of p and R of u.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for j in range(0, tl.cdiv(R, BLOCK_K)):
-        offs_r = j * BLOCK_K + offs_r0
-        in_rank = offs_r < R
-        q = tl.load(q_ptr + rows[:, None] * stride_qn + offs_r[None, :] * stride_qr, mask=in_rank[None, :], other=0.0)
-        lam = tl.load(lam_ptr + offs_r * stride_lr, mask=in_rank, other=0.0)
-        q_scaled = (q.to(ACC_DTYPE) * lam.to(ACC_DTYPE)[None, :]).to(q_ptr.dtype.element_ty)
-        r = tl.load(r_ptr + offs_r[:, None] * stride_rr + cols[None, :] * stride_rk, mask=in_rank[:, None], other=0.0)
-        acc = tl.dot(q_scaled, r, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    acc = add_lowrank_tile(acc, q_ptr, lam_ptr, lam_ptr, r_ptr, rows, cols, R,
+                           stride_qn, stride_qr, 0, stride_lr, stride_rr, stride_rk,
+                           False, INPUT_PRECISION, ACC_DTYPE, BLOCK_K)
 
     mask = (offs_m[:, None] < N) & (offs_n[None, :] < K)
     out_rows = offs_m.to(tl.int64)

@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from . import utils
-from .lowrank_matmul import _TL_ACC, check_lam_index, grouped_tile
+from .gemm_tile import grouped_tile, matmul_tile
+from .lowrank_matmul import _TL_ACC, check_lam_index
 
 REDUCE_NONE, REDUCE_BLOCKS, REDUCE_TOKENS = 0, 1, 2
 
@@ -43,18 +44,8 @@ def _project_kernel(
     offs_r = pid_r * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = (offs_m % M).to(tl.int64)
     cols = offs_r % R
-    offs_k = tl.arange(0, BLOCK_K)
-
-    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = basis_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_br
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    acc = matmul_tile(a_ptr, basis_ptr, rows, cols, K, stride_am, stride_ak, stride_bk, stride_br,
+                      INPUT_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K)
 
     in_rows = offs_m < M
     in_rank = offs_r < R

@@ -1,0 +1,73 @@
+"""Tile-level pieces shared by the Triton kernels: the program -> tile order, the K-loop of a GEMM tile and the
+lam-scaled low-rank update. Triton inlines ``@triton.jit`` helpers into their callers, so sharing them costs
+nothing at run time. Row and column indices come in already wrapped (``offs % size``): the loads then need a
+mask only along the reduction dimension, and the callers mask their stores.
+"""
+# No `from __future__ import annotations`: the tl.constexpr annotations stay real objects, which every
+# Triton release (3.6 on the GPU image, 3.8 here) reads the same way.
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def grouped_tile(pid, num_rows, num_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    """Tutorial 03's grouped ordering: GROUP_M row tiles share column tiles while they are hot in L2."""
+    num_pid_m = tl.cdiv(num_rows, BLOCK_ROWS)
+    num_pid_n = tl.cdiv(num_cols, BLOCK_COLS)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def matmul_tile(a_ptr, b_ptr, rows, cols, K, stride_am, stride_ak, stride_bk, stride_bn,
+                INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) tile ``a[rows, :K] @ b[:K, cols]`` in an ACC_DTYPE accumulator."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def add_lowrank_tile(acc, p_ptr, lam_ptr, lam_index_ptr, u_ptr, rows, cols, R,
+                     stride_pm, stride_pr, stride_la, stride_lr, stride_ur, stride_un,
+                     PER_TOKEN_LAM: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """``acc + (p[rows, :R] * lam) @ u[:R, cols]``, R in chunks of BLOCK_K.
+
+    ``lam`` is (R,), or with PER_TOKEN_LAM (A, R) indexed per row by ``lam_index``. It is applied in float32
+    and the scaled tile is cast to u's dtype, so the dot runs on tensor cores like the main GEMM.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    if PER_TOKEN_LAM:
+        adapter = tl.load(lam_index_ptr + rows).to(tl.int64)
+    for j in range(0, tl.cdiv(R, BLOCK_K)):
+        offs_r = j * BLOCK_K + offs_k
+        in_rank = offs_r < R
+        p = tl.load(p_ptr + rows[:, None] * stride_pm + offs_r[None, :] * stride_pr,
+                    mask=in_rank[None, :], other=0.0)
+        if PER_TOKEN_LAM:
+            lam = tl.load(lam_ptr + adapter[:, None] * stride_la + offs_r[None, :] * stride_lr,
+                          mask=in_rank[None, :], other=0.0)
+        else:
+            lam = tl.load(lam_ptr + offs_r * stride_lr, mask=in_rank, other=0.0)[None, :]
+        scaled = (p.to(ACC_DTYPE) * lam.to(ACC_DTYPE)).to(u_ptr.dtype.element_ty)
+        u = tl.load(u_ptr + offs_r[:, None] * stride_ur + cols[None, :] * stride_un,
+                    mask=in_rank[:, None], other=0.0)
+        acc = tl.dot(scaled, u, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return acc
