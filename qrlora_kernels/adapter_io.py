@@ -38,7 +38,7 @@ from torch import nn
 
 from .config import QRLoraConfig
 from .model import (ADAPTER_IDS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER, MODULES_TO_SAVE_ATTR, _layer_class,
-                    _set_submodule, qrlora_layers)
+                    _set_submodule, adapter_row, qrlora_layers)
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -179,10 +179,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
     layers = qrlora_layers(model)
     if not layers:
         raise ValueError("the model has no QR-LoRA layers to save (call apply_qrlora first)")
-    ids = getattr(model, ADAPTER_IDS_ATTR, {DEFAULT_ADAPTER: 0})
-    if adapter_name not in ids:
-        raise ValueError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(ids)}")
-    row = ids[adapter_name]
+    row = adapter_row(model, adapter_name)
     config = getattr(model, CONFIG_ATTR, None)
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}

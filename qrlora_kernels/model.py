@@ -243,6 +243,14 @@ def _merged_linear(layer: nn.Module, row: Optional[int]) -> nn.Linear:
     return layer.to_linear(row)
 
 
+def adapter_row(model: nn.Module, adapter_name: str) -> int:
+    """The row of every layer's ``lam`` that holds ``adapter_name`` (a model never given a name has "default")."""
+    ids = getattr(model, ADAPTER_IDS_ATTR, {DEFAULT_ADAPTER: 0})
+    if adapter_name not in ids:
+        raise ValueError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(ids)}")
+    return ids[adapter_name]
+
+
 def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) -> nn.Module:
     """Turn every ``QRLoraLinear`` back into a plain ``nn.Linear`` with W0 + Q diag(lam) R merged in.
 
@@ -252,12 +260,7 @@ def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) ->
     layers = qrlora_layers(model)
     if not layers:
         raise ValueError("the model has no QR-LoRA layers to merge")
-    row = None
-    if adapter_name is not None:
-        ids = getattr(model, ADAPTER_IDS_ATTR, {DEFAULT_ADAPTER: 0})
-        if adapter_name not in ids:
-            raise ValueError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(ids)}")
-        row = ids[adapter_name]
+    row = None if adapter_name is None else adapter_row(model, adapter_name)
     for name, layer in layers:
         try:
             merged = _merged_linear(layer, row)
