@@ -112,17 +112,24 @@ def _check_apply(rank, world):
         qm._factorise = original
 
 
-def _check_ddp(rank, world):
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
+def _converted_with_reference_grads(seed):
+    """A converted model with random lam, a batch (x, target) from ``seed``, and the lam gradients one process
+    computes on the whole batch: what each data-parallel wrapper must reproduce from its half."""
     from qrlora_kernels import QRLoraConfig, apply_qrlora
     config = QRLoraConfig(target_modules=["query", "value", "up"])
-    gen = torch.Generator().manual_seed(99)
+    gen = torch.Generator().manual_seed(seed)
     x, target = torch.randn(4, 5, HIDDEN, generator=gen), torch.randn(4, 5, HIDDEN, generator=gen)
     expected = _lam_grads_single_process(config, x, target)
     model = _base_model()
     apply_qrlora(model, config, progress=False)
     _set_lam(model)
+    return model, x, target, expected
+
+
+def _check_ddp(rank, world):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    model, x, target, expected = _converted_with_reference_grads(seed=99)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(".lam")}
     ddp = DistributedDataParallel(model)
     share = slice(2 * rank, 2 * rank + 2)  # each rank its half of the batch
@@ -143,14 +150,7 @@ def _check_ddp(rank, world):
 def _check_fsdp2(rank, world):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
-    from qrlora_kernels import QRLoraConfig, apply_qrlora
-    config = QRLoraConfig(target_modules=["query", "value", "up"])
-    gen = torch.Generator().manual_seed(5)
-    x, target = torch.randn(4, 5, HIDDEN, generator=gen), torch.randn(4, 5, HIDDEN, generator=gen)
-    expected = _lam_grads_single_process(config, x, target)
-    model = _base_model()
-    apply_qrlora(model, config, progress=False)
-    _set_lam(model)
+    model, x, target, expected = _converted_with_reference_grads(seed=5)
     for block in model.layers:
         fully_shard(block)
     fully_shard(model)
