@@ -7,9 +7,10 @@ machines without a display.
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
+
+from .harness import atomic_write_bytes
 
 
 def _ok(rows):
@@ -70,15 +71,11 @@ def plot_layers(rows: list[dict], path: Path, meta: dict | None = None) -> Path:
     fig.suptitle(f"Layer time relative to the frozen linear{where}", fontsize=9)
     fig.tight_layout()
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
+    png = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        fig.savefig(png, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    path = Path(path)
+    atomic_write_bytes(path, png.getvalue())
     return path
