@@ -152,12 +152,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None,
            input_precision: str | None = None) -> torch.Tensor:
     """Plain ``a @ b`` with the same kernel, but the result may be stored wider than the inputs
     (e.g. float32 for float16 inputs), which torch's matmul cannot do on every version."""
-    for name, t in (("a", a), ("b", b)):
-        utils.check_float(name, t)
-        utils.check_2d(name, t)
-    utils.check_size("inner dimension", "a.shape[1]", a.shape[1], "b.shape[0]", b.shape[0])
-    if a.dtype != b.dtype:
-        raise TypeError(f"mixed dtypes: a is {a.dtype} but b is {b.dtype}")
+    utils.check_matmul_operands("a", a, "b", b)
     device = utils.check_runnable(a, b)
     out = utils.check_out(out, (a.shape[0], b.shape[1]), out_dtype or a.dtype, device)
     return _launch(a, b, None, None, None, None, None, out, input_precision)

@@ -64,12 +64,7 @@ def _project_kernel(
 
 
 def _check_inputs(a, basis):
-    for name, t in (("a", a), ("basis", basis)):
-        utils.check_float(name, t)
-        utils.check_2d(name, t)
-    utils.check_size("inner dimension", "a.shape[1]", a.shape[1], "basis.shape[0]", basis.shape[0])
-    if a.dtype != basis.dtype:
-        raise TypeError(f"mixed dtypes: a is {a.dtype} but basis is {basis.dtype}")
+    utils.check_matmul_operands("a", a, "basis", basis)
     if basis.shape[1] < 1:
         raise ValueError("rank must be at least 1 (basis has no columns)")
 

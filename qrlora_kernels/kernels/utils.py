@@ -78,6 +78,16 @@ def check_size(what: str, name_a: str, size_a: int, name_b: str, size_b: int) ->
         raise ValueError(f"{what} mismatch: {name_a} is {size_a} but {name_b} is {size_b}")
 
 
+def check_matmul_operands(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """The two operands of ``a @ b``: floating point, 2-D, matching inner sizes and one dtype."""
+    for name, t in ((name_a, a), (name_b, b)):
+        check_float(name, t)
+        check_2d(name, t)
+    check_size("inner dimension", f"{name_a}.shape[1]", a.shape[1], f"{name_b}.shape[0]", b.shape[0])
+    if a.dtype != b.dtype:
+        raise TypeError(f"mixed dtypes: {name_a} is {a.dtype} but {name_b} is {b.dtype}")
+
+
 def check_out(out: torch.Tensor | None, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A preallocated output with the right shape, dtype and device, or a fresh one."""
     if out is None:
