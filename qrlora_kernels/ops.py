@@ -40,6 +40,13 @@ def _no_autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _op_scope(name: str, device: torch.device):
+    """Autocast off, and an NVTX range (``qrlora/fwd``, ``qrlora/bwd``) around the op's kernels for Nsight."""
+    with _kernels().utils.nvtx_range(name, device), _no_autocast(device):
+        yield
+
+
 def _num_adapters(lam: Tensor) -> int:
     return lam.shape[0] if lam.dim() == 2 else 1
 
@@ -51,7 +58,7 @@ def lowrank_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor
                     lam_index: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """y = x W0^T + b + ((x R^T) * lam) Q^T; also returns S = x R^T, saved for the backward."""
     k = _kernels()
-    with _no_autocast(x.device):
+    with _op_scope("qrlora/fwd", x.device):
         s = k.project(x, R.t())
         y = k.lowrank_matmul(x, weight.t(), s, lam, Q.t(), bias, lam_index=lam_index)
     return y, s
@@ -71,7 +78,7 @@ def lowrank_backward(dy: Tensor, weight: Tensor, Q: Tensor, R: Tensor, lam: Tens
     dlam is float32 with lam's shape; dx is empty when ``compute_dx`` is False.
     """
     k = _kernels()
-    with _no_autocast(dy.device):
+    with _op_scope("qrlora/bwd", dy.device):
         g, dlam = k.project_and_reduce(dy, Q, s, lam_index=lam_index, num_adapters=_num_adapters(lam))
         if compute_dx:
             dx = k.lowrank_matmul(dy, weight, g, lam, R, None, lam_index=lam_index)
@@ -121,7 +128,7 @@ def _(weight, Q, R, lam):
 def merged_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor, R: Tensor,
                    lam: Tensor) -> tuple[Tensor, Tensor]:
     """y = x W_eff^T + b with W_eff = W0 + (Q*lam) R built by one kernel; returns (y, W_eff)."""
-    with _no_autocast(x.device):
+    with _op_scope("qrlora/fwd", x.device):
         w_eff = _kernels().merged_weight(weight, Q, lam, R)
         y = torch.nn.functional.linear(x, w_eff, bias)
     return y, w_eff
@@ -138,7 +145,7 @@ def merged_backward(dy: Tensor, x: Tensor, w_eff: Tensor, Q: Tensor, R: Tensor, 
     """(dx, dlam) with dx = dY W_eff and dlam by ``dlam_route``: "project" (S = x R^T, then G = dY Q and
     sum_t S*G in one pass) or "weight_grad" (diag(Q^T (dY^T x) R^T)). dlam is float32 with lam's shape."""
     k = _kernels()
-    with _no_autocast(dy.device):
+    with _op_scope("qrlora/bwd", dy.device):
         if dlam_route == "project":
             s = k.project(x, R.t())
             _, dlam = k.project_and_reduce(dy, Q, s)
