@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -89,11 +90,18 @@ def make_extension():
     # No -std flag: torch's BuildExtension adds the standard its headers need (C++17, or C++20
     # from torch 2.10 on), and a fixed one breaks one of the two supported stacks.
     cxx_flags = ["-O3"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # The CPU panel's parallel region (csrc/qrcp/panel_cpu.cpp) and ATen's inline
+        # at::parallel_for need OpenMP at compile time; without it both silently run on one
+        # thread. libgomp.so.1 resolves to the copy torch has already loaded (same soname).
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if not use_cuda:
         print("qrlora_kernels: building the CPU-only extension "
               f"(nvcc found: {bool(cuda_home)}, CUDA build of torch: {torch.version.cuda is not None})")
         return cpp_extension.CppExtension(
-            "qrlora_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})
+            "qrlora_kernels._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     archs = [a.strip() for a in os.environ.get("QRLORA_CUDA_ARCHS", DEFAULT_ARCHS).split(";") if a.strip()]
     gencode = []
     for a in archs:
@@ -108,6 +116,7 @@ def make_extension():
         define_macros=[("QRLORA_WITH_CUDA", "1"),
                        ("QRLORA_CUDA_ARCHS", "_".join(a.replace(".", "") for a in archs))],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", *gencode]},
+        extra_link_args=link_flags,
     )
 
 

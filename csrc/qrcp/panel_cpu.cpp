@@ -8,9 +8,13 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace qrlora::qrcp {
 namespace {
@@ -89,6 +93,20 @@ inline double safe_norm(const double* x, int64_t len) {
   return amax * std::sqrt(s);
 }
 
+// What each thread reports after its share of a step's trailing pass: the first column of
+// largest partial norm in its share (the next step's pivot candidate), its share of the remaining
+// energy, and whether it flagged an unreliable norm. One cache line each: no false sharing.
+struct alignas(64) StepPartial {
+  double best = -1;
+  int64_t pivot = 0;
+  double energy = 0;
+  bool flagged = false;
+};
+
+// One step's serial part (pivot swap, column update, Householder, auxv) runs on thread 0; the
+// trailing pass is split by columns over all threads. The whole panel is ONE parallel region
+// with two barriers per step (instead of a fork/join per step), and the next pivot search is
+// folded into the pass, so the serial part stays O(m * j).
 template <typename T>
 void factor_panel_impl(Workspace& ws, int64_t off, int64_t nb) {
   const int64_t m = ws.m, n = ws.n, info_stride = ws.nb;
@@ -105,74 +123,126 @@ void factor_panel_impl(Workspace& ws, int64_t off, int64_t nb) {
   const T tol3z = std::sqrt(std::numeric_limits<T>::epsilon());
   const double escale = ws.energy_scale;
 
+  int threads = 1;
+#ifdef _OPENMP
+  if (!at::in_parallel_region() && (m - off) * (n - off) >= int64_t(at::get_num_threads()) * kMinParallelWork)
+    threads = at::get_num_threads();
+#endif
+  std::vector<StepPartial> partial(threads);
   int64_t kb = 0;
-  for (int64_t j = 0; j < nb; ++j) {
-    const int64_t k = off + j;
-    // Pivot: first column of largest partial norm (idamax), plus the stopping-rule records.
-    int64_t pvt = k;
-    T best = T(-1);
-    double energy = 0;
-    for (int64_t c = k; c < n; ++c) {
-      const T v = vn1[c];
-      if (v > best) {
-        best = v;
-        pvt = c;
-      }
-      const double e = double(v) * escale;
-      energy += e * e;
-    }
-    info[1 + j] = double(best);
-    info[1 + info_stride + j] = energy;
-    if (pvt != k) {
-      std::swap_ranges(C + pvt * m, C + pvt * m + m, C + k * m);
-      for (int64_t t = 0; t < j; ++t) std::swap(Ft[t * n + (pvt - off)], Ft[t * n + (k - off)]);
-      std::swap(perm[pvt], perm[k]);
-      vn1[pvt] = vn1[k];
-      vn2[pvt] = vn2[k];
-    }
-    T* col = C + k * m;
-    const int64_t len = m - k;
-    // Bring column k up to date with the panel's earlier reflectors: col -= V_panel F(k, :)^T.
-    if (j > 0) {
-      at::parallel_for(0, len, 8192, [&](int64_t b, int64_t e) {
+  T beta = 0;  // of the step in flight; written by thread 0 only
+
+  auto panel = [&](int tid, int nth) {
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t k = off + j;
+      if (tid == 0) {
+        // Pivot: first column of largest partial norm (idamax), plus the stopping-rule records.
+        int64_t pvt = k;
+        T best = T(-1);
+        double energy = 0;
+        if (j == 0) {
+          for (int64_t c = k; c < n; ++c) {
+            const T v = vn1[c];
+            if (v > best) {
+              best = v;
+              pvt = c;
+            }
+            const double e = double(v) * escale;
+            energy += e * e;
+          }
+        } else {
+          // Shares are in column order, so "strictly greater" keeps the first maximum.
+          for (int t = 0; t < nth; ++t) {
+            if (partial[t].best > double(best)) {
+              best = T(partial[t].best);
+              pvt = partial[t].pivot;
+            }
+            energy += partial[t].energy;
+          }
+        }
+        info[1 + j] = double(best);
+        info[1 + info_stride + j] = energy;
+        if (pvt != k) {
+          std::swap_ranges(C + pvt * m, C + pvt * m + m, C + k * m);
+          for (int64_t t = 0; t < j; ++t) std::swap(Ft[t * n + (pvt - off)], Ft[t * n + (k - off)]);
+          std::swap(perm[pvt], perm[k]);
+          vn1[pvt] = vn1[k];
+          vn2[pvt] = vn2[k];
+        }
+        T* col = C + k * m;
+        const int64_t len = m - k;
+        // Bring column k up to date with the panel's earlier reflectors: col -= V_panel F(k, :)^T.
         for (int64_t t = 0; t < j; ++t) {
           const T f = Ft[t * n + (k - off)];
           const T* vt = C + (off + t) * m + k;
-          for (int64_t i = b; i < e; ++i) col[k + i] -= f * vt[i];
+          for (int64_t i = 0; i < len; ++i) col[k + i] -= f * vt[i];
         }
-      });
+        // Householder reflector (dlarfg): H = I - tau v v^T with v[0] = 1, H col = beta e1.
+        const T alpha = col[k];
+        const T xnorm = len > 1 ? safe_norm(col + k + 1, len - 1) : T(0);
+        T tk = 0;
+        beta = alpha;
+        if (xnorm != T(0)) {
+          beta = -std::copysign(std::hypot(alpha, xnorm), alpha);
+          tk = (beta - alpha) / beta;
+          const T scal = T(1) / (alpha - beta);
+          for (int64_t i = 1; i < len; ++i) col[k + i] *= scal;
+        }
+        tau[k] = tk;
+        col[k] = T(1);
+        // auxv = -tau V_panel^T v : the incremental term of F's new column.
+        for (int64_t t = 0; t < j; ++t) auxv[t] = -tk * dot(C + (off + t) * m + k, col + k, len);
+        for (int64_t t = 0; t < j; ++t) w[t] = C[(off + t) * m + k];
+        w[j] = T(1);
+      }
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+      // The one pass over the trailing matrix: F's column, the pivot-row update, the norm
+      // downdate; then this share's candidate for the next pivot.
+      {
+        const int64_t count = n - k - 1;
+        const int64_t b = k + 1 + count * tid / nth, e = k + 1 + count * (tid + 1) / nth;
+        const TrailingPass<T> pass{C, m, n, off, j, k, tau[k], auxv, w, Ft, vn1, vn2, flags, k + 1 < m, tol3z};
+        StepPartial mine;
+        mine.pivot = b;
+        mine.flagged = b < e && run_trailing_pass(pass, b, e);
+        for (int64_t c = b; c < e; ++c) {
+          const T v = vn1[c];
+          if (double(v) > mine.best) {
+            mine.best = double(v);
+            mine.pivot = c;
+          }
+          const double en = double(v) * escale;
+          mine.energy += en * en;
+        }
+        partial[tid] = mine;
+      }
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+      if (tid == 0) {
+        // Nobody reads these before the next barrier: the next pass touches columns > k + 1 only.
+        for (int64_t c = off; c <= k; ++c) Ft[j * n + (c - off)] = T(0);
+        C[k * m + k] = beta;
+        kb = j + 1;
+      }
+      // Unreliable norms: end the panel here; the driver applies the update and recomputes them.
+      bool any = false;
+      for (int t = 0; t < nth; ++t) any = any || partial[t].flagged;
+      if (any) break;
     }
-    // Householder reflector (dlarfg): H = I - tau v v^T with v[0] = 1, H col = beta e1.
-    const T alpha = col[k];
-    const T xnorm = len > 1 ? safe_norm(col + k + 1, len - 1) : T(0);
-    T tk = 0, beta = alpha;
-    if (xnorm != T(0)) {
-      beta = -std::copysign(std::hypot(alpha, xnorm), alpha);
-      tk = (beta - alpha) / beta;
-      const T scal = T(1) / (alpha - beta);
-      for (int64_t i = 1; i < len; ++i) col[k + i] *= scal;
-    }
-    tau[k] = tk;
-    col[k] = T(1);
-    // auxv = -tau V_panel^T v : the incremental term of F's new column.
-    at::parallel_for(0, j, std::max<int64_t>(1, kMinParallelWork / len), [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t) auxv[t] = -tk * dot(C + (off + t) * m + k, col + k, len);
-    });
-    for (int64_t t = 0; t < j; ++t) w[t] = C[(off + t) * m + k];
-    w[j] = T(1);
-    const bool downdate = k + 1 < m;
-    std::atomic<bool> flagged{false};
-    const TrailingPass<T> pass{C, m, n, off, j, k, tk, auxv, w, Ft, vn1, vn2, flags, downdate, tol3z};
-    // The one pass over the trailing matrix: F's column, the pivot-row update, the norm downdate.
-    at::parallel_for(k + 1, n, std::max<int64_t>(16, kMinParallelWork / len), [&](int64_t b, int64_t e) {
-      if (run_trailing_pass(pass, b, e)) flagged.store(true, std::memory_order_relaxed);
-    });
-    for (int64_t c = off; c <= k; ++c) Ft[j * n + (c - off)] = T(0);
-    col[k] = beta;
-    kb = j + 1;
-    // Unreliable norms: end the panel here; the driver applies the update and recomputes them.
-    if (flagged.load()) break;
+  };
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    panel(omp_get_thread_num(), omp_get_num_threads());
+  } else {
+    panel(0, 1);
   }
+#else
+  panel(0, 1);
+#endif
   info[0] = double(kb);
 }
 
