@@ -31,6 +31,8 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import contextlib
+
 import torch
 
 from . import _extension
@@ -121,8 +123,11 @@ def qrcp(A: torch.Tensor, *, rank: int | None = None, tau: float | None = None, 
     args = (-1 if rank is None else int(rank), -1.0 if tau is None else float(tau),
             -1.0 if abstol is None else float(abstol), -1.0 if reltol is None else float(reltol),
             method, int(_block_size or 0), int(_seed))
-    if work.requires_grad and torch.is_grad_enabled():
-        Q, R, perm = _NotDifferentiable.apply(work, args)
-    else:
-        Q, R, perm = torch.ops.qrlora.qrcp(work, *args)
+    # One NVTX range per factorisation ("qrcp/geqp3" or "qrcp/randomized") for Nsight; no-op on the CPU.
+    scope = torch.cuda.nvtx.range(f"qrcp/{method}") if work.is_cuda else contextlib.nullcontext()
+    with scope:
+        if work.requires_grad and torch.is_grad_enabled():
+            Q, R, perm = _NotDifferentiable.apply(work, args)
+        else:
+            Q, R, perm = torch.ops.qrlora.qrcp(work, *args)
     return QRCPResult(Q.to(device), R.to(device), perm.to(device))
