@@ -28,10 +28,9 @@ differentiable.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
-
-import contextlib
 
 import torch
 
