@@ -107,9 +107,8 @@ def build_basis(weight: torch.Tensor, *, tau: float | None = None, rank: int | N
     max_rank = min(out_features, in_features)
     _check_rule(tau, rank, energy, max_rank)
 
+    # NaN/Inf is refused by qrcp itself (naming the first bad column): no second pass over W here.
     w = weight.detach().to(_compute_dtype(weight.dtype))
-    if not torch.isfinite(w).all():
-        raise ValueError("weight contains NaN or Inf; cannot build a QR-LoRA basis")
     weight_energy = torch.linalg.vector_norm(w).square()
     if weight_energy == 0:
         raise ValueError("weight is all zeros: it has no energy to capture and no basis")
