@@ -3,7 +3,9 @@
 Side by side in one run, fp32, random N(0, 1) matrices, medians after a warm-up
 (benchmarks/harness.py):
 
-* ``qrcp`` geqp3 and randomized, full and truncated at rank 64 and 256;
+* ``qrcp`` geqp3 and randomized, full and truncated at rank 64 and 256, returning Q; and full in
+  ``mode="raw"`` (compact Householder form, Q not formed: the like-for-like row against
+  ``torch.geqrf``, which does not form Q either; ``torch.linalg.qr`` does);
 * ``scipy.linalg.qr(pivoting=True)`` (LAPACK geqp3; CPU only): the bar for the deterministic mode;
 * ``torch.geqrf`` and ``torch.linalg.qr`` (unpivoted QR): the floor;
 * ``torch.linalg.svd``: what SVD-initialised methods pay;
@@ -51,6 +53,7 @@ def routines(A: torch.Tensor) -> dict[str, Callable[[], object]]:
     out: dict[str, Callable[[], object]] = {}
     for method in ("geqp3", "randomized"):
         out[f"qrcp_{method}"] = lambda method=method: qrcp(A, method=method, _seed=0)
+        out[f"qrcp_{method}_raw"] = lambda method=method: qrcp(A, method=method, mode="raw", _seed=0)
         for r in TRUNCATED_RANKS:
             if r <= min(A.shape):
                 out[f"qrcp_{method}_rank{r}"] = lambda method=method, r=r: qrcp(A, rank=r, method=method, _seed=0)

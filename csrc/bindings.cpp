@@ -10,14 +10,24 @@
 
 TORCH_LIBRARY(qrlora, m) {
   // Sentinels: rank/tau/abstol/reltol < 0 mean "not set", block_size <= 0 the default.
+  // mode "raw" returns (H, tau, perm) in the first two slots (see qrcp/driver.h).
   m.def("qrcp(Tensor A, int rank, float tau, float abstol, float reltol, str method, int block_size, "
-        "int seed) -> (Tensor Q, Tensor R, Tensor perm)");
+        "int seed, str mode=\"reduced\") -> (Tensor Q, Tensor R, Tensor perm)");
+  // The same factorisation of each matrix of a B x m x n batch; one list entry per matrix.
+  m.def("qrcp_batched(Tensor A, int rank, float tau, float abstol, float reltol, str method, int block_size, "
+        "int seed, str mode=\"reduced\") -> (Tensor[] Q, Tensor[] R, Tensor[] perm)");
 }
 
-TORCH_LIBRARY_IMPL(qrlora, CPU, m) { m.impl("qrcp", &qrlora::qrcp::qrcp_op); }
+TORCH_LIBRARY_IMPL(qrlora, CPU, m) {
+  m.impl("qrcp", &qrlora::qrcp::qrcp_op);
+  m.impl("qrcp_batched", &qrlora::qrcp::qrcp_batched_op);
+}
 
 #ifdef QRLORA_WITH_CUDA
-TORCH_LIBRARY_IMPL(qrlora, CUDA, m) { m.impl("qrcp", &qrlora::qrcp::qrcp_op); }
+TORCH_LIBRARY_IMPL(qrlora, CUDA, m) {
+  m.impl("qrcp", &qrlora::qrcp::qrcp_op);
+  m.impl("qrcp_batched", &qrlora::qrcp::qrcp_batched_op);
+}
 #endif
 
 namespace {

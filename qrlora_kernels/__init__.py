@@ -22,6 +22,8 @@ _EXPORTS = {
     "build_info": "._extension",
     "qrcp": ".qr",
     "QRCPResult": ".qr",
+    "QRCPRawResult": ".qr",
+    "qrcp_batched": ".qr",
     "qrlora_linear": ".functional",
     "QRLoraLinear": ".layer",
     "QRLoraConfig": ".config",

@@ -24,7 +24,7 @@ Factorisations run in float32 (float64 for float64 weights); Q_r and R_r are ret
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -93,6 +93,52 @@ def _normalise_signs(Q_r: torch.Tensor, R_r_pivoted: torch.Tensor):
     return Q_r * signs, R_r_pivoted * signs.unsqueeze(1)
 
 
+def _stopping_rule(tau, rank, energy) -> dict:
+    """qrcp's keyword arguments for a rank rule. The diag rule needs the full factorisation but only r
+    columns of Q, so it asks for the compact form and forms Q_r from the first r reflectors alone."""
+    if rank is not None:
+        return {"rank": rank}
+    if energy == "diag":
+        return {"mode": "raw"}
+    return {"tau": tau}
+
+
+def _basis_from_factorisation(weight: torch.Tensor, weight_energy: torch.Tensor, result, tau, rank,
+                              energy) -> QRLoraBasis:
+    """Choose r, form Q_r and R_r with the sign convention, from ``qrcp(w, **_stopping_rule(...))``."""
+    if rank is None and energy == "diag":
+        R, perm = result.r(), result.perm
+        d = torch.diagonal(R).square()
+        cumulative = torch.cumsum(d, 0)
+        # Smallest r with cumsum[r-1] >= tau * total; clamped because rounding can leave cumsum[-1] a hair below.
+        r = min(int((cumulative < tau * cumulative[-1]).sum().item()) + 1, d.numel())
+        diag_energy = d / cumulative[-1]
+        energy_captured = float(diag_energy[:r].sum())
+        Q_r = result.q(r)
+    else:
+        Q, R, perm = result
+        r = Q.shape[1]
+        Q_r = Q
+        R_rows = R[:r]
+        diag_energy = torch.diagonal(R_rows[:, :r]).square() / weight_energy
+        energy_captured = float(torch.linalg.vector_norm(R_rows).square() / weight_energy)
+
+    Q_r, R_r_pivoted = _normalise_signs(Q_r, R[:r])
+    perm = perm.to(device=weight.device, dtype=torch.int64)
+    R_r = R_r_pivoted[:, torch.argsort(perm)]
+    return QRLoraBasis(Q_r.to(weight.dtype), R_r.to(weight.dtype), perm, r, energy_captured, diag_energy)
+
+
+def _prepared(weight: torch.Tensor):
+    """(the weight in its compute dtype, its squared Frobenius norm), refusing an all-zero weight."""
+    # NaN/Inf is refused by qrcp itself (naming the first bad column): no second pass over W here.
+    w = weight.detach().to(_compute_dtype(weight.dtype))
+    weight_energy = torch.linalg.vector_norm(w).square()
+    if weight_energy == 0:
+        raise ValueError("weight is all zeros: it has no energy to capture and no basis")
+    return w, weight_energy
+
+
 def build_basis(weight: torch.Tensor, *, tau: float | None = None, rank: int | None = None,
                 energy: str = "diag") -> QRLoraBasis:
     """Factorise ``weight`` with column-pivoted QR and keep the basis chosen by the rank rule.
@@ -103,40 +149,68 @@ def build_basis(weight: torch.Tensor, *, tau: float | None = None, rank: int | N
     from .qr import qrcp
 
     _check_weight(weight)
-    out_features, in_features = weight.shape
-    max_rank = min(out_features, in_features)
-    _check_rule(tau, rank, energy, max_rank)
+    _check_rule(tau, rank, energy, min(weight.shape))
+    w, weight_energy = _prepared(weight)
+    return _basis_from_factorisation(weight, weight_energy, qrcp(w, **_stopping_rule(tau, rank, energy)),
+                                     tau, rank, energy)
 
-    # NaN/Inf is refused by qrcp itself (naming the first bad column): no second pass over W here.
-    w = weight.detach().to(_compute_dtype(weight.dtype))
-    weight_energy = torch.linalg.vector_norm(w).square()
-    if weight_energy == 0:
-        raise ValueError("weight is all zeros: it has no energy to capture and no basis")
 
-    if rank is not None:
-        Q, R, perm = qrcp(w, rank=rank)
-        r = rank
-    elif energy == "diag":
-        Q, R, perm = qrcp(w)
-        d = torch.diagonal(R).square()
-        cumulative = torch.cumsum(d, 0)
-        # Smallest r with cumsum[r-1] >= tau * total; clamped because rounding can leave cumsum[-1] a hair below.
-        r = min(int((cumulative < tau * cumulative[-1]).sum().item()) + 1, d.numel())
-        diag_energy = d / cumulative[-1]
-        energy_captured = float(diag_energy[:r].sum())
-    else:
-        Q, R, perm = qrcp(w, tau=tau)
-        r = Q.shape[1]
+# Same-shape weights are stacked into batches of at most this many bytes (the stack is a copy).
+BATCH_BYTES = 1 << 30
 
-    if rank is not None or energy == "frobenius":
-        R_rows = R[:r]
-        diag_energy = torch.diagonal(R_rows[:, :r]).square() / weight_energy
-        energy_captured = float(torch.linalg.vector_norm(R_rows).square() / weight_energy)
 
-    Q_r, R_r_pivoted = _normalise_signs(Q[:, :r], R[:r])
-    perm = perm.to(device=weight.device, dtype=torch.int64)
-    R_r = R_r_pivoted[:, torch.argsort(perm)]
-    return QRLoraBasis(Q_r.to(weight.dtype), R_r.to(weight.dtype), perm, r, energy_captured, diag_energy)
+def build_bases(weights: Sequence[torch.Tensor], *, tau: float | None = None, rank: int | None = None,
+                energy: str = "diag", names: Sequence[str] | None = None,
+                on_done: Callable[[int], None] | None = None) -> list[QRLoraBasis]:
+    """``build_basis`` of many weights, batching the factorisations of weights that share a shape.
+
+    Weights with the same shape, dtype and device go through ``qrcp_batched`` together (the
+    repeated projections of a transformer's layers), each group on its own device. Results are in
+    input order and equal ``build_basis`` of each weight. ``rank`` is clamped to each weight's
+    ``min(out, in)``. ``names`` label errors; ``on_done(count)`` is called as weights finish (for a
+    progress bar).
+    """
+    from .qr import qrcp, qrcp_batched
+
+    names = list(names) if names is not None else [f"weight {i}" for i in range(len(weights))]
+    if len(names) != len(weights):
+        raise ValueError(f"{len(names)} names for {len(weights)} weights")
+    prepared, groups = [], {}
+    for i, (weight, name) in enumerate(zip(weights, names)):
+        try:
+            _check_weight(weight)
+            r = None if rank is None else min(rank, min(weight.shape))
+            _check_rule(tau, r, energy, min(weight.shape))
+            prepared.append((*_prepared(weight), r))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{name}: {err}") from None
+        groups.setdefault((tuple(weight.shape), weight.dtype, weight.device, r), []).append(i)
+
+    out: list[QRLoraBasis | None] = [None] * len(weights)
+    for (shape, _, _, r), members in groups.items():
+        w0 = prepared[members[0]][0]
+        chunk = max(1, min(len(members), BATCH_BYTES // max(1, w0.numel() * w0.element_size())))
+        rule = _stopping_rule(tau, r, energy)
+        for start in range(0, len(members), chunk):
+            part = members[start:start + chunk]
+            try:
+                if len(part) == 1:
+                    results = [qrcp(prepared[part[0]][0], **rule)]
+                else:
+                    results = qrcp_batched(torch.stack([prepared[i][0] for i in part]), **rule)
+            except (TypeError, ValueError):
+                # A bad weight (NaN/Inf): find and name it, one factorisation at a time.
+                for i in part:
+                    try:
+                        qrcp(prepared[i][0], **rule)
+                    except (TypeError, ValueError) as err:
+                        raise type(err)(f"{names[i]}: {err}") from None
+                raise
+            for i, result in zip(part, results):
+                out[i] = _basis_from_factorisation(weights[i], prepared[i][1], result, tau, r, energy)
+            if on_done is not None:
+                on_done(len(part))
+    return out
 
 
 def truncate(basis: QRLoraBasis, rank: int, *, energy: str = "diag") -> QRLoraBasis:

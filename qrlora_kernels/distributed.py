@@ -51,25 +51,27 @@ def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
     return owners
 
 
-def _progress(iterable, total: int, enabled: Optional[bool], desc: str):
+def _progress(total: int, enabled: Optional[bool], desc: str):
     from tqdm.auto import tqdm
-    return tqdm(iterable, total=total, desc=desc, unit="module", disable=(None if enabled is None else not enabled),
+    return tqdm(total=total, desc=desc, unit="module", disable=(None if enabled is None else not enabled),
                 leave=False)
 
 
-def compute_bases(weights: Sequence[torch.Tensor], factorise: Callable, *,
+def compute_bases(weights: Sequence[torch.Tensor], factorise_many: Callable, *, names: Sequence[str],
                   progress: Optional[bool] = None, group=None,
                   ranks_fn: Optional[Callable[[list[torch.Tensor]], list[int]]] = None) -> list:
     """Factorise every weight once (split across ranks when in a process group).
 
-    ``factorise(weight)`` returns a ``QRLoraBasis`` built with the diag rule when ``ranks_fn`` is given.
+    ``factorise_many(weights, names, on_done)`` returns their ``QRLoraBasis`` list (built with the
+    diag rule when ``ranks_fn`` is given) and calls ``on_done(count)`` as weights finish.
     ``ranks_fn(diag_energies)`` optionally sets every module's final rank from all modules' energies
     (the global budget); a module given rank 0 comes back as None. Returns the bases in input order;
     every rank gets identical tensors.
     """
     rank, world = world_info(group)
     if world == 1:
-        bases = [factorise(w) for w in _progress(weights, len(weights), progress, "QR-LoRA factorisation")]
+        with _progress(len(weights), progress, "QR-LoRA factorisation") as bar:
+            bases = factorise_many(list(weights), list(names), bar.update)
         if ranks_fn is not None:
             final = ranks_fn([b.diag_energy[:b.rank] for b in bases])
             bases = [truncate(b, r) if r > 0 else None for b, r in zip(bases, final)]
@@ -83,8 +85,8 @@ def compute_bases(weights: Sequence[torch.Tensor], factorise: Callable, *,
     costs = [float(w.shape[0]) * w.shape[1] * min(w.shape) for w in weights]
     owners = assign_owners(costs, world)
     mine = [j for j in range(len(weights)) if owners[j] == rank]
-    local = {j: factorise(weights[j]) for j in _progress(mine, len(mine), progress and rank == 0,
-                                                         f"QR-LoRA factorisation (rank {rank}/{world})")}
+    with _progress(len(mine), progress and rank == 0, f"QR-LoRA factorisation (rank {rank}/{world})") as bar:
+        local = dict(zip(mine, factorise_many([weights[j] for j in mine], [names[j] for j in mine], bar.update)))
 
     # Phase 1: the small per-module facts (rank, energy, diagonal) every rank needs.
     metas, diags = [], []

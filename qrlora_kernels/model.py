@@ -19,7 +19,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .basis import QRLoraBasis, build_basis
+from .basis import QRLoraBasis, build_bases
 from .config import ALL_LINEAR, QRLoraConfig
 from . import distributed as _dist
 
@@ -141,14 +141,16 @@ def qrlora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 # ---------------------------------------------------------------------------------------- bases
-def _factorise(weight: torch.Tensor, config: QRLoraConfig) -> QRLoraBasis:
+def _factorise_many(weights: Sequence[torch.Tensor], config: QRLoraConfig, names: Sequence[str],
+                    on_done=None) -> list[QRLoraBasis]:
+    """The bases of ``weights`` under ``config``; same-shape weights are factorised as one batch."""
     with torch.no_grad():
         if config.budget is not None:
             # The budget competes over every component, so each module needs its full diagonal.
             # tau=1 with the diag rule: the full factorisation, energies normalised by sum_j R_jj^2.
-            return build_basis(weight.detach(), tau=1.0, energy="diag")
-        rank = None if config.rank is None else min(config.rank, min(weight.shape))
-        return build_basis(weight.detach(), tau=config.tau, rank=rank, energy=config.energy)
+            return build_bases(weights, tau=1.0, energy="diag", names=names, on_done=on_done)
+        return build_bases(weights, tau=None if config.rank is not None else config.tau, rank=config.rank,
+                           energy=config.energy, names=names, on_done=on_done)
 
 
 def _budget_ranks(diag_energies: Sequence[torch.Tensor], budget: int) -> list[int]:
@@ -180,9 +182,9 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
                  group=None) -> QRLoraReport:
     """Replace every ``nn.Linear`` that ``config`` targets by a ``QRLoraLinear``, in place.
 
-    Every other parameter is frozen, except those of ``config.modules_to_save``. Each
-    factorisation runs on its weight's device, one module at a time: ``qrcp`` takes one
-    2-D matrix, so repeated shapes are not batched into one call. Inside an initialised ``torch.distributed``
+    Every other parameter is frozen, except those of ``config.modules_to_save``. The
+    factorisations run on the weights' devices, and weights that share a shape (the same
+    projection in every layer) are factorised as one batch (``qrcp_batched``). Inside an initialised ``torch.distributed``
     process group (``group``, default the world) the factorisations are split across the
     ranks and the bases broadcast, so every rank ends with the same model as one process would.
 
@@ -208,8 +210,9 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
     # Keep only the outermost matches, so nested ones are not counted twice.
     saved = [n for n in saved if not any(n.startswith(p + ".") for p in saved if p != n)]
 
-    bases = _dist.compute_bases([lin.weight for _, lin in targets], lambda w: _factorise(w, config),
-                                progress=progress, group=group,
+    bases = _dist.compute_bases([lin.weight for _, lin in targets],
+                                lambda ws, names, on_done: _factorise_many(ws, config, names, on_done),
+                                names=[name for name, _ in targets], progress=progress, group=group,
                                 ranks_fn=(lambda diags: _budget_ranks(diags, config.budget))
                                 if config.budget is not None else None)
 

@@ -22,6 +22,18 @@ at an exactly zero residual, so a zero matrix has k = 0 under them.
 sketch (HQRRP): about the speed of unpivoted QR, rank-revealing in practice, but ``|R_ii|``
 is only approximately non-increasing and the pivots differ from geqp3's.
 
+Output (``mode``, named as in ``torch.linalg.qr`` and ``numpy.linalg.qr``):
+
+* ``"reduced"`` (default): ``QRCPResult(Q, R, perm)`` as above.
+* ``"r"``: ``QRCPResult`` with an empty ``Q``; Q is never formed.
+* ``"raw"``: ``QRCPRawResult(H, tau, perm)``, LAPACK geqp3's compact Householder form (what
+  ``torch.geqrf`` returns, plus the pivots): ``H`` is m x n (column-major), its first k columns
+  hold the Householder vectors below the diagonal, ``R = triu(H[:k])``, ``tau`` has length k, and
+  ``H[k:, k:]`` is unspecified. ``.q(r)`` forms only the leading r columns of Q (only the first
+  r reflectors are needed), ``.r()`` gives R, and ``torch.ormqr`` applies Q without forming it.
+  Forming all of Q costs about as much as the factorisation itself, so callers that need few of
+  its columns, or none, should ask for ``"raw"`` or ``"r"``.
+
 float32/float64 inputs are factored in their own precision; float16/bfloat16 are factored in
 float32 and the results are float32. Results live on the input's device. ``qrcp`` is not
 differentiable.
@@ -37,12 +49,38 @@ import torch
 from . import _extension
 
 METHODS = ("geqp3", "randomized")
+MODES = ("reduced", "r", "raw")
 
 
 class QRCPResult(NamedTuple):
     Q: torch.Tensor
     R: torch.Tensor
     perm: torch.Tensor
+
+
+class QRCPRawResult(NamedTuple):
+    """``qrcp(..., mode="raw")``: compact Householder form ``(H, tau)`` plus the pivots."""
+    H: torch.Tensor
+    tau: torch.Tensor
+    perm: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        """k, the number of columns factored."""
+        return self.tau.shape[0]
+
+    def q(self, columns: int | None = None) -> torch.Tensor:
+        """The leading ``columns`` (default k) columns of Q, from the first ``columns`` reflectors only."""
+        c = self.rank if columns is None else columns
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= self.rank:
+            raise ValueError(f"columns must be an int in [0, {self.rank}], got {columns!r}")
+        if c == 0:
+            return self.H.new_zeros(self.H.shape[0], 0)
+        return torch.linalg.householder_product(self.H[:, :c], self.tau[:c])
+
+    def r(self) -> torch.Tensor:
+        """R, k x n upper trapezoidal."""
+        return torch.triu(self.H[:self.rank]).contiguous()
 
 
 class _NotDifferentiable(torch.autograd.Function):
@@ -68,10 +106,13 @@ def _check_number(name, value, *, integer=False):
         raise ValueError(f"qrcp: {name} is NaN")
 
 
-def _validate(A, rank, tau, abstol, reltol, method):
+def _validate(A, rank, tau, abstol, reltol, method, mode, *, batched=False):
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"qrcp: A must be a torch.Tensor, got {type(A).__name__}")
-    if A.dim() != 2:
+    if batched and A.dim() != 3:
+        raise ValueError(f"qrcp_batched: A must be a batch of matrices (B x m x n), got {A.dim()} dimensions "
+                         f"(shape {tuple(A.shape)})")
+    if not batched and A.dim() != 2:
         raise ValueError(f"qrcp: A must be a 2-D matrix, got {A.dim()} dimensions (shape {tuple(A.shape)})")
     if A.is_complex():
         raise TypeError(f"qrcp: complex matrices are not supported (dtype {A.dtype})")
@@ -79,7 +120,9 @@ def _validate(A, rank, tau, abstol, reltol, method):
         raise TypeError(f"qrcp: A must be floating point, got dtype {A.dtype}")
     if method not in METHODS:
         raise ValueError(f"qrcp: unknown method {method!r}; expected one of {METHODS}")
-    m, n = A.shape
+    if mode not in MODES:
+        raise ValueError(f"qrcp: unknown mode {mode!r}; expected one of {MODES}")
+    m, n = A.shape[-2:]
     if rank is not None:
         _check_number("rank", rank, integer=True)
         if not 0 <= rank <= min(m, n):
@@ -99,34 +142,66 @@ def _validate(A, rank, tau, abstol, reltol, method):
     if A.numel():
         finite = torch.isfinite(A)
         if not bool(finite.all()):
+            if batched:
+                b, _, col = (~finite).nonzero()[0].tolist()
+                raise ValueError(f"qrcp_batched: matrix {b} contains NaN or Inf (first in column {col})")
             col = int((~finite).any(dim=0).nonzero()[0, 0])
             raise ValueError(f"qrcp: A contains NaN or Inf (first in column {col})")
 
 
+def _prepare(A, rank, tau, abstol, reltol, method, mode, block_size, seed):
+    """(the matrix the op factors, the op's argument list after A)."""
+    _extension.load()
+    work = A if A.dtype in (torch.float32, torch.float64) else A.to(torch.float32)
+    if work.is_cuda and _extension.build_info()["kind"] != "cuda":
+        work = work.cpu()  # a CPU-only build still answers, on the CPU
+    if seed is None:
+        seed = int(torch.randint(0, 2**61, ())) if method == "randomized" else 0
+    args = (-1 if rank is None else int(rank), -1.0 if tau is None else float(tau),
+            -1.0 if abstol is None else float(abstol), -1.0 if reltol is None else float(reltol),
+            method, int(block_size or 0), int(seed), mode)
+    return work, args
+
+
 def qrcp(A: torch.Tensor, *, rank: int | None = None, tau: float | None = None, abstol: float | None = None,
-         reltol: float | None = None, method: str = "geqp3", _block_size: int | None = None,
-         _seed: int | None = None) -> QRCPResult:
+         reltol: float | None = None, method: str = "geqp3", mode: str = "reduced",
+         _block_size: int | None = None, _seed: int | None = None) -> QRCPResult | QRCPRawResult:
     """Column-pivoted QR ``A[:, perm] ~= Q @ R``; see the module docstring for the rules.
 
     ``_block_size`` (panel width) and ``_seed`` (randomized sketch; drawn from torch's global
     generator when omitted) are for tests and benchmarks.
     """
-    _validate(A, rank, tau, abstol, reltol, method)
-    _extension.load()
-    work = A if A.dtype in (torch.float32, torch.float64) else A.to(torch.float32)
-    device = work.device
-    if work.is_cuda and _extension.build_info()["kind"] != "cuda":
-        work = work.cpu()  # a CPU-only build still answers, on the CPU
-    if _seed is None:
-        _seed = int(torch.randint(0, 2**62, ())) if method == "randomized" else 0
-    args = (-1 if rank is None else int(rank), -1.0 if tau is None else float(tau),
-            -1.0 if abstol is None else float(abstol), -1.0 if reltol is None else float(reltol),
-            method, int(_block_size or 0), int(_seed))
+    _validate(A, rank, tau, abstol, reltol, method, mode)
+    work, args = _prepare(A, rank, tau, abstol, reltol, method, mode, _block_size, _seed)
+    device = A.device
     # One NVTX range per factorisation ("qrcp/geqp3" or "qrcp/randomized") for Nsight; no-op on the CPU.
     scope = torch.cuda.nvtx.range(f"qrcp/{method}") if work.is_cuda else contextlib.nullcontext()
     with scope:
         if work.requires_grad and torch.is_grad_enabled():
-            Q, R, perm = _NotDifferentiable.apply(work, args)
+            first, second, perm = _NotDifferentiable.apply(work, args)
         else:
-            Q, R, perm = torch.ops.qrlora.qrcp(work, *args)
-    return QRCPResult(Q.to(device), R.to(device), perm.to(device))
+            first, second, perm = torch.ops.qrlora.qrcp(work, *args)
+    result = QRCPRawResult if mode == "raw" else QRCPResult
+    return result(first.to(device), second.to(device), perm.to(device))
+
+
+def qrcp_batched(A: torch.Tensor, *, rank: int | None = None, tau: float | None = None,
+                 abstol: float | None = None, reltol: float | None = None, method: str = "geqp3",
+                 mode: str = "reduced", _block_size: int | None = None,
+                 _seed: int | None = None) -> list[QRCPResult] | list[QRCPRawResult]:
+    """``qrcp`` of every matrix of a batch ``A`` (B x m x n), with the same rules; one result per matrix.
+
+    Each result equals ``qrcp(A[b], ...)`` (with the randomized sketch of matrix b seeded by
+    ``_seed + b``); under the tolerance and energy rules each matrix stops at its own rank. On the
+    CPU the matrices are factored concurrently, one per thread, which for a model's many same-shape
+    weights is faster than threading inside each factorisation. Not differentiable (inputs are
+    detached).
+    """
+    _validate(A, rank, tau, abstol, reltol, method, mode, batched=True)
+    work, args = _prepare(A, rank, tau, abstol, reltol, method, mode, _block_size, _seed)
+    scope = torch.cuda.nvtx.range(f"qrcp_batched/{method}") if work.is_cuda else contextlib.nullcontext()
+    with scope:
+        firsts, seconds, perms = torch.ops.qrlora.qrcp_batched(work.detach(), *args)
+    result = QRCPRawResult if mode == "raw" else QRCPResult
+    device = A.device
+    return [result(f.to(device), s.to(device), p.to(device)) for f, s, p in zip(firsts, seconds, perms)]

@@ -4,7 +4,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from qrlora_kernels.basis import QRLoraBasis, basis_from_pivots, build_basis, truncate
+from qrlora_kernels.basis import QRLoraBasis, basis_from_pivots, build_bases, build_basis, truncate
 from qrlora_kernels.testing import assert_rel_close
 
 
@@ -136,3 +136,43 @@ def test_bad_inputs():
         basis_from_pivots(w, torch.tensor([0, 6]))
     with pytest.raises(ValueError, match="cannot truncate a rank-3 basis to rank 4"):
         truncate(build_basis(w, rank=3), 4)
+
+
+@pytest.mark.parametrize("rule", [{"tau": 0.9, "energy": "diag"}, {"tau": 0.8, "energy": "frobenius"}, {"rank": 7}])
+def test_build_bases_batches_repeated_shapes_and_equals_build_basis(rule, monkeypatch):
+    import qrlora_kernels.qr as qr
+
+    shapes = [(40, 24), (24, 40), (40, 24), (33, 33), (40, 24), (24, 40)]
+    weights = [_weight(*s) for s in shapes]
+    batches = []
+    original = qr.qrcp_batched
+
+    def recording(A, **kw):
+        batches.append(tuple(A.shape))
+        return original(A, **kw)
+    monkeypatch.setattr(qr, "qrcp_batched", recording)
+    done = []
+    bases = build_bases(weights, names=[f"m{i}" for i in range(len(weights))], on_done=done.append, **rule)
+    # One batch per repeated shape; the singleton (33, 33) is factorised alone.
+    assert sorted(batches) == [(2, 24, 40), (3, 40, 24)]
+    assert sum(done) == len(weights)
+    for w, got in zip(weights, bases):
+        ref = build_basis(w, **rule)
+        assert got.rank == ref.rank and torch.equal(got.perm, ref.perm)
+        assert_rel_close(got.Q.double() @ got.R.double(), ref.Q.double() @ ref.R.double(), 1e-6)
+        assert got.energy_captured == pytest.approx(ref.energy_captured, rel=1e-6)
+        assert got.Q.shape == (w.shape[0], got.rank) and got.R.shape == (got.rank, w.shape[1])
+
+
+def test_build_bases_clamps_rank_per_shape_and_names_bad_weights():
+    small, big = _weight(5, 4), _weight(30, 20)
+    assert [b.rank for b in build_bases([small, big, big], rank=10)] == [4, 10, 10]
+    bad = _weight(30, 20)
+    bad[3, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"^layer.2: qrcp: A contains NaN or Inf \(first in column 7\)"):
+        build_bases([big, _weight(30, 20), bad], tau=0.9, names=["layer.0", "layer.1", "layer.2"])
+    with pytest.raises(ValueError, match=r"^layer.1: weight is all zeros"):
+        build_bases([big, torch.zeros(30, 20)], tau=0.9, names=["layer.0", "layer.1"])
+    with pytest.raises(ValueError, match="2 names for 1 weights"):
+        build_bases([big], tau=0.9, names=["a", "b"])
+    assert build_bases([], tau=0.9) == []

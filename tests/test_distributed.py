@@ -82,12 +82,12 @@ def _check_apply(rank, world):
     import qrlora_kernels.model as qm
     from qrlora_kernels import QRLoraConfig, apply_qrlora
     calls = []
-    original = qm._factorise
+    original = qm._factorise_many
 
-    def counting(weight, config):
-        calls.append(tuple(weight.shape))
-        return original(weight, config)
-    qm._factorise = counting
+    def counting(weights, config, names, on_done=None):
+        calls.extend(tuple(w.shape) for w in weights)
+        return original(weights, config, names, on_done)
+    qm._factorise_many = counting
     try:
         for config in (QRLoraConfig(target_modules="all-linear", tau=0.8),
                        QRLoraConfig(target_modules="all-linear", budget=97)):
@@ -109,7 +109,7 @@ def _check_apply(rank, world):
             if config.budget is not None:
                 assert report.adapter_params == 97
     finally:
-        qm._factorise = original
+        qm._factorise_many = original
 
 
 def _converted_with_reference_grads(seed):

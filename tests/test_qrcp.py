@@ -9,7 +9,7 @@ import scipy.linalg
 import torch
 
 from qrlora_kernels import qrcp
-from qrlora_kernels.qr import QRCPResult
+from qrlora_kernels.qr import QRCPRawResult, QRCPResult
 
 THRESHOLD = 30.0  # LAPACK's test threshold for the scaled ratios
 SIZES = [0, 1, 2, 3, 5, 10, 50]
@@ -295,6 +295,39 @@ def test_input_is_not_modified_and_layouts_agree():
     check_structure(strided, qrcp(strided))
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kw", [{}, {"rank": 9}, {"tau": 0.7}, {"reltol": 0.2}])
+def test_output_modes_agree_with_the_reduced_result(device, method, kw):
+    """mode="raw" is the same factorisation in compact form, mode="r" the same R without Q."""
+    A = torch.randn(37, 29, dtype=torch.float64, device=device)
+    ref = qrcp(A, method=method, _block_size=5, _seed=4, **kw)
+    k = ref.R.shape[0]
+    raw = qrcp(A, method=method, mode="raw", _block_size=5, _seed=4, **kw)
+    assert isinstance(raw, QRCPRawResult) and raw.rank == k
+    assert raw.H.shape == (37, 29) and raw.tau.shape == (k,) and raw.H.device == A.device
+    assert torch.equal(raw.perm, ref.perm)
+    assert torch.equal(raw.r(), ref.R)
+    torch.testing.assert_close(raw.q(), ref.Q, rtol=0, atol=1e-13)
+    # The leading columns need only the leading reflectors.
+    torch.testing.assert_close(raw.q(3), ref.Q[:, :3], rtol=0, atol=1e-13)
+    assert raw.q(0).shape == (37, 0)
+    # torch.ormqr applies Q^T from the compact form without forming Q: Q^T A P = R.
+    QtAP = torch.ormqr(raw.H[:, :k], raw.tau, A[:, raw.perm], left=True, transpose=True)[:k]
+    torch.testing.assert_close(QtAP, ref.R, rtol=0, atol=1e-12 * A.abs().max().item() * 37)
+    r_only = qrcp(A, method=method, mode="r", _block_size=5, _seed=4, **kw)
+    assert isinstance(r_only, QRCPResult) and r_only.Q.numel() == 0
+    assert torch.equal(r_only.R, ref.R) and torch.equal(r_only.perm, ref.perm)
+
+
+def test_output_modes_on_edge_shapes(device):
+    for m, n in [(0, 5), (5, 0), (0, 0)]:
+        raw = qrcp(torch.randn(m, n, device=device), mode="raw")
+        assert raw.H.shape == (m, n) and raw.tau.shape == (0,) and raw.perm.tolist() == list(range(n))
+        assert raw.q().shape == (m, 0) and raw.r().shape == (0, n)
+    raw = qrcp(torch.tensor([[-3.0]], device=device), mode="raw")
+    assert abs(raw.r().item()) == 3.0 and abs(raw.q().item()) == 1.0
+
+
 def test_backward_raises():
     A = torch.randn(10, 8, requires_grad=True)
     Q, R, perm = qrcp(A)
@@ -319,6 +352,8 @@ def test_backward_raises():
     (lambda: qrcp(torch.randn(4, 3), abstol=-1.0), ValueError, "abstol must be >= 0"),
     (lambda: qrcp(torch.randn(4, 3), reltol=-0.5), ValueError, "reltol must be >= 0"),
     (lambda: qrcp(torch.randn(4, 3), method="svd"), ValueError, "unknown method 'svd'"),
+    (lambda: qrcp(torch.randn(4, 3), mode="complete"), ValueError, "unknown mode 'complete'"),
+    (lambda: qrcp(torch.randn(4, 3), mode="raw").q(4), ValueError, r"columns must be an int in \[0, 3\], got 4"),
 ])
 def test_bad_inputs(call, error, match):
     with pytest.raises(error, match=match):
@@ -337,5 +372,89 @@ def test_non_finite_input_names_first_bad_column(bad):
 def test_op_is_registered_with_its_schema():
     schema = str(torch.ops.qrlora.qrcp.default._schema)
     assert "qrcp(Tensor A, int rank, float tau, float abstol, float reltol, str method" in schema
+    assert 'str mode="reduced"' in schema
     with pytest.raises(RuntimeError, match="unknown method 'x'"):
         torch.ops.qrlora.qrcp(torch.randn(3, 3), -1, -1.0, -1.0, -1.0, "x", 0, 0)
+    with pytest.raises(RuntimeError, match="unknown mode 'full'"):
+        torch.ops.qrlora.qrcp(torch.randn(3, 3), -1, -1.0, -1.0, -1.0, "geqp3", 0, 0, "full")
+
+
+# ------------------------------------------------------------------------------- batched
+def spectrum_batch(sizes, decays, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    m, n = sizes
+    return torch.stack([with_spectrum(m, n, d ** torch.arange(min(m, n), dtype=dtype), generator=gen)
+                        for d in decays])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kw", [{}, {"rank": 11}, {"tau": 0.9}, {"reltol": 1e-2}])
+def test_batched_equals_one_matrix_at_a_time(device, threads, method, kw):
+    from qrlora_kernels import qrcp_batched
+
+    A = spectrum_batch((41, 33), [0.5, 0.7, 0.8, 0.9, 0.95], seed=2).to(device)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        batch = qrcp_batched(A, method=method, _block_size=6, _seed=10, **kw)
+    finally:
+        torch.set_num_threads(before)
+    assert len(batch) == A.shape[0]
+    ranks = set()
+    for b, res in enumerate(batch):
+        ref = qrcp(A[b], method=method, _block_size=6, _seed=10 + b, **kw)
+        assert isinstance(res, QRCPResult)
+        assert torch.equal(res.perm, ref.perm), f"matrix {b}"
+        assert res.R.shape == ref.R.shape, f"matrix {b} stopped at {res.R.shape[0]}, alone at {ref.R.shape[0]}"
+        torch.testing.assert_close(res.R, ref.R, rtol=0, atol=1e-12)
+        # Q's columns for a tiny |R_ii| are ill-determined (BLAS rounding differs with the thread
+        # count); the well-determined ones must agree.
+        d = res.R.diagonal().abs()
+        good = int((d > 1e-6 * d[0]).sum()) if d.numel() else 0
+        torch.testing.assert_close(res.Q[:, :good], ref.Q[:, :good], rtol=0, atol=1e-10)
+        check_structure(A[b], res, monotone=method == "geqp3")
+        ranks.add(res.R.shape[0])
+    if "tau" in kw or "reltol" in kw:
+        assert len(ranks) > 1, "the spectra differ, so each matrix must stop at its own rank"
+
+
+def test_batched_modes_dtypes_and_edge_batches(device):
+    from qrlora_kernels import qrcp_batched
+
+    A = torch.randn(3, 20, 17, device=device)
+    raw = qrcp_batched(A, mode="raw")
+    assert all(isinstance(r, QRCPRawResult) and r.H.shape == (20, 17) for r in raw)
+    for b, r in enumerate(raw):
+        ref = qrcp(A[b])
+        torch.testing.assert_close(r.q(), ref.Q, rtol=0, atol=1e-5)
+        assert torch.equal(r.perm, ref.perm)
+    half = qrcp_batched(A.to(torch.bfloat16), rank=4)
+    assert all(r.Q.dtype == torch.float32 and r.R.shape == (4, 17) for r in half)
+    assert qrcp_batched(torch.randn(0, 5, 4, device=device)) == []
+    empty = qrcp_batched(torch.randn(2, 0, 4, device=device))
+    assert [r.R.shape for r in empty] == [(0, 4), (0, 4)]
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda f: f(torch.randn(4, 3)), ValueError, r"batch of matrices \(B x m x n\), got 2 dimensions"),
+    (lambda f: f(torch.randn(2, 4, 3), rank=4), ValueError, r"rank must lie in \[0, min\(m, n\)\] = \[0, 3\]"),
+    (lambda f: f(torch.randn(2, 4, 3), tau=0.5, rank=1), ValueError, "conflicting stopping rules"),
+    (lambda f: f(torch.ones(2, 4, 3, dtype=torch.int32)), TypeError, "floating point"),
+    (lambda f: f(torch.randn(2, 4, 3), mode="q"), ValueError, "unknown mode 'q'"),
+])
+def test_batched_bad_inputs(call, error, match):
+    from qrlora_kernels import qrcp_batched
+
+    with pytest.raises(error, match=match):
+        call(qrcp_batched)
+
+
+def test_batched_names_the_matrix_and_column_with_nan():
+    from qrlora_kernels import qrcp_batched
+
+    A = torch.randn(4, 6, 5)
+    A[2, 1, 3] = float("nan")
+    A[3, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"matrix 2 contains NaN or Inf \(first in column 3\)"):
+        qrcp_batched(A)

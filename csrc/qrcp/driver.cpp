@@ -6,6 +6,8 @@
 
 #include "panel.h"
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -30,16 +32,28 @@ void recompute_norms(Workspace& ws, int64_t row_start, int64_t col_start) {
   recompute_norms_cpu(ws, row_start, col_start);
 }
 
-QRCPTuple empty_result(const at::Tensor& A, int64_t m, int64_t n) {
-  return {at::zeros({m, 0}, A.options()), at::zeros({0, n}, A.options()),
-          at::arange(n, A.options().dtype(at::kLong))};
-}
-
 }  // namespace
 
-QRCPTuple qrcp_geqp3(const at::Tensor& A, const StopRules& rules, int64_t block_size, bool form_q) {
+QRCPTuple finish(const at::Tensor& H, const at::Tensor& tau, const at::Tensor& perm, int64_t k, OutputMode mode) {
+  const int64_t m = H.size(0);
+  if (mode == OutputMode::kRaw) return {H, tau.narrow(0, 0, k).contiguous(), perm};
+  at::Tensor R = H.narrow(0, 0, k).triu().contiguous();
+  at::Tensor Q;
+  if (mode == OutputMode::kR)
+    Q = at::empty({0}, H.options());
+  else
+    Q = k == 0 ? at::zeros({m, 0}, H.options())
+               : at::linalg_householder_product(H.narrow(1, 0, k), tau.narrow(0, 0, k));
+  return {Q, R, perm};
+}
+
+QRCPTuple qrcp_geqp3(const at::Tensor& A, const StopRules& rules, int64_t block_size, OutputMode mode) {
   const int64_t m = A.size(0), n = A.size(1), mn = std::min(m, n);
-  if (mn == 0) return empty_result(A, m, n);
+  if (mn == 0) {
+    // H as a column-major view, like every other raw result.
+    return finish(at::empty({n, m}, A.options()).t(), at::zeros({0}, A.options()),
+                  at::arange(n, A.options().dtype(at::kLong)), 0, mode);
+  }
   const int64_t kcap = rules.kmax >= 0 ? std::min(rules.kmax, mn) : mn;
   const int64_t nb = std::max<int64_t>(1, std::min(block_size > 0 ? block_size : kDefaultBlock, mn));
   const auto opts = A.options();
@@ -90,29 +104,79 @@ QRCPTuple qrcp_geqp3(const at::Tensor& A, const StopRules& rules, int64_t block_
         /*beta=*/1, /*alpha=*/-1);
     recompute_norms(ws, k, k);
   }
-  const int64_t kf = kstop >= 0 ? kstop : k;
-  at::Tensor R = ws.C.narrow(1, 0, kf).t().triu().contiguous();
-  at::Tensor Q = kf == 0 || !form_q
-                     ? at::zeros({m, form_q ? 0 : kf}, opts)
-                     : at::linalg_householder_product(ws.C.narrow(0, 0, kf).t(), ws.tau.narrow(0, 0, kf));
-  return {Q, R, ws.perm};
+  // C = H^T row-major, so H = C^T is LAPACK's column-major layout.
+  return finish(ws.C.t(), ws.tau, ws.perm, kstop >= 0 ? kstop : k, mode);
 }
 
-QRCPTuple qrcp_op(const at::Tensor& A, int64_t rank, double tau, double abstol, double reltol,
-                  c10::string_view method, int64_t block_size, int64_t seed) {
-  TORCH_CHECK(A.dim() == 2, "qrcp: expected a 2-D matrix, got ", A.dim(), " dimensions");
-  TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble,
-              "qrcp: the op computes in float32 or float64, got ", A.scalar_type());
+namespace {
+
+StopRules make_rules(const at::Tensor& A, int64_t rank, double tau, double abstol, double reltol) {
   StopRules rules;
   rules.kmax = rank;
   rules.tau = tau;
   rules.abstol = abstol;
   rules.reltol = reltol;
-  TORCH_CHECK(rank <= std::min(A.size(0), A.size(1)), "qrcp: rank ", rank, " exceeds min(m, n)");
+  TORCH_CHECK(rank <= std::min(A.size(-2), A.size(-1)), "qrcp: rank ", rank, " exceeds min(m, n)");
   TORCH_CHECK(tau <= 1.0, "qrcp: tau must lie in (0, 1], got ", tau);
-  if (method == "geqp3") return qrcp_geqp3(A, rules, block_size);
-  if (method == "randomized") return qrcp_randomized(A, rules, block_size, seed);
-  TORCH_CHECK(false, "qrcp: unknown method '", std::string(method), "' (expected 'geqp3' or 'randomized')");
+  TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble,
+              "qrcp: the op computes in float32 or float64, got ", A.scalar_type());
+  return rules;
+}
+
+OutputMode parse_mode(c10::string_view mode) {
+  if (mode == "reduced") return OutputMode::kReduced;
+  if (mode == "r") return OutputMode::kR;
+  if (mode == "raw") return OutputMode::kRaw;
+  TORCH_CHECK(false, "qrcp: unknown mode '", std::string(mode), "' (expected 'reduced', 'r' or 'raw')");
+}
+
+void check_method(c10::string_view method) {
+  TORCH_CHECK(method == "geqp3" || method == "randomized", "qrcp: unknown method '", std::string(method),
+              "' (expected 'geqp3' or 'randomized')");
+}
+
+QRCPTuple dispatch(const at::Tensor& A, const StopRules& rules, c10::string_view method, int64_t block_size,
+                   int64_t seed, OutputMode mode) {
+  return method == "geqp3" ? qrcp_geqp3(A, rules, block_size, mode)
+                           : qrcp_randomized(A, rules, block_size, seed, mode);
+}
+
+}  // namespace
+
+QRCPTuple qrcp_op(const at::Tensor& A, int64_t rank, double tau, double abstol, double reltol,
+                  c10::string_view method, int64_t block_size, int64_t seed, c10::string_view mode) {
+  TORCH_CHECK(A.dim() == 2, "qrcp: expected a 2-D matrix, got ", A.dim(), " dimensions");
+  const StopRules rules = make_rules(A, rank, tau, abstol, reltol);
+  const OutputMode out = parse_mode(mode);
+  check_method(method);
+  return dispatch(A, rules, method, block_size, seed, out);
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> qrcp_batched_op(
+    const at::Tensor& A, int64_t rank, double tau, double abstol, double reltol, c10::string_view method,
+    int64_t block_size, int64_t seed, c10::string_view mode) {
+  TORCH_CHECK(A.dim() == 3, "qrcp_batched: expected a batch of matrices (B x m x n), got ", A.dim(), " dimensions");
+  const StopRules rules = make_rules(A, rank, tau, abstol, reltol);
+  const OutputMode out = parse_mode(mode);
+  check_method(method);
+  const int64_t batch = A.size(0);
+  std::vector<QRCPTuple> results(batch);
+  auto one = [&](int64_t b) { results[b] = dispatch(A[b], rules, method, block_size, seed + b, out); };
+  if (A.is_cpu() && batch > 1 && at::get_num_threads() > 1) {
+    // One matrix per thread: inside this region the panels and ATen's BLAS run single-threaded.
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) one(b);
+    });
+  } else {
+    for (int64_t b = 0; b < batch; ++b) one(b);
+  }
+  std::vector<at::Tensor> first, second, perms;
+  for (auto& [x, y, p] : results) {
+    first.push_back(std::move(x));
+    second.push_back(std::move(y));
+    perms.push_back(std::move(p));
+  }
+  return {first, second, perms};
 }
 
 }  // namespace qrlora::qrcp

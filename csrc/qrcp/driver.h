@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <vector>
 
 namespace qrlora::qrcp {
 
@@ -25,14 +26,37 @@ struct StopRules {
 
 using QRCPTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-// Deterministic blocked QRCP (dgeqp3/dlaqps). A: m x n float or double.
-// form_q = false skips forming Q (returned empty): the randomized driver only needs pivots.
-QRCPTuple qrcp_geqp3(const at::Tensor& A, const StopRules& rules, int64_t block_size, bool form_q = true);
-// Randomized QRCP (HQRRP / Duersch-Gu): pivot blocks chosen from a Gaussian sketch.
-QRCPTuple qrcp_randomized(const at::Tensor& A, const StopRules& rules, int64_t block_size, int64_t seed);
+// What a factorisation returns, with k the number of columns factored (torch.linalg.qr's and
+// numpy's mode names):
+//   kReduced: (Q m x k, R k x n, perm);
+//   kR:       (empty, R, perm): Q is never formed;
+//   kRaw:     (H m x n, tau k, perm), LAPACK geqp3's compact form: H[:, :k] holds the
+//             Householder vectors below its diagonal and R = triu(H[:k]); H[k:, k:] is
+//             unspecified. Forming Q (orgqr) costs about as much as the factorisation itself;
+//             the leading r columns need only the first r reflectors.
+enum class OutputMode { kReduced, kR, kRaw };
 
-// The qrlora::qrcp op (sentinels: rank/tau/abstol/reltol < 0 = not set, block_size <= 0 = default).
+// Deterministic blocked QRCP (dgeqp3/dlaqps). A: m x n float or double.
+QRCPTuple qrcp_geqp3(const at::Tensor& A, const StopRules& rules, int64_t block_size,
+                     OutputMode mode = OutputMode::kReduced);
+// Randomized QRCP (HQRRP / Duersch-Gu): pivot blocks chosen from a Gaussian sketch.
+QRCPTuple qrcp_randomized(const at::Tensor& A, const StopRules& rules, int64_t block_size, int64_t seed,
+                          OutputMode mode = OutputMode::kReduced);
+// The result in `mode` from H (m x >= k, column k of A's pivoted QR in H[:, k]), tau and perm.
+QRCPTuple finish(const at::Tensor& H, const at::Tensor& tau, const at::Tensor& perm, int64_t k, OutputMode mode);
+
+// The qrlora::qrcp op (sentinels: rank/tau/abstol/reltol < 0 = not set, block_size <= 0 = default;
+// mode "reduced", "r" or "raw").
 QRCPTuple qrcp_op(const at::Tensor& A, int64_t rank, double tau, double abstol, double reltol,
-                  c10::string_view method, int64_t block_size, int64_t seed);
+                  c10::string_view method, int64_t block_size, int64_t seed, c10::string_view mode);
+
+// The qrlora::qrcp_batched op: the same factorisation of every matrix of A (B x m x n), with
+// matrix b's randomized sketch seeded by seed + b. On the CPU the matrices are factored
+// concurrently, one per thread (each single-threaded): for the many same-shape weights of a
+// model this beats threading inside each factorisation, whose per-column steps synchronise.
+// On CUDA they run one after another on the current stream (batched panel kernels are future work).
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> qrcp_batched_op(
+    const at::Tensor& A, int64_t rank, double tau, double abstol, double reltol, c10::string_view method,
+    int64_t block_size, int64_t seed, c10::string_view mode);
 
 }  // namespace qrlora::qrcp

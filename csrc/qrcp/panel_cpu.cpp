@@ -196,7 +196,9 @@ void factor_panel_impl(Workspace& ws, int64_t off, int64_t nb) {
         w[j] = T(1);
       }
 #ifdef _OPENMP
+      if (nth > 1) {  // an orphaned barrier would bind to a caller's region (qrcp_batched's)
 #pragma omp barrier
+      }
 #endif
       // The one pass over the trailing matrix: F's column, the pivot-row update, the norm
       // downdate; then this share's candidate for the next pivot.
@@ -219,7 +221,9 @@ void factor_panel_impl(Workspace& ws, int64_t off, int64_t nb) {
         partial[tid] = mine;
       }
 #ifdef _OPENMP
+      if (nth > 1) {  // an orphaned barrier would bind to a caller's region (qrcp_batched's)
 #pragma omp barrier
+      }
 #endif
       if (tid == 0) {
         // Nobody reads these before the next barrier: the next pass touches columns > k + 1 only.

@@ -46,12 +46,12 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> front_moves(const int64_t*
 
 }  // namespace
 
-QRCPTuple qrcp_randomized(const at::Tensor& A, const StopRules& rules, int64_t block_size, int64_t seed) {
+QRCPTuple qrcp_randomized(const at::Tensor& A, const StopRules& rules, int64_t block_size, int64_t seed,
+                          OutputMode mode) {
   const int64_t m = A.size(0), n = A.size(1), mn = std::min(m, n);
   const auto opts = A.options();
   const auto long_opts = opts.dtype(at::kLong);
-  if (mn == 0)
-    return {at::zeros({m, 0}, opts), at::zeros({0, n}, opts), at::arange(n, long_opts)};
+  if (mn == 0) return finish(at::empty({n, m}, opts).t(), at::zeros({0}, opts), at::arange(n, long_opts), 0, mode);
   const int64_t kcap = rules.kmax >= 0 ? std::min(rules.kmax, mn) : mn;
   const int64_t nb = std::max<int64_t>(1, block_size > 0 ? block_size : kDefaultRandomizedBlock);
   const int64_t sketch_rows = nb + kOversampling;
@@ -85,7 +85,7 @@ QRCPTuple qrcp_randomized(const at::Tensor& A, const StopRules& rules, int64_t b
     StopRules sketch_rules;
     sketch_rules.kmax = b;
     const at::Tensor sketch_perm =
-        std::get<2>(qrcp_geqp3(Y.slice(1, k, n).to(at::kCPU), sketch_rules, 0, /*form_q=*/false)).contiguous();
+        std::get<2>(qrcp_geqp3(Y.slice(1, k, n).to(at::kCPU), sketch_rules, 0, OutputMode::kR)).contiguous();
     auto [dst, src] = front_moves(sketch_perm.data_ptr<int64_t>(), b, n - k);
     if (!dst.empty()) {
       const at::Tensor d = at::tensor(dst, long_opts.device(at::kCPU)).add_(k).to(opts.device());
@@ -157,11 +157,7 @@ QRCPTuple qrcp_randomized(const at::Tensor& A, const StopRules& rules, int64_t b
     }
     k += b;
   }
-  const int64_t kf = kstop >= 0 ? kstop : k;
-  at::Tensor R = W.slice(0, 0, kf).triu().contiguous();
-  at::Tensor Q = kf == 0 ? at::zeros({m, 0}, opts)
-                         : at::linalg_householder_product(W.slice(1, 0, kf), tau_all.slice(0, 0, kf));
-  return {Q, R, perm};
+  return finish(W, tau_all, perm, kstop >= 0 ? kstop : k, mode);
 }
 
 }  // namespace qrlora::qrcp
