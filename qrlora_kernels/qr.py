@@ -27,7 +27,7 @@ Output (``mode``, named as in ``torch.linalg.qr`` and ``numpy.linalg.qr``):
 * ``"reduced"`` (default): ``QRCPResult(Q, R, perm)`` as above.
 * ``"r"``: ``QRCPResult`` with an empty ``Q``; Q is never formed.
 * ``"raw"``: ``QRCPRawResult(H, tau, perm)``, LAPACK geqp3's compact Householder form (what
-  ``torch.geqrf`` returns, plus the pivots): ``H`` is m x n (column-major), its first k columns
+  ``torch.geqrf`` returns, plus the pivots): ``H`` is m x n, its first k columns
   hold the Householder vectors below the diagonal, ``R = triu(H[:k])``, ``tau`` has length k, and
   ``H[k:, k:]`` is unspecified. ``.q(r)`` forms only the leading r columns of Q (only the first
   r reflectors are needed), ``.r()`` gives R, and ``torch.ormqr`` applies Q without forming it.
@@ -139,11 +139,15 @@ def _validate(A, rank, tau, abstol, reltol, method, mode, *, batched=False):
             _check_number(name, value)
             if value < 0:
                 raise ValueError(f"qrcp: {name} must be >= 0, got {value}")
-    if A.numel():
+    # One reduction, no m x n mask: NaN and Inf always reach the sum (a finite matrix whose sum
+    # overflows only costs the exact check below, which then finds nothing).
+    if A.numel() and not bool(torch.isfinite(A.sum(dtype=torch.float64 if A.dtype == torch.float64
+                                                     else torch.float32))):
         finite = torch.isfinite(A)
         if not bool(finite.all()):
             if batched:
-                b, _, col = (~finite).nonzero()[0].tolist()
+                b = int((~finite).flatten(1).any(1).nonzero()[0, 0])
+                col = int((~finite[b]).any(dim=0).nonzero()[0, 0])
                 raise ValueError(f"qrcp_batched: matrix {b} contains NaN or Inf (first in column {col})")
             col = int((~finite).any(dim=0).nonzero()[0, 0])
             raise ValueError(f"qrcp: A contains NaN or Inf (first in column {col})")

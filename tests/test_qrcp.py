@@ -454,7 +454,8 @@ def test_batched_names_the_matrix_and_column_with_nan():
     from qrlora_kernels import qrcp_batched
 
     A = torch.randn(4, 6, 5)
-    A[2, 1, 3] = float("nan")
+    A[2, 4, 3] = float("nan")
+    A[2, 0, 4] = float("nan")
     A[3, 0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"matrix 2 contains NaN or Inf \(first in column 3\)"):
         qrcp_batched(A)

@@ -50,8 +50,7 @@ QRCPTuple finish(const at::Tensor& H, const at::Tensor& tau, const at::Tensor& p
 QRCPTuple qrcp_geqp3(const at::Tensor& A, const StopRules& rules, int64_t block_size, OutputMode mode) {
   const int64_t m = A.size(0), n = A.size(1), mn = std::min(m, n);
   if (mn == 0) {
-    // H as a column-major view, like every other raw result.
-    return finish(at::empty({n, m}, A.options()).t(), at::zeros({0}, A.options()),
+    return finish(at::empty({m, n}, A.options()), at::zeros({0}, A.options()),
                   at::arange(n, A.options().dtype(at::kLong)), 0, mode);
   }
   const int64_t kcap = rules.kmax >= 0 ? std::min(rules.kmax, mn) : mn;

@@ -51,7 +51,7 @@ QRCPTuple qrcp_randomized(const at::Tensor& A, const StopRules& rules, int64_t b
   const int64_t m = A.size(0), n = A.size(1), mn = std::min(m, n);
   const auto opts = A.options();
   const auto long_opts = opts.dtype(at::kLong);
-  if (mn == 0) return finish(at::empty({n, m}, opts).t(), at::zeros({0}, opts), at::arange(n, long_opts), 0, mode);
+  if (mn == 0) return finish(at::empty({m, n}, opts), at::zeros({0}, opts), at::arange(n, long_opts), 0, mode);
   const int64_t kcap = rules.kmax >= 0 ? std::min(rules.kmax, mn) : mn;
   const int64_t nb = std::max<int64_t>(1, block_size > 0 ? block_size : kDefaultRandomizedBlock);
   const int64_t sketch_rows = nb + kOversampling;
