@@ -50,6 +50,28 @@ class QRLoraBasis(NamedTuple):
     energy_captured: float
     diag_energy: torch.Tensor
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.Q.dtype
+
+
+class DeferredBasis(NamedTuple):
+    """A diag-rule factorisation reduced to what a global budget needs before the ranks are known.
+
+    Only the pivots and the normalised diagonal energies are kept (O(in) memory, not a full Q and R
+    per module); ``truncate(deferred, r)`` then forms Q_r and R_r from the pivots with
+    ``basis_from_pivots`` (an unpivoted QR of ``weight[:, perm[:r]]``), so no full Q is ever formed.
+    """
+    weight: torch.Tensor
+    perm: torch.Tensor
+    rank: int
+    energy_captured: float
+    diag_energy: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -93,27 +115,31 @@ def _normalise_signs(Q_r: torch.Tensor, R_r_pivoted: torch.Tensor):
     return Q_r * signs, R_r_pivoted * signs.unsqueeze(1)
 
 
-def _stopping_rule(tau, rank, energy) -> dict:
+def _stopping_rule(tau, rank, energy, defer=False) -> dict:
     """qrcp's keyword arguments for a rank rule. The diag rule needs the full factorisation but only r
-    columns of Q, so it asks for the compact form and forms Q_r from the first r reflectors alone."""
+    columns of Q, so it asks for the compact form and forms Q_r from the first r reflectors alone;
+    a deferred basis needs no Q at all."""
     if rank is not None:
         return {"rank": rank}
     if energy == "diag":
-        return {"mode": "raw"}
+        return {"mode": "r" if defer else "raw"}
     return {"tau": tau}
 
 
 def _basis_from_factorisation(weight: torch.Tensor, weight_energy: torch.Tensor, result, tau, rank,
-                              energy) -> QRLoraBasis:
+                              energy, defer=False) -> QRLoraBasis | DeferredBasis:
     """Choose r, form Q_r and R_r with the sign convention, from ``qrcp(w, **_stopping_rule(...))``."""
     if rank is None and energy == "diag":
-        R, perm = result.r(), result.perm
+        R, perm = (result.R, result.perm) if defer else (result.r(), result.perm)
         d = torch.diagonal(R).square()
         cumulative = torch.cumsum(d, 0)
         # Smallest r with cumsum[r-1] >= tau * total; clamped because rounding can leave cumsum[-1] a hair below.
         r = min(int((cumulative < tau * cumulative[-1]).sum().item()) + 1, d.numel())
         diag_energy = d / cumulative[-1]
         energy_captured = float(diag_energy[:r].sum())
+        if defer:
+            return DeferredBasis(weight, perm.to(device=weight.device, dtype=torch.int64), r, energy_captured,
+                                 diag_energy)
         Q_r = result.q(r)
     else:
         Q, R, perm = result
@@ -161,15 +187,19 @@ BATCH_BYTES = 1 << 30
 
 def build_bases(weights: Sequence[torch.Tensor], *, tau: float | None = None, rank: int | None = None,
                 energy: str = "diag", names: Sequence[str] | None = None,
-                on_done: Callable[[int], None] | None = None) -> list[QRLoraBasis]:
+                on_done: Callable[[int], None] | None = None,
+                defer: bool = False) -> list[QRLoraBasis] | list[DeferredBasis]:
     """``build_basis`` of many weights, batching the factorisations of weights that share a shape.
 
     Weights with the same shape, dtype and device go through ``qrcp_batched`` together (the
     repeated projections of a transformer's layers), each group on its own device. Results are in
     input order and equal ``build_basis`` of each weight. ``rank`` is clamped to each weight's
     ``min(out, in)``. ``names`` label errors; ``on_done(count)`` is called as weights finish (for a
-    progress bar).
+    progress bar). ``defer=True`` (diag rule with ``tau`` only; what a global budget uses) returns
+    ``DeferredBasis`` objects: the factorisations form no Q, and ``truncate`` forms Q_r later.
     """
+    if defer and (rank is not None or energy != "diag"):
+        raise ValueError("defer=True needs the diag rule with tau (it keeps R's diagonal for a budget)")
     from .qr import qrcp, qrcp_batched
 
     names = list(names) if names is not None else [f"weight {i}" for i in range(len(weights))]
@@ -190,7 +220,7 @@ def build_bases(weights: Sequence[torch.Tensor], *, tau: float | None = None, ra
     for (shape, _, _, r), members in groups.items():
         w0 = prepared[members[0]][0]
         chunk = max(1, min(len(members), BATCH_BYTES // max(1, w0.numel() * w0.element_size())))
-        rule = _stopping_rule(tau, r, energy)
+        rule = _stopping_rule(tau, r, energy, defer)
         for start in range(0, len(members), chunk):
             part = members[start:start + chunk]
             try:
@@ -207,13 +237,13 @@ def build_bases(weights: Sequence[torch.Tensor], *, tau: float | None = None, ra
                         raise type(err)(f"{names[i]}: {err}") from None
                 raise
             for i, result in zip(part, results):
-                out[i] = _basis_from_factorisation(weights[i], prepared[i][1], result, tau, r, energy)
+                out[i] = _basis_from_factorisation(weights[i], prepared[i][1], result, tau, r, energy, defer)
             if on_done is not None:
                 on_done(len(part))
     return out
 
 
-def truncate(basis: QRLoraBasis, rank: int, *, energy: str = "diag") -> QRLoraBasis:
+def truncate(basis: QRLoraBasis | DeferredBasis, rank: int, *, energy: str = "diag") -> QRLoraBasis:
     """The leading ``rank`` components of an existing basis, without refactorising.
 
     Pivoted QR is nested: the rank-k basis is the leading part of any larger one. For a global budget,
@@ -229,6 +259,12 @@ def truncate(basis: QRLoraBasis, rank: int, *, energy: str = "diag") -> QRLoraBa
     if not 1 <= rank <= basis.rank:
         raise ValueError(f"cannot truncate a rank-{basis.rank} basis to rank {rank}; "
                          f"rank must be in [1, {basis.rank}]")
+    if isinstance(basis, DeferredBasis):
+        if energy != "diag":
+            raise ValueError("a DeferredBasis holds diag-rule energies; truncate it with energy='diag'")
+        Q, R = basis_from_pivots(basis.weight, basis.perm[:rank])
+        return QRLoraBasis(Q, R, basis.perm, rank, float(basis.diag_energy[:rank].to(torch.float64).sum()),
+                           basis.diag_energy)
     Q, R = basis.Q[:, :rank], basis.R[:rank]
     if energy == "diag":
         # Summed in float64 so a basis truncated here and one rebuilt from broadcast float64 energies

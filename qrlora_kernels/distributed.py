@@ -62,8 +62,8 @@ def compute_bases(weights: Sequence[torch.Tensor], factorise_many: Callable, *, 
                   ranks_fn: Optional[Callable[[list[torch.Tensor]], list[int]]] = None) -> list:
     """Factorise every weight once (split across ranks when in a process group).
 
-    ``factorise_many(weights, names, on_done)`` returns their ``QRLoraBasis`` list (built with the
-    diag rule when ``ranks_fn`` is given) and calls ``on_done(count)`` as weights finish.
+    ``factorise_many(weights, names, on_done)`` returns their ``QRLoraBasis`` list (with ``ranks_fn``:
+    diag-rule bases or ``DeferredBasis`` objects, which ``truncate`` turns into bases) and calls ``on_done(count)`` as weights finish.
     ``ranks_fn(diag_energies)`` optionally sets every module's final rank from all modules' energies
     (the global budget); a module given rank 0 comes back as None. Returns the bases in input order;
     every rank gets identical tensors.
@@ -95,7 +95,7 @@ def compute_bases(weights: Sequence[torch.Tensor], factorise_many: Callable, *, 
         if owners[j] == rank:
             b = local[j]
             meta[0], meta[1], meta[2] = b.rank, b.diag_energy.numel(), b.energy_captured
-            meta[3] = _DTYPES.index(b.Q.dtype)
+            meta[3] = _DTYPES.index(b.dtype)
         dist.broadcast(meta, src=src(owners[j]), group=group)
         diag = (local[j].diag_energy.to(device=w.device, dtype=torch.float64).contiguous() if owners[j] == rank
                 else torch.empty(int(meta[1]), dtype=torch.float64, device=w.device))

@@ -148,7 +148,8 @@ def _factorise_many(weights: Sequence[torch.Tensor], config: QRLoraConfig, names
         if config.budget is not None:
             # The budget competes over every component, so each module needs its full diagonal.
             # tau=1 with the diag rule: the full factorisation, energies normalised by sum_j R_jj^2.
-            return build_bases(weights, tau=1.0, energy="diag", names=names, on_done=on_done)
+            # Deferred: no Q is formed until the budget has chosen the ranks (see DeferredBasis).
+            return build_bases(weights, tau=1.0, energy="diag", names=names, on_done=on_done, defer=True)
         return build_bases(weights, tau=None if config.rank is not None else config.tau, rank=config.rank,
                            energy=config.energy, names=names, on_done=on_done)
 

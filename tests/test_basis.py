@@ -176,3 +176,26 @@ def test_build_bases_clamps_rank_per_shape_and_names_bad_weights():
     with pytest.raises(ValueError, match="2 names for 1 weights"):
         build_bases([big], tau=0.9, names=["a", "b"])
     assert build_bases([], tau=0.9) == []
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_deferred_basis_truncates_like_the_full_one(shape):
+    from qrlora_kernels.basis import DeferredBasis
+
+    weights = [_weight(*shape), _weight(*shape)]
+    deferred = build_bases(weights, tau=1.0, defer=True)
+    for w, d in zip(weights, deferred):
+        full = build_basis(w, tau=1.0)
+        assert isinstance(d, DeferredBasis) and d.rank == full.rank and d.dtype == w.dtype
+        assert torch.equal(d.perm, full.perm)
+        torch.testing.assert_close(d.diag_energy, full.diag_energy, rtol=1e-6, atol=0)
+        for r in (1, 5, 13):
+            got, ref = truncate(d, r), truncate(full, r)
+            assert got.rank == r and got.Q.shape == ref.Q.shape and got.R.shape == ref.R.shape
+            assert_rel_close(got.Q.double(), ref.Q.double(), 1e-5)
+            assert_rel_close(got.R.double(), ref.R.double(), 1e-5)
+            assert got.energy_captured == pytest.approx(ref.energy_captured, rel=1e-6)
+    with pytest.raises(ValueError, match="defer=True needs the diag rule"):
+        build_bases(weights, rank=3, defer=True)
+    with pytest.raises(ValueError, match="truncate it with energy='diag'"):
+        truncate(deferred[0], 2, energy="frobenius")
