@@ -65,7 +65,10 @@ QRCPTuple qrcp_randomized(const at::Tensor& A, const StopRules& rules, int64_t b
   at::Tensor W = Wt.t();
   at::Tensor perm = at::arange(n, long_opts);
   at::Tensor tau_all = at::zeros({mn}, opts);
-  at::Tensor Y = at::matmul(gaussian(sketch_rows, m, gen, opts), W);
+  // The sketch Y = Omega A, stored transposed (Yt row-major): each block's pivot QRCP then copies
+  // its columns with a memcpy, and moving a column of Y is moving a contiguous row of Yt.
+  at::Tensor Yt = at::matmul(W.t(), gaussian(sketch_rows, m, gen, opts).t());
+  at::Tensor Y = Yt.t();
 
   // Exact column norms, for the tolerance rules only (scaled, in double: no overflow).
   const bool tolerance = rules.any_tolerance();
@@ -91,7 +94,7 @@ QRCPTuple qrcp_randomized(const at::Tensor& A, const StopRules& rules, int64_t b
       const at::Tensor d = at::tensor(dst, long_opts.device(at::kCPU)).add_(k).to(opts.device());
       const at::Tensor s = at::tensor(src, long_opts.device(at::kCPU)).add_(k).to(opts.device());
       Wt.index_copy_(0, d, Wt.index_select(0, s));
-      Y.index_copy_(1, d, Y.index_select(1, s));
+      Yt.index_copy_(0, d, Yt.index_select(0, s));
       perm.index_copy_(0, d, perm.index_select(0, s));
     }
     // 2. Unpivoted Householder QR of the panel.
