@@ -459,3 +459,30 @@ def test_batched_names_the_matrix_and_column_with_nan():
     A[3, 0, 0] = float("inf")
     with pytest.raises(ValueError, match=r"matrix 2 contains NaN or Inf \(first in column 3\)"):
         qrcp_batched(A)
+
+
+# ------------------------------------------------------------------------------- properties
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(m=st.integers(1, 60), n=st.integers(1, 60), batch=st.integers(1, 4), block=st.integers(1, 24),
+       method=st.sampled_from(METHODS), data=st.data())
+def test_property_batched_raw_truncated_factorisations_are_valid(m, n, batch, block, method, data):
+    """Any shape, block size and rank: each raw result of a batch is a valid (truncated) QRCP of its
+    matrix by LAPACK's ratios, in float64, and its leading Q columns come from the leading reflectors."""
+    from qrlora_kernels import qrcp_batched
+
+    rank = data.draw(st.integers(0, min(m, n)), label="rank")
+    seed = data.draw(st.integers(0, 2**31), label="seed")
+    A = torch.randn(batch, m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    results = qrcp_batched(A, rank=rank, method=method, mode="raw", _block_size=block, _seed=seed)
+    for b, raw in enumerate(results):
+        assert raw.rank == rank and raw.H.shape == (m, n)
+        res = QRCPResult(raw.q(), raw.r(), raw.perm)
+        check_structure(A[b], res, monotone=method == "geqp3")
+        fact, orth = lapack_ratios(A[b], res)
+        assert fact < THRESHOLD and orth < THRESHOLD, (b, fact, orth)
+        if rank:
+            c = data.draw(st.integers(0, rank), label="columns")
+            torch.testing.assert_close(raw.q(c), res.Q[:, :c], rtol=0, atol=1e-13)
