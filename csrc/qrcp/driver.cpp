@@ -12,12 +12,46 @@
 #include <cmath>
 #include <limits>
 
+// Per-phase NVTX ranges for Nsight Systems on CUDA (header-only NVTX 3 from the toolkit; nothing to link).
+#if defined(QRLORA_WITH_CUDA) && defined(__has_include)
+#if __has_include(<nvtx3/nvToolsExt.h>)
+#include <nvtx3/nvToolsExt.h>
+#define QRLORA_HAVE_NVTX 1
+#endif
+#endif
+
 namespace qrlora::qrcp {
 namespace {
 
 constexpr int64_t kDefaultBlock = 32;
 
+// "qrcp/panel", "qrcp/trailing_update", "qrcp/norms", "qrcp/form_q" inside the Python layer's
+// "qrcp/geqp3" range; active for CUDA tensors only (a no-op on the CPU and in CPU-only builds).
+class PhaseRange {
+ public:
+  PhaseRange(const char* name, const at::Tensor& t) {
+#ifdef QRLORA_HAVE_NVTX
+    active_ = t.is_cuda();
+    if (active_) nvtxRangePushA(name);
+#else
+    (void)name;
+    (void)t;
+#endif
+  }
+  ~PhaseRange() {
+#ifdef QRLORA_HAVE_NVTX
+    if (active_) nvtxRangePop();
+#endif
+  }
+  PhaseRange(const PhaseRange&) = delete;
+  PhaseRange& operator=(const PhaseRange&) = delete;
+
+ private:
+  bool active_ = false;
+};
+
 void factor_panel(Workspace& ws, int64_t offset, int64_t nb) {
+  PhaseRange range("qrcp/panel", ws.C);
 #ifdef QRLORA_WITH_CUDA
   if (ws.C.is_cuda()) return factor_panel_cuda(ws, offset, nb);
 #endif
@@ -26,6 +60,7 @@ void factor_panel(Workspace& ws, int64_t offset, int64_t nb) {
 }
 
 void recompute_norms(Workspace& ws, int64_t row_start, int64_t col_start) {
+  PhaseRange range("qrcp/norms", ws.C);
 #ifdef QRLORA_WITH_CUDA
   if (ws.C.is_cuda()) return recompute_norms_cuda(ws, row_start, col_start);
 #endif
@@ -41,9 +76,12 @@ QRCPTuple finish(const at::Tensor& H, const at::Tensor& tau, const at::Tensor& p
   at::Tensor Q;
   if (mode == OutputMode::kR)
     Q = at::empty({0}, H.options());
-  else
-    Q = k == 0 ? at::zeros({m, 0}, H.options())
-               : at::linalg_householder_product(H.narrow(1, 0, k), tau.narrow(0, 0, k));
+  else if (k == 0)
+    Q = at::zeros({m, 0}, H.options());
+  else {
+    PhaseRange range("qrcp/form_q", H);
+    Q = at::linalg_householder_product(H.narrow(1, 0, k), tau.narrow(0, 0, k));
+  }
   return {Q, R, perm};
 }
 
@@ -98,9 +136,12 @@ QRCPTuple qrcp_geqp3(const at::Tensor& A, const StopRules& rules, int64_t block_
     // Truncated (Duersch-Gu): R's rows are complete after the panel, so the last panel's
     // trailing update would only serve output nobody asked for.
     if (k >= kcap) break;
-    ws.C.slice(0, k, n).slice(1, k, m).addmm_(
-        ws.Ft.slice(0, 0, kb).slice(1, kb, n - off).t(), ws.C.slice(0, off, k).slice(1, k, m),
-        /*beta=*/1, /*alpha=*/-1);
+    {
+      PhaseRange range("qrcp/trailing_update", ws.C);
+      ws.C.slice(0, k, n).slice(1, k, m).addmm_(
+          ws.Ft.slice(0, 0, kb).slice(1, kb, n - off).t(), ws.C.slice(0, off, k).slice(1, k, m),
+          /*beta=*/1, /*alpha=*/-1);
+    }
     recompute_norms(ws, k, k);
   }
   // C = H^T row-major, so H = C^T is LAPACK's column-major layout.
