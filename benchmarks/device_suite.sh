@@ -7,7 +7,7 @@
 # Within the budget (default 570 s, under 10 minutes), in this order, each step time-boxed:
 #   1. build   the extension for sm_90 only:  QRLORA_CUDA_ARCHS=90 python setup.py build_ext --inplace
 #   2. gpu     the GPU-marked tests:          python -m pytest -m gpu tests
-#   3. cuda    the kernel / op / layer tests on cuda:  python -m pytest -k cuda tests/test_{kernels,ops,functional,layer}.py
+#   3. cuda    the QRCP / kernel / op / layer tests on cuda:  python -m pytest -k cuda tests/test_{qrcp,kernels,ops,functional,layer}.py
 #   4. bench   the throughput suite (quick):  python -m benchmarks.throughput --quick --no-qr --time-budget 100
 #   5. qr      the QR benchmark at 4096^2:    python -m benchmarks.throughput --only qr   (calls benchmarks.qr)
 # Everything (logs, JSON, CSV, PNG, steps.tsv) goes to ONE folder, benchmarks/results/<date>-<gpu>/; the last
@@ -53,7 +53,8 @@ no_gpu() {
 }
 test_files() {
     local f files=()
-    for f in tests/test_kernels.py tests/test_ops.py tests/test_functional.py tests/test_layer.py; do
+    # test_qrcp.py first: the CUDA QRCP back end has never run on a GPU, and its checks are quick.
+    for f in tests/test_qrcp.py tests/test_kernels.py tests/test_ops.py tests/test_functional.py tests/test_layer.py; do
         [[ -f "$f" ]] && files+=("$f")
     done
     echo "${files[@]}"
@@ -128,10 +129,10 @@ run_step build 180 env QRLORA_CUDA_ARCHS=90 MAX_JOBS="$(nproc)" "$PYTHON" setup.
 run_step gpu-tests 90 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests
 read -r -a cuda_tests <<< "$(test_files)"
 if (( ${#cuda_tests[@]} )); then
-    run_step cuda-tests 70 "$PYTHON" -m pytest -q -p no:cacheprovider -k cuda "${cuda_tests[@]}"
+    run_step cuda-tests 90 "$PYTHON" -m pytest -q -p no:cacheprovider -k cuda "${cuda_tests[@]}"
 fi
 # Layer cases stop starting after 100 s (the rest are reported "not run"); the model level follows.
-run_step bench 190 "$PYTHON" -m benchmarks.throughput --quick --no-qr --time-budget 100 --out "$out_dir"
+run_step bench 170 "$PYTHON" -m benchmarks.throughput --quick --no-qr --time-budget 100 --out "$out_dir"
 run_step qr 60 "$PYTHON" -m benchmarks.throughput --only qr --qr-sizes 4096x4096 --out "$out_dir"
 
 echo
