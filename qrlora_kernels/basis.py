@@ -130,7 +130,7 @@ def _basis_from_factorisation(weight: torch.Tensor, weight_energy: torch.Tensor,
                               energy, defer=False) -> QRLoraBasis | DeferredBasis:
     """Choose r, form Q_r and R_r with the sign convention, from ``qrcp(w, **_stopping_rule(...))``."""
     if rank is None and energy == "diag":
-        R, perm = (result.R, result.perm) if defer else (result.r(), result.perm)
+        R, perm = result.R if defer else result.r(), result.perm
         d = torch.diagonal(R).square()
         cumulative = torch.cumsum(d, 0)
         # Smallest r with cumsum[r-1] >= tau * total; clamped because rounding can leave cumsum[-1] a hair below.
@@ -155,14 +155,17 @@ def _basis_from_factorisation(weight: torch.Tensor, weight_energy: torch.Tensor,
     return QRLoraBasis(Q_r.to(weight.dtype), R_r.to(weight.dtype), perm, r, energy_captured, diag_energy)
 
 
-def _prepared(weight: torch.Tensor):
-    """(the weight in its compute dtype, its squared Frobenius norm), refusing an all-zero weight."""
+def _weight_energy(weight: torch.Tensor) -> torch.Tensor:
+    """``||W||_F^2`` in the compute dtype, without a converted copy of W; refuses an all-zero weight."""
     # NaN/Inf is refused by qrcp itself (naming the first bad column): no second pass over W here.
-    w = weight.detach().to(_compute_dtype(weight.dtype))
-    weight_energy = torch.linalg.vector_norm(w).square()
-    if weight_energy == 0:
+    energy = torch.linalg.vector_norm(weight.detach(), dtype=_compute_dtype(weight.dtype)).square()
+    if energy == 0:
         raise ValueError("weight is all zeros: it has no energy to capture and no basis")
-    return w, weight_energy
+    return energy
+
+
+def _for_qrcp(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().to(_compute_dtype(weight.dtype))
 
 
 def build_basis(weight: torch.Tensor, *, tau: float | None = None, rank: int | None = None,
@@ -176,9 +179,9 @@ def build_basis(weight: torch.Tensor, *, tau: float | None = None, rank: int | N
 
     _check_weight(weight)
     _check_rule(tau, rank, energy, min(weight.shape))
-    w, weight_energy = _prepared(weight)
-    return _basis_from_factorisation(weight, weight_energy, qrcp(w, **_stopping_rule(tau, rank, energy)),
-                                     tau, rank, energy)
+    weight_energy = _weight_energy(weight)
+    result = qrcp(_for_qrcp(weight), **_stopping_rule(tau, rank, energy))
+    return _basis_from_factorisation(weight, weight_energy, result, tau, rank, energy)
 
 
 # Same-shape weights are stacked into batches of at most this many bytes (the stack is a copy).
@@ -205,39 +208,41 @@ def build_bases(weights: Sequence[torch.Tensor], *, tau: float | None = None, ra
     names = list(names) if names is not None else [f"weight {i}" for i in range(len(weights))]
     if len(names) != len(weights):
         raise ValueError(f"{len(names)} names for {len(weights)} weights")
-    prepared, groups = [], {}
+    # Every weight is checked before any factorisation starts; the compute-dtype copies are made one
+    # chunk at a time (a half-precision model's float32 copies all at once could exceed memory).
+    energies, groups = [], {}
     for i, (weight, name) in enumerate(zip(weights, names)):
         try:
             _check_weight(weight)
             r = None if rank is None else min(rank, min(weight.shape))
             _check_rule(tau, r, energy, min(weight.shape))
-            prepared.append((*_prepared(weight), r))
+            energies.append(_weight_energy(weight))
         except (TypeError, ValueError) as err:
             raise type(err)(f"{name}: {err}") from None
         groups.setdefault((tuple(weight.shape), weight.dtype, weight.device, r), []).append(i)
 
     out: list[QRLoraBasis | None] = [None] * len(weights)
-    for (shape, _, _, r), members in groups.items():
-        w0 = prepared[members[0]][0]
-        chunk = max(1, min(len(members), BATCH_BYTES // max(1, w0.numel() * w0.element_size())))
+    for (shape, dtype, _, r), members in groups.items():
+        matrix_bytes = max(1, shape[0] * shape[1] * torch.finfo(_compute_dtype(dtype)).bits // 8)
+        chunk = max(1, min(len(members), BATCH_BYTES // matrix_bytes))
         rule = _stopping_rule(tau, r, energy, defer)
         for start in range(0, len(members), chunk):
             part = members[start:start + chunk]
             try:
                 if len(part) == 1:
-                    results = [qrcp(prepared[part[0]][0], **rule)]
+                    results = [qrcp(_for_qrcp(weights[part[0]]), **rule)]
                 else:
-                    results = qrcp_batched(torch.stack([prepared[i][0] for i in part]), **rule)
+                    results = qrcp_batched(torch.stack([_for_qrcp(weights[i]) for i in part]), **rule)
             except (TypeError, ValueError):
                 # A bad weight (NaN/Inf): find and name it, one factorisation at a time.
                 for i in part:
                     try:
-                        qrcp(prepared[i][0], **rule)
+                        qrcp(_for_qrcp(weights[i]), **rule)
                     except (TypeError, ValueError) as err:
                         raise type(err)(f"{names[i]}: {err}") from None
                 raise
             for i, result in zip(part, results):
-                out[i] = _basis_from_factorisation(weights[i], prepared[i][1], result, tau, r, energy, defer)
+                out[i] = _basis_from_factorisation(weights[i], energies[i], result, tau, r, energy, defer)
             if on_done is not None:
                 on_done(len(part))
     return out

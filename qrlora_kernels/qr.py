@@ -167,6 +167,17 @@ def _prepare(A, rank, tau, abstol, reltol, method, mode, block_size, seed):
     return work, args
 
 
+def _nvtx(name: str, work: torch.Tensor):
+    """One NVTX range per call ("qrcp/geqp3", "qrcp_batched/randomized", ...) for Nsight; no-op on the CPU."""
+    return torch.cuda.nvtx.range(name) if work.is_cuda else contextlib.nullcontext()
+
+
+def _result(mode: str, device, first, second, perm):
+    """The op's three outputs as the mode's named tuple, on the input's device."""
+    result = QRCPRawResult if mode == "raw" else QRCPResult
+    return result(first.to(device), second.to(device), perm.to(device))
+
+
 def qrcp(A: torch.Tensor, *, rank: int | None = None, tau: float | None = None, abstol: float | None = None,
          reltol: float | None = None, method: str = "geqp3", mode: str = "reduced",
          _block_size: int | None = None, _seed: int | None = None) -> QRCPResult | QRCPRawResult:
@@ -178,15 +189,12 @@ def qrcp(A: torch.Tensor, *, rank: int | None = None, tau: float | None = None, 
     _validate(A, rank, tau, abstol, reltol, method, mode)
     work, args = _prepare(A, rank, tau, abstol, reltol, method, mode, _block_size, _seed)
     device = A.device
-    # One NVTX range per factorisation ("qrcp/geqp3" or "qrcp/randomized") for Nsight; no-op on the CPU.
-    scope = torch.cuda.nvtx.range(f"qrcp/{method}") if work.is_cuda else contextlib.nullcontext()
-    with scope:
+    with _nvtx(f"qrcp/{method}", work):
         if work.requires_grad and torch.is_grad_enabled():
-            first, second, perm = _NotDifferentiable.apply(work, args)
+            out = _NotDifferentiable.apply(work, args)
         else:
-            first, second, perm = torch.ops.qrlora.qrcp(work, *args)
-    result = QRCPRawResult if mode == "raw" else QRCPResult
-    return result(first.to(device), second.to(device), perm.to(device))
+            out = torch.ops.qrlora.qrcp(work, *args)
+    return _result(mode, device, *out)
 
 
 def qrcp_batched(A: torch.Tensor, *, rank: int | None = None, tau: float | None = None,
@@ -203,9 +211,6 @@ def qrcp_batched(A: torch.Tensor, *, rank: int | None = None, tau: float | None 
     """
     _validate(A, rank, tau, abstol, reltol, method, mode, batched=True)
     work, args = _prepare(A, rank, tau, abstol, reltol, method, mode, _block_size, _seed)
-    scope = torch.cuda.nvtx.range(f"qrcp_batched/{method}") if work.is_cuda else contextlib.nullcontext()
-    with scope:
+    with _nvtx(f"qrcp_batched/{method}", work):
         firsts, seconds, perms = torch.ops.qrlora.qrcp_batched(work.detach(), *args)
-    result = QRCPRawResult if mode == "raw" else QRCPResult
-    device = A.device
-    return [result(f.to(device), s.to(device), p.to(device)) for f, s, p in zip(firsts, seconds, perms)]
+    return [_result(mode, A.device, *out) for out in zip(firsts, seconds, perms)]
