@@ -234,12 +234,14 @@ def build_bases(weights: Sequence[torch.Tensor], *, tau: float | None = None, ra
                 else:
                     results = qrcp_batched(torch.stack([_for_qrcp(weights[i]) for i in part]), **rule)
             except (TypeError, ValueError):
-                # A bad weight (NaN/Inf): find and name it, one factorisation at a time.
+                # A non-finite weight: name it. qrcp's own check (which also names the first bad column)
+                # refuses it before factorising anything, so no good weight is factorised again.
                 for i in part:
-                    try:
-                        qrcp(_for_qrcp(weights[i]), **rule)
-                    except (TypeError, ValueError) as err:
-                        raise type(err)(f"{names[i]}: {err}") from None
+                    if not bool(torch.isfinite(weights[i]).all()):
+                        try:
+                            qrcp(_for_qrcp(weights[i]), **rule)
+                        except (TypeError, ValueError) as err:
+                            raise type(err)(f"{names[i]}: {err}") from None
                 raise
             for i, result in zip(part, results):
                 out[i] = _basis_from_factorisation(weights[i], energies[i], result, tau, r, energy, defer)

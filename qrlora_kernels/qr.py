@@ -18,7 +18,8 @@ at an exactly zero residual, so a zero matrix has k = 0 under them.
 
 ``method="geqp3"`` (default) is deterministic and follows LAPACK dgeqp3: the pivots equal
 ``scipy.linalg.qr(A, pivoting=True)`` up to rounding on matrices without near-ties, and
-``|R_ii|`` is non-increasing. ``method="randomized"`` picks blocks of pivots from a Gaussian
+``|R_ii|`` is non-increasing. On the CPU its factorisation (pivots, R, the Householder vectors) is
+bit-identical at any thread count; only forming Q (LAPACK orgqr) may round differently. ``method="randomized"`` picks blocks of pivots from a Gaussian
 sketch (HQRRP): about the speed of unpivoted QR, rank-revealing in practice, but ``|R_ii|``
 is only approximately non-increasing and the pivots differ from geqp3's.
 
@@ -161,6 +162,8 @@ def _prepare(A, rank, tau, abstol, reltol, method, mode, block_size, seed):
         work = work.cpu()  # a CPU-only build still answers, on the CPU
     if seed is None:
         seed = int(torch.randint(0, 2**61, ())) if method == "randomized" else 0
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63:
+        raise ValueError(f"qrcp: _seed must be an int64, got {seed!r}")
     args = (-1 if rank is None else int(rank), -1.0 if tau is None else float(tau),
             -1.0 if abstol is None else float(abstol), -1.0 if reltol is None else float(reltol),
             method, int(block_size or 0), int(seed), mode)
@@ -204,10 +207,12 @@ def qrcp_batched(A: torch.Tensor, *, rank: int | None = None, tau: float | None 
     """``qrcp`` of every matrix of a batch ``A`` (B x m x n), with the same rules; one result per matrix.
 
     Each result equals ``qrcp(A[b], ...)`` (with the randomized sketch of matrix b seeded by
-    ``_seed + b``); under the tolerance and energy rules each matrix stops at its own rank. On the
-    CPU the matrices are factored concurrently, one per thread, which for a model's many same-shape
-    weights is faster than threading inside each factorisation. Not differentiable (inputs are
-    detached).
+    ``_seed + b``, modulo 2**64); under the tolerance and energy rules each matrix stops at its own
+    rank. On the CPU, with at least as many matrices as threads, they are factored concurrently, one
+    per thread, which for a model's many same-shape weights is faster than threading inside each
+    factorisation. For ``method="geqp3"`` the results are bit-identical to ``qrcp``'s either way
+    (the CPU factorisation does not depend on the thread count, and Q is formed outside the parallel
+    region); randomized results agree to rounding. Not differentiable (inputs are detached).
     """
     _validate(A, rank, tau, abstol, reltol, method, mode, batched=True)
     work, args = _prepare(A, rank, tau, abstol, reltol, method, mode, _block_size, _seed)

@@ -164,13 +164,45 @@ def test_build_bases_batches_repeated_shapes_and_equals_build_basis(rule, monkey
         assert got.Q.shape == (w.shape[0], got.rank) and got.R.shape == (got.rank, w.shape[1])
 
 
-def test_build_bases_clamps_rank_per_shape_and_names_bad_weights():
+@pytest.mark.parametrize("rule", [{"tau": 0.9, "energy": "diag"}, {"tau": 0.8, "energy": "frobenius"}, {"rank": 30},
+                                  {"tau": 1.0, "defer": True}])
+def test_bases_do_not_depend_on_how_weights_are_grouped(rule):
+    """With 2 threads a batch is factored one weight per thread and a lone weight with both threads in
+    its panel. The bases must not depend on that, to the bit: a distributed ``apply_qrlora`` gives each
+    rank a different subset of a shape's weights than one process has, and promises identical bases."""
+    weights = [_weight(384, 320) for _ in range(3)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        together = build_bases(weights, **rule)
+        apart = build_bases(weights[:1], **rule) + build_bases(weights[1:], **rule)
+    finally:
+        torch.set_num_threads(before)
+    for i, (a, b) in enumerate(zip(together, apart)):
+        assert a.rank == b.rank and a.energy_captured == b.energy_captured, f"weight {i}"
+        for x, y in zip(a, b):
+            if isinstance(x, torch.Tensor):
+                assert torch.equal(x, y), f"weight {i}: a basis tensor depends on the grouping"
+
+
+def test_build_bases_clamps_rank_per_shape_and_names_bad_weights(monkeypatch):
+    import qrlora_kernels.qr as qr
+
     small, big = _weight(5, 4), _weight(30, 20)
     assert [b.rank for b in build_bases([small, big, big], rank=10)] == [4, 10, 10]
     bad = _weight(30, 20)
     bad[3, 7] = float("nan")
+    alone = []
+    original = qr.qrcp
+
+    def recording(A, **kw):
+        alone.append(A)
+        return original(A, **kw)
+    monkeypatch.setattr(qr, "qrcp", recording)
     with pytest.raises(ValueError, match=r"^layer.2: qrcp: A contains NaN or Inf \(first in column 7\)"):
         build_bases([big, _weight(30, 20), bad], tau=0.9, names=["layer.0", "layer.1", "layer.2"])
+    # Naming the bad weight took one (refused) call for it alone, not a refactorisation of the good ones.
+    assert len(alone) == 1 and bool(torch.isnan(alone[0]).any())
     with pytest.raises(ValueError, match=r"^layer.1: weight is all zeros"):
         build_bases([big, torch.zeros(30, 20)], tau=0.9, names=["layer.0", "layer.1"])
     with pytest.raises(ValueError, match="2 names for 1 weights"):

@@ -9,7 +9,7 @@ import scipy.linalg
 import torch
 
 from qrlora_kernels import qrcp
-from qrlora_kernels.qr import QRCPRawResult, QRCPResult
+from qrlora_kernels.qr import MODES, QRCPRawResult, QRCPResult
 
 THRESHOLD = 30.0  # LAPACK's test threshold for the scaled ratios
 SIZES = [0, 1, 2, 3, 5, 10, 50]
@@ -419,6 +419,59 @@ def test_batched_equals_one_matrix_at_a_time(device, threads, method, kw):
         assert len(ranks) > 1, "the spectra differ, so each matrix must stop at its own rank"
 
 
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _with_threads(n, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+# 384 x 320 is past the size at which the CPU panel splits its pass over the threads.
+THREADED = (384, 320)
+
+
+@pytest.mark.parametrize("kw", [{}, {"rank": 40}, {"tau": 0.9}])
+def test_factorisation_does_not_depend_on_the_thread_count(kw):
+    """The CPU geqp3 factorisation itself (pivots, R, the Householder vectors) is bit-identical at 1 and
+    2 threads: the panel's split over threads must not change any sum. (Forming Q with LAPACK's orgqr
+    is left to the BLAS and may differ in the last bits, so compare the compact form. The randomized
+    method is BLAS throughout, sketch and panels, so it is only equal to rounding.)"""
+    A = torch.randn(*THREADED)
+    one, two = (_with_threads(t, lambda: qrcp(A, mode="raw", **kw)) for t in (1, 2))
+    assert torch.equal(one.perm, two.perm)
+    assert one.rank == two.rank
+    assert torch.equal(one.tau, two.tau)
+    k = one.rank
+    assert torch.equal(one.H[:, :k], two.H[:, :k]) and torch.equal(one.r(), two.r())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kw", [{}, {"rank": 40}, {"tau": 0.9}])
+def test_batched_is_bit_identical_to_one_matrix_at_a_time_with_threads(two_threads, mode, kw):
+    """With 2 threads a batch of 2 is factored one matrix per thread, a single matrix with both
+    threads in its panel: the results must still be the same to the bit, or a model's bases would
+    depend on how its weights happen to be grouped (and a distributed split on who factored what)."""
+    from qrlora_kernels import qrcp_batched
+
+    A = torch.randn(3, *THREADED)
+    for batch in (A[:1], A[:2], A):
+        results = qrcp_batched(batch, mode=mode, **kw)
+        for b, got in enumerate(results):
+            alone = qrcp(A[b], mode=mode, **kw)
+            for x, y in zip(got, alone):
+                assert x.shape == y.shape and torch.equal(x, y), f"matrix {b} of a batch of {len(batch)}"
+
+
 def test_batched_modes_dtypes_and_edge_batches(device):
     from qrlora_kernels import qrcp_batched
 
@@ -436,12 +489,24 @@ def test_batched_modes_dtypes_and_edge_batches(device):
     assert [r.R.shape for r in empty] == [(0, 4), (0, 4)]
 
 
+def test_batched_seeds_wrap_around_at_int64():
+    """Matrix b's sketch is seeded with _seed + b modulo 2**64: the last int64 seed is followed by the first."""
+    from qrlora_kernels import qrcp_batched
+
+    A = torch.randn(2, 30, 24)
+    batch = qrcp_batched(A, method="randomized", _block_size=8, _seed=2**63 - 1)
+    for b, seed in enumerate((2**63 - 1, -2**63)):
+        alone = qrcp(A[b], method="randomized", _block_size=8, _seed=seed)
+        assert torch.equal(batch[b].perm, alone.perm) and torch.equal(batch[b].R, alone.R), f"matrix {b}"
+
+
 @pytest.mark.parametrize("call, error, match", [
     (lambda f: f(torch.randn(4, 3)), ValueError, r"batch of matrices \(B x m x n\), got 2 dimensions"),
     (lambda f: f(torch.randn(2, 4, 3), rank=4), ValueError, r"rank must lie in \[0, min\(m, n\)\] = \[0, 3\]"),
     (lambda f: f(torch.randn(2, 4, 3), tau=0.5, rank=1), ValueError, "conflicting stopping rules"),
     (lambda f: f(torch.ones(2, 4, 3, dtype=torch.int32)), TypeError, "floating point"),
     (lambda f: f(torch.randn(2, 4, 3), mode="q"), ValueError, "unknown mode 'q'"),
+    (lambda f: f(torch.randn(2, 4, 3), method="randomized", _seed=2**63), ValueError, "_seed must be an int64"),
 ])
 def test_batched_bad_inputs(call, error, match):
     from qrlora_kernels import qrcp_batched

@@ -200,10 +200,18 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
   const OutputMode out = parse_mode(mode);
   check_method(method);
   const int64_t batch = A.size(0);
-  std::vector<QRCPTuple> results(batch);
-  auto one = [&](int64_t b) { results[b] = dispatch(A[b], rules, method, block_size, seed + b, out); };
-  if (A.is_cpu() && batch > 1 && at::get_num_threads() > 1) {
-    // One matrix per thread: inside this region the panels and ATen's BLAS run single-threaded.
+  // Factor into the compact form first; Q and R are formed afterwards, outside any parallel
+  // region, exactly as qrcp_op forms them (LAPACK's orgqr rounds differently with fewer threads).
+  std::vector<QRCPTuple> raw(batch);
+  auto one = [&](int64_t b) {
+    // seed + b modulo 2^64 (the generator's seed is unsigned; signed overflow would be undefined).
+    const auto seed_b = static_cast<int64_t>(static_cast<uint64_t>(seed) + static_cast<uint64_t>(b));
+    raw[b] = dispatch(A[b], rules, method, block_size, seed_b, OutputMode::kRaw);
+  };
+  if (A.is_cpu() && at::get_num_threads() > 1 && batch >= at::get_num_threads()) {
+    // One matrix per thread (the panels and ATen's BLAS run single-threaded inside the region).
+    // The CPU factorisation is bit-identical at any thread count, so this changes only the speed;
+    // with fewer matrices than threads, each is factored with all of them instead.
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) one(b);
     });
@@ -211,7 +219,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     for (int64_t b = 0; b < batch; ++b) one(b);
   }
   std::vector<at::Tensor> first, second, perms;
-  for (auto& [x, y, p] : results) {
+  for (auto& [H, tau, perm] : raw) {
+    auto [x, y, p] = finish(H, tau, perm, tau.size(0), out);
     first.push_back(std::move(x));
     second.push_back(std::move(y));
     perms.push_back(std::move(p));

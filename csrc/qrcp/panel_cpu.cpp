@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -94,14 +95,22 @@ inline double safe_norm(const double* x, int64_t len) {
 }
 
 // What each thread reports after its share of a step's trailing pass: the first column of
-// largest partial norm in its share (the next step's pivot candidate), its share of the remaining
-// energy, and whether it flagged an unreliable norm. One cache line each: no false sharing.
+// largest partial norm in its share (the next step's pivot candidate) and whether it flagged an
+// unreliable norm. One cache line each: no false sharing.
 struct alignas(64) StepPartial {
   double best = -1;
   int64_t pivot = 0;
-  double energy = 0;
   bool flagged = false;
 };
+
+// Thread tid's share [b, e) of the trailing columns [first, end). Shares start on multiples of
+// four columns from `first`, so every column falls in the same four-column group of the pass
+// (trailing_pass_cpu.inc) whatever the thread count, and the arithmetic does not depend on it.
+inline std::pair<int64_t, int64_t> share(int64_t first, int64_t end, int tid, int nth) {
+  const int64_t groups = (end - first + 3) / 4;
+  const auto at = [&](int t) { return std::min(end, first + 4 * (groups * t / nth)); };
+  return {at(tid), at(tid + 1)};
+}
 
 // One step's serial part (pivot swap, column update, Householder, auxv) runs on thread 0; the
 // trailing pass is split by columns over all threads. The whole panel is ONE parallel region
@@ -137,18 +146,21 @@ void factor_panel_impl(Workspace& ws, int64_t off, int64_t nb) {
       const int64_t k = off + j;
       if (tid == 0) {
         // Pivot: first column of largest partial norm (idamax), plus the stopping-rule records.
+        // The remaining energy is summed here, in column order, rather than per share: O(n) next
+        // to the pass's O(m n), and the same sum (to the bit) at any thread count.
         int64_t pvt = k;
         T best = T(-1);
         double energy = 0;
+        for (int64_t c = k; c < n; ++c) {
+          const double e = double(vn1[c]) * escale;
+          energy += e * e;
+        }
         if (j == 0) {
           for (int64_t c = k; c < n; ++c) {
-            const T v = vn1[c];
-            if (v > best) {
-              best = v;
+            if (vn1[c] > best) {
+              best = vn1[c];
               pvt = c;
             }
-            const double e = double(v) * escale;
-            energy += e * e;
           }
         } else {
           // Shares are in column order, so "strictly greater" keeps the first maximum.
@@ -157,7 +169,6 @@ void factor_panel_impl(Workspace& ws, int64_t off, int64_t nb) {
               best = T(partial[t].best);
               pvt = partial[t].pivot;
             }
-            energy += partial[t].energy;
           }
         }
         info[1 + j] = double(best);
@@ -203,20 +214,16 @@ void factor_panel_impl(Workspace& ws, int64_t off, int64_t nb) {
       // The one pass over the trailing matrix: F's column, the pivot-row update, the norm
       // downdate; then this share's candidate for the next pivot.
       {
-        const int64_t count = n - k - 1;
-        const int64_t b = k + 1 + count * tid / nth, e = k + 1 + count * (tid + 1) / nth;
+        const auto [b, e] = share(k + 1, n, tid, nth);
         const TrailingPass<T> pass{C, m, n, off, j, k, tau[k], auxv, w, Ft, vn1, vn2, flags, k + 1 < m, tol3z};
         StepPartial mine;
         mine.pivot = b;
         mine.flagged = b < e && run_trailing_pass(pass, b, e);
         for (int64_t c = b; c < e; ++c) {
-          const T v = vn1[c];
-          if (double(v) > mine.best) {
-            mine.best = double(v);
+          if (double(vn1[c]) > mine.best) {
+            mine.best = double(vn1[c]);
             mine.pivot = c;
           }
-          const double en = double(v) * escale;
-          mine.energy += en * en;
         }
         partial[tid] = mine;
       }
