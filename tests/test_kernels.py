@@ -142,6 +142,68 @@ def test_backward_chain(case, dtype, num_adapters, device):
     assert_rel_close(dx, dx_ref, _band(dtype), name="dx")
 
 
+# T, K, N, r for the TMA variant: K and N not multiples of the tiles (TMA pads with zeros past the edges), row
+# strides 16-byte aligned in fp16 and fp32, and more output tiles than the persistent grid has programs.
+TMA_CASE = (45, 40, 72, 9)
+
+
+@pytest.fixture
+def tma_only(device, monkeypatch):
+    """Restrict lowrank_matmul's autotuner to the persistent TMA configs (on the CPU: one such config)."""
+    import importlib
+    kernel = importlib.import_module("qrlora_kernels.kernels.lowrank_matmul")._lowrank_matmul_kernel
+    if device == "cuda":
+        if torch.cuda.get_device_capability()[0] < 9:
+            pytest.skip("TMA needs an sm_90 GPU")
+        configs = utils._GPU_TMA_CONFIGS
+    else:
+        configs = [utils._config(32, 32, 16, 2, 1, 1, USE_TMA=True, PERSISTENT=True)]
+    monkeypatch.setattr(kernel, "configs", configs)
+    monkeypatch.setattr(kernel, "cache", {})
+    return kernel
+
+
+@pytest.mark.parametrize("num_adapters", [None, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lowrank_matmul_persistent_tma_variant(dtype, num_adapters, device, tma_only):
+    """The sm_90 variant (tiles by TMA descriptors, one program per SM looping over the tiles) against the
+    float64 reference: the forward (b = W0^T, K-major) with bias, and the dx GEMM (b = W0, row-major)."""
+    _skip_unrunnable(device, dtype)
+    T, K, N, r = TMA_CASE
+    x, dy = _tensor((T, K), dtype, device), _tensor((T, N), dtype, device)
+    weight = _tensor((N, K), dtype, device, scale=K ** -0.5)
+    Q, R = _tensor((N, r), dtype, device, scale=N ** -0.5), _tensor((r, K), dtype, device)
+    bias = _tensor((N,), dtype, device)
+    lam, lam_index = _lam(r, num_adapters, device, T)
+    s, g = torch.randn(T, r, device=device), torch.randn(T, r, device=device)
+    for a, b, p, u, bias_, shape, name in ((x, weight.t(), s, Q.t(), bias, (T, N), "y"),
+                                           (dy, weight, g, R, None, (T, K), "dx")):
+        assert utils.tma_operands(a, b) == (True, name == "y")
+        out = poisoned(shape, dtype=dtype, device=device)
+        kernels.lowrank_matmul(a, b, p, lam, u, bias_, lam_index=lam_index, out=out, input_precision="ieee")
+        assert tma_only.best_config.kwargs["USE_TMA"] and tma_only.best_config.kwargs["PERSISTENT"]
+        assert_all_written(out, name)
+        expected = reference.lowrank_matmul(_f64(a), _f64(b), _f64(p), _f64(lam), _f64(u), _f64(bias_),
+                                            lam_index=lam_index)
+        assert_rel_close(out, expected, _band(dtype), name=name)
+
+
+def test_tma_is_offered_only_for_operands_that_suit_it(monkeypatch):
+    w = torch.randn(72, 40)
+    assert utils.tma_operands(torch.randn(5, 40), w.t()) == (utils.INTERPRETED, True)
+    assert utils.tma_operands(torch.randn(5, 72), w) == (utils.INTERPRETED, False)
+    # A 33-float row is 132 bytes (not a multiple of 16); a column-strided a; float64: no TMA.
+    assert not utils.tma_operands(torch.randn(5, 33), torch.randn(72, 33).t())[0]
+    assert not utils.tma_operands(torch.randn(40, 5).t(), w.t())[0]
+    assert not utils.tma_operands(torch.randn(5, 40, dtype=torch.float64), w.double().t())[0]
+    monkeypatch.setenv("QRLORA_TMA", "0")
+    assert utils.tma_operands(torch.randn(5, 40), w.t()) == (False, True)
+    prune = utils.prune_gemm("M", "N")
+    configs = [utils._tiled(c) for c in utils._GPU_GEMM_CONFIGS] + utils._GPU_TMA_CONFIGS
+    assert not any(c.kwargs["USE_TMA"] for c in prune(configs, {"M": 4096, "N": 4096, "TMA_OK": 0}))
+    assert sum(c.kwargs["USE_TMA"] for c in prune(configs, {"M": 4096, "N": 4096, "TMA_OK": 1})) == 4
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["one_token", "full_rank", "rank_above_block", "strided"])
 def test_merged_weight(case, dtype, device):
@@ -332,7 +394,7 @@ def test_kernels_compile_for_sm80_and_sm90():
     done = subprocess.run([sys.executable, "-m", "qrlora_kernels.kernels.aot_check", "--arch", "80,90",
                            "--dtypes", "bf16"], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count("ok   sm_") == 14, done.stdout
+    assert done.stdout.count("ok   sm_") == 17, done.stdout  # 7 variants x 2 archs + 3 TMA ones on sm_90
 
 
 def test_autotune_key_buckets_tokens_and_prunes_oversized_tiles():

@@ -55,14 +55,20 @@ def variants(dtypes, all_configs: bool):
     project = _module("projection")._project_kernel
     gemm = utils._GPU_GEMM_CONFIGS if all_configs else utils._GPU_GEMM_CONFIGS[:1]
     proj = utils._GPU_PROJECT_CONFIGS if all_configs else utils._GPU_PROJECT_CONFIGS[:1]
+    tma = utils._GPU_TMA_CONFIGS if all_configs else utils._GPU_TMA_CONFIGS[:1]
+    lowrank_configs = [utils._tiled(c) for c in gemm] + tma
     for dtype in dtypes:
         ptr = _POINTER_TYPES[dtype]
         common = dict(INPUT_PRECISION="tf32" if dtype == "fp32" else "ieee", ACC_DTYPE=tl.float32)
-        for has_lowrank, has_bias, per_token in ((True, True, False), (True, False, True), (False, False, False)):
-            yield (f"lowrank_matmul {dtype} lowrank={has_lowrank} bias={has_bias} per_token={per_token}", lowrank,
-                   dict(common, HAS_LOWRANK=has_lowrank, HAS_BIAS=has_bias, PER_TOKEN_LAM=per_token),
+        # The forward GEMM reads W0^T (K-major b), the dx GEMM W0 (row-major b).
+        for has_lowrank, has_bias, per_token, k_major in ((True, True, False, True), (True, False, True, False),
+                                                          (False, False, False, False)):
+            yield (f"lowrank_matmul {dtype} lowrank={has_lowrank} bias={has_bias} per_token={per_token} "
+                   f"b_k_major={k_major}", lowrank,
+                   dict(common, HAS_LOWRANK=has_lowrank, HAS_BIAS=has_bias, PER_TOKEN_LAM=per_token,
+                        B_K_MAJOR=k_major),
                    dict(a_ptr=ptr, b_ptr=ptr, p_ptr="*fp32", lam_ptr="*fp32", lam_index_ptr="*i64", u_ptr=ptr,
-                        bias_ptr=ptr, out_ptr=ptr if has_lowrank else "*fp32"), gemm)
+                        bias_ptr=ptr, out_ptr=ptr if has_lowrank else "*fp32"), lowrank_configs)
         yield (f"merged_weight {dtype}", merged, common,
                dict(w_ptr=ptr, q_ptr=ptr, lam_ptr="*fp32", r_ptr=ptr, out_ptr=ptr), gemm)
         for reduce in (0, 1, 2):
@@ -84,7 +90,10 @@ def main(argv=None) -> int:
     for (label, kernel, constexprs, pointers, configs), capability in itertools.product(
             list(variants(args.dtypes.split(","), args.all)), capabilities):
         for config in configs:
+            if config.kwargs.get("USE_TMA") and capability < 90:
+                continue  # TMA configs are offered on sm_90 only (utils.tma_operands)
             tiles = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            tiles += " persistent tma" if config.kwargs.get("USE_TMA") else ""
             where = f"sm_{capability} {label} tiles {tiles} stages {config.num_stages} warps {config.num_warps}"
             try:
                 shared = compile_kernel(kernel, constexprs, pointers, config, capability)

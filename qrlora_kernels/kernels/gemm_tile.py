@@ -1,7 +1,8 @@
-"""Tile-level pieces shared by the Triton kernels: the program -> tile order, the K-loop of a GEMM tile and the
-lam-scaled low-rank update. Triton inlines ``@triton.jit`` helpers into their callers, so sharing them costs
-nothing at run time. Row and column indices come in already wrapped (``offs % size``): the loads then need a
-mask only along the reduction dimension, and the callers mask their stores.
+"""Tile-level pieces shared by the Triton kernels: the program -> tile order, the K-loop of a GEMM tile (pointer
+loads, or TMA descriptors on sm_90) and the lam-scaled low-rank update. Triton inlines ``@triton.jit`` helpers
+into their callers, so sharing them costs nothing at run time. Row and column indices come in already wrapped
+(``offs % size``): the loads then need a mask only along the reduction dimension, and the callers mask their
+stores.
 """
 # No `from __future__ import annotations`: the tl.constexpr annotations stay real objects, which every
 # Triton release (3.6 on the GPU image, 3.8 here) reads the same way.
@@ -40,6 +41,23 @@ def matmul_tile(a_ptr, b_ptr, rows, cols, K, stride_am, stride_ak, stride_bk, st
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def matmul_tile_tma(a_desc, b_desc, m0, n0, K, B_K_MAJOR: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``matmul_tile`` with its a/b tiles loaded through TMA descriptors (zero-padded past the edges, so no
+    masks). ``a_desc`` is over a (M, K); ``b_desc`` over b (K, N), or over b^T (N, K) when B_K_MAJOR."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([m0, k * BLOCK_K])
+        if B_K_MAJOR:
+            b = b_desc.load([n0, k * BLOCK_K]).T
+        else:
+            b = b_desc.load([k * BLOCK_K, n0])
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     return acc
 
 

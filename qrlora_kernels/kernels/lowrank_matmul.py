@@ -7,6 +7,10 @@ The kernel is Triton tutorial 03's grouped GEMM: a K-loop over a/b tiles into on
 r-loop that adds ``tl.dot((p*lam) tile, u tile)`` into the same accumulator, then the bias epilogue. The
 correction therefore costs ``2*T*r*N`` flops and no extra pass over the output. ``lam`` is applied in float32
 and the scaled tile is cast to the input dtype so the second dot also runs on tensor cores.
+
+On sm_90 the autotuner also times tutorial 09's persistent TMA variant (``USE_TMA``/``PERSISTENT`` configs: one
+program per SM loops over the tiles, and the K-loop's tiles arrive by TMA), offered only when the operands
+suit TMA (``utils.tma_operands``); the low-rank update and the epilogue are the same code in both.
 Reference: ``reference.lowrank_matmul``.
 """
 # No `from __future__ import annotations`: the kernels' tl.constexpr annotations stay real objects, which every
@@ -16,33 +20,35 @@ import triton
 import triton.language as tl
 
 from . import utils
-from .gemm_tile import add_lowrank_tile, grouped_tile, matmul_tile
+from .gemm_tile import add_lowrank_tile, grouped_tile, matmul_tile, matmul_tile_tma
 
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-@triton.autotune(configs=utils.gemm_configs(), key=["M_BUCKET", "N", "K", "R"],
-                 prune_configs_by={"early_config_prune": utils.prune_by_size("M", "N")})
 @triton.jit
-def _lowrank_matmul_kernel(
-    a_ptr, b_ptr, p_ptr, lam_ptr, lam_index_ptr, u_ptr, bias_ptr, out_ptr,
-    M, N, K, R, M_BUCKET,
-    stride_am, stride_ak, stride_bk, stride_bn,
-    stride_pm, stride_pr, stride_la, stride_lr, stride_ur, stride_un,
-    stride_bias, stride_om, stride_on,
-    HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, PER_TOKEN_LAM: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+def _output_tile(tile, a_ptr, b_ptr, a_desc, b_desc, p_ptr, lam_ptr, lam_index_ptr, u_ptr, bias_ptr, out_ptr,
+                 M, N, K, R,
+                 stride_am, stride_ak, stride_bk, stride_bn,
+                 stride_pm, stride_pr, stride_la, stride_lr, stride_ur, stride_un,
+                 stride_bias, stride_om, stride_on,
+                 HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, PER_TOKEN_LAM: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, B_K_MAJOR: tl.constexpr,
+                 USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    """Computes and stores output tile number ``tile``."""
+    pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Wrapped (not masked) rows and columns keep the inner loads unmasked along M and N; the store masks them.
     # int64 so that row * stride cannot overflow for large token counts.
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
-    acc = matmul_tile(a_ptr, b_ptr, rows, cols, K, stride_am, stride_ak, stride_bk, stride_bn,
-                      INPUT_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K)
+    if USE_TMA:
+        acc = matmul_tile_tma(a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K, B_K_MAJOR,
+                              INPUT_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        acc = matmul_tile(a_ptr, b_ptr, rows, cols, K, stride_am, stride_ak, stride_bk, stride_bn,
+                          INPUT_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_LOWRANK:
         acc = add_lowrank_tile(acc, p_ptr, lam_ptr, lam_index_ptr, u_ptr, rows, cols, R,
                                stride_pm, stride_pr, stride_la, stride_lr, stride_ur, stride_un,
@@ -55,6 +61,58 @@ def _lowrank_matmul_kernel(
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=utils.lowrank_gemm_configs(), key=["M_BUCKET", "N", "K", "R", "TMA_OK", "B_K_MAJOR"],
+                 prune_configs_by={"early_config_prune": utils.prune_gemm("M", "N")})
+@triton.jit
+def _lowrank_matmul_kernel(
+    a_ptr, b_ptr, p_ptr, lam_ptr, lam_index_ptr, u_ptr, bias_ptr, out_ptr,
+    M, N, K, R, M_BUCKET, NUM_SMS, TMA_OK,
+    stride_am, stride_ak, stride_bk, stride_bn,
+    stride_pm, stride_pr, stride_la, stride_lr, stride_ur, stride_un,
+    stride_bias, stride_om, stride_on,
+    HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, PER_TOKEN_LAM: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, B_K_MAJOR: tl.constexpr,
+    USE_TMA: tl.constexpr, PERSISTENT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # TMA_OK only keys the autotuner (a TMA config is offered only for operands that suit it).
+    if USE_TMA:
+        # Built once per program; loads past the edges come back as zeros.
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        if B_K_MAJOR:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
+        else:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_bk, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
+    else:
+        a_desc = a_ptr
+        b_desc = b_ptr
+    if PERSISTENT:
+        # One program per SM walks the tiles (same grouped order), so no wave quantisation at the tail.
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS):
+            _output_tile(tile, a_ptr, b_ptr, a_desc, b_desc, p_ptr, lam_ptr, lam_index_ptr, u_ptr, bias_ptr,
+                         out_ptr, M, N, K, R, stride_am, stride_ak, stride_bk, stride_bn,
+                         stride_pm, stride_pr, stride_la, stride_lr, stride_ur, stride_un,
+                         stride_bias, stride_om, stride_on, HAS_LOWRANK, HAS_BIAS, PER_TOKEN_LAM,
+                         INPUT_PRECISION, ACC_DTYPE, B_K_MAJOR, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        _output_tile(tl.program_id(0), a_ptr, b_ptr, a_desc, b_desc, p_ptr, lam_ptr, lam_index_ptr, u_ptr,
+                     bias_ptr, out_ptr, M, N, K, R, stride_am, stride_ak, stride_bk, stride_bn,
+                     stride_pm, stride_pr, stride_la, stride_lr, stride_ur, stride_un,
+                     stride_bias, stride_om, stride_on, HAS_LOWRANK, HAS_BIAS, PER_TOKEN_LAM,
+                     INPUT_PRECISION, ACC_DTYPE, B_K_MAJOR, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+
+def _grid(M: int, N: int, num_sms: int):
+    def grid(meta):
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return (min(tiles, num_sms) if meta["PERSISTENT"] else tiles,)
+    return grid
 
 
 def _launch(a, b, p, lam, lam_index, u, bias, out, input_precision):
@@ -71,10 +129,13 @@ def _launch(a, b, p, lam, lam_index, u, bias, out, input_precision):
     lam_2d = lam_.dim() == 2
     index_ = lam_index if lam_index is not None else a
     bias_ = bias if bias is not None else a
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _lowrank_matmul_kernel[grid](
+    tma_ok, b_k_major = utils.tma_operands(a, b)
+    if tma_ok and a.is_cuda:
+        utils.ensure_tma_allocator()
+    num_sms = utils.num_programs(a.device)
+    _lowrank_matmul_kernel[_grid(M, N, num_sms)](
         a, b, p_, lam_, index_, u_, bias_, out,
-        M, N, K, R, utils.token_bucket(M),
+        M, N, K, R, utils.token_bucket(M), num_sms, int(tma_ok),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         p_.stride(0), p_.stride(1) if p_.dim() == 2 else 0,
         lam_.stride(0) if lam_2d else 0, lam_.stride(-1),
@@ -82,7 +143,7 @@ def _launch(a, b, p, lam, lam_index, u, bias, out, input_precision):
         bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
         HAS_LOWRANK=has_lowrank, HAS_BIAS=bias is not None, PER_TOKEN_LAM=lam_index is not None,
         INPUT_PRECISION=utils.dot_precision(a.dtype, input_precision),
-        ACC_DTYPE=_TL_ACC[utils.accumulator_dtype(a.dtype)],
+        ACC_DTYPE=_TL_ACC[utils.accumulator_dtype(a.dtype)], B_K_MAJOR=b_k_major,
     )
     return out
 

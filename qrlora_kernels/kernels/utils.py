@@ -110,9 +110,15 @@ def nvtx_range(name: str, device: torch.device):
 
 # ---------------------------------------------------------------- launch configurations
 
-def _config(bm, bn, bk, group_m, stages, warps):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+def _config(bm, bn, bk, group_m, stages, warps, **flags):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, **flags},
                          num_stages=stages, num_warps=warps)
+
+
+def _tiled(config):
+    """A GEMM config of ``lowrank_matmul``'s classic variant: one program per output tile, pointer loads."""
+    return triton.Config(dict(config.kwargs, USE_TMA=False, PERSISTENT=False),
+                         num_stages=config.num_stages, num_warps=config.num_warps)
 
 
 # A handful in the spirit of Triton tutorial 03 and LoRAFusion (BM128 BN256 BK64 GROUP_M 8, 4 stages, 8 warps
@@ -127,6 +133,17 @@ _GPU_GEMM_CONFIGS = [
     _config(64, 64, 64, 8, 4, 4),
     _config(32, 64, 64, 8, 5, 2),
     _config(16, 128, 64, 8, 4, 4),  # decode-sized T: tl.dot's smallest M tile
+]
+
+# sm_90 only (Triton tutorial 09's persistent TMA matmul): one program per SM loops over output tiles, and the
+# K-loop's a/b tiles arrive by TMA (tl.make_tensor_descriptor) instead of pointer loads. The autotuner times
+# them beside the classic configs, so they are used only where they pay; `prune_gemm` offers them only when
+# the operands suit TMA (see `tma_operands`).
+_GPU_TMA_CONFIGS = [
+    _config(128, 256, 64, 8, 3, 8, USE_TMA=True, PERSISTENT=True),
+    _config(128, 128, 64, 8, 4, 8, USE_TMA=True, PERSISTENT=True),
+    _config(128, 128, 128, 8, 3, 8, USE_TMA=True, PERSISTENT=True),
+    _config(128, 64, 64, 8, 4, 4, USE_TMA=True, PERSISTENT=True),
 ]
 
 # Projections produce r columns, often few: narrower N tiles so small r does not waste a 256-wide tile.
@@ -163,6 +180,99 @@ def prune_by_size(rows_arg: str, cols_arg: str):
 
 def gemm_configs():
     return _INTERPRETER_CONFIG if INTERPRETED else _GPU_GEMM_CONFIGS
+
+
+def lowrank_gemm_configs():
+    """``lowrank_matmul``'s configs: the classic ones, plus the persistent TMA ones on a GPU."""
+    if INTERPRETED:
+        return [_tiled(c) for c in _INTERPRETER_CONFIG]
+    return [_tiled(c) for c in _GPU_GEMM_CONFIGS] + _GPU_TMA_CONFIGS
+
+
+def prune_gemm(rows_arg: str, cols_arg: str):
+    """``prune_by_size``, and the TMA configs dropped unless the launch says its operands suit TMA
+    (``TMA_OK``, part of the autotune key, so a cached TMA choice is never reused for other operands)."""
+    by_size = prune_by_size(rows_arg, cols_arg)
+
+    def prune(configs, named_args, **kwargs):
+        if not named_args.get("TMA_OK"):
+            configs = [c for c in configs if not c.kwargs.get("USE_TMA")] or configs
+        return by_size(configs, named_args, **kwargs)
+    return prune
+
+
+# ---------------------------------------------------------------- TMA (sm_90)
+
+_TMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _tma_matrix(t: torch.Tensor, contiguous_dim: int) -> bool:
+    """A 2-D operand a TMA descriptor can address: unit stride along ``contiguous_dim``, the other stride and
+    the base address 16-byte aligned (``tl.make_tensor_descriptor``'s rules)."""
+    other = 1 - contiguous_dim
+    return (t.stride(contiguous_dim) == 1 and (t.stride(other) * t.element_size()) % 16 == 0
+            and t.data_ptr() % 16 == 0)
+
+
+TMA_ENV_VAR = "QRLORA_TMA"  # "0" turns the TMA configs off (e.g. to rule them out when chasing a problem)
+
+_CAPABILITIES: dict[int, tuple[int, int]] = {}
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITIES:
+        _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITIES[index]
+
+
+def tma_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, bool]:
+    """(whether ``a @ b`` can load its tiles by TMA, whether ``b`` is K-major).
+
+    TMA needs an sm_90 GPU (or the interpreter, for tests), a 16- or 32-bit float dtype, ``a`` row-major and
+    ``b`` either row-major (``dY @ W0``) or K-major (``x @ W0^T``, a transposed view of a row-major weight).
+    ``QRLORA_TMA=0`` in the environment turns it off.
+    """
+    b_k_major = b.stride(0) == 1 and b.stride(1) != 1
+    if a.dtype not in _TMA_DTYPES or os.environ.get(TMA_ENV_VAR) == "0":
+        return False, b_k_major
+    if a.is_cuda:
+        if _capability(a.device)[0] < 9:
+            return False, b_k_major
+    elif not INTERPRETED:
+        return False, b_k_major
+    ok = _tma_matrix(a, 1) and _tma_matrix(b, 0 if b_k_major else 1)
+    return ok, b_k_major
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def num_programs(device: torch.device) -> int:
+    """Programs of a persistent kernel: one per SM (a fixed 4 under the interpreter)."""
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, device="cuda", dtype=torch.int8)
+
+
+def ensure_tma_allocator() -> None:
+    """Kernels that build TMA descriptors on the device need Triton's scratch allocator. Set one that uses
+    torch's caching allocator, unless the caller has set their own. Triton keeps it in a ContextVar, which a
+    new thread (autograd's backward thread among them) does not inherit, so this runs before every launch."""
+    try:
+        from triton.runtime import _allocation
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # a Triton without this layout: set ours
+        pass
+    triton.set_allocator(_scratch)
 
 
 def project_configs():
