@@ -91,8 +91,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="roberta-qv")
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
-    parser.add_argument("--rules", default="diag,frobenius,rank,budget",
-                        help="comma-separated subset of diag, frobenius, rank, budget")
+    parser.add_argument("--rules", default="diag,frobenius,rank,budget,diag-randomized,frobenius-randomized",
+                        help="comma-separated subset of diag, frobenius, rank, budget, diag-randomized, "
+                             "frobenius-randomized (the last two: qr_method='randomized')")
     parser.add_argument("--reps", type=int, default=None, help="timed runs per rule (default 3; llama7b 1)")
     parser.add_argument("--no-scipy", action="store_true", help="skip the scipy geqp3 route")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -122,6 +123,9 @@ def _run(args, parser):
         "frobenius": QRLoraConfig(target_modules=targets, tau=0.9, energy="frobenius"),
         "rank": QRLoraConfig(target_modules=targets, rank=8),
         "budget": QRLoraConfig(target_modules=targets, budget=601),
+        "diag-randomized": QRLoraConfig(target_modules=targets, tau=0.9, qr_method="randomized"),
+        "frobenius-randomized": QRLoraConfig(target_modules=targets, tau=0.9, energy="frobenius",
+                                             qr_method="randomized"),
     }
     chosen = [r.strip() for r in args.rules.split(",") if r.strip()]
     unknown = sorted(set(chosen) - set(rules))
@@ -139,7 +143,9 @@ def _run(args, parser):
         rows.append({"method": "scipy geqp3 (CPU) + diag rule tau=0.9", "median_ms": baseline.median_ms,
                      "p20_ms": baseline.p20_ms, "p80_ms": baseline.p80_ms,
                      "ranks": _rank_summary([r for *_, r in scipy_route(weights, 0.9)]), "speedup_vs_scipy": 1.0})
-    labels = {"diag": "diag tau=0.9", "frobenius": "frobenius tau=0.9", "rank": "rank=8", "budget": "budget=601"}
+    labels = {"diag": "diag tau=0.9", "frobenius": "frobenius tau=0.9", "rank": "rank=8", "budget": "budget=601",
+              "diag-randomized": "diag tau=0.9, randomized pivoting",
+              "frobenius-randomized": "frobenius tau=0.9, randomized pivoting"}
     for rule in chosen:
         config = rules[rule]
         warmup = 0 if big else 1

@@ -20,6 +20,17 @@ Rank rules (exactly one of ``tau`` / ``rank``):
   (the energy of W captured by the first r rows of R).
 * ``rank=k``: a factorisation truncated at k.
 
+Pivoting (``method``):
+
+* ``"geqp3"`` (default, the paper's): LAPACK's deterministic column pivoting; on the CPU bit-identical at any
+  thread count and however the weights are grouped.
+* ``"randomized"``: pivot blocks chosen from a Gaussian sketch (HQRRP), about the speed of an unpivoted QR.
+  The pivots differ from geqp3's and ``|R_ii|`` only approximately decreases, but the basis captures about
+  the same energy at a given rank. The sketch is seeded with ``RANDOMIZED_SEED`` for every weight, so a
+  model's bases are reproducible and do not depend on which weights are factorised together (or on which
+  rank, in a process group); the BLAS may round differently with another thread count. Not usable with a
+  global budget, whose selection relies on each module's energies decreasing.
+
 Factorisations run in float32 (float64 for float64 weights); Q_r and R_r are returned in the weight's dtype.
 """
 from __future__ import annotations
@@ -29,6 +40,9 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 ENERGY_RULES = ("diag", "frobenius")
+QR_METHODS = ("geqp3", "randomized")
+# The sketch seed of every randomized factorisation (see the module docstring).
+RANDOMIZED_SEED = 0
 
 
 class QRLoraBasis(NamedTuple):
@@ -88,6 +102,11 @@ def _check_weight(weight: torch.Tensor) -> None:
         raise ValueError(f"weight is empty (shape {tuple(weight.shape)}); there is no basis to build")
 
 
+def _check_method(method) -> None:
+    if method not in QR_METHODS:
+        raise ValueError(f"method must be one of {QR_METHODS}, got {method!r}")
+
+
 def _check_rule(tau, rank, energy, max_rank: int) -> None:
     if (tau is None) == (rank is None):
         raise TypeError("give exactly one of tau= (energy fraction) or rank= (number of components); "
@@ -115,15 +134,16 @@ def _normalise_signs(Q_r: torch.Tensor, R_r_pivoted: torch.Tensor):
     return Q_r * signs, R_r_pivoted * signs.unsqueeze(1)
 
 
-def _stopping_rule(tau, rank, energy, defer=False) -> dict:
-    """qrcp's keyword arguments for a rank rule. The diag rule needs the full factorisation but only r
-    columns of Q, so it asks for the compact form and forms Q_r from the first r reflectors alone;
-    a deferred basis needs no Q at all."""
+def _stopping_rule(tau, rank, energy, defer=False, method="geqp3") -> dict:
+    """qrcp's keyword arguments for a rank rule and pivoting method. The diag rule needs the full
+    factorisation but only r columns of Q, so it asks for the compact form and forms Q_r from the first r
+    reflectors alone; a deferred basis needs no Q at all."""
+    kwargs = {} if method == "geqp3" else {"method": method, "_seed": RANDOMIZED_SEED}
     if rank is not None:
-        return {"rank": rank}
+        return dict(kwargs, rank=rank)
     if energy == "diag":
-        return {"mode": "r" if defer else "raw"}
-    return {"tau": tau}
+        return dict(kwargs, mode="r" if defer else "raw")
+    return dict(kwargs, tau=tau)
 
 
 def _basis_from_factorisation(weight: torch.Tensor, weight_energy: torch.Tensor, result, tau, rank,
@@ -169,18 +189,20 @@ def _for_qrcp(weight: torch.Tensor) -> torch.Tensor:
 
 
 def build_basis(weight: torch.Tensor, *, tau: float | None = None, rank: int | None = None,
-                energy: str = "diag") -> QRLoraBasis:
+                energy: str = "diag", method: str = "geqp3") -> QRLoraBasis:
     """Factorise ``weight`` with column-pivoted QR and keep the basis chosen by the rank rule.
 
     Exactly one of ``tau`` (energy fraction in (0, 1]) or ``rank`` (1..min(out, in)). ``energy`` selects
-    how ``tau`` is read (see the module docstring); it is ignored for ``rank``.
+    how ``tau`` is read (see the module docstring); it is ignored for ``rank``. ``method`` chooses the
+    pivoting: "geqp3" or "randomized" (see the module docstring).
     """
     from .qr import qrcp
 
     _check_weight(weight)
     _check_rule(tau, rank, energy, min(weight.shape))
+    _check_method(method)
     weight_energy = _weight_energy(weight)
-    result = qrcp(_for_qrcp(weight), **_stopping_rule(tau, rank, energy))
+    result = qrcp(_for_qrcp(weight), **_stopping_rule(tau, rank, energy, method=method))
     return _basis_from_factorisation(weight, weight_energy, result, tau, rank, energy)
 
 
@@ -191,7 +213,7 @@ BATCH_BYTES = 1 << 30
 def build_bases(weights: Sequence[torch.Tensor], *, tau: float | None = None, rank: int | None = None,
                 energy: str = "diag", names: Sequence[str] | None = None,
                 on_done: Callable[[int], None] | None = None,
-                defer: bool = False) -> list[QRLoraBasis] | list[DeferredBasis]:
+                defer: bool = False, method: str = "geqp3") -> list[QRLoraBasis] | list[DeferredBasis]:
     """``build_basis`` of many weights, batching the factorisations of weights that share a shape.
 
     Weights with the same shape, dtype and device go through ``qrcp_batched`` together (the
@@ -200,9 +222,13 @@ def build_bases(weights: Sequence[torch.Tensor], *, tau: float | None = None, ra
     ``min(out, in)``. ``names`` label errors; ``on_done(count)`` is called as weights finish (for a
     progress bar). ``defer=True`` (diag rule with ``tau`` only; what a global budget uses) returns
     ``DeferredBasis`` objects: the factorisations form no Q, and ``truncate`` forms Q_r later.
+    ``method="randomized"`` factorises the weights one at a time, each with the same seed (a batch would
+    seed each matrix by its place in it), and cannot be deferred.
     """
-    if defer and (rank is not None or energy != "diag"):
-        raise ValueError("defer=True needs the diag rule with tau (it keeps R's diagonal for a budget)")
+    _check_method(method)
+    if defer and (rank is not None or energy != "diag" or method != "geqp3"):
+        raise ValueError("defer=True needs the diag rule with tau and geqp3 pivoting (it keeps R's "
+                         "decreasing diagonal for a budget)")
     from .qr import qrcp, qrcp_batched
 
     names = list(names) if names is not None else [f"weight {i}" for i in range(len(weights))]
@@ -224,8 +250,8 @@ def build_bases(weights: Sequence[torch.Tensor], *, tau: float | None = None, ra
     out: list[QRLoraBasis | None] = [None] * len(weights)
     for (shape, dtype, _, r), members in groups.items():
         matrix_bytes = max(1, shape[0] * shape[1] * torch.finfo(_compute_dtype(dtype)).bits // 8)
-        chunk = max(1, min(len(members), BATCH_BYTES // matrix_bytes))
-        rule = _stopping_rule(tau, r, energy, defer)
+        chunk = max(1, min(len(members), BATCH_BYTES // matrix_bytes)) if method == "geqp3" else 1
+        rule = _stopping_rule(tau, r, energy, defer, method)
         for start in range(0, len(members), chunk):
             part = members[start:start + chunk]
             try:

@@ -12,6 +12,8 @@ import json
 import re
 from typing import Any, Iterable, Optional, Union
 
+from .basis import QR_METHODS
+
 ALL_LINEAR = "all-linear"
 DEFAULT_TAU = 0.9
 ENERGY_RULES = ("diag", "frobenius")
@@ -69,6 +71,10 @@ class QRLoraConfig:
             stays a plain ``nn.Linear``.
         modules_to_save: modules (names or suffixes, e.g. ``["classifier"]``) that stay fully
             trainable and are stored in the adapter file, like PEFT's ``modules_to_save``.
+        qr_method: the pivoting of the factorisations: ``"geqp3"`` (the paper's deterministic column
+            pivoting; default) or ``"randomized"`` (pivots from a random sketch, about the speed of an
+            unpivoted QR; a fixed seed keeps it reproducible). Not with ``budget``. See
+            ``qrlora_kernels.basis``.
     """
 
     target_modules: Optional[Union[str, list[str]]] = None
@@ -80,6 +86,7 @@ class QRLoraConfig:
     energy: str = "diag"
     budget: Optional[int] = None
     modules_to_save: Optional[list[str]] = None
+    qr_method: str = "geqp3"
 
     def __post_init__(self):
         if self.target_modules is None:
@@ -130,6 +137,11 @@ class QRLoraConfig:
         if self.budget is not None and self.energy != "diag":
             raise ValueError("budget ranks components by their diagonal energy R_ii^2 / sum_j R_jj^2, "
                              "so it needs energy='diag'")
+        if self.qr_method not in QR_METHODS:
+            raise ValueError(f"qr_method must be one of {QR_METHODS}, got {self.qr_method!r}")
+        if self.budget is not None and self.qr_method != "geqp3":
+            raise ValueError("budget needs qr_method='geqp3': it keeps a prefix of each module's energies, "
+                             "which only geqp3 guarantees to be decreasing")
 
     # ------------------------------------------------------------------ module selection
     def layer_index(self, name: str) -> Optional[int]:

@@ -75,15 +75,18 @@ class QRLoraLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, tau: float | None = None, rank: int | None = None,
-                    energy: str = "diag", num_adapters: int = 1, **kwargs) -> "QRLoraLinear":
+                    energy: str = "diag", num_adapters: int = 1, qr_method: str = "geqp3",
+                    **kwargs) -> "QRLoraLinear":
         """Factorise ``linear.weight`` and keep the basis chosen by exactly one of ``tau`` or ``rank``.
 
         ``energy="diag"`` is the paper's rule (squared diagonal of R); ``"frobenius"`` stops the factorisation
-        early at 1 - ||R22||_F^2/||W||_F^2 >= tau. The new layer shares ``linear``'s weight and bias storage.
+        early at 1 - ||R22||_F^2/||W||_F^2 >= tau. ``qr_method`` picks the pivoting, "geqp3" (the paper's) or
+        "randomized" (faster; see ``qrlora_kernels.basis``). The new layer shares ``linear``'s weight and bias
+        storage.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        basis = build_basis(linear.weight, tau=tau, rank=rank, energy=energy)
+        basis = build_basis(linear.weight, tau=tau, rank=rank, energy=energy, method=qr_method)
         return cls.from_basis(linear, basis, tau=tau, energy=energy, num_adapters=num_adapters, **kwargs)
 
     @classmethod

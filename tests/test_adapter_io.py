@@ -1,5 +1,6 @@
 """save_adapter / load_adapter: tiny files, exact reloads, multi-adapter loading, and every failure named."""
 import copy
+import dataclasses
 import json
 import struct
 
@@ -57,15 +58,17 @@ def base():
     return TinyModel().eval()
 
 
-def test_round_trip_from_pivots_reproduces_outputs(base, tmp_path):
-    model = _adapted(base)
+@pytest.mark.parametrize("config", [CONFIG, dataclasses.replace(CONFIG, qr_method="randomized")],
+                         ids=["geqp3", "randomized"])
+def test_round_trip_from_pivots_reproduces_outputs(base, tmp_path, config):
+    model = _adapted(base, config)
     x = torch.randn(3, 4, HIDDEN)
     expected = model(x)
     paths = save_adapter(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
     assert paths["weights"] == tmp_path / ADAPTER_WEIGHTS
     meta = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
-    assert meta["include_basis"] is False and QRLoraConfig.from_dict(meta["config"]) == CONFIG
+    assert meta["include_basis"] is False and QRLoraConfig.from_dict(meta["config"]) == config
     from safetensors.torch import load_file
     stored = load_file(tmp_path / ADAPTER_WEIGHTS)
     assert not any(k.endswith((".Q", ".R")) for k in stored)  # no basis by default: O(total r)

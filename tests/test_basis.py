@@ -165,7 +165,7 @@ def test_build_bases_batches_repeated_shapes_and_equals_build_basis(rule, monkey
 
 
 @pytest.mark.parametrize("rule", [{"tau": 0.9, "energy": "diag"}, {"tau": 0.8, "energy": "frobenius"}, {"rank": 30},
-                                  {"tau": 1.0, "defer": True}])
+                                  {"tau": 1.0, "defer": True}, {"tau": 0.9, "method": "randomized"}])
 def test_bases_do_not_depend_on_how_weights_are_grouped(rule):
     """With 2 threads a batch is factored one weight per thread and a lone weight with both threads in
     its panel. The bases must not depend on that, to the bit: a distributed ``apply_qrlora`` gives each
@@ -183,6 +183,26 @@ def test_bases_do_not_depend_on_how_weights_are_grouped(rule):
         for x, y in zip(a, b):
             if isinstance(x, torch.Tensor):
                 assert torch.equal(x, y), f"weight {i}: a basis tensor depends on the grouping"
+
+
+@pytest.mark.parametrize("rule", [{"tau": 0.9}, {"tau": 0.8, "energy": "frobenius"}, {"rank": 12}])
+def test_randomized_pivoting_gives_a_valid_reproducible_basis(rule):
+    """method="randomized": Q_r orthonormal, R_r = Q_r^T W (rows of a Householder R), the sign convention,
+    a rank and energy close to geqp3's, the same basis from the stored pivots, and the same result twice."""
+    w = _weight(48, 40)
+    got = build_basis(w, method="randomized", **rule)
+    paper = build_basis(w, **rule)
+    Q, R, W = got.Q.double(), got.R.double(), w.double()
+    assert_rel_close(Q.t() @ Q, torch.eye(got.rank, dtype=torch.float64), 1e-5, name="Q^T Q")
+    assert_rel_close(R, Q.t() @ W, 1e-5, name="R_r")
+    assert bool((torch.diagonal(got.R[:, got.perm[:got.rank]]) > 0).all())
+    assert abs(got.rank - paper.rank) <= 2 and got.energy_captured == pytest.approx(paper.energy_captured, abs=0.02)
+    Q_p, R_p = basis_from_pivots(w, got.perm[:got.rank])
+    assert_rel_close(Q_p.double(), Q, 1e-5, name="Q from pivots")
+    again = build_basis(w, method="randomized", **rule)
+    assert torch.equal(again.Q, got.Q) and torch.equal(again.perm, got.perm)
+    with pytest.raises(ValueError, match="method must be one of"):
+        build_basis(w, method="svd", **rule)
 
 
 def test_build_bases_clamps_rank_per_shape_and_names_bad_weights(monkeypatch):
@@ -229,5 +249,7 @@ def test_deferred_basis_truncates_like_the_full_one(shape):
             assert got.energy_captured == pytest.approx(ref.energy_captured, rel=1e-6)
     with pytest.raises(ValueError, match="defer=True needs the diag rule"):
         build_bases(weights, rank=3, defer=True)
+    with pytest.raises(ValueError, match="defer=True needs the diag rule with tau and geqp3"):
+        build_bases(weights, tau=1.0, defer=True, method="randomized")
     with pytest.raises(ValueError, match="truncate it with energy='diag'"):
         truncate(deferred[0], 2, energy="frobenius")

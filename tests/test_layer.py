@@ -60,9 +60,9 @@ def test_forward_matches_float64_reference(backend):
 
 def test_rank_rules_of_from_linear():
     lin = _linear(36, 30)
-    for kwargs in ({"tau": 0.9}, {"tau": 0.9, "energy": "frobenius"}, {"rank": 4}):
+    for kwargs in ({"tau": 0.9}, {"tau": 0.9, "energy": "frobenius"}, {"rank": 4}, {"tau": 0.9, "method": "randomized"}):
         basis = build_basis(lin.weight, **kwargs)
-        layer = QRLoraLinear.from_linear(lin, **kwargs)
+        layer = QRLoraLinear.from_linear(lin, **{("qr_method" if k == "method" else k): v for k, v in kwargs.items()})
         assert layer.rank == basis.rank
         assert torch.equal(layer.Q, basis.Q) and torch.equal(layer.R, basis.R) and torch.equal(layer.perm, basis.perm)
         assert layer.energy_captured == pytest.approx(basis.energy_captured)
@@ -215,6 +215,8 @@ def test_bad_arguments():
         QRLoraLinear.from_linear(lin, tau=0.9, rank=2)
     with pytest.raises(TypeError, match="expects an nn.Linear"):
         QRLoraLinear.from_linear(nn.Conv1d(2, 2, 1), rank=1)
+    with pytest.raises(ValueError, match="method must be one of"):
+        QRLoraLinear.from_linear(lin, rank=2, qr_method="svd")
     with pytest.raises(ValueError, match="rank 7 exceeds"):
         QRLoraLinear(8, 6, 7)
     with pytest.raises(ValueError, match="backend must be one of"):

@@ -89,6 +89,8 @@ def test_config_defaults_and_json_round_trip():
     ({"target_modules": ["q"], "budget": 10, "energy": "frobenius"}, ValueError, "needs energy='diag'"),
     ({"target_modules": ["q"], "layers": [-1]}, ValueError, "non-negative"),
     ({"target_modules": ["q"], "layers": "0"}, TypeError, "layers must be an int or a list"),
+    ({"target_modules": ["q"], "qr_method": "svd"}, ValueError, "qr_method must be one of"),
+    ({"target_modules": ["q"], "budget": 10, "qr_method": "randomized"}, ValueError, "budget needs qr_method='geqp3'"),
 ])
 def test_config_rejects_bad_fields(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -161,6 +163,28 @@ def test_apply_rank_and_frobenius_rules_reach_layers():
     for m in report.modules:
         assert 0.5 <= m.energy_captured < 1.0
         assert model.get_submodule(m.name).energy == "frobenius"
+
+
+@pytest.mark.parametrize("rule", [{"tau": 0.9}, {"tau": 0.8, "energy": "frobenius"}, {"rank": 6}])
+def test_randomized_pivoting_converts_like_geqp3(rule):
+    """qr_method="randomized": other pivots, but the same rule gives about the same energy, the converted model
+    starts equal to the original, and converting the same model again gives the same bases (fixed seed)."""
+    base, model = _pair(2)
+    config = QRLoraConfig(target_modules="all-linear", qr_method="randomized", **rule)
+    report = apply_qrlora(model, config, progress=False)
+    again, paper = copy.deepcopy(base), copy.deepcopy(base)
+    apply_qrlora(again, config, progress=False)
+    reference = apply_qrlora(paper, QRLoraConfig(target_modules="all-linear", **rule), progress=False)
+    x = torch.randn(3, 5, 8)
+    assert_rel_close(model(x), base(x), 1e-6, name="converted output")
+    assert len(report.modules) == len(reference.modules) > 0
+    for got, ref in zip(report.modules, reference.modules):
+        # Random (flat-spectrum) weights: the two pivotings' diagonals differ most here.
+        assert got.name == ref.name and abs(got.energy_captured - ref.energy_captured) < 0.1, (got, ref)
+        layer = model.get_submodule(got.name)
+        assert torch.equal(layer.Q, again.get_submodule(got.name).Q), f"{got.name}: not reproducible"
+        assert_rel_close(layer.Q.double().t() @ layer.Q.double(), torch.eye(layer.rank, dtype=torch.float64),
+                         1e-5, name=f"{got.name} Q^T Q")
 
 
 def test_apply_errors():

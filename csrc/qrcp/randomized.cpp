@@ -133,8 +133,14 @@ QRCPTuple qrcp_randomized(const at::Tensor& A, const StopRules& rules, int64_t b
     if (tolerance) {
       const at::Tensor Rb = (W.slice(0, k, k + b).slice(1, k, n).triu().to(at::kDouble) * escale).square();
       at::Tensor tail = at::zeros({n - k}, opts.dtype(at::kDouble));
-      if (k + b < m && k + b < n)
-        tail.slice(0, b, n - k).copy_((W.slice(0, k + b, m).slice(1, k + b, n).to(at::kDouble) * escale).square().sum(0));
+      if (k + b < m && k + b < n) {
+        const at::Tensor W22 = W.slice(0, k + b, m).slice(1, k + b, n);
+        // float32: one reduction in double straight from W22 (a float's square cannot overflow a double);
+        // float64: scaled first, so that huge entries cannot overflow the squares.
+        tail.slice(0, b, n - k).copy_(W22.scalar_type() == at::kFloat
+                                          ? at::linalg_vector_norm(W22, 2, {0}, false, at::kDouble).mul_(escale).square_()
+                                          : (W22 * escale).square().sum(0));
+      }
       const at::Tensor below = Rb.flip(0).cumsum(0).flip(0) + tail.unsqueeze(0);  // b x (n - k)
       const at::Tensor active = at::arange(n - k, long_opts).unsqueeze(0) >= at::arange(b, long_opts).unsqueeze(1);
       const at::Tensor res = at::where(active, below, at::zeros_like(below));
