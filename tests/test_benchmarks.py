@@ -313,6 +313,24 @@ def test_qr_section_through_benchmarks_qr(tmp_path, monkeypatch):
     assert skipped == {"status": "skipped", "reason": "benchmarks.qr has no run() function"}
 
 
+def test_init_time_benchmark_times_each_rule_and_writes_its_table(tmp_path, monkeypatch, capsys):
+    import benchmarks.init_time as IT
+    monkeypatch.setattr(IT, "RESULTS_DIR", tmp_path)
+    IT.main(["--layers", "1", "--reps", "1", "--rules", "diag,rank,diag-randomized"])
+    stored = json.loads((tmp_path / "cpu" / "init_time.json").read_text())
+    methods = [row["method"] for row in stored["rows"]]
+    assert methods == ["scipy geqp3 (CPU) + diag rule tau=0.9", "apply_qrlora diag tau=0.9", "apply_qrlora rank=8",
+                       "apply_qrlora diag tau=0.9, randomized pivoting"]
+    assert all(row["median_ms"] > 0 for row in stored["rows"])
+    # The diag rule gives the same ranks through apply_qrlora as through scipy's geqp3.
+    assert stored["rows"][0]["ranks"] == stored["rows"][1]["ranks"]
+    assert stored["rows"][2]["ranks"] == "8..8 (sum 16)"
+    assert stored["meta"]["matrices"] == "1 layers x [768x768, 768x768]"
+    with pytest.raises(SystemExit):
+        IT.main(["--rules", "svd"])
+    assert "unknown rule(s) ['svd']" in capsys.readouterr().err
+
+
 def _script(path, *args, env=None):
     return subprocess.run(["bash", str(REPO / path), *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120, env=env or _env_without_interpreter())
