@@ -105,12 +105,37 @@ def choose_strategy(T: int, N: int, K: int, r: int, *, training: bool, per_token
         return "lowrank"
     if requested is not None:
         return requested
-    costs = strategy_costs(T, N, K, r, training=training, elem_bytes=elem_bytes, model=model)
-    return "merged" if costs["merged"] < costs["lowrank"] else "lowrank"
+    return _cached(_cheaper_strategy, T, N, K, r, training, elem_bytes, model)
 
 
 def choose_dlam_route(T: int, N: int, K: int, r: int, *, elem_bytes: int = 2,
                       model: DeviceModel = DEFAULT_DEVICE_MODEL) -> str:
     """"project" (S and G) or "weight_grad" (diag(Q^T (dY^T x) R^T)) for the merged path's dlam."""
+    return _cached(_cheaper_dlam_route, T, N, K, r, elem_bytes, model)
+
+
+def _cheaper_strategy(T, N, K, r, training, elem_bytes, model) -> str:
+    costs = strategy_costs(T, N, K, r, training=training, elem_bytes=elem_bytes, model=model)
+    return "merged" if costs["merged"] < costs["lowrank"] else "lowrank"
+
+
+def _cheaper_dlam_route(T, N, K, r, elem_bytes, model) -> str:
     costs = dlam_costs(T, N, K, r, elem_bytes=elem_bytes, model=model)
     return "weight_grad" if costs["weight_grad"] < costs["project"] else "project"
+
+
+_CACHE: dict = {}
+
+
+def _cached(choice, *args):
+    """Every forward asks, so concrete shapes are answered from a cache (a model has few distinct shapes);
+    symbolic sizes (torch.compile's dynamic shapes) are evaluated directly."""
+    if not all(type(v) is int for v in args[:4]):
+        return choice(*args)
+    key = (choice,) + args
+    answer = _CACHE.get(key)
+    if answer is None:
+        if len(_CACHE) > 4096:
+            _CACHE.clear()
+        answer = _CACHE[key] = choice(*args)
+    return answer

@@ -205,7 +205,10 @@ def qrlora_linear(x, weight, bias, Q, R, lam, *, backend=None, adapter_ids=None,
                                       strategy=strategy)
 
     if backend == "torch":
-        with torch.autocast(x.device.type, enabled=False):
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                y = _torch_path(x2, weight, bias, Q, R, lam, lam_index, chosen)
+        else:
             y = _torch_path(x2, weight, bias, Q, R, lam, lam_index, chosen)
         return y.reshape(*leading, out_features)
 
@@ -218,7 +221,7 @@ def qrlora_linear(x, weight, bias, Q, R, lam, *, backend=None, adapter_ids=None,
     from . import ops
 
     if chosen == "merged":
-        y, _ = ops.merged_forward(x2, weight, bias, Q, R, lam)
+        y = ops.merged_linear(x2, weight, bias, Q, R, lam)
     else:
-        y, _ = ops.lowrank_forward(x2, weight, bias, Q, R, lam, lam_index)
+        y = ops.lowrank_linear(x2, weight, bias, Q, R, lam, lam_index)
     return y.reshape(*leading, out_features)

@@ -11,6 +11,13 @@ Gradients: only x and lam get one. W0, Q, R and the bias are frozen by construct
 autograd formulas return None for them (``functional`` refuses inputs that would silently lose a gradient).
 The ops run with autocast disabled: ``functional`` has already cast the inputs to the autocast dtype, and the
 kernels accumulate in float32 regardless.
+
+Entry points for ``functional``: ``lowrank_linear`` and ``merged_linear``. While ``torch.compile`` traces, they
+call the custom ops above (opaque, traced through their fake implementations). In eager mode they call the
+same implementation functions through a ``torch.autograd.Function`` instead: the custom-op dispatch adds
+tens of microseconds of host time per call (measured on this CPU: ~30-55 us against ~8 us; see
+``benchmarks/micro/test_op_overhead.py``), which for a training step's many small layers would exceed the
+kernels' own GPU time. Both routes run the identical kernels and autograd formulas (tested bit for bit).
 """
 # No `from __future__ import annotations`: custom_op reads the schema from real annotations, and older
 # torch releases (2.6) cannot evaluate string ones.
@@ -53,9 +60,8 @@ def _num_adapters(lam: Tensor) -> int:
 
 # ---------------------------------------------------------------- low-rank path (a)
 
-@torch.library.custom_op(f"{NAMESPACE}::lowrank_forward", mutates_args=())
-def lowrank_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor, R: Tensor, lam: Tensor,
-                    lam_index: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _lowrank_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor, R: Tensor, lam: Tensor,
+                          lam_index: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """y = x W0^T + b + ((x R^T) * lam) Q^T; also returns S = x R^T, saved for the backward."""
     k = _kernels()
     with _op_scope("qrlora/fwd", x.device):
@@ -64,15 +70,17 @@ def lowrank_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor
     return y, s
 
 
+lowrank_forward = torch.library.custom_op(f"{NAMESPACE}::lowrank_forward", mutates_args=())(_lowrank_forward_impl)
+
+
 @lowrank_forward.register_fake
 def _(x, weight, bias, Q, R, lam, lam_index):
     return (x.new_empty((x.shape[0], weight.shape[0])),
             x.new_empty((x.shape[0], R.shape[0]), dtype=_acc_dtype(x.dtype)))
 
 
-@torch.library.custom_op(f"{NAMESPACE}::lowrank_backward", mutates_args=())
-def lowrank_backward(dy: Tensor, weight: Tensor, Q: Tensor, R: Tensor, lam: Tensor, s: Tensor,
-                     lam_index: Optional[Tensor], compute_dx: bool) -> tuple[Tensor, Tensor]:
+def _lowrank_backward_impl(dy: Tensor, weight: Tensor, Q: Tensor, R: Tensor, lam: Tensor, s: Tensor,
+                           lam_index: Optional[Tensor], compute_dx: bool) -> tuple[Tensor, Tensor]:
     """(dx, dlam): G = dY Q and dlam = sum_t S*G in one pass over dY, then dx = dY W0 + (G*lam) R.
 
     dlam is float32 with lam's shape; dx is empty when ``compute_dx`` is False.
@@ -85,6 +93,10 @@ def lowrank_backward(dy: Tensor, weight: Tensor, Q: Tensor, R: Tensor, lam: Tens
         else:
             dx = dy.new_empty((0,))
     return dx, dlam.reshape(lam.shape)
+
+
+lowrank_backward = torch.library.custom_op(f"{NAMESPACE}::lowrank_backward",
+                                           mutates_args=())(_lowrank_backward_impl)
 
 
 @lowrank_backward.register_fake
@@ -100,11 +112,15 @@ def _lowrank_setup_context(ctx, inputs, output):
     ctx.save_for_backward(weight, Q, R, lam, s, lam_index)
 
 
-def _lowrank_backward(ctx, dy, ds):
+def _lowrank_grads(ctx, dy, backward):
     weight, Q, R, lam, s, lam_index = ctx.saved_tensors
     compute_dx = ctx.needs_input_grad[0]
-    dx, dlam = lowrank_backward(dy, weight, Q, R, lam, s, lam_index, compute_dx)
+    dx, dlam = backward(dy, weight, Q, R, lam, s, lam_index, compute_dx)
     return (dx if compute_dx else None), None, None, None, None, dlam.to(lam.dtype), None
+
+
+def _lowrank_backward(ctx, dy, ds):
+    return _lowrank_grads(ctx, dy, lowrank_backward)
 
 
 lowrank_forward.register_autograd(_lowrank_backward, setup_context=_lowrank_setup_context)
@@ -124,9 +140,8 @@ def _(weight, Q, R, lam):
     return torch.empty_like(weight)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::merged_forward", mutates_args=())
-def merged_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor, R: Tensor,
-                   lam: Tensor) -> tuple[Tensor, Tensor]:
+def _merged_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor, R: Tensor,
+                         lam: Tensor) -> tuple[Tensor, Tensor]:
     """y = x W_eff^T + b with W_eff = W0 + (Q*lam) R built by one kernel; returns (y, W_eff)."""
     with _op_scope("qrlora/fwd", x.device):
         w_eff = _kernels().merged_weight(weight, Q, lam, R)
@@ -134,14 +149,16 @@ def merged_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor,
     return y, w_eff
 
 
+merged_forward = torch.library.custom_op(f"{NAMESPACE}::merged_forward", mutates_args=())(_merged_forward_impl)
+
+
 @merged_forward.register_fake
 def _(x, weight, bias, Q, R, lam):
     return x.new_empty((x.shape[0], weight.shape[0])), torch.empty_like(weight)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::merged_backward", mutates_args=())
-def merged_backward(dy: Tensor, x: Tensor, w_eff: Tensor, Q: Tensor, R: Tensor, lam: Tensor,
-                    dlam_route: str, compute_dx: bool) -> tuple[Tensor, Tensor]:
+def _merged_backward_impl(dy: Tensor, x: Tensor, w_eff: Tensor, Q: Tensor, R: Tensor, lam: Tensor,
+                          dlam_route: str, compute_dx: bool) -> tuple[Tensor, Tensor]:
     """(dx, dlam) with dx = dY W_eff and dlam by ``dlam_route``: "project" (S = x R^T, then G = dY Q and
     sum_t S*G in one pass) or "weight_grad" (diag(Q^T (dY^T x) R^T)). dlam is float32 with lam's shape."""
     k = _kernels()
@@ -157,6 +174,10 @@ def merged_backward(dy: Tensor, x: Tensor, w_eff: Tensor, Q: Tensor, R: Tensor, 
     return dx, dlam.reshape(lam.shape).to(_acc_dtype(dy.dtype))
 
 
+merged_backward = torch.library.custom_op(f"{NAMESPACE}::merged_backward",
+                                          mutates_args=())(_merged_backward_impl)
+
+
 @merged_backward.register_fake
 def _(dy, x, w_eff, Q, R, lam, dlam_route, compute_dx):
     dx = dy.new_empty((dy.shape[0], w_eff.shape[1]) if compute_dx else (0,))
@@ -170,15 +191,64 @@ def _merged_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, w_eff, Q, R, lam)
 
 
-def _merged_backward(ctx, dy, dw_eff):
+def _merged_grads(ctx, dy, backward):
     from .dispatch import choose_dlam_route
 
     x, w_eff, Q, R, lam = ctx.saved_tensors
     compute_dx = ctx.needs_input_grad[0]
     route = choose_dlam_route(x.shape[0], w_eff.shape[0], w_eff.shape[1], R.shape[0],
                               elem_bytes=x.element_size())
-    dx, dlam = merged_backward(dy, x, w_eff, Q, R, lam, route, compute_dx)
+    dx, dlam = backward(dy, x, w_eff, Q, R, lam, route, compute_dx)
     return (dx if compute_dx else None), None, None, None, None, dlam.to(lam.dtype)
 
 
+def _merged_backward(ctx, dy, dw_eff):
+    return _merged_grads(ctx, dy, merged_backward)
+
+
 merged_forward.register_autograd(_merged_backward, setup_context=_merged_setup_context)
+
+
+# ---------------------------------------------------------------- entry points: custom ops or eager Functions
+
+class _EagerLowrank(torch.autograd.Function):
+    """``lowrank_forward`` and its registered autograd formula, without the custom-op dispatch."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, Q, R, lam, lam_index):
+        y, s = _lowrank_forward_impl(x, weight, bias, Q, R, lam, lam_index)
+        _lowrank_setup_context(ctx, (x, weight, bias, Q, R, lam, lam_index), (y, s))
+        return y, s
+
+    @staticmethod
+    def backward(ctx, dy, ds):
+        return _lowrank_grads(ctx, dy, _lowrank_backward_impl)
+
+
+class _EagerMerged(torch.autograd.Function):
+    """``merged_forward`` and its registered autograd formula, without the custom-op dispatch."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, Q, R, lam):
+        y, w_eff = _merged_forward_impl(x, weight, bias, Q, R, lam)
+        _merged_setup_context(ctx, (x, weight, bias, Q, R, lam), (y, w_eff))
+        return y, w_eff
+
+    @staticmethod
+    def backward(ctx, dy, dw_eff):
+        return _merged_grads(ctx, dy, _merged_backward_impl)
+
+
+def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor, R: Tensor, lam: Tensor,
+                   lam_index: Optional[Tensor]) -> Tensor:
+    """The lowrank strategy's y: the custom op while ``torch.compile`` traces, the eager Function otherwise."""
+    if torch.compiler.is_compiling():
+        return lowrank_forward(x, weight, bias, Q, R, lam, lam_index)[0]
+    return _EagerLowrank.apply(x, weight, bias, Q, R, lam, lam_index)[0]
+
+
+def merged_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor, R: Tensor, lam: Tensor) -> Tensor:
+    """The merged strategy's y: the custom op while ``torch.compile`` traces, the eager Function otherwise."""
+    if torch.compiler.is_compiling():
+        return merged_forward(x, weight, bias, Q, R, lam)[0]
+    return _EagerMerged.apply(x, weight, bias, Q, R, lam)[0]

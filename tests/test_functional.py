@@ -141,7 +141,7 @@ def test_float32_lam_with_half_weights(backend):
 
 def test_strategy_override_reaches_the_ops(monkeypatch):
     x, weight, bias, Q, R, lam = _problem(T=4, K=16, N=16, r=4)
-    for name, op in (("merged", "merged_forward"), ("lowrank", "lowrank_forward")):
+    for name, op in (("merged", "merged_linear"), ("lowrank", "lowrank_linear")):
         monkeypatch.setenv(dispatch.STRATEGY_ENV_VAR, name)
         with mock.patch.object(ops, op, wraps=getattr(ops, op)) as spy:
             qrlora_linear(x, weight, bias, Q, R, lam, backend="triton")

@@ -46,6 +46,33 @@ def test_opcheck_merged_ops():
         _opcheck(ops.merged_backward, (dy, x.detach(), weight, Q, R, lam.detach(), route, True))
 
 
+@pytest.mark.parametrize("strategy, num_adapters", [("lowrank", None), ("lowrank", 3), ("merged", None)])
+def test_eager_route_equals_the_custom_ops_bit_for_bit(strategy, num_adapters, monkeypatch):
+    """In eager mode functional goes through ops' autograd.Functions (no custom-op dispatch); they must run the
+    same kernels and formulas as the registered ops: identical y, dx and dlam, and no custom op called."""
+    x, weight, bias, Q, R, lam = _operands(num_adapters=num_adapters)
+    index = None if num_adapters is None else torch.randint(0, num_adapters, (16,))
+    dy = torch.randn(16, 20)
+    if strategy == "lowrank":
+        via_op = ops.lowrank_forward(x, weight, bias, Q, R, lam, index)[0]
+    else:
+        via_op = ops.merged_forward(x, weight, bias, Q, R, lam)[0]
+    op_grads = torch.autograd.grad(via_op, (x, lam), dy)
+    for name in ("lowrank_forward", "lowrank_backward", "merged_forward", "merged_backward"):
+        monkeypatch.setattr(ops, name, None)  # the eager route must not touch them
+    if strategy == "lowrank":
+        eager = ops.lowrank_linear(x, weight, bias, Q, R, lam, index)
+    else:
+        eager = ops.merged_linear(x, weight, bias, Q, R, lam)
+    eager_grads = torch.autograd.grad(eager, (x, lam), dy)
+    assert torch.equal(eager, via_op)
+    for got, expected, name in zip(eager_grads, op_grads, ("dx", "dlam")):
+        assert got.dtype == expected.dtype and torch.equal(got, expected), name
+    assert_rel_close(eager_grads[1], torch.autograd.grad(
+        ((x.double() @ R.double().t()) * (lam.double() if index is None else lam.double()[index])) @ Q.double().t(),
+        lam, dy.double())[0], name="dlam against float64")
+
+
 @pytest.mark.parametrize("route", dispatch.DLAM_ROUTES)
 def test_merged_backward_routes_agree(route):
     x, weight, bias, Q, R, lam = _operands(T=12, K=20, N=16, r=6)
