@@ -71,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=None, help="QR-LoRA fixed rank per module")
     p.add_argument("--budget", type=int, default=None, help="QR-LoRA global number of trainable scalars")
     p.add_argument("--energy", default="diag", choices=["diag", "frobenius"])
+    p.add_argument("--qr-method", default="geqp3", choices=["geqp3", "randomized"],
+                   help="pivoting of the factorisations (randomized: faster on large weights; not with --budget)")
     p.add_argument("--freeze-head", action="store_true",
                    help="QR-LoRA: keep the (randomly initialised) head frozen, so only lam trains")
     p.add_argument("--lora-r", type=int, default=8)
@@ -182,7 +184,8 @@ def build_model(args, num_labels):
             f"LoRA r={args.lora_r}"
     from qrlora_kernels import QRLoraConfig, apply_qrlora
     config = QRLoraConfig(target_modules=args.target_modules, tau=args.tau, rank=args.rank, budget=args.budget,
-                          energy=args.energy, modules_to_save=None if args.freeze_head else [head])
+                          energy=args.energy, modules_to_save=None if args.freeze_head else [head],
+                          qr_method=args.qr_method)
     report = apply_qrlora(model, config, progress=not args.no_progress)
     print(report)
     lam = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith(".lam")]

