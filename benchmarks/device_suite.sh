@@ -10,6 +10,8 @@
 #   3. cuda    the QRCP / kernel / op / layer tests on cuda:  python -m pytest -k cuda tests/test_{qrcp,kernels,ops,functional,layer}.py
 #   4. bench   the throughput suite (quick):  python -m benchmarks.throughput --quick --no-qr --time-budget 100
 #   5. qr      the QR benchmark at 4096^2:    python -m benchmarks.throughput --only qr   (calls benchmarks.qr)
+#   6. init    if time is left: converting 2 Llama-7B-shaped layers (rank 8; Frobenius tau 0.9, geqp3 and
+#              randomized):  python -m benchmarks.init_time --shapes llama7b --layers 2 ...
 # Everything (logs, JSON, CSV, PNG, steps.tsv) goes to ONE folder, benchmarks/results/<date>-<gpu>/; the last
 # thing printed is a short summary table (python -m benchmarks.throughput --summary DIR).
 #
@@ -73,6 +75,7 @@ if (( dry_run )); then
     check bench "$PYTHON" -m benchmarks.throughput --help
     # The qr step and the summary are further entry points of the same module: import what they call.
     check qr+summary "$PYTHON" -c "import triton, benchmarks.qr; from benchmarks.throughput import run_qr_section, summarize"
+    check init "$PYTHON" -m benchmarks.init_time --help
     probe="$(mkdir -p "$repo/benchmarks/results" && mktemp -d "$repo/benchmarks/results/.dry-run.XXXXXX" 2>/dev/null)" \
         && rmdir "$probe"
     check results-folder test -n "$probe"
@@ -134,6 +137,8 @@ fi
 # Layer cases stop starting after 100 s (the rest are reported "not run"); the model level follows.
 run_step bench 170 "$PYTHON" -m benchmarks.throughput --quick --no-qr --time-budget 100 --out "$out_dir"
 run_step qr 60 "$PYTHON" -m benchmarks.throughput --only qr --qr-sizes 4096x4096 --out "$out_dir"
+run_step init 60 "$PYTHON" -m benchmarks.init_time --shapes llama7b --layers 2 --rules rank,frobenius,frobenius-randomized \
+    --no-scipy --reps 1 --out "$out_dir"
 
 echo
 column -t -s $'\t' "$steps" 2>/dev/null || cat "$steps"

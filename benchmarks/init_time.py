@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+from pathlib import Path
 
 import numpy as np
 import scipy.linalg
@@ -97,6 +98,8 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=None, help="timed runs per rule (default 3; llama7b 1)")
     parser.add_argument("--no-scipy", action="store_true", help="skip the scipy geqp3 route")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default benchmarks/results/<device type>)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch and for scipy's BLAS (e.g. 1 on a shared, busy machine)")
     args = parser.parse_args(argv)
@@ -176,7 +179,7 @@ def _run(args, parser):
     name = "init_time" if args.shapes == "roberta-qv" else f"init_time_{args.shapes}"
     if args.threads is not None:
         name += f"_{args.threads}thread"
-    paths = write_results(name, rows, meta, out_dir=RESULTS_DIR / device.type)
+    paths = write_results(name, rows, meta, out_dir=args.out or RESULTS_DIR / device.type)
     print(f"wrote {paths['json']}")
 
 

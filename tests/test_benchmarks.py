@@ -315,9 +315,10 @@ def test_qr_section_through_benchmarks_qr(tmp_path, monkeypatch):
 
 def test_init_time_benchmark_times_each_rule_and_writes_its_table(tmp_path, monkeypatch, capsys):
     import benchmarks.init_time as IT
-    monkeypatch.setattr(IT, "RESULTS_DIR", tmp_path)
-    IT.main(["--layers", "1", "--reps", "1", "--rules", "diag,rank,diag-randomized"])
-    stored = json.loads((tmp_path / "cpu" / "init_time.json").read_text())
+    monkeypatch.setattr(IT, "RESULTS_DIR", tmp_path / "default")
+    IT.main(["--layers", "1", "--reps", "1", "--rules", "diag,rank,diag-randomized", "--out", str(tmp_path)])
+    assert not (tmp_path / "default").exists()
+    stored = json.loads((tmp_path / "init_time.json").read_text())
     methods = [row["method"] for row in stored["rows"]]
     assert methods == ["scipy geqp3 (CPU) + diag rule tau=0.9", "apply_qrlora diag tau=0.9", "apply_qrlora rank=8",
                        "apply_qrlora diag tau=0.9, randomized pivoting"]
@@ -348,7 +349,7 @@ def test_device_suite_fails_fast_without_gpu():
 def test_device_suite_dry_run_checks_every_step_then_the_gpu():
     proc = _script("benchmarks/device_suite.sh", "--dry-run")
     assert proc.returncode == 3, proc.stdout + proc.stderr
-    for step in ("timeout", "build", "gpu-tests", "cuda-tests", "bench", "qr+summary", "results-folder"):
+    for step in ("timeout", "build", "gpu-tests", "cuda-tests", "bench", "qr+summary", "init", "results-folder"):
         assert f"ok    {step}:" in proc.stdout, step
     assert "no CUDA GPU" in proc.stderr
 
