@@ -175,10 +175,18 @@ def _nvtx(name: str, work: torch.Tensor):
     return torch.cuda.nvtx.range(name) if work.is_cuda else contextlib.nullcontext()
 
 
-def _result(mode: str, device, first, second, perm):
-    """The op's three outputs as the mode's named tuple, on the input's device."""
+def _result(mode: str, device, first, second, perm, *, what="qrcp: A"):
+    """The op's three outputs as the mode's named tuple, on the input's device.
+
+    A finite matrix whose column norms exceed its dtype's range (float32 entries near 3e38) factors into
+    inf/NaN; R's diagonal shows it (O(k) to check), and the caller is told instead of handed NaNs."""
     result = QRCPRawResult if mode == "raw" else QRCPResult
-    return result(first.to(device), second.to(device), perm.to(device))
+    out = result(first.to(device), second.to(device), perm.to(device))
+    diagonal = out.H.diagonal()[:out.rank] if mode == "raw" else out.R.diagonal()
+    if not bool(torch.isfinite(diagonal).all()):
+        raise ValueError(f"{what} overflows {diagonal.dtype} during the factorisation (a column norm exceeds "
+                         f"its range); scale it down or factor it in float64")
+    return out
 
 
 def qrcp(A: torch.Tensor, *, rank: int | None = None, tau: float | None = None, abstol: float | None = None,
@@ -218,4 +226,5 @@ def qrcp_batched(A: torch.Tensor, *, rank: int | None = None, tau: float | None 
     work, args = _prepare(A, rank, tau, abstol, reltol, method, mode, _block_size, _seed)
     with _nvtx(f"qrcp_batched/{method}", work):
         firsts, seconds, perms = torch.ops.qrlora.qrcp_batched(work.detach(), *args)
-    return [_result(mode, A.device, *out) for out in zip(firsts, seconds, perms)]
+    return [_result(mode, A.device, *out, what=f"qrcp_batched: matrix {b}")
+            for b, out in enumerate(zip(firsts, seconds, perms))]

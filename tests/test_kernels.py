@@ -160,7 +160,18 @@ def tma_only(device, monkeypatch):
         configs = [utils._config(32, 32, 16, 2, 1, 1, USE_TMA=True, PERSISTENT=True)]
     monkeypatch.setattr(kernel, "configs", configs)
     monkeypatch.setattr(kernel, "cache", {})
+    # Fewer programs than output tiles, so that every program's loop takes more than one tile (on a GPU too).
+    monkeypatch.setattr(utils, "num_programs", lambda device: 3)
     return kernel
+
+
+def _nan_padded(rows, cols, dtype, device, scale=1.0):
+    """A random (rows, cols) view into a NaN-filled (rows + 8, cols + 8) buffer: a tile that read past the
+    operand's edges instead of taking TMA's zero padding would bring NaN into the result."""
+    buffer = torch.full((rows + 8, cols + 8), float("nan"), dtype=dtype, device=device)
+    view = buffer[:rows, :cols]
+    view.copy_(_tensor((rows, cols), dtype, device, scale=scale))
+    return view
 
 
 @pytest.mark.parametrize("num_adapters", [None, 3])
@@ -169,9 +180,10 @@ def test_lowrank_matmul_persistent_tma_variant(dtype, num_adapters, device, tma_
     """The sm_90 variant (tiles by TMA descriptors, one program per SM looping over the tiles) against the
     float64 reference: the forward (b = W0^T, K-major) with bias, and the dx GEMM (b = W0, row-major)."""
     _skip_unrunnable(device, dtype)
+    assert {"TMA_OK", "B_K_MAJOR"} <= set(tma_only.keys), "a cached TMA choice must not serve other operands"
     T, K, N, r = TMA_CASE
-    x, dy = _tensor((T, K), dtype, device), _tensor((T, N), dtype, device)
-    weight = _tensor((N, K), dtype, device, scale=K ** -0.5)
+    x, dy = _nan_padded(T, K, dtype, device), _nan_padded(T, N, dtype, device)
+    weight = _nan_padded(N, K, dtype, device, scale=K ** -0.5)
     Q, R = _tensor((N, r), dtype, device, scale=N ** -0.5), _tensor((r, K), dtype, device)
     bias = _tensor((N,), dtype, device)
     lam, lam_index = _lam(r, num_adapters, device, T)
@@ -192,16 +204,23 @@ def test_tma_is_offered_only_for_operands_that_suit_it(monkeypatch):
     w = torch.randn(72, 40)
     assert utils.tma_operands(torch.randn(5, 40), w.t()) == (utils.INTERPRETED, True)
     assert utils.tma_operands(torch.randn(5, 72), w) == (utils.INTERPRETED, False)
-    # A 33-float row is 132 bytes (not a multiple of 16); a column-strided a; float64: no TMA.
+    # A 33-float row is 132 bytes (not a multiple of 16); a column-strided a; a broadcast a; no columns;
+    # float64: no TMA.
     assert not utils.tma_operands(torch.randn(5, 33), torch.randn(72, 33).t())[0]
     assert not utils.tma_operands(torch.randn(40, 5).t(), w.t())[0]
+    assert not utils.tma_operands(torch.randn(1, 40).expand(5, 40), w.t())[0]
+    assert not utils.tma_operands(torch.randn(5, 0), torch.randn(72, 0).t())[0]
     assert not utils.tma_operands(torch.randn(5, 40, dtype=torch.float64), w.double().t())[0]
     monkeypatch.setenv("QRLORA_TMA", "0")
     assert utils.tma_operands(torch.randn(5, 40), w.t()) == (False, True)
     prune = utils.prune_gemm("M", "N")
     configs = [utils._tiled(c) for c in utils._GPU_GEMM_CONFIGS] + utils._GPU_TMA_CONFIGS
     assert not any(c.kwargs["USE_TMA"] for c in prune(configs, {"M": 4096, "N": 4096, "TMA_OK": 0}))
-    assert sum(c.kwargs["USE_TMA"] for c in prune(configs, {"M": 4096, "N": 4096, "TMA_OK": 1})) == 4
+    assert sum(c.kwargs["USE_TMA"] for c in prune(configs, {"M": 4096, "N": 4096, "TMA_OK": 1})) == 6
+    # Few tokens: only the 64-row TMA tiles remain (the others are pruned as oversized).
+    assert {c.kwargs["BLOCK_M"] for c in prune(utils._GPU_TMA_CONFIGS, {"M": 45, "N": 72, "TMA_OK": 1})} == {64}
+    with pytest.raises(ValueError, match="only TMA configs are left"):
+        prune(utils._GPU_TMA_CONFIGS, {"M": 45, "N": 72, "TMA_OK": 0})
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -89,7 +89,8 @@ __global__ void pivot_kernel(T* C, T* vn1, T* vn2, int64_t* perm, T* Ft, double*
   const int64_t k = off + j;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
   T best = T(-1);
-  int64_t best_idx = n;
+  // k, not n: if no norm beats -1 (all NaN, e.g. after an overflow), the pivot stays in bounds (as on the CPU).
+  int64_t best_idx = k;
   double energy = 0;
   for (int64_t c = k + threadIdx.x; c < n; c += blockDim.x) {
     const T v = vn1[c];

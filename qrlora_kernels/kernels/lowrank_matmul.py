@@ -65,7 +65,7 @@ def _output_tile(tile, a_ptr, b_ptr, a_desc, b_desc, p_ptr, lam_ptr, lam_index_p
 
 @triton.autotune(configs=utils.lowrank_gemm_configs(), key=["M_BUCKET", "N", "K", "R", "TMA_OK", "B_K_MAJOR"],
                  prune_configs_by={"early_config_prune": utils.prune_gemm("M", "N")})
-@triton.jit
+@triton.jit(do_not_specialize=["TMA_OK", "NUM_SMS"])
 def _lowrank_matmul_kernel(
     a_ptr, b_ptr, p_ptr, lam_ptr, lam_index_ptr, u_ptr, bias_ptr, out_ptr,
     M, N, K, R, M_BUCKET, NUM_SMS, TMA_OK,

@@ -144,6 +144,10 @@ _GPU_TMA_CONFIGS = [
     _config(128, 128, 64, 8, 4, 8, USE_TMA=True, PERSISTENT=True),
     _config(128, 128, 128, 8, 3, 8, USE_TMA=True, PERSISTENT=True),
     _config(128, 64, 64, 8, 4, 4, USE_TMA=True, PERSISTENT=True),
+    # Fewer tokens (prune_by_size keeps 64-row tiles for T <= 64), and float32, whose tiles are twice as big:
+    # the configs above need more than sm_90's 227 KiB of shared memory for it.
+    _config(64, 128, 32, 8, 3, 4, USE_TMA=True, PERSISTENT=True),
+    _config(64, 64, 32, 8, 3, 4, USE_TMA=True, PERSISTENT=True),
 ]
 
 # Projections produce r columns, often few: narrower N tiles so small r does not waste a 256-wide tile.
@@ -196,7 +200,9 @@ def prune_gemm(rows_arg: str, cols_arg: str):
 
     def prune(configs, named_args, **kwargs):
         if not named_args.get("TMA_OK"):
-            configs = [c for c in configs if not c.kwargs.get("USE_TMA")] or configs
+            configs = [c for c in configs if not c.kwargs.get("USE_TMA")]
+            if not configs:
+                raise ValueError("only TMA configs are left, but the operands do not suit TMA")
         return by_size(configs, named_args, **kwargs)
     return prune
 
@@ -207,11 +213,12 @@ _TMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _tma_matrix(t: torch.Tensor, contiguous_dim: int) -> bool:
-    """A 2-D operand a TMA descriptor can address: unit stride along ``contiguous_dim``, the other stride and
-    the base address 16-byte aligned (``tl.make_tensor_descriptor``'s rules)."""
+    """A 2-D operand a TMA descriptor can address: non-empty, unit stride along ``contiguous_dim``, the other
+    stride at least a row (no broadcast or overlapping rows), and it and the base address 16-byte aligned
+    (``tl.make_tensor_descriptor``'s rules)."""
     other = 1 - contiguous_dim
-    return (t.stride(contiguous_dim) == 1 and (t.stride(other) * t.element_size()) % 16 == 0
-            and t.data_ptr() % 16 == 0)
+    return (t.numel() > 0 and t.stride(contiguous_dim) == 1 and t.stride(other) >= t.shape[contiguous_dim]
+            and (t.stride(other) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
 
 
 TMA_ENV_VAR = "QRLORA_TMA"  # "0" turns the TMA configs off (e.g. to rule them out when chasing a problem)
@@ -229,8 +236,9 @@ def _capability(device: torch.device) -> tuple[int, int]:
 def tma_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, bool]:
     """(whether ``a @ b`` can load its tiles by TMA, whether ``b`` is K-major).
 
-    TMA needs an sm_90 GPU (or the interpreter, for tests), a 16- or 32-bit float dtype, ``a`` row-major and
-    ``b`` either row-major (``dY @ W0``) or K-major (``x @ W0^T``, a transposed view of a row-major weight).
+    TMA needs a GPU of compute capability 9.0 or newer (or the interpreter, for tests), a 16- or 32-bit float
+    dtype, ``a`` row-major and ``b`` either row-major (``dY @ W0``) or K-major (``x @ W0^T``, a transposed view
+    of a row-major weight).
     ``QRLORA_TMA=0`` in the environment turns it off.
     """
     b_k_major = b.stride(0) == 1 and b.stride(1) != 1
