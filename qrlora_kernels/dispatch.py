@@ -31,6 +31,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
+
 STRATEGIES = ("lowrank", "merged")
 DLAM_ROUTES = ("project", "weight_grad")
 STRATEGY_ENV_VAR = "QRLORA_STRATEGY"
@@ -128,9 +130,10 @@ _CACHE: dict = {}
 
 
 def _cached(choice, *args):
-    """Every forward asks, so concrete shapes are answered from a cache (a model has few distinct shapes);
-    symbolic sizes (torch.compile's dynamic shapes) are evaluated directly."""
-    if not all(type(v) is int for v in args[:4]):
+    """Every eager forward asks, so concrete shapes are answered from a cache (a model has few distinct
+    shapes). While torch.compile traces, the choice is evaluated directly: a traced lookup in the cache
+    would guard on its contents and recompile whenever it grows (and sizes may be symbolic)."""
+    if torch.compiler.is_compiling() or not all(type(v) is int for v in args[:4]):
         return choice(*args)
     key = (choice,) + args
     answer = _CACHE.get(key)

@@ -145,6 +145,10 @@ def _check_triton_available(x):
     if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("backend='triton' on CPU tensors runs the kernels under Triton's interpreter: set "
                            "TRITON_INTERPRET=1 before importing qrlora_kernels (or use backend='torch')")
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        # The interpreter computes in numpy, which has no bfloat16: the results would be garbage.
+        raise TypeError("backend='triton' on CPU tensors cannot take bfloat16 (Triton's interpreter has no "
+                        "bfloat16); use float32/float16, backend='torch', or a CUDA device")
 
 
 def _torch_path(x2, weight, bias, Q, R, lam, lam_index, strategy):

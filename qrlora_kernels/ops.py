@@ -221,6 +221,7 @@ class _EagerLowrank(torch.autograd.Function):
         return y, s
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' backward has no backward of its own
     def backward(ctx, dy, ds):
         return _lowrank_grads(ctx, dy, _lowrank_backward_impl)
 
@@ -235,6 +236,7 @@ class _EagerMerged(torch.autograd.Function):
         return y, w_eff
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dw_eff):
         return _merged_grads(ctx, dy, _merged_backward_impl)
 

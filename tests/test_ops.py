@@ -125,6 +125,38 @@ def test_compile_fullgraph(backend, strategy, compile_backend):
         assert_rel_close(layer.lam.grad, grad.double(), name="compiled dlam")
 
 
+def test_compiled_model_does_not_recompile_when_eager_calls_see_new_shapes():
+    """The strategy choice caches per shape in eager mode; a compiled graph must not guard on that cache."""
+    torch._dynamo.reset()
+    model = _model("triton", None)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x = torch.randn(2, 5, 24)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(x)
+        compiled(x)
+        for tokens in (3, 7, 11):  # eager calls fill the cache with new shapes
+            model(torch.randn(tokens, 24))
+        compiled(x)
+
+
+def test_double_backward_through_the_kernels_is_a_clear_error():
+    """The kernels' backward has no backward: create_graph=True must not silently drop the layer's term."""
+    for strategy in ("lowrank", "merged"):
+        model = _model("triton", strategy)
+        x = torch.randn(4, 24, requires_grad=True)
+        (g,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            g.square().sum().backward()
+
+
+def test_triton_backend_refuses_bfloat16_on_the_cpu():
+    model = _model("triton", "lowrank")
+    with pytest.raises(TypeError, match="cannot take bfloat16"):
+        model.to(torch.bfloat16)(torch.randn(3, 24, dtype=torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="cannot take bfloat16"):
+        _model("triton", "lowrank")(torch.randn(3, 24))
+
+
 def test_compile_fullgraph_multi_adapter():
     torch._dynamo.reset()
     model = _AdapterModel(_model("triton", None, num_adapters=3))
