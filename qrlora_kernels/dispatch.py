@@ -28,6 +28,7 @@ Override (for tests and experiments): the ``strategy=`` argument, else the envir
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -126,7 +127,9 @@ def _cheaper_dlam_route(T, N, K, r, elem_bytes, model) -> str:
     return "weight_grad" if costs["weight_grad"] < costs["project"] else "project"
 
 
-_CACHE: dict = {}
+@functools.lru_cache(maxsize=4096)
+def _remembered(choice, *args):
+    return choice(*args)
 
 
 def _cached(choice, *args):
@@ -135,10 +138,4 @@ def _cached(choice, *args):
     would guard on its contents and recompile whenever it grows (and sizes may be symbolic)."""
     if torch.compiler.is_compiling() or not all(type(v) is int for v in args[:4]):
         return choice(*args)
-    key = (choice,) + args
-    answer = _CACHE.get(key)
-    if answer is None:
-        if len(_CACHE) > 4096:
-            _CACHE.clear()
-        answer = _CACHE[key] = choice(*args)
-    return answer
+    return _remembered(choice, *args)

@@ -27,6 +27,7 @@ adapter_ids is required; multi-adapter batches always take the lowrank strategy.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
 
@@ -84,6 +85,13 @@ def _validate(x, weight, bias, Q, R, lam):
         if name != "lam" and t.dtype != x.dtype:
             raise TypeError(f"mixed dtypes: x is {x.dtype} but {name} is {t.dtype} "
                             f"(x, weight, bias, Q and R must share a dtype; only lam may differ)")
+
+
+def _no_autocast(device: torch.device):
+    """Autocast off for what follows (the inputs are already cast); a free no-op when it is off already."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _autocast(x, weight, bias, Q, R):
@@ -209,10 +217,7 @@ def qrlora_linear(x, weight, bias, Q, R, lam, *, backend=None, adapter_ids=None,
                                       strategy=strategy)
 
     if backend == "torch":
-        if torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
-                y = _torch_path(x2, weight, bias, Q, R, lam, lam_index, chosen)
-        else:
+        with _no_autocast(x.device):
             y = _torch_path(x2, weight, bias, Q, R, lam, lam_index, chosen)
         return y.reshape(*leading, out_features)
 

@@ -28,6 +28,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .functional import _no_autocast
+
 NAMESPACE = "qrlora_kernels"
 
 
@@ -39,12 +41,6 @@ def _kernels():
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _no_autocast(device: torch.device):
-    if torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ wrappers re-check it at call time only to give a clear error for CPU tensors.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -223,14 +224,14 @@ def _tma_matrix(t: torch.Tensor, contiguous_dim: int) -> bool:
 
 TMA_ENV_VAR = "QRLORA_TMA"  # "0" turns the TMA configs off (e.g. to rule them out when chasing a problem)
 
-_CAPABILITIES: dict[int, tuple[int, int]] = {}
+@functools.lru_cache(maxsize=None)
+def _cuda_properties(index: int):
+    return torch.cuda.get_device_properties(index)
 
 
-def _capability(device: torch.device) -> tuple[int, int]:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CAPABILITIES:
-        _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
-    return _CAPABILITIES[index]
+def _properties(device: torch.device):
+    """The CUDA device's properties (capability, SM count), read once per device: launches ask every call."""
+    return _cuda_properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def tma_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, bool]:
@@ -245,7 +246,7 @@ def tma_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, bool]:
     if a.dtype not in _TMA_DTYPES or os.environ.get(TMA_ENV_VAR) == "0":
         return False, b_k_major
     if a.is_cuda:
-        if _capability(a.device)[0] < 9:
+        if _properties(a.device).major < 9:
             return False, b_k_major
     elif not INTERPRETED:
         return False, b_k_major
@@ -253,17 +254,9 @@ def tma_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, bool]:
     return ok, b_k_major
 
 
-_SM_COUNTS: dict[int, int] = {}
-
-
 def num_programs(device: torch.device) -> int:
     """Programs of a persistent kernel: one per SM (a fixed 4 under the interpreter)."""
-    if device.type != "cuda":
-        return 4
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNTS:
-        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNTS[index]
+    return _properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def _scratch(size: int, alignment: int, stream):
