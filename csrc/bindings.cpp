@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "qrcp/driver.h"
+#include "qrcp/form_q.h"
 
 #define QRLORA_STR_(x) #x
 #define QRLORA_STR(x) QRLORA_STR_(x)
@@ -16,17 +17,22 @@ TORCH_LIBRARY(qrlora, m) {
   // The same factorisation of each matrix of a B x m x n batch; one list entry per matrix.
   m.def("qrcp_batched(Tensor A, int rank, float tau, float abstol, float reltol, str method, int block_size, "
         "int seed, str mode=\"reduced\") -> (Tensor[] Q, Tensor[] R, Tensor[] perm)");
+  // Q (m x c) from c Householder reflectors, as torch.linalg.householder_product; on the CPU
+  // bit-identical at any thread count (qrcp/form_q.h).
+  m.def("householder_q(Tensor H, Tensor tau) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qrlora, CPU, m) {
   m.impl("qrcp", &qrlora::qrcp::qrcp_op);
   m.impl("qrcp_batched", &qrlora::qrcp::qrcp_batched_op);
+  m.impl("householder_q", &qrlora::qrcp::householder_q);
 }
 
 #ifdef QRLORA_WITH_CUDA
 TORCH_LIBRARY_IMPL(qrlora, CUDA, m) {
   m.impl("qrcp", &qrlora::qrcp::qrcp_op);
   m.impl("qrcp_batched", &qrlora::qrcp::qrcp_batched_op);
+  m.impl("householder_q", &qrlora::qrcp::householder_q);
 }
 #endif
 

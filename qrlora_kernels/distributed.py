@@ -7,10 +7,9 @@ only trainable tensors are the ``lam`` vectors (and ``modules_to_save``), so it 
 What this module adds is the set-up: each rank factorises only the modules it owns (a greedy
 longest-job-first split by flop count), then every basis is broadcast from its owner. Each
 basis is therefore computed exactly once, by one rank, with the same code as in a single
-process, and every rank ends with bit-identical bases. They are also bit-identical to a single
-process's with the same thread count: which weights share a batch does not change a CPU
-factorisation (see ``qrcp_batched``). With a different thread count, only forming Q (LAPACK orgqr)
-may round differently. With ``budget``, only the small
+process, and every rank ends with bit-identical bases. With ``method="geqp3"`` on the CPU they are also
+bit-identical to a single process's, at any thread count in either: neither which weights share
+a batch nor the number of threads changes a CPU factorisation or its Q (see ``qrcp``). With ``budget``, only the small
 energy diagonals travel first; the global selection runs identically on every rank; then
 only the truncated bases are broadcast.
 

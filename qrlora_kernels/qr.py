@@ -18,8 +18,8 @@ at an exactly zero residual, so a zero matrix has k = 0 under them.
 
 ``method="geqp3"`` (default) is deterministic and follows LAPACK dgeqp3: the pivots equal
 ``scipy.linalg.qr(A, pivoting=True)`` up to rounding on matrices without near-ties, and
-``|R_ii|`` is non-increasing. On the CPU its factorisation (pivots, R, the Householder vectors) is
-bit-identical at any thread count; only forming Q (LAPACK orgqr) may round differently. ``method="randomized"`` picks blocks of pivots from a Gaussian
+``|R_ii|`` is non-increasing. On the CPU its results (pivots, R, the Householder vectors and Q)
+are bit-identical at any thread count. ``method="randomized"`` picks blocks of pivots from a Gaussian
 sketch (HQRRP): about the speed of unpivoted QR, rank-revealing in practice, but ``|R_ii|``
 is only approximately non-increasing and the pivots differ from geqp3's.
 
@@ -77,7 +77,8 @@ class QRCPRawResult(NamedTuple):
             raise ValueError(f"columns must be an int in [0, {self.rank}], got {columns!r}")
         if c == 0:
             return self.H.new_zeros(self.H.shape[0], 0)
-        return torch.linalg.householder_product(self.H[:, :c], self.tau[:c])
+        _extension.load()
+        return torch.ops.qrlora.householder_q(self.H[:, :c], self.tau[:c])
 
     def r(self) -> torch.Tensor:
         """R, k x n upper trapezoidal."""
@@ -219,8 +220,8 @@ def qrcp_batched(A: torch.Tensor, *, rank: int | None = None, tau: float | None 
     rank. On the CPU, with at least as many matrices as threads, they are factored concurrently, one
     per thread, which for a model's many same-shape weights is faster than threading inside each
     factorisation. For ``method="geqp3"`` the results are bit-identical to ``qrcp``'s either way
-    (the CPU factorisation does not depend on the thread count, and Q is formed outside the parallel
-    region); randomized results agree to rounding. Not differentiable (inputs are detached).
+    (on the CPU nothing in it, forming Q included, depends on the thread count); randomized results
+    agree to rounding. Not differentiable (inputs are detached).
     """
     _validate(A, rank, tau, abstol, reltol, method, mode, batched=True)
     work, args = _prepare(A, rank, tau, abstol, reltol, method, mode, _block_size, _seed)

@@ -185,6 +185,26 @@ def test_bases_do_not_depend_on_how_weights_are_grouped(rule):
                 assert torch.equal(x, y), f"weight {i}: a basis tensor depends on the grouping"
 
 
+@pytest.mark.parametrize("rule", [{"tau": 0.9, "energy": "diag"}, {"tau": 0.8, "energy": "frobenius"}, {"rank": 30}])
+def test_geqp3_bases_do_not_depend_on_the_thread_count(rule):
+    """torchrun gives each rank one thread (OMP_NUM_THREADS=1) while a single process usually has
+    several: a distributed ``apply_qrlora`` promises that process's bases to the bit, Q included."""
+    weights = [_weight(384, 320) for _ in range(2)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = build_bases(weights, **rule)
+        torch.set_num_threads(3)
+        three = build_bases(weights[:1], **rule) + build_bases(weights[1:], **rule)
+    finally:
+        torch.set_num_threads(before)
+    for i, (a, b) in enumerate(zip(one, three)):
+        assert a.rank == b.rank, f"weight {i}"
+        for x, y in zip(a, b):
+            if isinstance(x, torch.Tensor):
+                assert torch.equal(x, y), f"weight {i}: a basis tensor depends on the thread count"
+
+
 @pytest.mark.parametrize("rule", [{"tau": 0.9}, {"tau": 0.8, "energy": "frobenius"}, {"rank": 12}])
 def test_randomized_pivoting_gives_a_valid_reproducible_basis(rule):
     """method="randomized": Q_r orthonormal, R_r = Q_r^T W (rows of a Householder R), the sign convention,

@@ -10,6 +10,7 @@ import torch
 
 from qrlora_kernels import qrcp
 from qrlora_kernels.qr import MODES, QRCPRawResult, QRCPResult
+from qrlora_kernels.testing import rel_error
 
 THRESHOLD = 30.0  # LAPACK's test threshold for the scaled ratios
 SIZES = [0, 1, 2, 3, 5, 10, 50]
@@ -456,11 +457,11 @@ THREADED = (384, 320)
 @pytest.mark.parametrize("shape, threads", [(THREADED, 2), ((129, 1500), 3), ((129, 1500), 5)])
 @pytest.mark.parametrize("kw", [{}, {"rank": 40}, {"tau": 0.9}])
 def test_factorisation_does_not_depend_on_the_thread_count(kw, shape, threads):
-    """The CPU geqp3 factorisation itself (pivots, R, the Householder vectors) is bit-identical at 1 and
-    more threads: neither the panel's split over threads nor the trailing GEMMs may change any sum (at
-    129 x 1500 a single threaded MKL GEMM of the update changed the last bits at 3+ threads). (Forming Q with LAPACK's orgqr
-    is left to the BLAS and may differ in the last bits, so compare the compact form. The randomized
-    method is BLAS throughout, sketch and panels, so it is only equal to rounding.)"""
+    """The CPU geqp3 results (pivots, R, the Householder vectors and Q) are bit-identical at 1 and more
+    threads: neither the panel's split over threads nor the trailing GEMMs nor forming Q may change any
+    sum (at 129 x 1500 a single threaded MKL GEMM of the update changed the last bits at 3+ threads;
+    LAPACK's threaded orgqr changes Q's from 2 threads on). The randomized method is BLAS throughout,
+    sketch and panels, so it is only equal to rounding."""
     A = torch.randn(*shape)
     one, two = (_with_threads(t, lambda: qrcp(A, mode="raw", **kw)) for t in (1, threads))
     assert torch.equal(one.perm, two.perm)
@@ -468,6 +469,79 @@ def test_factorisation_does_not_depend_on_the_thread_count(kw, shape, threads):
     assert torch.equal(one.tau, two.tau)
     k = one.rank
     assert torch.equal(one.H[:, :k], two.H[:, :k]) and torch.equal(one.r(), two.r())
+    q_one, q_two = (_with_threads(t, lambda: qrcp(A, **kw).Q) for t in (1, threads))
+    assert torch.equal(q_one, q_two), "Q depends on the thread count"
+    assert torch.equal(_with_threads(threads, lambda: one.q(k // 2)), q_one[:, :k // 2])
+
+
+# ------------------------------------------------------------------------------- householder_q
+def _householder_q(H, tau):
+    from qrlora_kernels import _extension
+    _extension.load()
+    return torch.ops.qrlora.householder_q(H, tau)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (40, 40), (97, 33), (130, 64), (70, 65)])
+def test_householder_q_matches_lapack_orgqr(device, dtype, shape):
+    """Q from reflectors, blocked by 32 (shapes below, at and across block and 64-column chunk
+    edges), against a float64 LAPACK orgqr of the same reflectors, with LAPACK's test ratios."""
+    m, n = shape
+    H, tau = torch.geqrf(torch.randn(m, n, dtype=torch.float64, device=device))
+    ref = torch.linalg.householder_product(H, tau)
+    Q = _householder_q(H.to(dtype), tau.to(dtype))
+    assert Q.shape == (m, n) and Q.dtype == dtype and Q.device == H.device and Q.is_contiguous()
+    eps = torch.finfo(dtype).eps
+    assert rel_error(Q, ref) <= 30 * m * eps
+    assert (Q.double().T @ Q.double() - torch.eye(n, dtype=torch.float64, device=device)).norm() / (m * eps) <= 30
+
+
+def test_householder_q_edge_cases():
+    empty = _householder_q(torch.randn(5, 0), torch.randn(0))
+    assert empty.shape == (5, 0)
+    assert _householder_q(torch.randn(0, 0), torch.randn(0)).shape == (0, 0)
+    # A zero tau is an identity reflector; a column-major H (what geqrf returns) reads the same.
+    H, tau = torch.geqrf(torch.randn(50, 40, dtype=torch.float64))
+    tau[[0, 17, 39]] = 0
+    ref = torch.linalg.householder_product(H, tau)
+    assert rel_error(_householder_q(H, tau), ref) < 1e-13
+    assert rel_error(_householder_q(H.contiguous(), tau), ref) < 1e-13
+    assert torch.equal(_householder_q(H, tau), _householder_q(H.contiguous(), tau))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_autocast_does_not_lower_the_precision(method):
+    """Under a bf16 autocast region the products inside the ops must still run in float32 (the
+    blocked Q formation's at::mm calls were autocast to bf16 and failed)."""
+    A = torch.randn(130, 70)
+    plain = qrcp(A, method=method, _seed=3)
+    H, tau = torch.geqrf(A)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = qrcp(A, method=method, _seed=3)
+        q = _householder_q(H, tau)
+    for x, y in zip(plain, inside):
+        assert x.dtype == y.dtype and torch.equal(x, y)
+    assert q.dtype == torch.float32 and torch.equal(q, _householder_q(H, tau))
+
+
+@pytest.mark.parametrize("H, tau, match", [
+    (torch.randn(3, 5), torch.randn(5), "c <= m"),
+    (torch.randn(6, 5), torch.randn(4), "tau of length c"),
+    (torch.randn(6, 5), torch.randn(5, dtype=torch.float64), "share dtype"),
+    (torch.randn(6, 5).half(), torch.randn(5).half(), "float32 or float64"),
+    (torch.randn(2, 6, 5), torch.randn(5), "expected H"),
+])
+def test_householder_q_bad_inputs(H, tau, match):
+    with pytest.raises(RuntimeError, match=match):
+        _householder_q(H, tau)
+
+
+@pytest.mark.parametrize("shape, threads", [((384, 320), 2), ((1500, 129), 3), ((700, 200), 5)])
+def test_householder_q_does_not_depend_on_the_thread_count(shape, threads):
+    """LAPACK's threaded orgqr rounds Q differently from 2 threads on; ours may not."""
+    H, tau = torch.geqrf(torch.randn(*shape))
+    one, more = (_with_threads(t, lambda: _householder_q(H, tau)) for t in (1, threads))
+    assert torch.equal(one, more)
 
 
 @pytest.mark.parametrize("mode", MODES)

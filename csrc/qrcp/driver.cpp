@@ -4,6 +4,8 @@
 // small record per panel to apply the stopping rules.
 #include "driver.h"
 
+#include "fixed_order_blas.h"
+#include "form_q.h"
 #include "panel.h"
 
 #include <ATen/Parallel.h>
@@ -59,32 +61,6 @@ void factor_panel(Workspace& ws, int64_t offset, int64_t nb) {
   factor_panel_cpu(ws, offset, nb);
 }
 
-// Rows of the trailing update per CPU GEMM call (see trailing_update). Fixed, never derived from
-// the thread count; 256 cost ~7% at 4096^2 on 2 threads against one threaded MKL call, 128 more.
-constexpr int64_t kUpdateChunk = 256;
-
-// C -= F V: the panel's one BLAS-3 trailing update. On the CPU it is cut into fixed chunks of
-// kUpdateChunk rows of C, each one single-threaded GEMM, spread over the threads: the same calls on
-// the same shapes at any thread count, so the result does not depend on it (MKL's own threading
-// picks kernels and splits by the thread count, which changes the last bits: seen at 3+ threads on
-// a 1404 x 33 x 32 update). MKL runs serially inside an active parallel region, so the loop always
-// opens one (at least two iterations; the spare one does nothing); with one thread it runs inline
-// and MKL is serial anyway. On CUDA it is one cuBLAS call.
-void trailing_update(at::Tensor C, const at::Tensor& F, const at::Tensor& V) {
-  if (!C.is_cpu()) {
-    C.addmm_(F, V, /*beta=*/1, /*alpha=*/-1);
-    return;
-  }
-  const int64_t rows = C.size(0);
-  const int64_t chunks = (rows + kUpdateChunk - 1) / kUpdateChunk;
-  at::parallel_for(0, std::max<int64_t>(chunks, 2), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < std::min(end, chunks); ++c) {
-      const int64_t r0 = c * kUpdateChunk, r1 = std::min(rows, r0 + kUpdateChunk);
-      C.slice(0, r0, r1).addmm_(F.slice(0, r0, r1), V, /*beta=*/1, /*alpha=*/-1);
-    }
-  });
-}
-
 void recompute_norms(Workspace& ws, int64_t row_start, int64_t col_start) {
   PhaseRange range("qrcp/norms", ws.C);
 #ifdef QRLORA_WITH_CUDA
@@ -100,11 +76,10 @@ namespace {
 // R (k x n, upper trapezoidal) from the compact form: a copy, no arithmetic.
 at::Tensor form_r(const at::Tensor& H, int64_t k) { return H.narrow(0, 0, k).triu().contiguous(); }
 
-// The first k columns of Q from the first k reflectors (LAPACK orgqr: BLAS, threaded).
+// The first k columns of Q from the first k reflectors (bit-identical at any CPU thread count).
 at::Tensor form_q(const at::Tensor& H, const at::Tensor& tau, int64_t k) {
-  if (k == 0) return at::zeros({H.size(0), 0}, H.options());
   PhaseRange range("qrcp/form_q", H);
-  return at::linalg_householder_product(H.narrow(1, 0, k), tau.narrow(0, 0, k));
+  return householder_q(H.narrow(1, 0, k), tau.narrow(0, 0, k));
 }
 
 }  // namespace
@@ -169,8 +144,10 @@ QRCPTuple qrcp_geqp3(const at::Tensor& A, const StopRules& rules, int64_t block_
     if (k >= kcap) break;
     {
       PhaseRange range("qrcp/trailing_update", ws.C);
-      trailing_update(ws.C.slice(0, k, n).slice(1, k, m), ws.Ft.slice(0, 0, kb).slice(1, kb, n - off).t(),
-                      ws.C.slice(0, off, k).slice(1, k, m));
+      // C -= F V: the panel's one BLAS-3 update (cuBLAS; on the CPU in fixed chunks, so that the
+      // factorisation is bit-identical at any thread count).
+      sub_product_by_rows(ws.C.slice(0, k, n).slice(1, k, m), ws.Ft.slice(0, 0, kb).slice(1, kb, n - off).t(),
+                          ws.C.slice(0, off, k).slice(1, k, m));
     }
     recompute_norms(ws, k, k);
   }
@@ -215,6 +192,7 @@ QRCPTuple dispatch(const at::Tensor& A, const StopRules& rules, c10::string_view
 
 QRCPTuple qrcp_op(const at::Tensor& A, int64_t rank, double tau, double abstol, double reltol,
                   c10::string_view method, int64_t block_size, int64_t seed, c10::string_view mode) {
+  const NoAutocast no_autocast;
   TORCH_CHECK(A.dim() == 2, "qrcp: expected a 2-D matrix, got ", A.dim(), " dimensions");
   const StopRules rules = make_rules(A, rank, tau, abstol, reltol);
   const OutputMode out = parse_mode(mode);
@@ -225,31 +203,20 @@ QRCPTuple qrcp_op(const at::Tensor& A, int64_t rank, double tau, double abstol, 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> qrcp_batched_op(
     const at::Tensor& A, int64_t rank, double tau, double abstol, double reltol, c10::string_view method,
     int64_t block_size, int64_t seed, c10::string_view mode) {
+  const NoAutocast no_autocast;
   TORCH_CHECK(A.dim() == 3, "qrcp_batched: expected a batch of matrices (B x m x n), got ", A.dim(), " dimensions");
   const StopRules rules = make_rules(A, rank, tau, abstol, reltol);
   const OutputMode out = parse_mode(mode);
   check_method(method);
   const int64_t batch = A.size(0);
-  // Each matrix is factored into the compact form, and reduced at once to what the mode returns
-  // (R by a copy; for Q only H's first k columns), so that no full workspace outlives its matrix.
-  // Q itself is formed afterwards, outside any parallel region, exactly as qrcp_op forms it
-  // (LAPACK's orgqr rounds differently with fewer threads).
-  struct Pending {
-    at::Tensor first, second, perm;  // kRaw: H, tau; kR: R; kReduced: H[:, :k], R
-    at::Tensor tau;                  // kReduced only
-  };
-  std::vector<Pending> pending(batch);
+  // Each matrix is factored and reduced at once to what the mode returns, so that no full
+  // workspace outlives its matrix. Everything on the CPU, forming Q included, is bit-identical at
+  // any thread count, so where a matrix runs (its own thread or all of them) changes only the speed.
+  std::vector<QRCPTuple> results(batch);
   auto one = [&](int64_t b) {
     // seed + b modulo 2^64 (the generator's seed is unsigned; signed overflow would be undefined).
     const auto seed_b = static_cast<int64_t>(static_cast<uint64_t>(seed) + static_cast<uint64_t>(b));
-    auto [H, tau, perm] = dispatch(A[b], rules, method, block_size, seed_b, OutputMode::kRaw);
-    const int64_t k = tau.size(0);
-    if (out == OutputMode::kRaw)
-      pending[b] = {H, tau, perm, {}};
-    else if (out == OutputMode::kR)
-      pending[b] = {form_r(H, k), {}, perm, {}};
-    else
-      pending[b] = {k == H.size(1) ? H : H.narrow(1, 0, k).clone(), form_r(H, k), perm, tau};
+    results[b] = dispatch(A[b], rules, method, block_size, seed_b, out);
   };
   if (A.is_cpu() && at::get_num_threads() > 1 && batch >= at::get_num_threads()) {
     // One matrix per thread (the panels and ATen's BLAS run single-threaded inside the region).
@@ -262,19 +229,10 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     for (int64_t b = 0; b < batch; ++b) one(b);
   }
   std::vector<at::Tensor> first, second, perms;
-  for (auto& p : pending) {
-    if (out == OutputMode::kRaw) {
-      first.push_back(std::move(p.first));
-      second.push_back(std::move(p.second));
-    } else if (out == OutputMode::kR) {
-      first.push_back(at::empty({0}, p.first.options()));
-      second.push_back(std::move(p.first));
-    } else {
-      first.push_back(form_q(p.first, p.tau, p.tau.size(0)));
-      second.push_back(std::move(p.second));
-    }
-    perms.push_back(std::move(p.perm));
-    p = Pending{};  // release this matrix's H before forming the next Q
+  for (auto& [x, y, perm] : results) {
+    first.push_back(std::move(x));
+    second.push_back(std::move(y));
+    perms.push_back(std::move(perm));
   }
   return {first, second, perms};
 }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <tuple>
 #include <vector>
@@ -25,6 +26,12 @@ struct StopRules {
 };
 
 using QRCPTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// Every op entry point holds one: the factorisations compute in the input's precision, but under
+// an active autocast region the ATen products inside (at::mm) would otherwise run in bf16/fp16.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 // What a factorisation returns, with k the number of columns factored (torch.linalg.qr's and
 // numpy's mode names):

@@ -1,0 +1,26 @@
+// CPU BLAS-3 calls whose rounding does not depend on the thread count.
+//
+// MKL's own threading picks kernels and splits sums by the number of threads, so one threaded
+// GEMM can round differently with 1, 2 or 3 threads (seen on a 1404 x 33 x 32 update). These
+// helpers cut each product into fixed chunks, never derived from the thread count, and run every
+// chunk as one single-threaded BLAS call: MKL runs serially inside an active parallel region, so
+// the chunks are spread over ATen's threads from inside one. The same calls on the same shapes
+// happen at any thread count, hence the same bits. On CUDA tensors they are single cuBLAS calls.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace qrlora::qrcp {
+
+// C -= F V (C r x c, F r x b, V b x c), in chunks of rows of C.
+void sub_product_by_rows(at::Tensor C, const at::Tensor& F, const at::Tensor& V);
+
+// C -= V (T (V^T C)) (C r x c, V r x b, T b x b): applies the block reflector I - V T V^T from
+// the left, in chunks of columns of C. Each chunk is a whole product of its own (every column's
+// sums run over all r rows in one call), so no partial sums are ever combined.
+void apply_block_reflector(at::Tensor C, const at::Tensor& V, const at::Tensor& T);
+
+// V^T V for a thin V (r x b), as one single-threaded BLAS call.
+at::Tensor gram(const at::Tensor& V);
+
+}  // namespace qrlora::qrcp
