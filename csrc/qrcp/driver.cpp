@@ -54,19 +54,27 @@ class PhaseRange {
 
 void factor_panel(Workspace& ws, int64_t offset, int64_t nb) {
   PhaseRange range("qrcp/panel", ws.C);
+#ifdef QRLORA_CUDA_EMULATION
+  factor_panel_cuda(ws, offset, nb);  // tests only: the CUDA panel's kernels, run on the CPU
+#else
 #ifdef QRLORA_WITH_CUDA
   if (ws.C.is_cuda()) return factor_panel_cuda(ws, offset, nb);
 #endif
   TORCH_CHECK(ws.C.is_cpu(), "qrcp: this build of qrlora_kernels._C has no CUDA back end");
   factor_panel_cpu(ws, offset, nb);
+#endif
 }
 
 void recompute_norms(Workspace& ws, int64_t row_start, int64_t col_start) {
   PhaseRange range("qrcp/norms", ws.C);
+#ifdef QRLORA_CUDA_EMULATION
+  recompute_norms_cuda(ws, row_start, col_start);
+#else
 #ifdef QRLORA_WITH_CUDA
   if (ws.C.is_cuda()) return recompute_norms_cuda(ws, row_start, col_start);
 #endif
   recompute_norms_cpu(ws, row_start, col_start);
+#endif
 }
 
 }  // namespace

@@ -34,7 +34,7 @@ void factor_panel_cpu(Workspace& ws, int64_t offset, int64_t nb);
 // clears the flags. Overflow/underflow-safe.
 void recompute_norms_cpu(Workspace& ws, int64_t row_start, int64_t col_start);
 
-#ifdef QRLORA_WITH_CUDA
+#if defined(QRLORA_WITH_CUDA) || defined(QRLORA_CUDA_EMULATION)
 void factor_panel_cuda(Workspace& ws, int64_t offset, int64_t nb);
 void recompute_norms_cuda(Workspace& ws, int64_t row_start, int64_t col_start);
 #endif

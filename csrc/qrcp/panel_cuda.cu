@@ -8,11 +8,16 @@
 #include "panel.h"
 
 #include <ATen/Dispatch.h>
+#ifndef QRLORA_CUDA_EMULATION
 // c10 only (not ATen/cuda/CUDAContext.h): that header pulls in cuBLAS/cuSPARSE headers,
 // which minimal toolkits (nvcc + cudart, libraries from pip wheels) do not ship.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#define QRLORA_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
+#endif
+// (The tests also compile this file as C++ for the CPU, with tests/cuda_emulation/cuda_emulation.h
+// standing in for the CUDA built-ins and the launches: see that header.)
 
 #include <cmath>
 #include <limits>
@@ -21,10 +26,17 @@
 namespace qrlora::qrcp {
 namespace {
 
+#ifndef QRLORA_CUDA_EMULATION
 constexpr int kSingleBlock = 1024;   // one-block kernels: pivot choice, Householder
 constexpr int kPassBlock = 256;      // trailing pass: one warp per trailing column
-constexpr int kWarpsPerPassBlock = kPassBlock / 32;
 constexpr int kElementwiseBlock = 256;
+#else
+// Emulated on the CPU, one OS thread per CUDA thread: smaller blocks, still of several warps.
+constexpr int kSingleBlock = 128;
+constexpr int kPassBlock = 64;
+constexpr int kElementwiseBlock = 64;
+#endif
+constexpr int kWarpsPerPassBlock = kPassBlock / 32;
 
 // state[0]: steps done; state[1]: panel finished early; state[2]: a column was flagged this step.
 
@@ -295,16 +307,16 @@ void factor_panel_cuda(Workspace& ws, int64_t off, int64_t nb) {
     const T tol3z = std::sqrt(std::numeric_limits<T>::epsilon());
     for (int64_t j = 0; j < nb; ++j) {
       const int64_t k = off + j;
-      pivot_kernel<T><<<1, kSingleBlock, 0, stream>>>(C, vn1, vn2, perm, Ft, info, state, m, n, off, j, stride,
+      QRLORA_LAUNCH(pivot_kernel<T>, 1, kSingleBlock, stream)(C, vn1, vn2, perm, Ft, info, state, m, n, off, j, stride,
                                                      ws.energy_scale);
       if (j > 0)
-        apply_panel_kernel<T><<<blocks_for(m - k, kElementwiseBlock), kElementwiseBlock, 0, stream>>>(
+        QRLORA_LAUNCH(apply_panel_kernel<T>, blocks_for(m - k, kElementwiseBlock), kElementwiseBlock, stream)(
             C, Ft, state, m, n, off, j);
-      householder_kernel<T><<<1, kSingleBlock, 0, stream>>>(C, tau, aux, state, m, off, j, stride);
+      QRLORA_LAUNCH(householder_kernel<T>, 1, kSingleBlock, stream)(C, tau, aux, state, m, off, j, stride);
       if (k + 1 < n)
-        trailing_pass_kernel<T><<<blocks_for(n - k - 1, kWarpsPerPassBlock), kPassBlock, 0, stream>>>(
+        QRLORA_LAUNCH(trailing_pass_kernel<T>, blocks_for(n - k - 1, kWarpsPerPassBlock), kPassBlock, stream)(
             C, vn1, vn2, Ft, aux, flags, state, m, n, off, j, stride, tol3z);
-      finish_step_kernel<T><<<1, kElementwiseBlock, 0, stream>>>(C, Ft, aux, state, info, m, n, off, j, stride);
+      QRLORA_LAUNCH(finish_step_kernel<T>, 1, kElementwiseBlock, stream)(C, Ft, aux, state, info, m, n, off, j, stride);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -315,7 +327,7 @@ void recompute_norms_cuda(Workspace& ws, int64_t row_start, int64_t col_start) {
   const c10::cuda::CUDAGuard guard(ws.C.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(ws.C.scalar_type(), "qrcp_norms_cuda", [&] {
-    recompute_norms_kernel<scalar_t><<<ws.n - col_start, kElementwiseBlock, 0, stream>>>(
+    QRLORA_LAUNCH(recompute_norms_kernel<scalar_t>, ws.n - col_start, kElementwiseBlock, stream)(
         ws.C.data_ptr<scalar_t>(), ws.vn1.data_ptr<scalar_t>(), ws.vn2.data_ptr<scalar_t>(),
         ws.recompute.data_ptr<int>(), ws.m, row_start, col_start);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
