@@ -119,6 +119,23 @@ def test_emulated_randomized_method(emulated):
     check_structure(A, got, monotone=False)
 
 
+@pytest.mark.parametrize("seed", ["1", "2", "3"])
+def test_emulated_results_do_not_depend_on_the_thread_schedule(emulated, monkeypatch, seed):
+    """Threads that race between two barriers (one writes what another reads) would make the bits depend
+    on the order in which the threads run: the same factorisations under random schedules must agree to the
+    bit with round robin's (safeguard-triggering and stopping-rule inputs included)."""
+    base = torch.randn(30, 8, dtype=torch.float64)
+    A = torch.cat([base, base + 1e-9 * torch.randn(30, 8, dtype=torch.float64), torch.randn(30, 9)], dim=1)
+    B = torch.randn(33, 21)
+    runs = [lambda: emulated(A, _block_size=5), lambda: emulated(B, _block_size=8),
+            lambda: emulated(B, tau=0.8, _block_size=4)]
+    expected = [run() for run in runs]
+    monkeypatch.setenv("QRLORA_CUDA_EMULATION_SEED", seed)
+    for i, run in enumerate(runs):
+        for x, y in zip(run(), expected[i]):
+            assert torch.equal(x, y), f"case {i}: the result depends on the thread schedule (seed {seed})"
+
+
 def test_emulated_overflowing_norms_are_a_clear_error(emulated):
     """Every column norm overflows float32 (inf): the pivot search must stay in bounds (it once wrote past
     the end when no norm compared greater than -1) and the caller gets the clear error, as on the CPU."""

@@ -9,7 +9,8 @@
 // that reads a lane which has already returned, and barriers that can never open (threads of a warp
 // split between a shuffle and __syncthreads, or a __syncthreads some threads skip and then wait at a
 // different one), reported as a deadlock. __shared__ variables are function statics: one copy per
-// kernel, right because no two blocks run at once. The schedule is deterministic (round robin).
+// kernel, right because no two blocks run at once. The schedule is deterministic: round robin, or
+// seeded random permutations (QRLORA_CUDA_EMULATION_SEED), which expose races between barriers.
 // Not emulated: memory-model subtleties and timing. This checks the kernels' arithmetic, indexing
 // and barrier structure.
 #pragma once
@@ -20,9 +21,12 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <functional>
+#include <numeric>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -156,6 +160,19 @@ inline void run_grid(int64_t grid, int block, const std::function<void()>& body)
   b.fibers.resize(block);
   b.slots.resize(block);
   b.body = &body;
+  // The order in which a pass runs the threads that are ready: 0, 1, 2, ... by default; with
+  // QRLORA_CUDA_EMULATION_SEED set, a fresh random permutation each pass (a race-free kernel gives
+  // the same bits under every schedule: the tests compare).
+  std::vector<int> order(block);
+  std::iota(order.begin(), order.end(), 0);
+  const char* seed = std::getenv("QRLORA_CUDA_EMULATION_SEED");
+  const bool shuffled = seed != nullptr && *seed != '\0';
+  static thread_local std::mt19937_64 rng;
+  static thread_local std::string rng_seed;
+  if (shuffled && rng_seed != seed) {  // seeded once per value, then running on across launches
+    rng_seed = seed;
+    rng.seed(std::strtoull(seed, nullptr, 10));
+  }
   Block* const outer = current_block;
   current_block = &b;
   for (int64_t g = 0; g < grid && !b.error; ++g) {
@@ -174,7 +191,9 @@ inline void run_grid(int64_t grid, int block, const std::function<void()>& body)
     gridDim = {static_cast<unsigned>(grid), 1, 1};
     for (;;) {
       bool ran = false;
-      for (int t = 0; t < block && !b.error; ++t) {
+      if (shuffled) std::shuffle(order.begin(), order.end(), rng);
+      for (int i = 0; i < block && !b.error; ++i) {
+        const int t = order[i];
         if (b.fibers[t].state != State::kRunning) continue;
         b.current = t;
         threadIdx = {static_cast<unsigned>(t), 0, 0};
