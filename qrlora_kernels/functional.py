@@ -48,9 +48,8 @@ def _check_tensor(name, t, *, optional=False):
 
 
 def _validate(x, weight, bias, Q, R, lam):
-    for name, t in (("x", x), ("weight", weight), ("Q", Q), ("R", R), ("lam", lam)):
-        _check_tensor(name, t)
-    _check_tensor("bias", bias, optional=True)
+    """Shapes, dtypes and devices (``qrlora_linear`` has already checked that the arguments are tensors)."""
+    _check_tensor("lam", lam)
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < 1:
@@ -78,11 +77,12 @@ def _validate(x, weight, bias, Q, R, lam):
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_features},)")
     named = [("weight", weight), ("Q", Q), ("R", R), ("lam", lam)] + ([("bias", bias)] if bias is not None else [])
+    device, dtype = x.device, x.dtype
     for name, t in named:
-        if t.device != x.device:
+        if t.device != device:
             raise ValueError(f"mixed devices: x is on {x.device} but {name} is on {t.device}")
     for name, t in named:
-        if name != "lam" and t.dtype != x.dtype:
+        if name != "lam" and t.dtype != dtype:
             raise TypeError(f"mixed dtypes: x is {x.dtype} but {name} is {t.dtype} "
                             f"(x, weight, bias, Q and R must share a dtype; only lam may differ)")
 
@@ -208,8 +208,9 @@ def qrlora_linear(x, weight, bias, Q, R, lam, *, backend=None, adapter_ids=None,
     if lam.dim() == 2 and lam_index is None:
         lam = lam.reshape(rank)  # one row: the single-adapter case (a view, so lam's grad keeps its shape)
 
+    flat = x.dim() == 2  # the common case needs no reshapes (a few microseconds each)
     leading = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
+    x2 = x if flat else x.reshape(-1, in_features)
     tokens = x2.shape[0]
     training = torch.is_grad_enabled() and lam.requires_grad
     chosen = dispatch.choose_strategy(tokens, out_features, in_features, rank, training=training,
@@ -219,7 +220,7 @@ def qrlora_linear(x, weight, bias, Q, R, lam, *, backend=None, adapter_ids=None,
     if backend == "torch":
         with _no_autocast(x.device):
             y = _torch_path(x2, weight, bias, Q, R, lam, lam_index, chosen)
-        return y.reshape(*leading, out_features)
+        return y if flat else y.reshape(*leading, out_features)
 
     if torch.is_grad_enabled():
         for name, t in (("weight", weight), ("bias", bias), ("Q", Q), ("R", R)):
@@ -233,4 +234,4 @@ def qrlora_linear(x, weight, bias, Q, R, lam, *, backend=None, adapter_ids=None,
         y = ops.merged_linear(x2, weight, bias, Q, R, lam)
     else:
         y = ops.lowrank_linear(x2, weight, bias, Q, R, lam, lam_index)
-    return y.reshape(*leading, out_features)
+    return y if flat else y.reshape(*leading, out_features)
