@@ -212,3 +212,23 @@ def test_compile_fullgraph_under_bf16_autocast():
     assert_rel_close(y, expected.double(), 1e-2, name="compiled autocast y")
     y.float().square().sum().backward()
     assert model[0].lam.grad.dtype == torch.float32
+
+
+def test_op_scope_marks_nvtx_on_cuda_only_and_turns_autocast_off(monkeypatch):
+    """The per-op NVTX range (qrlora/fwd, qrlora/bwd) for Nsight: pushed and popped around the kernels on CUDA
+    (checked here without a GPU by recording the calls), nothing on the CPU; autocast off inside either way."""
+    calls = []
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: calls.append(("push", name)))
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: calls.append(("pop",)))
+    with ops._op_scope("qrlora/fwd", torch.device("cuda")):
+        calls.append("inside")
+    assert calls == [("push", "qrlora/fwd"), "inside", ("pop",)]
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with ops._op_scope("qrlora/bwd", torch.device("cpu")):
+            assert not torch.is_autocast_enabled("cpu")
+        assert torch.is_autocast_enabled("cpu")
+    assert calls == []
+    with pytest.raises(ZeroDivisionError), ops._op_scope("qrlora/fwd", torch.device("cuda")):
+        1 / 0
+    assert calls == [("push", "qrlora/fwd"), ("pop",)], "the range must be closed when a kernel raises"
