@@ -77,8 +77,13 @@ class QRCPRawResult(NamedTuple):
             raise ValueError(f"columns must be an int in [0, {self.rank}], got {columns!r}")
         if c == 0:
             return self.H.new_zeros(self.H.shape[0], 0)
+        if not self.H.is_cpu:
+            # What the op runs on CUDA too (cuSOLVER orgqr); also serves a CPU-only build's CUDA results.
+            with _full_float32():
+                return torch.linalg.householder_product(self.H[:, :c], self.tau[:c])
         _extension.load()
-        return torch.ops.qrlora.householder_q(self.H[:, :c], self.tau[:c])
+        with _full_float32():
+            return torch.ops.qrlora.householder_q(self.H[:, :c], self.tau[:c])
 
     def r(self) -> torch.Tensor:
         """R, k x n upper trapezoidal."""
@@ -171,6 +176,43 @@ def _prepare(A, rank, tau, abstol, reltol, method, mode, block_size, seed):
     return work, args
 
 
+def _matmul_precision_settings():
+    """The process-wide float32 matmul precision knobs this torch has, as (object, attribute) pairs."""
+    knobs = [(getattr(torch.backends, b).matmul, "fp32_precision") for b in ("cuda", "mkldnn")
+             if hasattr(getattr(getattr(torch.backends, b, None), "matmul", None), "fp32_precision")]
+    return knobs
+
+
+@contextlib.contextmanager
+def _full_float32():
+    """float32 products in full float32 for the duration of a factorisation.
+
+    ``torch.set_float32_matmul_precision("high")`` (common in training scripts) lets cuBLAS use TF32 and
+    ``"medium"`` lets oneDNN use bfloat16 for every float32 matmul in the process, the QR's trailing updates
+    and Q's formation included: a basis would then lose most of float32's accuracy and depend on the
+    setting. The setting is process-wide, so it is switched for the call and restored after it."""
+    knobs = _matmul_precision_settings()
+    if knobs:  # torch >= 2.9: one setting per back end
+        saved = [getattr(obj, attr) for obj, attr in knobs]
+        if all(value == "ieee" for value in saved):
+            yield
+            return
+        try:
+            for obj, attr in knobs:
+                setattr(obj, attr, "ieee")
+            yield
+        finally:
+            for (obj, attr), value in zip(knobs, saved):
+                setattr(obj, attr, value)
+    else:
+        saved = torch.get_float32_matmul_precision()
+        try:
+            torch.set_float32_matmul_precision("highest")
+            yield
+        finally:
+            torch.set_float32_matmul_precision(saved)
+
+
 def _nvtx(name: str, work: torch.Tensor):
     """One NVTX range per call ("qrcp/geqp3", "qrcp_batched/randomized", ...) for Nsight; no-op on the CPU."""
     return torch.cuda.nvtx.range(name) if work.is_cuda else contextlib.nullcontext()
@@ -201,7 +243,7 @@ def qrcp(A: torch.Tensor, *, rank: int | None = None, tau: float | None = None, 
     _validate(A, rank, tau, abstol, reltol, method, mode)
     work, args = _prepare(A, rank, tau, abstol, reltol, method, mode, _block_size, _seed)
     device = A.device
-    with _nvtx(f"qrcp/{method}", work):
+    with _nvtx(f"qrcp/{method}", work), _full_float32():
         if work.requires_grad and torch.is_grad_enabled():
             out = _NotDifferentiable.apply(work, args)
         else:
@@ -225,7 +267,7 @@ def qrcp_batched(A: torch.Tensor, *, rank: int | None = None, tau: float | None 
     """
     _validate(A, rank, tau, abstol, reltol, method, mode, batched=True)
     work, args = _prepare(A, rank, tau, abstol, reltol, method, mode, _block_size, _seed)
-    with _nvtx(f"qrcp_batched/{method}", work):
+    with _nvtx(f"qrcp_batched/{method}", work), _full_float32():
         firsts, seconds, perms = torch.ops.qrlora.qrcp_batched(work.detach(), *args)
     return [_result(mode, A.device, *out, what=f"qrcp_batched: matrix {b}")
             for b, out in enumerate(zip(firsts, seconds, perms))]

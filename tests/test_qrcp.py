@@ -435,12 +435,61 @@ def test_autocast_does_not_lower_the_precision(method):
     assert q.dtype == torch.float32 and torch.equal(q, _householder_q(H, tau))
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_inference_mode_with_threads(two_threads, mode):
+    """Under torch.inference_mode the chunked products run on OpenMP workers, which must carry the caller's
+    thread-local state (an in-place update of an inference tensor outside inference mode is an error):
+    600 x 400 crosses both the trailing update's 256-row and forming Q's 64-column chunks."""
+    from qrlora_kernels import qrcp_batched
+    A = torch.randn(2, 600, 400)
+    expected = [qrcp(A[b], mode=mode) for b in range(2)]
+    with torch.inference_mode():
+        got = qrcp(A[0], mode=mode)
+        batch = qrcp_batched(A, mode=mode)
+        q = got.q() if mode == "raw" else got.Q
+    for x, y in zip(got, expected[0]):
+        assert torch.equal(x, y)
+    for b in range(2):
+        assert all(torch.equal(x, y) for x, y in zip(batch[b], expected[b]))
+    if mode != "r":
+        assert q.shape == (600, 400) and torch.equal(q, expected[0].Q if mode == "reduced" else expected[0].q())
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_reduced_matmul_precision_does_not_reach_the_factorisation(precision):
+    """set_float32_matmul_precision("high"/"medium") lets cuBLAS use TF32 and oneDNN bfloat16 for float32
+    matmuls process-wide: qrcp switches it off for its own products (Q's bits changed under "medium" on this
+    CPU) and gives the setting back."""
+    from qrlora_kernels.qr import _matmul_precision_settings
+    A = torch.randn(300, 200)
+    expected, raw = qrcp(A), qrcp(A, mode="raw")
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(precision)
+        knobs = [getattr(obj, attr) for obj, attr in _matmul_precision_settings()]
+        got, got_q = qrcp(A), raw.q()
+        assert [getattr(obj, attr) for obj, attr in _matmul_precision_settings()] == knobs
+        assert torch.get_float32_matmul_precision() == precision
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert torch.equal(got.Q, expected.Q) and torch.equal(got.R, expected.R) and torch.equal(got_q, expected.Q)
+
+
+def test_raw_q_off_the_cpu_uses_torch():
+    """.q() of a result that lives off the CPU (CUDA results of a CPU-only build, meta) forms Q with torch."""
+    raw = qrcp(torch.randn(12, 7, dtype=torch.float64), mode="raw")
+    meta = QRCPRawResult(raw.H.to("meta"), raw.tau.to("meta"), raw.perm.to("meta"))
+    q = meta.q(5)
+    assert q.device.type == "meta" and q.shape == (12, 5)
+
+
 @pytest.mark.parametrize("H, tau, match", [
     (torch.randn(3, 5), torch.randn(5), "c <= m"),
     (torch.randn(6, 5), torch.randn(4), "tau of length c"),
     (torch.randn(6, 5), torch.randn(5, dtype=torch.float64), "share dtype"),
     (torch.randn(6, 5).half(), torch.randn(5).half(), "float32 or float64"),
     (torch.randn(2, 6, 5), torch.randn(5), "expected H"),
+    (torch.randn(6, 5, requires_grad=True), torch.randn(5), "not differentiable"),
 ])
 def test_householder_q_bad_inputs(H, tau, match):
     with pytest.raises(RuntimeError, match=match):

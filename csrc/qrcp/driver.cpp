@@ -230,7 +230,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     // One matrix per thread (the panels and ATen's BLAS run single-threaded inside the region).
     // The CPU factorisation is bit-identical at any thread count, so this changes only the speed;
     // with fewer matrices than threads, each is factored with all of them instead.
-    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    parallel_for_keeping_tls(0, batch, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) one(b);
     });
   } else {

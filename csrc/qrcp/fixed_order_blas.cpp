@@ -1,8 +1,6 @@
 // CPU BLAS-3 calls whose rounding does not depend on the thread count (see fixed_order_blas.h).
 #include "fixed_order_blas.h"
 
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 
 namespace qrlora::qrcp {
@@ -22,7 +20,7 @@ constexpr int64_t kColumnChunk = 64;
 template <class Fn>
 void for_each_chunk(int64_t total, int64_t chunk, const Fn& fn) {
   const int64_t chunks = (total + chunk - 1) / chunk;
-  at::parallel_for(0, std::max<int64_t>(chunks, 2), 1, [&](int64_t begin, int64_t end) {
+  parallel_for_keeping_tls(0, std::max<int64_t>(chunks, 2), 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < std::min(end, chunks); ++c) fn(c * chunk, std::min(total, (c + 1) * chunk));
   });
 }

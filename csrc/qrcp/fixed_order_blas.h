@@ -6,11 +6,28 @@
 // chunk as one single-threaded BLAS call: MKL runs serially inside an active parallel region, so
 // the chunks are spread over ATen's threads from inside one. The same calls on the same shapes
 // happen at any thread count, hence the same bits. On CUDA tensors they are single cuBLAS calls.
+// Assumes MKL's default behaviour inside a parallel region (serial); with nested OpenMP parallelism
+// enabled (OMP_NESTED=true / OMP_MAX_ACTIVE_LEVELS > 1) MKL may thread inside a chunk, and the bits can
+// again depend on the thread count (seen at 4 threads). Verified with MKL only.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 namespace qrlora::qrcp {
+
+// at::parallel_for whose worker threads run with the caller's thread-local state (inference mode,
+// grad mode, dispatch-key exclusions such as NoAutocast): ATen's OpenMP workers do not inherit it,
+// and an in-place ATen op on an inference tensor fails outside inference mode.
+template <class Fn>
+void parallel_for_keeping_tls(int64_t begin, int64_t end, int64_t grain, const Fn& fn) {
+  const at::ThreadLocalState state;
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    const at::ThreadLocalStateGuard guard(state);
+    fn(b, e);
+  });
+}
 
 // C -= F V (C r x c, F r x b, V b x c), in chunks of rows of C.
 void sub_product_by_rows(at::Tensor C, const at::Tensor& F, const at::Tensor& V);

@@ -44,6 +44,8 @@ at::Tensor householder_q(const at::Tensor& H, const at::Tensor& tau) {
               "householder_q: H and tau must share dtype and device");
   TORCH_CHECK(H.scalar_type() == at::kFloat || H.scalar_type() == at::kDouble,
               "householder_q: expected float32 or float64, got ", H.scalar_type());
+  TORCH_CHECK(!H.requires_grad() && !tau.requires_grad(),
+              "householder_q is not differentiable; detach H and tau (or use torch.linalg.householder_product)");
   if (!H.is_cpu()) return at::linalg_householder_product(H, tau).contiguous();
   at::Tensor Q = at::eye(m, c, H.options());
   if (c == 0) return Q;
