@@ -22,7 +22,7 @@ from qr_checks import check_structure, matrix_types, with_spectrum
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["csrc/qrcp/driver.cpp", "csrc/qrcp/randomized.cpp", "csrc/qrcp/form_q.cpp",
            "csrc/qrcp/fixed_order_blas.cpp", "tests/cuda_emulation/panel_cuda_emulated.cpp",
-           "tests/cuda_emulation/bindings.cpp"]
+           "tests/cuda_emulation/bindings.cpp", "tests/cuda_emulation/probes.cpp"]
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,20 @@ def emulated():
         work, args = _prepare(A, rank, tau, abstol, reltol, method, mode, _block_size, _seed)
         return _result(mode, A.device, *torch.ops.qrlora_cuda_emulation.qrcp(work, *args))
     return run
+
+
+def test_the_emulation_runs_barriers_right_and_reports_their_misuse(emulated):
+    """The emulation itself: a correct block reduction over 3 blocks of 64 threads, and an error, not a
+    silent pass or a hang, for each barrier misuse that is undefined on a GPU."""
+    sums = torch.ops.qrlora_cuda_emulation.probe("block_sums")
+    assert sums.tolist() == [sum(range(64))] * 3
+    for name, message in [("different_syncthreads", "different __syncthreads"),
+                          ("syncthreads_after_return", "after some threads of the block have returned"),
+                          ("shuffle_after_return", "after some of its lanes returned"),
+                          ("split_warp", "deadlock"),
+                          ("empty_grid", "invalid configuration")]:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.qrlora_cuda_emulation.probe(name)
 
 
 def _same_factorisation(got, ref, dtype):

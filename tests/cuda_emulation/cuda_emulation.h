@@ -3,16 +3,17 @@
 //
 // Every CUDA thread of a block is a fiber (ucontext), all on the calling OS thread; blocks run one
 // after another, and within a block a fiber runs until it reaches a barrier or returns. A barrier
-// opens once every thread still running has reached it: __syncthreads() over the block (a thread
-// that has returned no longer counts, as on the GPU), and a warp shuffle over the warp, whose lanes
-// exchange values through per-warp slots. What the GPU leaves undefined is an error here: a shuffle
-// that reads a lane which has already returned, and barriers that can never open (threads of a warp
-// split between a shuffle and __syncthreads, or a __syncthreads some threads skip and then wait at a
-// different one), reported as a deadlock. __shared__ variables are function statics: one copy per
-// kernel, right because no two blocks run at once. The schedule is deterministic: round robin, or
-// seeded random permutations (QRLORA_CUDA_EMULATION_SEED), which expose races between barriers.
-// Not emulated: memory-model subtleties and timing. This checks the kernels' arithmetic, indexing
-// and barrier structure.
+// opens once every live thread has reached it: __syncthreads() over the block, and a warp shuffle
+// over the warp, whose lanes exchange values through per-thread slots. What the GPU leaves undefined
+// is an error here: threads waiting at different __syncthreads() calls (or lanes in different
+// shuffles), a barrier or full-warp shuffle after some of its threads have returned, barriers that can
+// never open (a deadlock), and an empty or oversized launch. __shared__ variables are function
+// statics: one copy per kernel, right because no two blocks run at once (but, unlike on the GPU,
+// zeroed at first and kept across blocks, so a read before any write goes unnoticed). The schedule is
+// deterministic: round robin, or seeded random permutations of the blocks and, at every pass, of the
+// ready threads (QRLORA_CUDA_EMULATION_SEED), which expose races between two barriers. Not emulated:
+// races inside a stretch between barriers (a thread runs it without interruption), memory-model
+// subtleties, timing. This checks the kernels' arithmetic, indexing and barrier structure.
 #pragma once
 
 #include <ucontext.h>
@@ -61,6 +62,7 @@ struct Fiber {
   ucontext_t context;
   std::vector<char> stack;
   State state = State::kRunning;
+  const void* site = nullptr;  // where it waits: the barrier's call site (and a shuffle's phase)
 };
 
 struct Block {
@@ -75,10 +77,11 @@ struct Block {
 inline thread_local Block* current_block = nullptr;
 
 // Back to the scheduler, in `state`; returns when the scheduler resumes this thread.
-inline void wait_at(State state) {
+inline void wait_at(State state, const void* site) {
   Block& b = *current_block;
   Fiber& f = b.fibers[b.current];
   f.state = state;
+  f.site = site;
   swapcontext(&f.context, &b.scheduler);
   if (b.error) throw std::runtime_error("cuda emulation: aborted");  // another thread failed
 }
@@ -105,30 +108,56 @@ inline std::string describe(const Block& b) {
   return out;
 }
 
-// Opens every barrier whose live threads have all arrived; false when none could open.
+inline void fail(Block& b, const std::string& what) {
+  if (!b.error) b.error = std::make_exception_ptr(std::runtime_error("cuda emulation: " + what));
+}
+
+// Opens every barrier whose live threads have all arrived; false when none could open. A barrier whose
+// threads wait at different call sites, or that some threads of its block (warp) have already left by
+// returning, is undefined on the GPU: an error here (set in b.error).
 inline bool release(Block& b) {
   const int n = static_cast<int>(b.fibers.size());
-  bool any = false;
-  bool all_at_block = true, any_live = false;
+  bool all_at_block = true, any_live = false, any_done = false;
+  const void* site = nullptr;
+  bool same_site = true;
   for (const Fiber& f : b.fibers) {
-    if (f.state == State::kDone) continue;
+    if (f.state == State::kDone) {
+      any_done = true;
+      continue;
+    }
+    if (!any_live) site = f.site;
     any_live = true;
     all_at_block &= f.state == State::kAtBlockBarrier;
+    same_site &= f.site == site;
   }
   if (!any_live) return false;
   if (all_at_block) {
+    if (!same_site) fail(b, "the threads of a block wait at different __syncthreads() calls");
+    if (any_done) fail(b, "__syncthreads() after some threads of the block have returned");
+    if (b.error) return false;
     for (Fiber& f : b.fibers)
       if (f.state != State::kDone) f.state = State::kRunning;
     return true;
   }
+  bool any = false;
   for (int w = 0; w < n; w += 32) {
-    bool all_at_warp = true, live = false;
+    bool all_at_warp = true, live = false, done = false, same = true;
+    const void* warp_site = nullptr;
     for (int t = w; t < std::min(n, w + 32); ++t) {
-      if (b.fibers[t].state == State::kDone) continue;
+      const Fiber& f = b.fibers[t];
+      if (f.state == State::kDone) {
+        done = true;
+        continue;
+      }
+      if (!live) warp_site = f.site;
       live = true;
-      all_at_warp &= b.fibers[t].state == State::kAtWarpBarrier;
+      all_at_warp &= f.state == State::kAtWarpBarrier;
+      same &= f.site == warp_site;
     }
     if (live && all_at_warp) {
+      if (!same) fail(b, "the lanes of warp " + std::to_string(w / 32) + " are in different shuffles");
+      if (done) fail(b, "a full-warp shuffle in warp " + std::to_string(w / 32) + " after some of its lanes returned");
+      if (b.error) return false;
       for (int t = w; t < std::min(n, w + 32); ++t)
         if (b.fibers[t].state != State::kDone) b.fibers[t].state = State::kRunning;
       any = true;
@@ -154,7 +183,9 @@ inline void unwind(Block& b) {
 
 // Runs body() as every thread of every block of a grid; rethrows the first error.
 inline void run_grid(int64_t grid, int block, const std::function<void()>& body) {
-  if (block <= 0 || block > 1024) throw std::runtime_error("cuda emulation: invalid block size");
+  if (block <= 0 || block > 1024 || grid <= 0 || grid > 2147483647)
+    throw std::runtime_error("cuda emulation: invalid configuration (grid " + std::to_string(grid) + ", block " +
+                             std::to_string(block) + "), as cudaLaunchKernel would report");
   constexpr size_t kStack = 64 * 1024;
   Block b;
   b.fibers.resize(block);
@@ -173,9 +204,14 @@ inline void run_grid(int64_t grid, int block, const std::function<void()>& body)
     rng_seed = seed;
     rng.seed(std::strtoull(seed, nullptr, 10));
   }
+  // Blocks run one after another: in index order, or shuffled under the seed like the threads.
+  std::vector<int64_t> blocks(grid);
+  std::iota(blocks.begin(), blocks.end(), 0);
+  if (shuffled) std::shuffle(blocks.begin(), blocks.end(), rng);
   Block* const outer = current_block;
   current_block = &b;
-  for (int64_t g = 0; g < grid && !b.error; ++g) {
+  for (int64_t g : blocks) {
+    if (b.error) break;
     for (int t = 0; t < block; ++t) {
       Fiber& f = b.fibers[t];
       f.stack.resize(kStack);
@@ -209,9 +245,7 @@ inline void run_grid(int64_t grid, int block, const std::function<void()>& body)
         bool live = false;
         for (const Fiber& f : b.fibers) live |= f.state != State::kDone;
         if (!live) break;
-        b.error = std::make_exception_ptr(std::runtime_error(
-            "cuda emulation: deadlock in block " + std::to_string(g) + ", barriers that cannot open:" +
-            describe(b)));
+        fail(b, "deadlock in block " + std::to_string(g) + ", barriers that cannot open:" + describe(b));
         unwind(b);
         break;
       }
@@ -240,17 +274,21 @@ Launch<Params...> launch(void (*kernel)(Params...), int64_t grid, int block) {
 
 }  // namespace qrlora_emulation
 
-inline void __syncthreads() { qrlora_emulation::wait_at(qrlora_emulation::State::kAtBlockBarrier); }
+// Not inlined: the return address names the call site, so that threads at different barriers are told apart.
+__attribute__((noinline)) inline void __syncthreads() {
+  qrlora_emulation::wait_at(qrlora_emulation::State::kAtBlockBarrier, __builtin_return_address(0));
+}
 
 template <class T>
-T __shfl_down_sync(unsigned mask, T value, unsigned delta) {
+__attribute__((noinline)) T __shfl_down_sync(unsigned mask, T value, unsigned delta) {
   static_assert(sizeof(T) <= 8, "cuda emulation: shuffles of up to 8 bytes");
   using qrlora_emulation::State;
   if (mask != 0xffffffffu) throw std::runtime_error("cuda emulation: only full-warp shuffles are emulated");
   auto& b = *qrlora_emulation::current_block;
   const unsigned t = threadIdx.x, lane = t % 32, source = t + delta;
+  const char* site = static_cast<const char*>(__builtin_return_address(0));
   std::memcpy(b.slots[t].data(), &value, sizeof(T));
-  qrlora_emulation::wait_at(State::kAtWarpBarrier);
+  qrlora_emulation::wait_at(State::kAtWarpBarrier, site);
   T out = value;
   if (lane + delta < 32 && source < b.fibers.size()) {
     if (b.fibers[source].state == State::kDone)
@@ -258,7 +296,7 @@ T __shfl_down_sync(unsigned mask, T value, unsigned delta) {
                                ", which has already returned");
     std::memcpy(&out, b.slots[source].data(), sizeof(T));
   }
-  qrlora_emulation::wait_at(State::kAtWarpBarrier);
+  qrlora_emulation::wait_at(State::kAtWarpBarrier, site + 1);  // the exchange's second phase
   return out;
 }
 
