@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from typing import NamedTuple
 
 import torch
@@ -77,13 +78,15 @@ class QRCPRawResult(NamedTuple):
             raise ValueError(f"columns must be an int in [0, {self.rank}], got {columns!r}")
         if c == 0:
             return self.H.new_zeros(self.H.shape[0], 0)
-        if not self.H.is_cpu:
+        # Detached: like qrcp itself, forming Q is not differentiable (raw results of a weight that
+        # requires grad still carry requires_grad).
+        H, tau = self.H[:, :c].detach(), self.tau[:c].detach()
+        if not H.is_cpu:
             # What the op runs on CUDA too (cuSOLVER orgqr); also serves a CPU-only build's CUDA results.
-            with _full_float32():
-                return torch.linalg.householder_product(self.H[:, :c], self.tau[:c])
+            return torch.linalg.householder_product(H, tau).contiguous()
         _extension.load()
-        with _full_float32():
-            return torch.ops.qrlora.householder_q(self.H[:, :c], self.tau[:c])
+        with _full_float32(H.device):
+            return torch.ops.qrlora.householder_q(H, tau)
 
     def r(self) -> torch.Tensor:
         """R, k x n upper trapezoidal."""
@@ -176,41 +179,56 @@ def _prepare(A, rank, tau, abstol, reltol, method, mode, block_size, seed):
     return work, args
 
 
-def _matmul_precision_settings():
-    """The process-wide float32 matmul precision knobs this torch has, as (object, attribute) pairs."""
-    knobs = [(getattr(torch.backends, b).matmul, "fp32_precision") for b in ("cuda", "mkldnn")
-             if hasattr(getattr(getattr(torch.backends, b, None), "matmul", None), "fp32_precision")]
-    return knobs
+_precision_lock = threading.Lock()
+_precision_state = {"depth": 0, "restore": None}
+
+
+def _onednn_reduced_precision_off():
+    """Switch oneDNN's reduced-precision float32 matmuls off; returns how to switch them back (or None)."""
+    mkldnn = getattr(torch.backends, "mkldnn", None)
+    knob = getattr(mkldnn, "matmul", None)
+    if knob is not None and hasattr(knob, "fp32_precision"):  # torch >= 2.9: per-back-end settings
+        saved = knob.fp32_precision  # the effective value: "none" only when nothing above sets one
+        if saved in ("ieee", "none"):
+            return None
+        parent = getattr(mkldnn, "fp32_precision", None)
+        # A value equal to the parent's was (almost surely) inherited: give back "none", so that the
+        # matmul setting keeps following its parent after the call.
+        restore = "none" if saved == parent else saved
+        knob.fp32_precision = "ieee"
+        return lambda: setattr(knob, "fp32_precision", restore)
+    saved = torch.get_float32_matmul_precision()  # older torch: one process-wide setting
+    if saved == "highest":
+        return None
+    torch.set_float32_matmul_precision("highest")
+    return lambda: torch.set_float32_matmul_precision(saved)
 
 
 @contextlib.contextmanager
-def _full_float32():
-    """float32 products in full float32 for the duration of a factorisation.
+def _full_float32(device: torch.device):
+    """float32 products in full float32 for the duration of a CPU factorisation.
 
-    ``torch.set_float32_matmul_precision("high")`` (common in training scripts) lets cuBLAS use TF32 and
-    ``"medium"`` lets oneDNN use bfloat16 for every float32 matmul in the process, the QR's trailing updates
-    and Q's formation included: a basis would then lose most of float32's accuracy and depend on the
-    setting. The setting is process-wide, so it is switched for the call and restored after it."""
-    knobs = _matmul_precision_settings()
-    if knobs:  # torch >= 2.9: one setting per back end
-        saved = [getattr(obj, attr) for obj, attr in knobs]
-        if all(value == "ieee" for value in saved):
-            yield
-            return
-        try:
-            for obj, attr in knobs:
-                setattr(obj, attr, "ieee")
-            yield
-        finally:
-            for (obj, attr), value in zip(knobs, saved):
-                setattr(obj, attr, value)
-    else:
-        saved = torch.get_float32_matmul_precision()
-        try:
-            torch.set_float32_matmul_precision("highest")
-            yield
-        finally:
-            torch.set_float32_matmul_precision(saved)
+    ``torch.set_float32_matmul_precision("medium")`` lets oneDNN compute every float32 matmul of the
+    process in bfloat16, the QR's trailing updates and Q's formation included: a basis would lose accuracy
+    and depend on the setting (Q's bits changed). There is no thread-local switch for it, so the setting
+    is turned off for the call and given back after the last of any concurrent calls ends (other threads'
+    float32 matmuls run in full precision meanwhile). On CUDA the op itself holds a thread-local
+    ``at::NoTF32Guard`` against TF32 and nothing global changes."""
+    if device.type != "cpu":
+        yield
+        return
+    with _precision_lock:
+        if _precision_state["depth"] == 0:
+            _precision_state["restore"] = _onednn_reduced_precision_off()
+        _precision_state["depth"] += 1
+    try:
+        yield
+    finally:
+        with _precision_lock:
+            _precision_state["depth"] -= 1
+            if _precision_state["depth"] == 0 and _precision_state["restore"] is not None:
+                _precision_state["restore"]()
+                _precision_state["restore"] = None
 
 
 def _nvtx(name: str, work: torch.Tensor):
@@ -243,7 +261,7 @@ def qrcp(A: torch.Tensor, *, rank: int | None = None, tau: float | None = None, 
     _validate(A, rank, tau, abstol, reltol, method, mode)
     work, args = _prepare(A, rank, tau, abstol, reltol, method, mode, _block_size, _seed)
     device = A.device
-    with _nvtx(f"qrcp/{method}", work), _full_float32():
+    with _nvtx(f"qrcp/{method}", work), _full_float32(work.device):
         if work.requires_grad and torch.is_grad_enabled():
             out = _NotDifferentiable.apply(work, args)
         else:
@@ -267,7 +285,7 @@ def qrcp_batched(A: torch.Tensor, *, rank: int | None = None, tau: float | None 
     """
     _validate(A, rank, tau, abstol, reltol, method, mode, batched=True)
     work, args = _prepare(A, rank, tau, abstol, reltol, method, mode, _block_size, _seed)
-    with _nvtx(f"qrcp_batched/{method}", work), _full_float32():
+    with _nvtx(f"qrcp_batched/{method}", work), _full_float32(work.device):
         firsts, seconds, perms = torch.ops.qrlora.qrcp_batched(work.detach(), *args)
     return [_result(mode, A.device, *out, what=f"qrcp_batched: matrix {b}")
             for b, out in enumerate(zip(firsts, seconds, perms))]

@@ -457,22 +457,51 @@ def test_inference_mode_with_threads(two_threads, mode):
 
 @pytest.mark.parametrize("precision", ["high", "medium"])
 def test_reduced_matmul_precision_does_not_reach_the_factorisation(precision):
-    """set_float32_matmul_precision("high"/"medium") lets cuBLAS use TF32 and oneDNN bfloat16 for float32
-    matmuls process-wide: qrcp switches it off for its own products (Q's bits changed under "medium" on this
-    CPU) and gives the setting back."""
-    from qrlora_kernels.qr import _matmul_precision_settings
+    """set_float32_matmul_precision("medium") lets oneDNN compute float32 matmuls in bfloat16 process-wide
+    (Q's bits changed on this CPU): qrcp switches that off for its own products and gives the setting back.
+    (On CUDA the op holds a thread-local NoTF32Guard instead.)"""
     A = torch.randn(300, 200)
     expected, raw = qrcp(A), qrcp(A, mode="raw")
     before = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision(precision)
-        knobs = [getattr(obj, attr) for obj, attr in _matmul_precision_settings()]
+        onednn = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
         got, got_q = qrcp(A), raw.q()
-        assert [getattr(obj, attr) for obj, attr in _matmul_precision_settings()] == knobs
+        assert getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None) == onednn
         assert torch.get_float32_matmul_precision() == precision
     finally:
         torch.set_float32_matmul_precision(before)
     assert torch.equal(got.Q, expected.Q) and torch.equal(got.R, expected.R) and torch.equal(got_q, expected.Q)
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.mkldnn, "fp32_precision"), reason="torch < 2.9 has no fp32_precision")
+def test_precision_switch_gives_back_an_inherited_setting_as_inherited():
+    """With the setting made on a parent (torch.backends.fp32_precision), the matmul setting only inherits it:
+    after qrcp it must still follow the parent, not keep a copy of its old value."""
+    from qrlora_kernels.qr import _full_float32
+    try:
+        torch.backends.mkldnn.matmul.fp32_precision = "none"  # inherit (the legacy API sets explicit values)
+        torch.backends.mkldnn.fp32_precision = "none"
+        torch.backends.fp32_precision = "tf32"
+        assert torch.backends.mkldnn.matmul.fp32_precision == "tf32"
+        with _full_float32(torch.device("cpu")):
+            assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+            with _full_float32(torch.device("cpu")):  # nested / concurrent calls: the outermost restores
+                pass
+            assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+        torch.backends.fp32_precision = "ieee"
+        assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+    finally:
+        torch.backends.fp32_precision = "none"
+        torch.set_float32_matmul_precision("highest")
+
+
+def test_raw_q_of_a_matrix_that_requires_grad():
+    """A weight (a Parameter) factored in raw mode: H carries requires_grad, and .q() still forms Q."""
+    A = torch.randn(12, 7, dtype=torch.float64, requires_grad=True)
+    raw, reduced = qrcp(A, mode="raw"), qrcp(A)
+    q = raw.q()
+    assert not q.requires_grad and torch.equal(q, reduced.Q.detach())
 
 
 def test_raw_q_off_the_cpu_uses_torch():
@@ -480,7 +509,7 @@ def test_raw_q_off_the_cpu_uses_torch():
     raw = qrcp(torch.randn(12, 7, dtype=torch.float64), mode="raw")
     meta = QRCPRawResult(raw.H.to("meta"), raw.tau.to("meta"), raw.perm.to("meta"))
     q = meta.q(5)
-    assert q.device.type == "meta" and q.shape == (12, 5)
+    assert q.device.type == "meta" and q.shape == (12, 5) and q.is_contiguous()
 
 
 @pytest.mark.parametrize("H, tau, match", [

@@ -200,7 +200,7 @@ QRCPTuple dispatch(const at::Tensor& A, const StopRules& rules, c10::string_view
 
 QRCPTuple qrcp_op(const at::Tensor& A, int64_t rank, double tau, double abstol, double reltol,
                   c10::string_view method, int64_t block_size, int64_t seed, c10::string_view mode) {
-  const NoAutocast no_autocast;
+  const FullPrecision full_precision;
   TORCH_CHECK(A.dim() == 2, "qrcp: expected a 2-D matrix, got ", A.dim(), " dimensions");
   const StopRules rules = make_rules(A, rank, tau, abstol, reltol);
   const OutputMode out = parse_mode(mode);
@@ -211,7 +211,7 @@ QRCPTuple qrcp_op(const at::Tensor& A, int64_t rank, double tau, double abstol, 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> qrcp_batched_op(
     const at::Tensor& A, int64_t rank, double tau, double abstol, double reltol, c10::string_view method,
     int64_t block_size, int64_t seed, c10::string_view mode) {
-  const NoAutocast no_autocast;
+  const FullPrecision full_precision;
   TORCH_CHECK(A.dim() == 3, "qrcp_batched: expected a batch of matrices (B x m x n), got ", A.dim(), " dimensions");
   const StopRules rules = make_rules(A, rank, tau, abstol, reltol);
   const OutputMode out = parse_mode(mode);

@@ -28,9 +28,13 @@ struct StopRules {
 using QRCPTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 // Every op entry point holds one: the factorisations compute in the input's precision, but under
-// an active autocast region the ATen products inside (at::mm) would otherwise run in bf16/fp16.
-struct NoAutocast {
-  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+// an active autocast region the ATen products inside (at::mm) would run in bf16/fp16, and with
+// TF32 allowed (torch.set_float32_matmul_precision("high")) cuBLAS would round float32 products to
+// TF32. Both guards are thread-local: nothing global changes. (oneDNN's bfloat16 float32 matmuls on
+// the CPU have no thread-local switch; qrlora_kernels/qr.py turns them off around the op.)
+struct FullPrecision {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+  at::NoTF32Guard no_tf32;
 };
 
 // What a factorisation returns, with k the number of columns factored (torch.linalg.qr's and

@@ -18,7 +18,7 @@
 namespace qrlora::qrcp {
 
 // at::parallel_for whose worker threads run with the caller's thread-local state (inference mode,
-// grad mode, dispatch-key exclusions such as NoAutocast): ATen's OpenMP workers do not inherit it,
+// grad mode, dispatch-key exclusions such as FullPrecision's): ATen's OpenMP workers do not inherit it,
 // and an in-place ATen op on an inference tensor fails outside inference mode.
 template <class Fn>
 void parallel_for_keeping_tls(int64_t begin, int64_t end, int64_t grain, const Fn& fn) {

@@ -34,7 +34,7 @@ at::Tensor block_reflector_factor(const at::Tensor& G, const at::Tensor& tau) {
 }  // namespace
 
 at::Tensor householder_q(const at::Tensor& H, const at::Tensor& tau) {
-  const NoAutocast no_autocast;
+  const FullPrecision full_precision;
   TORCH_CHECK(H.dim() == 2 && tau.dim() == 1, "householder_q: expected H (m x c) and tau (c), got ", H.sizes(),
               " and ", tau.sizes());
   const int64_t m = H.size(0), c = H.size(1);
