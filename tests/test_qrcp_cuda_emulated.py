@@ -25,23 +25,38 @@ SOURCES = ["csrc/qrcp/driver.cpp", "csrc/qrcp/randomized.cpp", "csrc/qrcp/form_q
            "tests/cuda_emulation/bindings.cpp", "tests/cuda_emulation/probes.cpp"]
 
 
-@pytest.fixture(scope="module")
-def emulated():
-    """qrcp with the CUDA panel emulated: the same arguments and results as ``qrlora_kernels.qrcp``."""
+def _build(name, extra_defines=()):
+    """Builds (once per session) and loads the test extension; returns qrcp over its ``name`` op namespace,
+    with the same arguments and results as ``qrlora_kernels.qrcp``."""
     from torch.utils import cpp_extension
 
-    build = ROOT / "build" / "cuda_emulation"
+    build = ROOT / "build" / name
     build.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(name="qrlora_cuda_emulation", sources=[str(ROOT / s) for s in SOURCES],
-                       extra_cflags=["-O2", "-fopenmp", "-DQRLORA_CUDA_EMULATION"], extra_ldflags=["-fopenmp"],
-                       build_directory=str(build), is_python_module=False, verbose=False)
+    cpp_extension.load(name=name, sources=[str(ROOT / s) for s in SOURCES],
+                       extra_cflags=["-O2", "-fopenmp", "-DQRLORA_CUDA_EMULATION",
+                                     f"-DQRLORA_EMULATION_NAMESPACE={name}", *extra_defines],
+                       extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False,
+                       verbose=False)
+    op = getattr(torch.ops, name).qrcp
 
     def run(A, *, rank=None, tau=None, abstol=None, reltol=None, method="geqp3", mode="reduced",
             _block_size=None, _seed=None):
         _validate(A, rank, tau, abstol, reltol, method, mode)
         work, args = _prepare(A, rank, tau, abstol, reltol, method, mode, _block_size, _seed)
-        return _result(mode, A.device, *torch.ops.qrlora_cuda_emulation.qrcp(work, *args))
+        return _result(mode, A.device, *op(work, *args))
     return run
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    """qrcp with the CUDA panel emulated, in blocks of 128/64/64 threads (fast)."""
+    return _build("qrlora_cuda_emulation")
+
+
+@pytest.fixture(scope="module")
+def emulated_gpu_blocks():
+    """The same with the GPU's own block sizes (1024/256/256 threads: 32 warps in the one-block kernels)."""
+    return _build("qrlora_cuda_emulation_gpu_blocks", ["-DQRLORA_EMULATE_GPU_BLOCK_SIZES"])
 
 
 def test_the_emulation_runs_barriers_right_and_reports_their_misuse(emulated):
@@ -148,6 +163,23 @@ def test_emulated_results_do_not_depend_on_the_thread_schedule(emulated, monkeyp
     for i, run in enumerate(runs):
         for x, y in zip(run(), expected[i]):
             assert torch.equal(x, y), f"case {i}: the result depends on the thread schedule (seed {seed})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_emulated_at_the_gpu_block_sizes(emulated_gpu_blocks, dtype):
+    """The kernels at exactly the GPU's launch geometry: the one-block kernels' 32-warp reductions fill
+    every slot of their shared arrays, and the trailing pass runs 8 columns per block."""
+    A = torch.randn(21, 13, dtype=dtype)
+    got = emulated_gpu_blocks(A, _block_size=5)
+    check_structure(A, got)
+    _same_factorisation(got, qrcp(A, _block_size=5), dtype)
+    if dtype == torch.float64:  # the safeguard: a flagged column ends the panel, the recompute kernel runs
+        base = torch.randn(16, 5, dtype=torch.float64)
+        B = torch.cat([base, base + 1e-9 * torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 3) * 1e-11],
+                      dim=1).to(dtype)
+        got = emulated_gpu_blocks(B, _block_size=3)
+        _, _, p_ref = scipy.linalg.qr(B.numpy(), pivoting=True, mode="economic")
+        np.testing.assert_array_equal(got.perm.numpy(), p_ref)
 
 
 def test_emulated_overflowing_norms_are_a_clear_error(emulated):

@@ -26,12 +26,13 @@
 namespace qrlora::qrcp {
 namespace {
 
-#ifndef QRLORA_CUDA_EMULATION
+#if !defined(QRLORA_CUDA_EMULATION) || defined(QRLORA_EMULATE_GPU_BLOCK_SIZES)
 constexpr int kSingleBlock = 1024;   // one-block kernels: pivot choice, Householder
 constexpr int kPassBlock = 256;      // trailing pass: one warp per trailing column
 constexpr int kElementwiseBlock = 256;
 #else
-// Emulated on the CPU, one OS thread per CUDA thread: smaller blocks, still of several warps.
+// Emulated on the CPU (one fiber per CUDA thread): smaller blocks, still of several warps, unless the
+// tests ask for the GPU's own sizes.
 constexpr int kSingleBlock = 128;
 constexpr int kPassBlock = 64;
 constexpr int kElementwiseBlock = 64;

@@ -61,5 +61,11 @@ at::Tensor probe(c10::string_view name) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(qrlora_cuda_emulation, m) { m.def("probe(str name) -> Tensor"); }
-TORCH_LIBRARY_IMPL(qrlora_cuda_emulation, CompositeExplicitAutograd, m) { m.impl("probe", &probe); }
+#ifndef QRLORA_EMULATION_NAMESPACE
+#define QRLORA_EMULATION_NAMESPACE qrlora_cuda_emulation
+#endif
+#define QRLORA_LIBRARY_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
+#define QRLORA_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+QRLORA_LIBRARY_FRAGMENT(QRLORA_EMULATION_NAMESPACE, m) { m.def("probe(str name) -> Tensor"); }
+QRLORA_LIBRARY_IMPL(QRLORA_EMULATION_NAMESPACE, CompositeExplicitAutograd, m) { m.impl("probe", &probe); }
