@@ -47,21 +47,19 @@ class _op_scope:
 
     A plain class rather than a generator-based context manager: it runs twice per layer and step, and
     costs a third as much host time."""
-    __slots__ = ("name", "cuda", "autocast")
+    __slots__ = ("range", "autocast")
 
     def __init__(self, name: str, device: torch.device):
-        self.name, self.cuda = name, device.type == "cuda"
+        self.range = _kernels().utils.nvtx_range(name, device)
         self.autocast = _no_autocast(device)
 
     def __enter__(self):
-        if self.cuda:
-            torch.cuda.nvtx.range_push(self.name)
+        self.range.__enter__()
         self.autocast.__enter__()
 
     def __exit__(self, *exc):
         self.autocast.__exit__(*exc)
-        if self.cuda:
-            torch.cuda.nvtx.range_pop()
+        self.range.__exit__(*exc)
 
 
 def _num_adapters(lam: Tensor) -> int:
@@ -115,11 +113,16 @@ def _(dy, weight, Q, R, lam, s, lam_index, compute_dx):
     return dx, lam.new_empty(lam.shape, dtype=_acc_dtype(dy.dtype))
 
 
+def _lowrank_save(ctx, weight, Q, R, lam, s, lam_index):
+    """What the backward needs, in the order ``_lowrank_grads`` unpacks it (both routes)."""
+    ctx.save_for_backward(weight, Q, R, lam, s, lam_index)
+
+
 def _lowrank_setup_context(ctx, inputs, output):
     x, weight, bias, Q, R, lam, lam_index = inputs
     _, s = output
     ctx.mark_non_differentiable(s)
-    ctx.save_for_backward(weight, Q, R, lam, s, lam_index)
+    _lowrank_save(ctx, weight, Q, R, lam, s, lam_index)
 
 
 def _lowrank_grads(ctx, dy, backward):
@@ -194,11 +197,16 @@ def _(dy, x, w_eff, Q, R, lam, dlam_route, compute_dx):
     return dx, lam.new_empty(lam.shape, dtype=_acc_dtype(dy.dtype))
 
 
+def _merged_save(ctx, x, w_eff, Q, R, lam):
+    """What the backward needs, in the order ``_merged_grads`` unpacks it (both routes)."""
+    ctx.save_for_backward(x, w_eff, Q, R, lam)
+
+
 def _merged_setup_context(ctx, inputs, output):
     x, weight, bias, Q, R, lam = inputs
     _, w_eff = output
     ctx.mark_non_differentiable(w_eff)
-    ctx.save_for_backward(x, w_eff, Q, R, lam)
+    _merged_save(ctx, x, w_eff, Q, R, lam)
 
 
 def _merged_grads(ctx, dy, backward):
@@ -228,7 +236,7 @@ class _EagerLowrank(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, Q, R, lam, lam_index):
         y, s = _lowrank_forward_impl(x, weight, bias, Q, R, lam, lam_index)
-        ctx.save_for_backward(weight, Q, R, lam, s, lam_index)
+        _lowrank_save(ctx, weight, Q, R, lam, s, lam_index)
         return y
 
     @staticmethod
@@ -243,7 +251,7 @@ class _EagerMerged(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, Q, R, lam):
         y, w_eff = _merged_forward_impl(x, weight, bias, Q, R, lam)
-        ctx.save_for_backward(x, w_eff, Q, R, lam)
+        _merged_save(ctx, x, w_eff, Q, R, lam)
         return y
 
     @staticmethod
