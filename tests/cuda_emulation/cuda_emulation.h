@@ -112,56 +112,61 @@ inline void fail(Block& b, const std::string& what) {
   if (!b.error) b.error = std::make_exception_ptr(std::runtime_error("cuda emulation: " + what));
 }
 
+// The threads [begin, end) of a block, as one barrier sees them.
+struct Party {
+  bool live = false;     // some have not returned
+  bool arrived = true;   // every live one waits in `state`
+  bool any_done = false; // some have returned
+  bool same_site = true; // every live one waits at the same call site
+};
+
+inline Party survey(const Block& b, int begin, int end, State state) {
+  Party p;
+  const void* site = nullptr;
+  for (int t = begin; t < end; ++t) {
+    const Fiber& f = b.fibers[t];
+    if (f.state == State::kDone) {
+      p.any_done = true;
+      continue;
+    }
+    if (!p.live) site = f.site;
+    p.live = true;
+    p.arrived &= f.state == state;
+    p.same_site &= f.site == site;
+  }
+  return p;
+}
+
+inline void resume(Block& b, int begin, int end) {
+  for (int t = begin; t < end; ++t)
+    if (b.fibers[t].state != State::kDone) b.fibers[t].state = State::kRunning;
+}
+
 // Opens every barrier whose live threads have all arrived; false when none could open. A barrier whose
 // threads wait at different call sites, or that some threads of its block (warp) have already left by
 // returning, is undefined on the GPU: an error here (set in b.error).
 inline bool release(Block& b) {
   const int n = static_cast<int>(b.fibers.size());
-  bool all_at_block = true, any_live = false, any_done = false;
-  const void* site = nullptr;
-  bool same_site = true;
-  for (const Fiber& f : b.fibers) {
-    if (f.state == State::kDone) {
-      any_done = true;
-      continue;
-    }
-    if (!any_live) site = f.site;
-    any_live = true;
-    all_at_block &= f.state == State::kAtBlockBarrier;
-    same_site &= f.site == site;
-  }
-  if (!any_live) return false;
-  if (all_at_block) {
-    if (!same_site) fail(b, "the threads of a block wait at different __syncthreads() calls");
-    if (any_done) fail(b, "__syncthreads() after some threads of the block have returned");
+  const Party block = survey(b, 0, n, State::kAtBlockBarrier);
+  if (!block.live) return false;
+  if (block.arrived) {
+    if (!block.same_site) fail(b, "the threads of a block wait at different __syncthreads() calls");
+    if (block.any_done) fail(b, "__syncthreads() after some threads of the block have returned");
     if (b.error) return false;
-    for (Fiber& f : b.fibers)
-      if (f.state != State::kDone) f.state = State::kRunning;
+    resume(b, 0, n);
     return true;
   }
   bool any = false;
   for (int w = 0; w < n; w += 32) {
-    bool all_at_warp = true, live = false, done = false, same = true;
-    const void* warp_site = nullptr;
-    for (int t = w; t < std::min(n, w + 32); ++t) {
-      const Fiber& f = b.fibers[t];
-      if (f.state == State::kDone) {
-        done = true;
-        continue;
-      }
-      if (!live) warp_site = f.site;
-      live = true;
-      all_at_warp &= f.state == State::kAtWarpBarrier;
-      same &= f.site == warp_site;
-    }
-    if (live && all_at_warp) {
-      if (!same) fail(b, "the lanes of warp " + std::to_string(w / 32) + " are in different shuffles");
-      if (done) fail(b, "a full-warp shuffle in warp " + std::to_string(w / 32) + " after some of its lanes returned");
-      if (b.error) return false;
-      for (int t = w; t < std::min(n, w + 32); ++t)
-        if (b.fibers[t].state != State::kDone) b.fibers[t].state = State::kRunning;
-      any = true;
-    }
+    const int end = std::min(n, w + 32);
+    const Party warp = survey(b, w, end, State::kAtWarpBarrier);
+    if (!warp.live || !warp.arrived) continue;
+    if (!warp.same_site) fail(b, "the lanes of warp " + std::to_string(w / 32) + " are in different shuffles");
+    if (warp.any_done)
+      fail(b, "a full-warp shuffle in warp " + std::to_string(w / 32) + " after some of its lanes returned");
+    if (b.error) return false;
+    resume(b, w, end);
+    any = true;
   }
   return any;
 }
