@@ -382,12 +382,20 @@ def test_mixed_devices_are_named():
 def test_dot_precision_rule(monkeypatch):
     """float32 follows allow_tf32 unless forced; half inputs and the interpreter always get "ieee"."""
     assert utils.dot_precision(torch.float16, "tf32") == "ieee"
+    # Not monkeypatch for allow_tf32: it is a property-like attribute of cuBLASModule (no __dict__ entry), so
+    # pytest >= 9.2 undoes it with delattr, which fails; that failure skipped restoring INTERPRETED and every
+    # later interpreted kernel test failed with it.
+    matmul = torch.backends.cuda.matmul
+    inherited = matmul.allow_tf32
     monkeypatch.setattr(utils, "INTERPRETED", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert utils.dot_precision(torch.float32) == "tf32"
-    assert utils.dot_precision(torch.float32, "ieee") == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert utils.dot_precision(torch.float32) == "ieee"
+    try:
+        matmul.allow_tf32 = True
+        assert utils.dot_precision(torch.float32) == "tf32"
+        assert utils.dot_precision(torch.float32, "ieee") == "ieee"
+        matmul.allow_tf32 = False
+        assert utils.dot_precision(torch.float32) == "ieee"
+    finally:
+        matmul.allow_tf32 = inherited
     monkeypatch.setattr(utils, "INTERPRETED", True)
     assert utils.dot_precision(torch.float32, "tf32") == "ieee"
 
