@@ -14,17 +14,17 @@ import dataclasses
 import datetime as _dt
 import io
 import json
-import os
 import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+
+from qrlora_kernels.atomic_file import atomic_write_bytes, atomic_write_text  # noqa: F401  (one writer for all)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -121,24 +121,6 @@ def environment(device: str | torch.device = "cpu") -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
     }
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder, then rename: no half-written results."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_results(name: str, rows: Iterable[dict], meta: dict, out_dir: Path | None = None) -> dict[str, Path]:

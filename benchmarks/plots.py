@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from .harness import atomic_write_bytes
+from qrlora_kernels.atomic_file import atomic_write_bytes
 
 
 def _ok(rows):

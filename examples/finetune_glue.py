@@ -26,7 +26,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,6 +46,7 @@ try:
     import qrlora_kernels  # noqa: F401
 except ImportError:  # run from a source checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent))
+from qrlora_kernels.atomic_file import atomic_write_text  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -209,19 +209,6 @@ def evaluate(model, tokenizer, rows, args, device, num_labels):
     return glue_metrics(args.task, preds, labels)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.offline:
@@ -280,7 +267,7 @@ def main(argv=None) -> dict:
         save_adapter(model, adapter_dir)
         result["adapter_dir"] = str(adapter_dir)
         result["adapter_bytes"] = sum(f.stat().st_size for f in adapter_dir.iterdir())
-    write_json_atomic(args.output_dir / f"results_{args.task}_{args.method}.json", result)
+    atomic_write_text(args.output_dir / f"results_{args.task}_{args.method}.json", json.dumps(result, indent=2))
     result["model_object"] = model
     return result
 

@@ -29,13 +29,13 @@ import json
 import math
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
+from .atomic_file import atomic_write_bytes
 from .config import QRLoraConfig
 from .model import (ADAPTER_IDS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER, MODULES_TO_SAVE_ATTR, _layer_class,
                     _set_submodule, adapter_row, qrlora_layers)
@@ -51,20 +51,6 @@ SAVED_PREFIX = "modules_to_save."
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -217,8 +203,8 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     weights_path, config_path = out / ADAPTER_WEIGHTS, out / ADAPTER_CONFIG
-    _atomic_write_bytes(weights_path, safetensors_save(tensors, metadata={"format": FORMAT}))
-    _atomic_write_bytes(config_path, (json.dumps(meta, indent=1) + "\n").encode())
+    atomic_write_bytes(weights_path, safetensors_save(tensors, metadata={"format": FORMAT}))
+    atomic_write_bytes(config_path, (json.dumps(meta, indent=1) + "\n").encode())
     return {"weights": weights_path, "config": config_path}
 
 

@@ -2,6 +2,8 @@
 import copy
 import dataclasses
 import json
+import os
+import stat
 import struct
 
 import pytest
@@ -98,11 +100,11 @@ def test_writes_are_atomic(base, tmp_path, monkeypatch):
     model = _adapted(base)
     save_adapter(model, tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    import qrlora_kernels.adapter_io as io
+    import qrlora_kernels.atomic_file as atomic_file
 
     def fail(_fd):
         raise OSError("disk full")
-    monkeypatch.setattr(io.os, "fsync", fail)
+    monkeypatch.setattr(atomic_file.os, "fsync", fail)
     with torch.no_grad():
         model.layers[0].query.lam.add_(1.0)
     with pytest.raises(OSError, match="disk full"):
@@ -261,3 +263,24 @@ def test_adapter_saved_on_gpu_loads_on_cpu(base, tmp_path):
     fresh = copy.deepcopy(base)
     load_adapter(fresh, tmp_path)
     assert_rel_close(fresh(apply_device_x), expected, 5e-4, name="GPU-saved adapter on CPU (tf32 band)")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_adapter_files_get_the_permissions_open_would_give(base, tmp_path, umask):
+    """Not mkstemp's 0o600: a saved adapter is readable by whoever could read a file saved with open()."""
+    model = _adapted(base)
+    old = os.umask(umask)
+    try:
+        save_adapter(model, tmp_path / "new")
+        with open(tmp_path / "reference", "wb"):
+            pass
+    finally:
+        os.umask(old)
+    expected = stat.S_IMODE((tmp_path / "reference").stat().st_mode)
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        assert stat.S_IMODE((tmp_path / "new" / name).stat().st_mode) == expected
+    # Overwriting keeps a mode the user chose.
+    os.chmod(tmp_path / "new" / ADAPTER_WEIGHTS, 0o640)
+    save_adapter(model, tmp_path / "new")
+    assert stat.S_IMODE((tmp_path / "new" / ADAPTER_WEIGHTS).stat().st_mode) == 0o640
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == sorted([ADAPTER_WEIGHTS, ADAPTER_CONFIG])
