@@ -114,6 +114,8 @@ def _id_range(adapter_ids):
     """(min, max) of the ids. On CUDA this syncs with the host, so it is remembered for the last tensor seen:
     a model-level context hands the same ids tensor to every layer, and only the first layer pays."""
     global _last_id_range
+    if adapter_ids.is_inference():  # no version counter to tell a rewritten tensor: always measure
+        return int(adapter_ids.min()), int(adapter_ids.max())
     ref, version, low, high = _last_id_range
     if ref is not None and ref() is adapter_ids and adapter_ids._version == version:
         return low, high

@@ -222,14 +222,19 @@ class QRLoraLinear(nn.Module):
 
     @torch.no_grad()
     def to_linear(self, adapter: int | None = None) -> nn.Linear:
-        """A plain ``nn.Linear`` with the adapter folded in (copies; this layer is unchanged)."""
+        """A plain ``nn.Linear`` with the adapter folded in (copies; this layer is unchanged).
+
+        Its parameters stay as frozen as this layer's ``weight`` and ``bias`` (as after PEFT's ``merge_and_unload``).
+        """
         weight = self.weight.detach().clone() if self.merged else (
             self.weight.detach() + self.delta_weight(adapter)).to(self.weight.dtype)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=weight.device, dtype=weight.dtype)
         linear.weight.copy_(weight)
+        linear.weight.requires_grad_(self.weight.requires_grad)
         if self.bias is not None:
             linear.bias.copy_(self.bias.detach())
+            linear.bias.requires_grad_(self.bias.requires_grad)
         return linear
 
     def extra_repr(self) -> str:

@@ -112,6 +112,8 @@ def test_merge_unmerge_round_trip_and_to_linear():
     plain = layer.to_linear()
     assert type(plain) is nn.Linear
     assert_rel_close(plain(x), before.double(), name="to_linear forward")
+    # Frozen like the layer's own weight and bias (nn.Linear's default would make them trainable).
+    assert not plain.weight.requires_grad and not plain.bias.requires_grad
 
 
 def test_state_dict_round_trip_deepcopy_and_to():
@@ -200,6 +202,15 @@ def test_multi_adapter_rows_and_batches():
         layer.merge()
     with pytest.raises(ValueError, match="adapter id 3 is out of range for 3 adapter"):
         layer(x, adapter_ids=torch.tensor([0, 3, 1]))
+    # Serving code runs under inference_mode, whose tensors have no version counter to cache the ids' range by.
+    with torch.inference_mode():
+        served = layer(x, adapter_ids=torch.tensor([2, 0, 1]))
+        bad = torch.tensor([0, 1, 1])
+        layer(x, adapter_ids=bad)
+        bad[1] = 5  # rewritten in place: must be measured again, not served from the cache
+        with pytest.raises(ValueError, match="adapter id 5 is out of range"):
+            layer(x, adapter_ids=bad)
+    assert torch.equal(served, y.detach())
     kept = layer.lam[0].detach().clone()
     layer.set_num_adapters(1)
     assert layer.lam.shape == (6,) and torch.equal(layer.lam.detach(), kept)

@@ -257,6 +257,7 @@ def test_training_changes_only_lam_and_merge_and_unload_keeps_outputs():
     assert not qrlora_layers(model) and not hasattr(model, "qrlora_adapter_ids")
     assert all(type(model.get_submodule(f"layers.{i}.{p}")) is nn.Linear for i in range(2) for p in ("query", "up"))
     assert_rel_close(model(x), adapted, 1e-5, name="merged output")
+    assert not [n for n, p in model.named_parameters() if p.requires_grad]  # the merged layers stay frozen
     with pytest.raises(ValueError, match="no QR-LoRA layers to merge"):
         merge_and_unload(model)
 
