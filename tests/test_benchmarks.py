@@ -400,3 +400,52 @@ def test_triton_rows_on_cpu_are_labelled_as_interpreter_runs():
     case = P.Case(48, 32, 16, 16, torch.float32, "fwd", "cpu")
     assert TP._base_row(P.PROVIDERS["qrlora_triton"], case)["backend"] == "triton-interpreter"
     assert TP._base_row(P.PROVIDERS["qrlora_torch"], case)["backend"] == "torch"
+
+
+_AUTOTUNE_PROBE = r"""
+import json, sys
+from qrlora_kernels.kernels import utils, aot_check
+out = {"interpreted": utils.INTERPRETED, "autotune": utils.AUTOTUNE,
+       "gemm": [c.kwargs for c in utils.gemm_configs()], "project": [c.kwargs for c in utils.project_configs()],
+       "lowrank": [c.kwargs for c in utils.lowrank_gemm_configs()],
+       "lowrank_tuned": len(utils.lowrank_gemm_configs(autotune=True)), "shared": {}}
+from triton.backends import backends
+if "nvidia" in backends and sys.argv[1] == "compile":
+    # The fixed configs are launched without the autotuner's shared-memory check: they must fit float32.
+    utils._GPU_GEMM_CONFIGS, utils._GPU_PROJECT_CONFIGS = utils.gemm_configs(), utils.project_configs()
+    utils._GPU_TMA_CONFIGS = []
+    for label, kernel, constexprs, pointers, configs in aot_check.variants(["fp32"], False):
+        for capability in (80, 90):
+            out["shared"][f"sm_{capability} {label}"] = aot_check.compile_kernel(kernel, constexprs, pointers,
+                                                                                 configs[0], capability)
+print(json.dumps(out))
+"""
+
+
+def _autotune_probe(value, mode="list"):
+    env = _env_without_interpreter()
+    env.pop("QRLORA_AUTOTUNE", None)
+    if value is not None:
+        env["QRLORA_AUTOTUNE"] = value
+    proc = subprocess.run([sys.executable, "-c", _AUTOTUNE_PROBE, mode], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_autotune_knob_picks_one_gpu_config_per_kernel_that_fits_shared_memory():
+    tuned = _autotune_probe(None)
+    assert not tuned["interpreted"] and tuned["autotune"]
+    assert len(tuned["gemm"]) > 1 and len(tuned["project"]) > 1 and any(c["USE_TMA"] for c in tuned["lowrank"])
+    fixed = _autotune_probe("0", "compile")
+    assert not fixed["autotune"]
+    assert len(fixed["gemm"]) == len(fixed["project"]) == len(fixed["lowrank"]) == 1
+    assert fixed["lowrank_tuned"] == len(tuned["lowrank"])
+    lowrank, = fixed["lowrank"]
+    assert not lowrank["USE_TMA"] and not lowrank["PERSISTENT"]
+    # Mid-size GPU tiles, not the interpreter's 32x32x16.
+    assert min(lowrank["BLOCK_M"], lowrank["BLOCK_N"]) >= 64 and fixed["project"][0]["BLOCK_M"] >= 64
+    if fixed["shared"]:
+        limits = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}  # the opt-in shared memory per block
+        over = {k: v for k, v in fixed["shared"].items() if v > limits[k.split()[0]]}
+        assert not over and len(fixed["shared"]) == 14, fixed["shared"]

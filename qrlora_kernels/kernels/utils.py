@@ -180,6 +180,15 @@ _GPU_PROJECT_CONFIGS = [
 # tests' odd dims span several tiles (and tl.dot's 16 minimum holds).
 _INTERPRETER_CONFIG = [_config(32, 32, 16, 2, 1, 1)]
 
+# QRLORA_AUTOTUNE=0: one mid-size config per kernel on a GPU, so that Triton neither compiles nor times a sweep
+# per new autotune key (about 1.5 s a config: a test run over many shapes would spend minutes tuning). With a
+# single config the autotuner launches it directly. The tiles fit float32 in sm_80's and sm_90's shared memory
+# (4 stages of 128x32 + 32x128 fp32 tiles: 128 KiB); no TMA config, unless a test swaps the list in.
+AUTOTUNE_ENV_VAR = "QRLORA_AUTOTUNE"
+AUTOTUNE = os.environ.get(AUTOTUNE_ENV_VAR, "1") != "0"  # read once: configs are fixed when kernels are decorated
+_FIXED_GEMM_CONFIG = [_config(128, 128, 32, 8, 4, 4)]
+_FIXED_PROJECT_CONFIG = [_config(64, 64, 64, 8, 4, 4)]
+
 
 def token_bucket(tokens: int) -> int:
     """Autotune key for a token count: the next power of two, so that every new sequence length in training
@@ -198,14 +207,20 @@ def prune_by_size(rows_arg: str, cols_arg: str):
     return prune
 
 
-def gemm_configs():
-    return _INTERPRETER_CONFIG if INTERPRETED else _GPU_GEMM_CONFIGS
+def gemm_configs(autotune: bool | None = None):
+    """``merged_weight``'s configs (``autotune``: default ``AUTOTUNE``, from QRLORA_AUTOTUNE)."""
+    if INTERPRETED:
+        return _INTERPRETER_CONFIG
+    return _GPU_GEMM_CONFIGS if (AUTOTUNE if autotune is None else autotune) else _FIXED_GEMM_CONFIG
 
 
-def lowrank_gemm_configs():
-    """``lowrank_matmul``'s configs: the classic ones, plus the persistent TMA ones on a GPU."""
+def lowrank_gemm_configs(autotune: bool | None = None):
+    """``lowrank_matmul``'s configs: the classic ones, plus the persistent TMA ones on a GPU (one classic
+    config when autotuning is off)."""
     if INTERPRETED:
         return [_tiled(c) for c in _INTERPRETER_CONFIG]
+    if not (AUTOTUNE if autotune is None else autotune):
+        return [_tiled(c) for c in _FIXED_GEMM_CONFIG]
     return [_tiled(c) for c in _GPU_GEMM_CONFIGS] + _GPU_TMA_CONFIGS
 
 
@@ -291,5 +306,7 @@ def ensure_tma_allocator() -> None:
     triton.set_allocator(_scratch)
 
 
-def project_configs():
-    return _INTERPRETER_CONFIG if INTERPRETED else _GPU_PROJECT_CONFIGS
+def project_configs(autotune: bool | None = None):
+    if INTERPRETED:
+        return _INTERPRETER_CONFIG
+    return _GPU_PROJECT_CONFIGS if (AUTOTUNE if autotune is None else autotune) else _FIXED_PROJECT_CONFIG
