@@ -295,9 +295,10 @@ def test_zero_tokens(device):
     x = p["x"][:0]
     s = kernels.project(x, p["R"].t())
     assert s.shape == (0, p["r"])
-    assert kernels.lowrank_matmul(x, p["weight"].t(), s, torch.randn(p["r"]), p["Q"].t()).shape == (0, p["N"])
+    lam = torch.randn(p["r"], device=device)
+    assert kernels.lowrank_matmul(x, p["weight"].t(), s, lam, p["Q"].t()).shape == (0, p["N"])
     _, dlam = kernels.project_and_reduce(p["dy"][:0], p["Q"], s)
-    assert torch.equal(dlam, torch.zeros(p["r"]))
+    assert torch.equal(dlam, torch.zeros(p["r"], device=device))
 
 
 # ---------------------------------------------------------------- error paths
