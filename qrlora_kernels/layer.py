@@ -63,6 +63,9 @@ class QRLoraLinear(nn.Module):
         self.active_adapter = 0
         # Per-sequence or per-token ids used when forward() gets none (set by model-level context managers).
         self.adapter_ids: torch.Tensor | None = None
+        # Set with them by ``adapter_batch``: the ids repeated for a batch k times longer (generate()'s beams),
+        # one tensor per (device, k) shared by every layer, so the ids' range is checked once, not per layer.
+        self.adapter_id_expansions: dict | None = None
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
         self.register_buffer("Q", torch.empty(out_features, rank, **factory))
@@ -176,12 +179,27 @@ class QRLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        ids = adapter_ids if adapter_ids is not None else self.adapter_ids
+        ids = adapter_ids if adapter_ids is not None else self._context_adapter_ids(x)
         lam = self.lam
         if ids is None and lam.dim() == 2:
             lam = lam[self.active_adapter]
         return qrlora_linear(x, self.weight, self.bias, self.Q, self.R, lam, backend=self.backend,
                              adapter_ids=ids, strategy=self.strategy)
+
+    def _context_adapter_ids(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The ids set by ``adapter_batch``; for a batch k times as long, each id repeated k times in place.
+
+        ``generate(num_beams=k)`` and ``num_return_sequences=k`` expand every sequence into k consecutive rows, as
+        PEFT's mixed-adapter generation assumes too. Ids passed to ``forward`` directly are never expanded.
+        """
+        ids, expansions = self.adapter_ids, self.adapter_id_expansions
+        if (ids is None or expansions is None or ids.dim() != 1 or x.dim() < 3 or ids.numel() == 0
+                or x.shape[0] == ids.shape[0] or x.shape[0] % ids.shape[0]):
+            return ids
+        key = (ids.device, x.shape[0] // ids.shape[0])
+        if key not in expansions:
+            expansions[key] = ids.repeat_interleave(key[1])
+        return expansions[key]
 
     # ------------------------------------------------------------------ merging
 

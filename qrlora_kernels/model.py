@@ -321,18 +321,38 @@ def adapter_batch(model: nn.Module, adapter_ids: Union[torch.Tensor, Iterable[Un
 
         with adapter_batch(model, ["sst2", "default", "sst2"]):
             logits = model(**batch).logits
+            out = model.generate(**batch, num_beams=4)   # each sequence's beams keep its adapter
+
+    A batch k times as long as the ids (``generate``'s beams, ``num_return_sequences``) repeats each id
+    k times in place. Training works too, with ``backward()`` inside the block; under gradient
+    checkpointing that is not enough (the layers are recomputed during backward, which may run after
+    the block has ended and would see no ids), so a model in training mode with checkpointing on is
+    refused.
     """
     ids = adapter_id_tensor(model, adapter_ids)
+    if model.training and torch.is_grad_enabled() and _gradient_checkpointing_on(model):
+        raise ValueError("adapter_batch cannot train a model with gradient checkpointing on: checkpointed layers are "
+                         "recomputed during backward, after the with-block has ended, and would silently use the "
+                         "active adapter instead of the batch's ids (wrong gradients). Disable gradient "
+                         "checkpointing for mixed-adapter training, train one adapter per batch, or run "
+                         "inference under model.eval() / torch.no_grad()")
     layers = [layer for _, layer in qrlora_layers(model)]
-    previous = [layer.adapter_ids for layer in layers]
+    previous = [(layer.adapter_ids, layer.adapter_id_expansions) for layer in layers]
     per_device: dict[torch.device, torch.Tensor] = {}
+    expansions: dict = {}
     try:
         for layer in layers:
             device = layer.weight.device
             if device not in per_device:
                 per_device[device] = ids.to(device)
             layer.adapter_ids = per_device[device]
+            layer.adapter_id_expansions = expansions
         yield ids
     finally:
-        for layer, old in zip(layers, previous):
-            layer.adapter_ids = old
+        for layer, (old_ids, old_expansions) in zip(layers, previous):
+            layer.adapter_ids, layer.adapter_id_expansions = old_ids, old_expansions
+
+
+def _gradient_checkpointing_on(model: nn.Module) -> bool:
+    """Whether Hugging Face gradient checkpointing is enabled anywhere in ``model`` (its per-module flag)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())

@@ -145,3 +145,33 @@ def test_llama_mixed_adapter_batch_equals_each_adapter_alone(tmp_path):
             alone = tuned[task](input_ids=ids[i:i + 1]).logits[0]
             assert_rel_close(mixed[i], alone, 1e-5, name=f"sequence {i} ({task})")
             assert rel_error(alone, base(input_ids=ids[i:i + 1]).logits[0]) > 1e-3
+    # generate() expands each sequence into consecutive beams: each beam keeps its sequence's adapter.
+    prompt, mask = ids[:, :5], torch.ones(3, 5, dtype=torch.long)
+    with torch.no_grad(), adapter_batch(served, order):
+        beams = served.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                num_beams=2, num_return_sequences=2, pad_token_id=0)
+    with torch.no_grad():
+        for i, task in enumerate(order):
+            alone = tuned[task].generate(input_ids=prompt[i:i + 1], attention_mask=mask[i:i + 1], max_new_tokens=4,
+                                         do_sample=False, num_beams=2, num_return_sequences=2, pad_token_id=0)
+            assert torch.equal(beams[2 * i:2 * i + 2], alone), f"sequence {i} ({task})"
+    # Ids given to a layer directly are never stretched to another batch size.
+    layer = qrlora_layers(served)[0][1]
+    with pytest.raises(ValueError, match="adapter_ids has shape"):
+        layer(torch.randn(6, 2, layer.in_features), adapter_ids=torch.tensor([0, 1, 0]))
+
+    # Training inside the block is exact; under gradient checkpointing the recomputation during backward
+    # would run without the ids, so that combination is refused rather than giving wrong gradients.
+    served.train()
+    if hasattr(served, "activation_checkpointing_enable"):  # transformers >= 5.24's name
+        served.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        served.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        with adapter_batch(served, order):
+            pass
+    (getattr(served, "activation_checkpointing_disable", None) or served.gradient_checkpointing_disable)()
+    with adapter_batch(served, order):
+        served(input_ids=ids, labels=ids).loss.backward()
+    assert all(layer.lam.grad is not None and torch.count_nonzero(layer.lam.grad) > 0
+               for _, layer in qrlora_layers(served))
