@@ -18,9 +18,18 @@ same size, all measured in this run. Run::
     python -m benchmarks.qr --full                # 1024^2, 2048^2, 4096^2, 4096x11008 (slow on CPU)
     python -m benchmarks.qr --sizes 4096 --routines qrcp,scipy_geqp3,geqrf --threads 1
 
-Writes ``benchmarks/results/<device>/qr.{json,csv}``. On a shared CPU the BLAS thread pools of
-torch (OpenMP) and scipy (OpenBLAS) spin after each call; a short pause between routines keeps
-one pool's spinning from being billed to the next routine.
+Writes ``benchmarks/results/<device>/qr.{json,csv}`` (or ``--out-dir``). On a shared CPU the BLAS thread
+pools of torch (OpenMP) and scipy (OpenBLAS) spin after each call; a short pause between routines keeps
+one pool's spinning from being billed to the next routine, and repetitions are interleaved.
+
+On CUDA (``sequential``) each routine is timed on its own: every sample is ONE call between CUDA events
+(synchronised before and after; no pause, no L2 flush: a 64 MB matrix does not fit the L2 anyway), at most
+``--routine-budget`` seconds of samples per routine (at least 3), the baselines (``torch.linalg.qr``,
+``torch.geqrf``, the SVD, cupy) first, so that a CUDA error in ``qrcp`` that poisons the context cannot take
+them out; a routine that raises gives an error row; the result files are rewritten after every routine,
+so a run killed part-way keeps what it measured. The issue's GPU bars (``BARS``: full QRCP <= 3x
+``torch.linalg.qr``, randomized <= 1.5x, both >= 20x faster than the SVD) are checked from the rows, printed,
+and stored in the JSON's meta as ``bars``.
 """
 from __future__ import annotations
 
@@ -28,7 +37,8 @@ import argparse
 import contextlib
 import statistics
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -38,6 +48,14 @@ QUICK_SIZES = [(1024, 1024), (2048, 2048)]
 FULL_SIZES = [(1024, 1024), (2048, 2048), (4096, 4096), (4096, 11008)]
 TRUNCATED_RANKS = (64, 256)
 POOL_PAUSE_S = 0.5
+# Timed first when routines run one after another (CUDA): the floor and the references the bars need.
+BASELINES = ("linalg_qr", "geqrf", "svd", "cupy_qr", "scipy_geqp3")
+MIN_SAMPLES = 3
+# The issue's GPU bars: (routine, reference, the largest allowed time ratio routine / reference).
+BARS = (("qrcp_geqp3", "linalg_qr", 3.0), ("qrcp_randomized", "linalg_qr", 1.5),
+        ("qrcp_geqp3", "svd", 1 / 20), ("qrcp_randomized", "svd", 1 / 20))
+TABLE_COLUMNS = ["m", "n", "routine", "status", "median_ms", "p20_ms", "p80_ms", "reps", "cpu_ms", "vs_scipy_geqp3",
+                 "vs_geqrf", "vs_linalg_qr", "vs_svd", "cpu_vs_scipy_geqp3", "cpu_vs_geqrf"]
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -68,58 +86,181 @@ def routines(A: torch.Tensor) -> dict[str, Callable[[], object]]:
     if device.type == "cuda":
         try:
             import cupy
-
+        except ImportError:
+            cupy = None
+        if cupy is not None:
             A_cp = cupy.asarray(A)
             out["cupy_qr"] = lambda: cupy.linalg.qr(A_cp)
-        except ImportError:
-            pass
     return out
 
 
+def ordered(plan: dict) -> dict:
+    """The baselines first, then the rest in their own order."""
+    first = {name: plan[name] for name in BASELINES if name in plan}
+    return first | {name: fn for name, fn in plan.items() if name not in first}
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_one_call(fn: Callable[[], object], device) -> float:
+    """Milliseconds of ONE call: CUDA events around it on a GPU (synchronised first, so no earlier work is
+    billed to it), wall clock on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    return measure(fn, device=device, warmup=0, reps=1).median_ms
+
+
+def _summary_row(m, n, dtype, name, wall, cpu, device) -> dict:
+    w = sorted(wall)
+    return {"m": m, "n": n, "dtype": str(dtype).replace("torch.", ""), "routine": name, "status": "ok",
+            "median_ms": statistics.median(w), "p20_ms": w[int(0.2 * (len(w) - 1))],
+            "p80_ms": w[round(0.8 * (len(w) - 1))], "reps": len(w),
+            "cpu_ms": statistics.median(cpu) if cpu and torch.device(device).type == "cpu" else None}
+
+
+def _failed_row(m, n, dtype, name, status, note) -> dict:
+    return {"m": m, "n": n, "dtype": str(dtype).replace("torch.", ""), "routine": name, "status": status,
+            "median_ms": None, "p20_ms": None, "p80_ms": None, "reps": 0, "cpu_ms": None, "note": note}
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """vs_<reference>: median over the reference's median at the same size, both from this run."""
+    for row in rows:
+        same = {r["routine"]: r for r in rows if (r["m"], r["n"]) == (row["m"], row["n"])
+                and r.get("median_ms") is not None}
+        for ref in ("scipy_geqp3", "geqrf", "linalg_qr", "svd"):
+            ok = ref in same and row.get("median_ms") is not None
+            row[f"vs_{ref}"] = row["median_ms"] / same[ref]["median_ms"] if ok else None
+            if ref in ("scipy_geqp3", "geqrf"):
+                both = ok and row.get("cpu_ms") is not None and same[ref].get("cpu_ms")
+                row[f"cpu_vs_{ref}"] = row["cpu_ms"] / same[ref]["cpu_ms"] if both else None
+
+
+def bar_checks(rows: list[dict]) -> list[dict]:
+    """The issue's bars, per size where both routines were measured: ratio, bar, met."""
+    checks = []
+    for m, n in dict.fromkeys((r["m"], r["n"]) for r in rows):
+        same = {r["routine"]: r for r in rows if (r["m"], r["n"]) == (m, n) and r.get("median_ms") is not None}
+        for routine, ref, limit in BARS:
+            if routine in same and ref in same:
+                ratio = same[routine]["median_ms"] / same[ref]["median_ms"]
+                bar = f"<= {limit:g}x" if limit >= 1 else f">= {1 / limit:g}x faster"
+                checks.append({"size": f"{m}x{n}", "check": f"{routine} / {ref}", "ratio": ratio, "bar": bar,
+                               "met": ratio <= limit})
+    return checks
+
+
+def format_bars(checks: list[dict]) -> str:
+    if not checks:
+        return "issue's GPU bars: not checkable (a routine or its reference was not measured)"
+    return "\n".join(f"GPU bar {c['size']}: {c['check']} = {c['ratio']:.3g} ({c['bar']}): "
+                     f"{'MET' if c['met'] else 'NOT MET'}" for c in checks)
+
+
 def run(sizes, *, device: str = "cpu", dtype=torch.float32, reps: int = 3, warmup: int = 1,
-        only: set[str] | None = None, progress: bool = True) -> list[dict]:
+        only: set[str] | None = None, progress: bool = True, sequential: Optional[bool] = None,
+        routine_budget_s: Optional[float] = None, time_budget_s: Optional[float] = None,
+        on_rows: Optional[Callable[[list], None]] = None) -> list[dict]:
     """Time every routine at every size; returns rows with medians and same-run ratios.
 
-    Repetitions are interleaved (A B C, A B C, ...) so that the load of a shared machine falls on
-    every routine alike; each sample is one ``harness.measure`` call. On the CPU each row also
-    carries the median process CPU time, which descheduling by other users does not inflate.
+    Interleaved (the CPU default): repetitions go A B C, A B C, ... so that the load of a shared machine falls
+    on every routine alike; each row also carries the median process CPU time, which descheduling by other
+    users does not inflate. Sequential (the CUDA default, see the module docstring): one routine after the
+    other, baselines first, ``reps`` one-call samples each within ``routine_budget_s``; routines not started
+    within ``time_budget_s`` get a "not run" row. Either way a routine that raises gives an error row, and
+    ``on_rows(rows)`` (ratios filled in) is called after every routine, to write the results as they come.
     """
     from tqdm import tqdm
 
-    rows = []
+    sequential = torch.device(device).type == "cuda" if sequential is None else sequential
+    rows: list[dict] = []
+    started = time.perf_counter()
+
+    def publish():
+        add_ratios(rows)
+        if on_rows is not None:
+            on_rows(rows)
+
     bar = tqdm(total=len(sizes), desc="qr benchmark", disable=not progress)
     for m, n in sizes:
         A = torch.randn(m, n, dtype=dtype, device=device)
-        plan = {name: fn for name, fn in routines(A).items()
-                if only is None or name in only or any(name.startswith(o) for o in only)}
-        wall: dict[str, list[float]] = {name: [] for name in plan}
-        cpu: dict[str, list[float]] = {name: [] for name in plan}
-        for name, fn in plan.items():
-            bar.set_postfix_str(f"{m}x{n} warm-up {name}")
-            for _ in range(warmup):
-                fn()
-        for rep in range(reps):
+        try:
+            plan = {name: fn for name, fn in routines(A).items()
+                    if only is None or name in only or any(name.startswith(o) for o in only)}
+        except Exception as exc:  # e.g. cupy present but unusable: nothing of this size can run
+            rows.append(_failed_row(m, n, dtype, "routines", "error", f"{type(exc).__name__}: {exc}"[:300]))
+            publish()
+            continue
+        if sequential:
+            plan = ordered(plan)
             for name, fn in plan.items():
-                bar.set_postfix_str(f"{m}x{n} rep {rep + 1}/{reps} {name}")
-                time.sleep(POOL_PAUSE_S)
-                c0 = time.process_time()
-                wall[name].append(measure(fn, device=device, warmup=0, reps=1).median_ms)
-                cpu[name].append((time.process_time() - c0) * 1e3)
-        for name in plan:
-            w = sorted(wall[name])
-            rows.append({"m": m, "n": n, "dtype": str(dtype).replace("torch.", ""), "routine": name,
-                         "median_ms": statistics.median(w), "p20_ms": w[int(0.2 * (len(w) - 1))],
-                         "p80_ms": w[round(0.8 * (len(w) - 1))], "reps": len(w),
-                         "cpu_ms": statistics.median(cpu[name]) if torch.device(device).type == "cpu" else None})
+                if time_budget_s is not None and time.perf_counter() - started > time_budget_s:
+                    rows.append(_failed_row(m, n, dtype, name, "not run", f"time budget of {time_budget_s:g} s spent"))
+                    continue
+                bar.set_postfix_str(f"{m}x{n} {name}")
+                wall: list[float] = []
+                try:
+                    for _ in range(warmup):
+                        fn()
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    while len(wall) < reps and (len(wall) < MIN_SAMPLES or routine_budget_s is None
+                                                or time.perf_counter() - t0 < routine_budget_s):
+                        wall.append(time_one_call(fn, device))
+                    rows.append(_summary_row(m, n, dtype, name, wall, [], device))
+                except Exception as exc:  # one failing routine must not lose the table
+                    note = f"{type(exc).__name__}: {exc}"[:300]
+                    rows.append(_failed_row(m, n, dtype, name, "error", note))
+                    print(f"qr benchmark: {name} at {m}x{n} failed: {note}", flush=True)
+                publish()
+        else:
+            wall = {name: [] for name in plan}
+            cpu = {name: [] for name in plan}
+            failed: dict[str, str] = {}
+            for name, fn in plan.items():
+                bar.set_postfix_str(f"{m}x{n} warm-up {name}")
+                try:
+                    for _ in range(warmup):
+                        fn()
+                except Exception as exc:
+                    failed[name] = f"{type(exc).__name__}: {exc}"[:300]
+            for rep in range(reps):
+                for name, fn in plan.items():
+                    if name in failed:
+                        continue
+                    bar.set_postfix_str(f"{m}x{n} rep {rep + 1}/{reps} {name}")
+                    time.sleep(POOL_PAUSE_S)
+                    c0 = time.process_time()
+                    try:
+                        wall[name].append(time_one_call(fn, device))
+                    except Exception as exc:
+                        failed[name] = f"{type(exc).__name__}: {exc}"[:300]
+                        continue
+                    cpu[name].append((time.process_time() - c0) * 1e3)
+            for name in plan:
+                rows.append(_failed_row(m, n, dtype, name, "error", failed[name]) if name in failed
+                            else _summary_row(m, n, dtype, name, wall[name], cpu[name], device))
+            publish()
         bar.update(1)
     bar.close()
-    for row in rows:
-        same = {r["routine"]: r for r in rows if (r["m"], r["n"]) == (row["m"], row["n"])}
-        for ref in ("scipy_geqp3", "geqrf", "linalg_qr", "svd"):
-            row[f"vs_{ref}"] = row["median_ms"] / same[ref]["median_ms"] if ref in same else None
-            if row["cpu_ms"] is not None and ref in ("scipy_geqp3", "geqrf"):
-                row[f"cpu_vs_{ref}"] = row["cpu_ms"] / same[ref]["cpu_ms"] if ref in same else None
+    add_ratios(rows)
     return rows
+
+
+def results_writer(out_dir: Path, name: str, meta: dict) -> Callable[[list], None]:
+    """``on_rows`` for ``run``: rewrite ``<name>.{json,csv}`` (atomically) with the bars in the meta."""
+    def write(rows):
+        write_results(name, rows, meta | {"bars": bar_checks(rows)}, out_dir)
+    return write
 
 
 def main(argv=None):
@@ -128,12 +269,18 @@ def main(argv=None):
     parser.add_argument("--full", action="store_true", help="all sizes of the issue (slow on the CPU)")
     parser.add_argument("--quick", action="store_true", help="the quick set (default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=None, help="samples per routine (default 3; 10 on CUDA)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int,
                         help="CPU threads for every routine alike (torch's OpenMP/MKL and scipy's OpenBLAS)")
     parser.add_argument("--routines", help="comma list of routine names or prefixes (default: all)")
     parser.add_argument("--out", default="qr", help="result file stem")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="results folder (default benchmarks/results/<device type>)")
+    parser.add_argument("--routine-budget", type=float, default=None,
+                        help="seconds of samples per routine when timed one after another (CUDA; default 4)")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds; routines not started by then are reported as not run (CUDA)")
     args = parser.parse_args(argv)
     if args.sizes:
         sizes = [parse_size(s) for s in args.sizes.split(",")]
@@ -147,13 +294,20 @@ def main(argv=None):
 
         torch.set_num_threads(args.threads)
         limits = threadpool_limits(limits=args.threads)
+    cuda = torch.device(args.device).type == "cuda"
+    meta = {**environment(args.device), "threads": args.threads or torch.get_num_threads(),
+            "timing_method": ("one call per sample between CUDA events, routines one after another, baselines first"
+                              if cuda else "wall clock, one call per sample, repetitions interleaved")}
+    out_dir = args.out_dir or RESULTS_DIR / torch.device(args.device).type
+    writer = results_writer(out_dir, args.out, meta)
     with limits:
-        rows = run(sizes, device=args.device, reps=args.reps, warmup=args.warmup, only=only)
-    print(format_table(rows, ["m", "n", "routine", "median_ms", "p20_ms", "p80_ms", "cpu_ms", "vs_scipy_geqp3",
-                              "vs_geqrf", "vs_linalg_qr", "vs_svd", "cpu_vs_scipy_geqp3", "cpu_vs_geqrf"]))
-    meta = {**environment(args.device), "threads": args.threads or torch.get_num_threads()}
-    paths = write_results(args.out, rows, meta, RESULTS_DIR / torch.device(args.device).type)
-    print(f"wrote {paths['json']} and {paths['csv']}")
+        rows = run(sizes, device=args.device, reps=args.reps or (10 if cuda else 3), warmup=args.warmup, only=only,
+                   routine_budget_s=args.routine_budget if args.routine_budget is not None else (4.0 if cuda else None),
+                   time_budget_s=args.time_budget, on_rows=writer, progress=not cuda)
+    writer(rows)
+    print(format_table(rows, TABLE_COLUMNS))
+    print(format_bars(bar_checks(rows)))
+    print(f"wrote {out_dir / (args.out + '.json')} and {out_dir / (args.out + '.csv')}")
     return rows
 
 

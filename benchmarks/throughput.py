@@ -413,15 +413,19 @@ def run_qr_section(device: str, sizes, out_dir: Path) -> dict:
         return {"status": "skipped", "reason": "benchmarks.qr has no run() function"}
     import inspect
     params = inspect.signature(run).parameters
+    meta = environment(device)
+    writer = getattr(qr_bench, "results_writer", None)
+    write = writer(out_dir, "qr", meta) if writer else (lambda rows: write_results("qr", rows, meta, out_dir))
     kwargs = {}
-    for name, value in (("sizes", sizes), ("device", device), ("quick", True), ("progress", False)):
+    for name, value in (("sizes", sizes), ("device", device), ("quick", True), ("progress", False),
+                        ("on_rows", write), ("routine_budget_s", 4.0 if torch.device(device).type == "cuda" else None)):
         if name in params:
             kwargs[name] = value
     try:
         rows = list(run(**kwargs))
     except Exception as exc:
         return {"status": "error", "reason": f"{type(exc).__name__}: {exc}"[:300]}
-    write_results("qr", rows, environment(device), out_dir)
+    write(rows)
     return {"status": "ok", "rows": rows}
 
 

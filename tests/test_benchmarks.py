@@ -449,3 +449,45 @@ def test_autotune_knob_picks_one_gpu_config_per_kernel_that_fits_shared_memory()
         limits = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}  # the opt-in shared memory per block
         over = {k: v for k, v in fixed["shared"].items() if v > limits[k.split()[0]]}
         assert not over and len(fixed["shared"]) == 14, fixed["shared"]
+
+
+def test_qr_sequential_mode_puts_baselines_first_survives_a_failing_routine_and_writes_after_each(tmp_path,
+                                                                                                  monkeypatch):
+    # The CUDA mode of benchmarks.qr, run on the CPU: one call per sample, baselines first, an error row for a
+    # routine that raises, the JSON rewritten after every routine, the bars computed from the rows.
+    import benchmarks.qr as qr_bench
+    calls = []
+
+    def fake_routines(A):
+        def routine(name, fail=False):
+            def fn():
+                calls.append(name)
+                if fail:
+                    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+                return torch.linalg.qr(A)
+            return fn
+        return {"qrcp_geqp3": routine("qrcp_geqp3"), "qrcp_randomized": routine("qrcp_randomized", fail=True),
+                "geqrf": routine("geqrf"), "linalg_qr": routine("linalg_qr"), "svd": routine("svd")}
+
+    monkeypatch.setattr(qr_bench, "routines", fake_routines)
+    snapshots = []
+
+    def on_rows(rows):
+        qr_bench.results_writer(tmp_path, "qr", {"gpu": None})(rows)
+        snapshots.append([r["routine"] for r in json.loads((tmp_path / "qr.json").read_text())["rows"]])
+
+    rows = qr_bench.run([(24, 24)], reps=4, warmup=1, sequential=True, progress=False, on_rows=on_rows)
+    assert calls[0] == "linalg_qr" and calls.index("svd") < calls.index("qrcp_geqp3")
+    assert calls.count("geqrf") == 5  # one warm-up, then one call per sample
+    assert snapshots == [["linalg_qr", "geqrf", "svd", "qrcp_geqp3", "qrcp_randomized"][:i] for i in range(1, 6)]
+    status = {r["routine"]: r for r in rows}
+    assert status["qrcp_randomized"]["status"] == "error" and "illegal memory" in status["qrcp_randomized"]["note"]
+    assert status["qrcp_geqp3"]["status"] == "ok" and status["qrcp_geqp3"]["reps"] == 4
+    assert status["qrcp_geqp3"]["vs_linalg_qr"] == pytest.approx(
+        status["qrcp_geqp3"]["median_ms"] / status["linalg_qr"]["median_ms"])
+    bars = json.loads((tmp_path / "qr.json").read_text())["meta"]["bars"]
+    assert [b["check"] for b in bars] == ["qrcp_geqp3 / linalg_qr", "qrcp_geqp3 / svd"]
+    assert "GPU bar 24x24: qrcp_geqp3 / linalg_qr" in qr_bench.format_bars(bars)
+    # Past the time budget, the remaining routines are reported, not run.
+    late = qr_bench.run([(24, 24)], reps=2, sequential=True, progress=False, time_budget_s=0.0)
+    assert {r["status"] for r in late} == {"not run"} and len(late) == 5
