@@ -13,7 +13,14 @@ Two shape sets, random weights (normal, std 0.02), on ``--device`` (default: cud
   CPU); one timed run per rule, since one model's bases take tens of GB.
 
 Medians after a warm-up (benchmarks/harness.py), whole-call wall clock with the device
-synchronised. Run::
+synchronised. Each rule runs on its own: one that raises gives an error row and the others still run, and
+the result files are rewritten after every rule (a run killed part-way keeps what it measured).
+
+With ``--layers`` below the shape set's real depth (the GPU suite converts 2 of Llama-2-7B's 32 layers to fit its
+time), each row also gives ``full_model_ms_extrapolated``: the median scaled linearly to the real layer count
+(every layer has the same shapes, and the conversion is per matrix), labelled as such, and checked against the
+issue's bars (``BARS_S``: 30 s for energy="diag", 5 s for "frobenius" or a fixed rank, on one H100/H200; the
+randomized and budget rows carry no bar). Run::
 
     python -m benchmarks.init_time                          # -> benchmarks/results/cpu/init_time.{json,csv}
     python -m benchmarks.init_time --threads 1              # -> .../init_time_1thread.{json,csv}
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import time
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +92,10 @@ def scipy_route(weights: list[torch.Tensor], tau: float):
     return out
 
 
+# The initialisation bars for the whole Llama-2-7B model on one H100/H200, seconds, per rule.
+BARS_S = {"diag": 30.0, "frobenius": 5.0, "rank": 5.0}
+
+
 def _rank_summary(ranks: list[int]) -> str:
     return f"{min(ranks)}..{max(ranks)} (sum {sum(ranks)})" if ranks else ""
 
@@ -102,6 +114,8 @@ def main(argv=None):
                         help="results folder (default benchmarks/results/<device type>)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch and for scipy's BLAS (e.g. 1 on a shared, busy machine)")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds; rules not started by then are reported as not run")
     args = parser.parse_args(argv)
     if args.threads is not None:
         from threadpoolctl import threadpool_limits
@@ -135,52 +149,103 @@ def _run(args, parser):
     if unknown:
         parser.error(f"unknown rule(s) {unknown}; choose from {sorted(rules)}")
 
+    shapes_text = ", ".join(f"{o}x{i}" for o, i in modules.values())
+    scaled = layers != default_layers
+    meta = environment(device) | {
+        "shapes": args.shapes, "threads": args.threads or torch.get_num_threads(),
+        "matrices": f"{layers} layers x [{shapes_text}]", "layers_timed": layers, "model_layers": default_layers,
+        "dtype": str(dtype), "note": "random weights, normal std 0.02; scipy on the CPU",
+        "bars_s": BARS_S if big else None,
+        "extrapolation": (f"full_model_ms_extrapolated = median_ms x {default_layers}/{layers}: EXTRAPOLATED from "
+                          f"{layers} of the model's {default_layers} layers (all layers have the same shapes), "
+                          "not measured on the whole model") if scaled else None}
+    name = "init_time" if args.shapes == "roberta-qv" else f"init_time_{args.shapes}"
+    if args.threads is not None:
+        name += f"_{args.threads}thread"
+    out_dir = args.out or RESULTS_DIR / device.type
     rows = []
+
+    def publish():
+        write_results(name, rows, meta, out_dir=out_dir)
+
+    def finish(row: dict, rule: str | None) -> dict:
+        full = row["median_ms"] * default_layers / layers if row.get("median_ms") is not None else None
+        bar = BARS_S.get(rule) if big and rule else None
+        row.update({"layers_timed": layers,
+                    "full_model_ms_extrapolated": full if scaled else None,
+                    "bar_s": bar, "bar_met": (full / 1e3 <= bar) if bar is not None and full is not None else None})
+        return row
+
+    started = time.perf_counter()
     scipy_ms = None
     if not (args.no_scipy or big):
         torch.manual_seed(0)
         weights = [m.weight.detach().float().cpu() for m in build_model(args.shapes, layers, "cpu", dtype).modules()
                    if isinstance(m, nn.Linear)]
-        baseline = measure(lambda: scipy_route(weights, 0.9), reps=reps)
-        scipy_ms = baseline.median_ms
-        rows.append({"method": "scipy geqp3 (CPU) + diag rule tau=0.9", "median_ms": baseline.median_ms,
-                     "p20_ms": baseline.p20_ms, "p80_ms": baseline.p80_ms,
-                     "ranks": _rank_summary([r for *_, r in scipy_route(weights, 0.9)]), "speedup_vs_scipy": 1.0})
+        try:
+            baseline = measure(lambda: scipy_route(weights, 0.9), reps=reps)
+            scipy_ms = baseline.median_ms
+            rows.append(finish({"method": "scipy geqp3 (CPU) + diag rule tau=0.9", "status": "ok",
+                                "median_ms": baseline.median_ms, "p20_ms": baseline.p20_ms, "p80_ms": baseline.p80_ms,
+                                "ranks": _rank_summary([r for *_, r in scipy_route(weights, 0.9)]),
+                                "speedup_vs_scipy": 1.0}, None))
+        except Exception as exc:
+            rows.append(finish(_failed("scipy geqp3 (CPU) + diag rule tau=0.9", "error", exc), None))
+        publish()
     labels = {"diag": "diag tau=0.9", "frobenius": "frobenius tau=0.9", "rank": "rank=8", "budget": "budget=601",
               "diag-randomized": "diag tau=0.9, randomized pivoting",
               "frobenius-randomized": "frobenius tau=0.9, randomized pivoting"}
     for rule in chosen:
+        method = f"apply_qrlora {labels[rule]}"
+        if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
+            rows.append(finish(_failed(method, "not run", f"time budget of {args.time_budget:g} s spent"), rule))
+            publish()
+            continue
         config = rules[rule]
         warmup = 0 if big else 1
-        # Each timed call converts a fresh model (apply_qrlora works in place); building them is not timed.
-        torch.manual_seed(0)
-        fresh = [build_model(args.shapes, layers, device, dtype) for _ in range(warmup + reps)]
         reports = []
+        fresh = []
+        try:
+            # Each timed call converts a fresh model (apply_qrlora works in place); building them is not timed.
+            torch.manual_seed(0)
+            fresh = [build_model(args.shapes, layers, device, dtype) for _ in range(warmup + reps)]
 
-        def run():
-            model = fresh.pop()
-            reports[:] = [apply_qrlora(model, config, progress=False)]
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            def run():
+                model = fresh.pop()
+                reports[:] = [apply_qrlora(model, config, progress=False)]
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
 
-        timing = measure(run, device="cpu", warmup=warmup, reps=reps)
-        ranks = [m.rank for m in reports[-1].modules]
-        rows.append({"method": f"apply_qrlora {labels[rule]}", "median_ms": timing.median_ms,
-                     "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms, "ranks": _rank_summary(ranks),
-                     "speedup_vs_scipy": scipy_ms / timing.median_ms if scipy_ms else None})
+            timing = measure(run, device="cpu", warmup=warmup, reps=reps)
+            ranks = [m.rank for m in reports[-1].modules]
+            rows.append(finish({"method": method, "status": "ok", "median_ms": timing.median_ms,
+                                "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms, "ranks": _rank_summary(ranks),
+                                "speedup_vs_scipy": scipy_ms / timing.median_ms if scipy_ms else None}, rule))
+        except Exception as exc:  # one failing rule (an OOM, a CUDA error) must not lose the other rows
+            rows.append(finish(_failed(method, "error", exc), rule))
+            print(f"init_time: {method} failed: {rows[-1]['note']}", flush=True)
         reports.clear()
+        fresh.clear()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    shapes_text = ", ".join(f"{o}x{i}" for o, i in modules.values())
-    meta = environment(device) | {"shapes": args.shapes, "threads": args.threads or torch.get_num_threads(), "matrices": f"{layers} layers x [{shapes_text}]",
-                                  "dtype": str(dtype), "note": "random weights, normal std 0.02; scipy on the CPU"}
-    print(format_table(rows, ["method", "median_ms", "p20_ms", "p80_ms", "speedup_vs_scipy", "ranks"]))
-    name = "init_time" if args.shapes == "roberta-qv" else f"init_time_{args.shapes}"
-    if args.threads is not None:
-        name += f"_{args.threads}thread"
-    paths = write_results(name, rows, meta, out_dir=args.out or RESULTS_DIR / device.type)
-    print(f"wrote {paths['json']}")
+        publish()
+    columns = ["method", "status", "median_ms", "p20_ms", "p80_ms", "speedup_vs_scipy", "ranks"]
+    if scaled:
+        columns += ["full_model_ms_extrapolated"]
+    if big:
+        columns += ["bar_s", "bar_met"]
+    print(format_table(rows, columns))
+    if scaled:
+        print(meta["extrapolation"])
+    publish()
+    print(f"wrote {out_dir / (name + '.json')}")
+
+
+def _failed(method: str, status: str, what) -> dict:
+    note = f"{type(what).__name__}: {what}"[:300] if isinstance(what, BaseException) else str(what)
+    return {"method": method, "status": status, "median_ms": None, "p20_ms": None, "p80_ms": None, "ranks": "",
+            "speedup_vs_scipy": None, "note": note}
 
 
 if __name__ == "__main__":

@@ -327,9 +327,43 @@ def test_init_time_benchmark_times_each_rule_and_writes_its_table(tmp_path, monk
     assert stored["rows"][0]["ranks"] == stored["rows"][1]["ranks"]
     assert stored["rows"][2]["ranks"] == "8..8 (sum 16)"
     assert stored["meta"]["matrices"] == "1 layers x [768x768, 768x768]"
+    # 1 of roberta's 12 layers: the whole-model time is extrapolated, and labelled so.
+    assert all(row["full_model_ms_extrapolated"] == pytest.approx(12 * row["median_ms"]) for row in stored["rows"])
+    assert "EXTRAPOLATED from 1 of the model's 12 layers" in stored["meta"]["extrapolation"]
     with pytest.raises(SystemExit):
         IT.main(["--rules", "svd"])
     assert "unknown rule(s) ['svd']" in capsys.readouterr().err
+
+
+def test_init_time_survives_a_failing_rule_writes_after_each_and_checks_the_llama_bars(tmp_path, monkeypatch):
+    import benchmarks.init_time as IT
+    import qrlora_kernels
+    # A 2-layer stand-in for Llama-2-7B's 32 layers (the real shapes take minutes on this CPU): the same code path.
+    container, _, _, _ = IT.SHAPES["llama7b"]
+    monkeypatch.setitem(IT.SHAPES, "llama7b", (container, {"self_attn.q_proj": (40, 32), "mlp.down_proj": (32, 48)},
+                                               32, torch.float32))
+    real_apply = qrlora_kernels.apply_qrlora
+    written = []
+
+    def apply(model, config, **kwargs):
+        written.append([r["method"] for r in json.loads((tmp_path / "init_time_llama7b.json").read_text())["rows"]]
+                       if (tmp_path / "init_time_llama7b.json").exists() else [])
+        if config.energy == "frobenius":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_apply(model, config, **kwargs)
+
+    monkeypatch.setattr(qrlora_kernels, "apply_qrlora", apply)
+    IT.main(["--shapes", "llama7b", "--layers", "2", "--rules", "diag,frobenius,rank", "--device", "cpu",
+             "--out", str(tmp_path)])
+    stored = json.loads((tmp_path / "init_time_llama7b.json").read_text())
+    rows = {r["method"]: r for r in stored["rows"]}
+    assert written == [[], ["apply_qrlora diag tau=0.9"], ["apply_qrlora diag tau=0.9", "apply_qrlora frobenius tau=0.9"]]
+    assert rows["apply_qrlora frobenius tau=0.9"]["status"] == "error"
+    assert "simulated" in rows["apply_qrlora frobenius tau=0.9"]["note"]
+    diag, rank = rows["apply_qrlora diag tau=0.9"], rows["apply_qrlora rank=8"]
+    assert diag["status"] == rank["status"] == "ok" and (diag["bar_s"], rank["bar_s"]) == (30.0, 5.0)
+    assert diag["full_model_ms_extrapolated"] == pytest.approx(16 * diag["median_ms"]) and diag["bar_met"] is True
+    assert stored["meta"]["layers_timed"] == 2 and stored["meta"]["model_layers"] == 32
 
 
 def _script(path, *args, env=None):
