@@ -8,8 +8,10 @@ pivots ``perm[:r]`` (r int32): the file is O(total r). At load the basis is rebu
 
 Because the rebuilt basis is only right on the *same* base weights, ``adapter_config.json``
 keeps a fingerprint of every adapted weight (shape, dtype, a hash of a strided sample of its
-bytes, and float64 sums of it and of its squares, which see a change anywhere), plus a
-checksum of every module's stored tensors. Problems get a ``ValueError`` naming the module.
+bytes, and float64 sums of it and of its squares, which see a change anywhere; for a float32
+base also of its bfloat16/float16 roundings, so the adapter loads onto the same checkpoint loaded
+in half precision), plus a checksum of every module's stored tensors. Problems get a
+``ValueError`` naming the module.
 
 Layout of ``adapter_config.json``::
 
@@ -38,7 +40,7 @@ from torch import nn
 from .atomic_file import atomic_write_bytes
 from .config import QRLoraConfig
 from .model import (ADAPTER_IDS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER, MODULES_TO_SAVE_ATTR, _layer_class,
-                    _set_submodule, adapter_row, qrlora_layers)
+                    _set_submodule, adapter_row, qrlora_layers, unwrap_model)
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -96,29 +98,63 @@ def weight_fingerprint(weight: torch.Tensor) -> dict:
             "sum": float(w64.sum()), "sum_sq": float(w64.square().sum())}
 
 
+# Half-precision copies of a wider base (the usual inference set-up: an adapter trained on a float32 base, served
+# on the same checkpoint loaded in bfloat16) are fingerprinted too, so the adapter loads onto them.
+ROUNDED_DTYPES = {torch.float64: (torch.float32, torch.bfloat16, torch.float16),
+                  torch.float32: (torch.bfloat16, torch.float16)}
+
+
+def base_fingerprint(weight: torch.Tensor) -> dict:
+    """``weight_fingerprint`` plus, for a float32/float64 weight, the fingerprints of its narrower roundings."""
+    fingerprint = weight_fingerprint(weight)
+    narrower = ROUNDED_DTYPES.get(weight.dtype, ())
+    if narrower:
+        fingerprint["rounded"] = {_dtype_name(d): weight_fingerprint(weight.detach().to(d)) for d in narrower}
+    return fingerprint
+
+
+def _same_fingerprint(now: dict, saved: dict, numel: int) -> bool:
+    scale_sq = max(abs(saved["sum_sq"]), 1e-300)
+    return (now["sample_hash"] == saved["sample_hash"]
+            and abs(now["sum_sq"] - saved["sum_sq"]) <= FINGERPRINT_SUM_RTOL * scale_sq
+            and abs(now["sum"] - saved["sum"]) <= FINGERPRINT_SUM_RTOL * math.sqrt(scale_sq * numel))
+
+
 def _fingerprint_problem(weight: torch.Tensor, saved: dict) -> Optional[str]:
-    """None when ``weight`` matches the saved fingerprint, else why not."""
+    """None when ``weight`` is the saved base weight (or its rounding to ``weight``'s dtype), else why not."""
     if list(weight.shape) != list(saved["shape"]):
         return f"its weight has shape {tuple(weight.shape)}, the adapter was made for {tuple(saved['shape'])}"
     saved_dtype = _dtype_from_name(saved["dtype"])
     # A weight held in another dtype is the same weight when it rounds to the saved values exactly.
-    now = weight_fingerprint(weight.detach().to(saved_dtype))
-    same = now["sample_hash"] == saved["sample_hash"]
-    scale_sq = max(abs(saved["sum_sq"]), 1e-300)
-    same = same and abs(now["sum_sq"] - saved["sum_sq"]) <= FINGERPRINT_SUM_RTOL * scale_sq
-    same = same and abs(now["sum"] - saved["sum"]) <= FINGERPRINT_SUM_RTOL * math.sqrt(scale_sq * weight.numel())
-    if same:
+    if _same_fingerprint(weight_fingerprint(weight.detach().to(saved_dtype)), saved, weight.numel()):
         return None
-    if weight.dtype != saved_dtype:
+    if weight.dtype == saved_dtype:
+        return ("its base weight differs from the one the adapter was made for (different base model or changed "
+                "weights): the fingerprint does not match")
+    rounded = (saved.get("rounded") or {}).get(_dtype_name(weight.dtype))
+    if rounded is None:
         return (f"dtype mismatch that cannot be honoured: the adapter was made on a {saved['dtype']} base weight and "
                 f"this one is {_dtype_name(weight.dtype)} and does not round to the same values; load the base model "
                 f"in {saved['dtype']}")
-    return ("its base weight differs from the one the adapter was made for (different base model or changed "
-            "weights): the fingerprint does not match")
+    if _same_fingerprint(weight_fingerprint(weight), rounded, weight.numel()):
+        return None
+    return (f"its base weight differs from the one the adapter was made for, also after rounding that "
+            f"{saved['dtype']} weight to {_dtype_name(weight.dtype)} (different base model or changed weights)")
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2-sharded ``DTensor`` (a collective: every rank must take part); else ``t``."""
+    t = t.detach()
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else t
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    return callable(getattr(t, "full_tensor", None))
 
 
 def _lam_rows(layer: nn.Module) -> torch.Tensor:
-    lam = layer.lam.detach()
+    lam = _full(layer.lam)
     return lam if lam.dim() == 2 else lam.unsqueeze(0)
 
 
@@ -153,19 +189,30 @@ def _write_lam_row(layer: nn.Module, row: int, values: torch.Tensor) -> None:
 
 # ------------------------------------------------------------------------------------------ save
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_basis: bool = False,
-                 adapter_name: str = DEFAULT_ADAPTER) -> dict[str, Path]:
+                 adapter_name: Optional[str] = None, is_main_process: Optional[bool] = None) -> dict[str, Path]:
     """Write ``path/adapter.safetensors`` and ``path/adapter_config.json`` (each atomically).
 
-    ``adapter_name`` picks the adapter (row of lam) to save when several are loaded.
-    ``include_basis=True`` also stores Q_r and R_r for a bit-exact reload.
-    Returns the two paths.
+    ``model`` may be wrapped (``DistributedDataParallel``, ``DataParallel``, ``torch.compile``): module names
+    are the unwrapped model's, so the adapter loads into a plain base model. Under FSDP2 (``fully_shard``) the
+    sharded tensors are gathered, a collective: call ``save_adapter`` on every rank.
+    ``adapter_name`` picks the adapter (row of lam) to save when several are loaded; by default "default", or
+    the only adapter loaded. ``include_basis=True`` also stores Q_r and R_r for a bit-exact reload.
+    ``is_main_process``: whether this process writes the files (default: rank 0 of an initialised process
+    group, else True), as in Hugging Face's ``save_pretrained``. Returns the two paths.
     """
     from safetensors.torch import save as safetensors_save
 
+    model = unwrap_model(model)
     layers = qrlora_layers(model)
     if not layers:
         raise ValueError("the model has no QR-LoRA layers to save (call apply_qrlora first)")
+    if adapter_name is None:
+        loaded = getattr(model, ADAPTER_IDS_ATTR, None) or {DEFAULT_ADAPTER: 0}
+        adapter_name = next(iter(loaded)) if len(loaded) == 1 else DEFAULT_ADAPTER
     row = adapter_row(model, adapter_name)
+    if is_main_process is None:
+        is_main_process = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+            or torch.distributed.get_rank() == 0
     config = getattr(model, CONFIG_ATTR, None)
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
@@ -177,20 +224,21 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
         pivots = layer.perm[:r].to("cpu", torch.int32).clone()
         own = {"lam": lam, "pivots": pivots}
         if include_basis:
-            own["Q"] = layer.Q.detach().to("cpu").contiguous().clone()
-            own["R"] = layer.R.detach().to("cpu").contiguous().clone()
+            own["Q"] = _full(layer.Q).to("cpu").contiguous().clone()
+            own["R"] = _full(layer.R).to("cpu").contiguous().clone()
         tensors.update({f"{name}.{key}": t for key, t in own.items()})
+        weight = _full(layer.weight)
         modules[name] = {
             "rank": r, "in_features": layer.in_features, "out_features": layer.out_features,
             "bias": layer.bias is not None, "tau": getattr(layer, "tau", None),
             "energy": getattr(layer, "energy", None), "energy_captured": getattr(layer, "energy_captured", None),
-            "dtype": _dtype_name(layer.weight.dtype),
-            "lam_dtype": _dtype_name(lam.dtype), "fingerprint": weight_fingerprint(layer.weight),
+            "dtype": _dtype_name(weight.dtype),
+            "lam_dtype": _dtype_name(lam.dtype), "fingerprint": base_fingerprint(weight),
             "checksum": _checksum(own),
         }
     saved_modules: dict[str, str] = {}
     for name in getattr(model, MODULES_TO_SAVE_ATTR, []):
-        state = {k: v.detach().to("cpu").contiguous().clone()
+        state = {k: _full(v).to("cpu").contiguous().clone()
                  for k, v in model.get_submodule(name).state_dict().items()}
         tensors.update({f"{SAVED_PREFIX}{name}.{k}": v for k, v in state.items()})
         saved_modules[name] = _checksum(state)
@@ -201,8 +249,10 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
         "include_basis": bool(include_basis), "modules": modules, "modules_to_save": saved_modules,
     }
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
     weights_path, config_path = out / ADAPTER_WEIGHTS, out / ADAPTER_CONFIG
+    if not is_main_process:
+        return {"weights": weights_path, "config": config_path}
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(weights_path, safetensors_save(tensors, metadata={"format": FORMAT}))
     atomic_write_bytes(config_path, (json.dumps(meta, indent=1) + "\n").encode())
     return {"weights": weights_path, "config": config_path}
@@ -221,7 +271,28 @@ def _read_config(config_path: Path) -> dict:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{config_path} has format_version {meta.get('format_version')}; "
                          f"this qrlora_kernels reads version {FORMAT_VERSION}")
+    for name, info in meta["modules"].items():
+        _check_module_info(name, info, config_path)
+    if not isinstance(meta.get("modules_to_save") or {}, dict):
+        raise ValueError(f"{config_path} is corrupt: modules_to_save is not a mapping")
     return meta
+
+
+_MODULE_FIELDS = {"rank": int, "in_features": int, "out_features": int, "fingerprint": dict, "checksum": str}
+_FINGERPRINT_FIELDS = {"shape": list, "dtype": str, "sample_hash": str, "sum": (int, float), "sum_sq": (int, float)}
+
+
+def _check_module_info(name: str, info, config_path: Path) -> None:
+    """Every field the loader reads is there and has its type: a hand-edited or damaged config names the module."""
+    if not isinstance(info, dict):
+        raise ValueError(f"{name}: {config_path} is corrupt: its entry is not a mapping")
+    for fields, where in ((_MODULE_FIELDS, info), (_FINGERPRINT_FIELDS, info.get("fingerprint"))):
+        for key, kind in fields.items():
+            value = where.get(key) if isinstance(where, dict) else None
+            if not isinstance(value, kind) or isinstance(value, bool):
+                label = key if where is info else f"fingerprint.{key}"
+                raise ValueError(f"{name}: {config_path} is corrupt: {label!r} is missing or not a "
+                                 f"{getattr(kind, '__name__', 'number')}")
 
 
 def _diagnose_safetensors(path: Path) -> str:
@@ -285,6 +356,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     adapter whose pivots are a prefix of a layer's (a lower ``tau`` on the same weights)
     shares that layer's basis, its missing coefficients being zero.
     """
+    model = unwrap_model(model)
     folder = Path(path)
     meta = _read_config(folder / ADAPTER_CONFIG)
     tensors = _read_tensors(folder / ADAPTER_WEIGHTS)
@@ -318,6 +390,9 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
                              f"the adapter's {info['out_features']}x{info['in_features']}")
         if getattr(module, "merged", False):
             raise ValueError(f"{name}: layer is merged; unmerge() it before loading another adapter")
+        if any(_is_sharded(t) for t in module.parameters()):
+            raise ValueError(f"{name}: its parameters are sharded (FSDP2 fully_shard); load the adapter into the "
+                             f"model before sharding it")
         problem = _fingerprint_problem(module.weight, info["fingerprint"])
         if problem:
             raise ValueError(f"{name}: {problem}")
@@ -342,9 +417,16 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
         if _checksum(state) != checksum:
             raise ValueError(f"{name}: the stored modules_to_save tensors are missing or corrupt")
         try:
-            model.get_submodule(name)
+            target = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{name}: module (modules_to_save) not found in the model") from None
+        expected = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+        stored = {k: tuple(v.shape) for k, v in state.items()}
+        if expected != stored:
+            diff = sorted(f"{k}: model {expected.get(k)}, adapter {stored.get(k)}"
+                          for k in set(expected) | set(stored) if expected.get(k) != stored.get(k))
+            raise ValueError(f"{name}: the adapter's modules_to_save tensors do not fit the model's module "
+                             f"({'; '.join(diff)}), e.g. a classifier made for another number of labels")
 
     if fresh:
         for p in model.parameters():
@@ -355,6 +437,12 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
         if layer is not module:
             _set_submodule(model, name, layer)
         _write_lam_row(layer, row, own["lam"])
+    # An adapter is whole: overwriting a name clears that row where the new file has no coefficients (a layer
+    # the new adapter does not touch), instead of keeping the old adapter's values there.
+    covered = {id(layer) for _, _, layer, _ in plan}
+    for _, layer in qrlora_layers(model):
+        if id(layer) not in covered:
+            _write_lam_row(layer, row, torch.zeros(0))
 
     for name in saved_meta:
         target = model.get_submodule(name)

@@ -249,7 +249,7 @@ def _merged_linear(layer: nn.Module, row: Optional[int]) -> nn.Linear:
 
 def adapter_row(model: nn.Module, adapter_name: str) -> int:
     """The row of every layer's ``lam`` that holds ``adapter_name`` (a model never given a name has "default")."""
-    ids = getattr(model, ADAPTER_IDS_ATTR, {DEFAULT_ADAPTER: 0})
+    ids = getattr(unwrap_model(model), ADAPTER_IDS_ATTR, {DEFAULT_ADAPTER: 0})
     if adapter_name not in ids:
         raise ValueError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(ids)}")
     return ids[adapter_name]
@@ -261,6 +261,7 @@ def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) ->
     With several adapters loaded, ``adapter_name`` picks the one to merge. Returns ``model``
     (changed in place), without QR-LoRA bookkeeping; its outputs equal the adapted model's.
     """
+    model = unwrap_model(model)
     layers = qrlora_layers(model)
     if not layers:
         raise ValueError("the model has no QR-LoRA layers to merge")
@@ -277,16 +278,26 @@ def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) ->
     return model
 
 
-def _bookkeeping_root(model: nn.Module) -> nn.Module:
-    """The module holding the adapter bookkeeping, looking through DDP-style ``.module`` wrappers."""
-    while not hasattr(model, ADAPTER_IDS_ATTR) and isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside ``DistributedDataParallel`` / ``DataParallel`` / FSDP1 / ``torch.compile`` wrappers.
+
+    Adapter files name modules as the unwrapped model does, so a model saved from inside a wrapper loads into a
+    plain one (FSDP2's ``fully_shard`` wraps nothing: it shards the parameters in place).
+    """
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if not isinstance(inner, nn.Module) and (
+                isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+                or type(model).__name__ == "FullyShardedDataParallel"):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def adapter_id_tensor(model: nn.Module, adapter_ids) -> torch.Tensor:
     """Adapter names or ids (one per sequence) -> an int64 tensor of rows of ``lam``."""
-    ids = getattr(_bookkeeping_root(model), ADAPTER_IDS_ATTR, None)
+    ids = getattr(unwrap_model(model), ADAPTER_IDS_ATTR, None)
     if ids is None:
         raise ValueError("the model has no QR-LoRA adapters (call apply_qrlora or load_adapter first)")
     if isinstance(adapter_ids, torch.Tensor):

@@ -13,7 +13,7 @@ from torch import nn
 from qrlora_kernels import QRLoraConfig, QRLoraLinear, apply_qrlora, load_adapter, save_adapter
 from qrlora_kernels.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _fingerprint_problem, weight_fingerprint
 from qrlora_kernels.model import adapter_batch, qrlora_layers
-from qrlora_kernels.testing import assert_rel_close
+from qrlora_kernels.testing import assert_rel_close, rel_error
 
 HIDDEN = 32
 
@@ -152,9 +152,17 @@ def test_load_errors_name_the_module(base, tmp_path):
     del shorter.layers[2]
     with pytest.raises(ValueError, match=r"layers\.2\.query: module not found in the model"):
         load_adapter(shorter, tmp_path)
-    half = copy.deepcopy(base).half()
-    with pytest.raises(ValueError, match=r"layers\.0\.query: dtype mismatch that cannot be honoured.*float32.*float16"):
-        load_adapter(half, tmp_path)
+    other_half = copy.deepcopy(other).half()
+    with pytest.raises(ValueError, match=r"layers\.0\.query: .*differs.*also after rounding that float32 weight to "
+                                         r"float16"):
+        load_adapter(other_half, tmp_path)
+    assert not qrlora_layers(other_half)
+    # A damaged config names the module whose entry lost a field (not a bare KeyError).
+    meta = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    del meta["modules"]["layers.1.value"]["fingerprint"]
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"layers\.1\.value: .*corrupt: 'fingerprint' is missing"):
+        load_adapter(copy.deepcopy(base), tmp_path)
 
 
 def test_dtype_mismatch_is_honoured_when_the_weights_round_to_the_saved_ones(tmp_path):
@@ -169,6 +177,79 @@ def test_dtype_mismatch_is_honoured_when_the_weights_round_to_the_saved_ones(tmp
     for name, layer in qrlora_layers(half):
         assert layer.weight.dtype == torch.float16
         assert_rel_close(layer.lam, model.get_submodule(name).lam, 0.0, name=f"{name}.lam")
+
+
+@pytest.mark.parametrize("include_basis", [False, True])
+def test_float32_adapter_loads_onto_the_same_base_in_half_precision(base, tmp_path, include_basis):
+    """The usual serving set-up (PEFT does it too): trained on a float32 base, served on it in bf16/fp16."""
+    model = _adapted(base)
+    save_adapter(model, tmp_path, include_basis=include_basis)
+    x = torch.randn(3, 4, HIDDEN)
+    expected = model.double()(x.double())
+    for dtype, band in ((torch.float16, 1e-2), (torch.bfloat16, 4e-2)):
+        served = copy.deepcopy(base).to(dtype)
+        load_adapter(served, tmp_path)
+        for name, layer in qrlora_layers(served):
+            assert layer.weight.dtype == layer.Q.dtype == dtype
+            assert_rel_close(layer.lam, model.get_submodule(name).lam, 0.0, name=f"{name}.lam")
+        assert_rel_close(served(x.to(dtype)), expected, band, name=f"adapter served in {dtype}")
+        assert rel_error(copy.deepcopy(base).to(dtype)(x.to(dtype)), expected) > 4 * band  # the adapter shows
+    # A float16 adapter has no bfloat16 rounding to compare with: that mismatch cannot be honoured.
+    half_model = _adapted(copy.deepcopy(base).half())
+    save_adapter(half_model, tmp_path / "fp16")
+    with pytest.raises(ValueError, match=r"dtype mismatch that cannot be honoured.*float16.*bfloat16"):
+        load_adapter(copy.deepcopy(base).half().bfloat16(), tmp_path / "fp16")
+
+
+def test_overwriting_an_adapter_replaces_it_whole(base, tmp_path):
+    both = _adapted(base, QRLoraConfig(target_modules=["query", "value"]))
+    query_only = _adapted(base, QRLoraConfig(target_modules=["query"]))
+    save_adapter(query_only, tmp_path)
+    load_adapter(both, tmp_path)  # over "default": value layers must lose the old adapter's coefficients
+    x = torch.randn(2, 5, HIDDEN)
+    assert_rel_close(both(x), query_only(x), 1e-5, name="overwritten adapter")
+    for i in range(3):
+        assert torch.count_nonzero(both.layers[i].value.lam) == 0
+
+
+def test_wrapped_models_save_under_the_plain_names(base, tmp_path):
+    """DataParallel / DDP / torch.compile prefix module names; the adapter must still load into a plain base."""
+    model = _adapted(base, CONFIG)
+    x = torch.randn(2, 3, HIDDEN)
+    expected = model(x)
+    for label, wrapped in (("data_parallel", nn.DataParallel(model)), ("compiled", torch.compile(model))):
+        save_adapter(wrapped, tmp_path / label)
+        meta = json.loads((tmp_path / label / ADAPTER_CONFIG).read_text())
+        assert set(meta["modules"]) == {n for n, _ in qrlora_layers(model)}
+        assert list(meta["modules_to_save"]) == ["classifier"]
+        fresh = copy.deepcopy(base)
+        load_adapter(fresh, tmp_path / label)
+        assert_rel_close(fresh(x), expected, 1e-5, name=f"reloaded from {label}")
+    # Loading goes through the wrapper too.
+    wrapped_fresh = nn.DataParallel(copy.deepcopy(base))
+    load_adapter(wrapped_fresh, tmp_path / "compiled")
+    assert_rel_close(wrapped_fresh(x), expected, 1e-5, name="loaded into a wrapped base")
+
+
+def test_a_non_fitting_module_to_save_is_refused_before_any_change(base, tmp_path):
+    save_adapter(_adapted(base, CONFIG), tmp_path)
+    three_labels = copy.deepcopy(base)
+    three_labels.classifier = nn.Linear(HIDDEN, 3)
+    with pytest.raises(ValueError, match=r"classifier: .*do not fit.*weight: model \(3, 32\), adapter \(2, 32\)"):
+        load_adapter(three_labels, tmp_path)
+    assert not qrlora_layers(three_labels) and not hasattr(three_labels, "qrlora_adapter_ids")
+    assert all(p.requires_grad for p in three_labels.parameters())
+
+
+def test_the_only_adapter_saves_without_naming_it(base, tmp_path):
+    save_adapter(_adapted(base, QRLoraConfig(target_modules=["query", "value"])), tmp_path / "a")
+    model = copy.deepcopy(base)
+    load_adapter(model, tmp_path / "a", adapter_name="sst2")
+    save_adapter(model, tmp_path / "b")  # "default" is not loaded, but "sst2" is the only adapter
+    assert json.loads((tmp_path / "b" / ADAPTER_CONFIG).read_text())["adapter_name"] == "sst2"
+    load_adapter(model, tmp_path / "a", adapter_name="mnli")
+    with pytest.raises(ValueError, match="unknown adapter 'default'; loaded adapters: \\['mnli', 'sst2'\\]"):
+        save_adapter(model, tmp_path / "c")
 
 
 def _tensor_span(path, key):

@@ -8,6 +8,9 @@ The test runs this very file under ``torchrun --nproc_per_node 2``; each rank ch
 2. DistributedDataParallel trains the converted model: lam gradients equal the
    single-process gradient of the whole batch, frozen tensors stay untouched;
 3. FSDP2 (``torch.distributed.fsdp.fully_shard``) does the same with sharded lam.
+
+After training, each wrapped model saves its adapter (every rank calls ``save_adapter``, rank 0
+writes; FSDP2 gathers the shards) and a plain base model loaded with it reproduces the outputs.
 """
 import os
 import subprocess
@@ -145,6 +148,22 @@ def _check_ddp(rank, world):
     gathered = [torch.empty_like(lam) for _ in range(world)]
     dist.all_gather(gathered, lam)
     assert torch.equal(gathered[0], gathered[1]), "DDP ranks diverged"
+    _check_saved_adapter(ddp, x, "ddp", rank)
+
+
+def _check_saved_adapter(wrapped, x, label, rank):
+    """Every rank saves (rank 0 writes); the file, loaded into a plain base model, gives the wrapped model's outputs."""
+    import torch.distributed as dist
+    from qrlora_kernels import load_adapter, save_adapter
+    folder = Path(os.environ["QRLORA_TEST_ADAPTER_DIR"]) / label
+    with torch.no_grad():
+        expected = wrapped(x)
+    save_adapter(wrapped, folder)
+    dist.barrier()  # rank 0's files are complete before anyone reads them
+    plain = _base_model()
+    load_adapter(plain, folder)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-6, msg=f"{label} adapter reloaded on rank {rank}")
 
 
 def _check_fsdp2(rank, world):
@@ -166,6 +185,7 @@ def _check_fsdp2(rank, world):
     assert sharded == 9
     torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01).step()
     (model(x[share]) - target[share]).square().mean().backward()  # a second step runs on updated shards
+    _check_saved_adapter(model, x, "fsdp2", rank)
 
 
 def main():
@@ -183,16 +203,17 @@ def main():
     dist.destroy_process_group()
 
 
-def test_apply_ddp_and_fsdp2_under_torchrun():
+def test_apply_ddp_and_fsdp2_under_torchrun(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", QRLORA_TEST_ADAPTER_DIR=str(tmp_path))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=root)
     log = done.stdout + done.stderr
     assert done.returncode == 0, f"torchrun failed (exit {done.returncode}):\n{log[-6000:]}"
     for name in ("_check_apply", "_check_ddp", "_check_fsdp2"):
         assert f"PASSED {name}" in done.stdout, log[-3000:]
+    assert sorted(p.name for p in (tmp_path / "fsdp2").iterdir()) == ["adapter.safetensors", "adapter_config.json"]
 
 
 if __name__ == "__main__":
