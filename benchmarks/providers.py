@@ -19,6 +19,13 @@ qrlora_torch       ``QRLoraLinear`` on the pure-torch path, strategy picked by t
 qrlora_torch_*     the same with the strategy forced ("lowrank" / "merged")
 qrlora_triton      ``QRLoraLinear`` on the fused Triton path, strategy picked by the dispatcher
 qrlora_triton_*    the same with the strategy forced
+qrlora_*_multi1000 ``QRLoraLinear`` holding 1,000 adapters (lam of shape (1000, r), sharing Q and R), every batch
+                   mixing them: x (T, K) is viewed as sequences of L tokens and each sequence gets a random
+                   adapter id (per-sequence ``adapter_ids``, int64 on x's device, fixed for the run). L is the
+                   largest divisor of T that leaves at least 1,000 sequences (1 when T < 1,000), and the ids are
+                   a shuffled 0..999 cycle, so every adapter is used whenever there are 1,000 sequences or more.
+                   Multi-adapter batches always run the lowrank strategy. Compare with ``qrlora_<backend>``
+                   (``ratio_vs_single`` in the results: the issue's bar is 1.1x)
 ================== ==============================================================================================
 
 Every weight is random and non-zero, including LoRA's B (PEFT starts it at 0) and QR-LoRA's lam (starts at 0):
@@ -54,6 +61,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # every step reading x and dY from HBM, as it would inside a real network.
 _ROTATION_BYTES = 256 * 2**20
 _MAX_BUFFERS = 8
+MULTI_ADAPTERS = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +102,7 @@ class Provider:
     backend: Optional[str] = None       # QR-LoRA backend, None for the others
     strategy: Optional[str] = None      # forced strategy; None = the dispatcher's pick (QR-LoRA only)
     uses_rank: bool = True
+    num_adapters: int = 1               # > 1: that many adapters mixed in every batch (QR-LoRA only)
 
     @property
     def is_qrlora(self) -> bool:
@@ -110,7 +119,39 @@ PROVIDERS = {p.name: p for p in (
     Provider("qrlora_triton", "QR-LoRA, fused Triton path, dispatcher's strategy", backend="triton"),
     Provider("qrlora_triton_lowrank", "QR-LoRA, fused Triton path, lowrank", backend="triton", strategy="lowrank"),
     Provider("qrlora_triton_merged", "QR-LoRA, fused Triton path, merged", backend="triton", strategy="merged"),
+    Provider(f"qrlora_torch_multi{MULTI_ADAPTERS}", f"QR-LoRA, pure-torch path, {MULTI_ADAPTERS:,} adapters mixed "
+             "per sequence in every batch", backend="torch", num_adapters=MULTI_ADAPTERS),
+    Provider(f"qrlora_triton_multi{MULTI_ADAPTERS}", f"QR-LoRA, fused Triton path, {MULTI_ADAPTERS:,} adapters mixed "
+             "per sequence in every batch", backend="triton", num_adapters=MULTI_ADAPTERS),
 )}
+
+
+def sequence_length(tokens: int, num_adapters: int) -> int:
+    """Tokens per sequence for a multi-adapter batch of ``tokens``: the largest divisor of ``tokens`` that
+    leaves at least ``num_adapters`` sequences (1 if there are fewer tokens than adapters)."""
+    longest = max(1, tokens // num_adapters)
+    return max(d for d in range(1, longest + 1) if tokens % d == 0)
+
+
+class MultiAdapterBatch(nn.Module):
+    """A multi-adapter ``QRLoraLinear`` fed (T, K) inputs as (T / L, L, K) sequences with per-sequence ids."""
+
+    def __init__(self, layer: nn.Module, tokens: int, *, seed: int = 0):
+        super().__init__()
+        self.layer = layer
+        self.seq_len = sequence_length(tokens, layer.num_adapters)
+        sequences = tokens // self.seq_len
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randperm(sequences, generator=gen) % layer.num_adapters
+        self.register_buffer("adapter_ids", ids.to(device=layer.weight.device, dtype=torch.int64))
+
+    def token_ids(self) -> torch.Tensor:
+        """The adapter of every token, (T,)."""
+        return self.adapter_ids.repeat_interleave(self.seq_len)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x.view(-1, self.seq_len, x.shape[-1]), adapter_ids=self.adapter_ids)
+        return y.view(x.shape[0], -1)
 
 
 def unavailable_reason(provider: Provider, device: str) -> Optional[str]:
@@ -139,6 +180,8 @@ def chosen_strategy(provider: Provider, case: Case) -> Optional[str]:
     """The strategy a QR-LoRA provider runs for ``case`` (forced, or what the dispatcher picks)."""
     if not provider.is_qrlora:
         return None
+    if provider.num_adapters > 1:
+        return "lowrank"  # what qrlora_linear runs for every multi-adapter batch
     from qrlora_kernels import dispatch
     return dispatch.choose_strategy(case.tokens, case.out_features, case.in_features, case.rank,
                                     training=case.training, elem_bytes=torch.finfo(case.dtype).bits // 8,
@@ -231,9 +274,9 @@ def build_module(provider: Provider, case: Case, *, seed: int = 0) -> nn.Module:
             R = (torch.randn(r, K, device=case.device, dtype=torch.float32) / math.sqrt(K)).to(case.dtype)
             perm = torch.randperm(K, device=case.device)
             layer = QRLoraLinear.from_basis(linear, (Q, R, perm), backend=provider.backend,
-                                            strategy=provider.strategy)
+                                            strategy=provider.strategy, num_adapters=provider.num_adapters)
             _random_(layer.lam, 0.5)
-            return layer
+            return MultiAdapterBatch(layer, case.tokens) if provider.num_adapters > 1 else layer
         raise ValueError(f"unknown provider {provider.name!r}; known: {sorted(PROVIDERS)}")
     finally:
         torch.random.set_rng_state(gen_state)
@@ -298,6 +341,8 @@ def reference_output(module_provider: Provider, module: nn.Module, x: torch.Tens
         return x64 @ base.weight.double().t() + base.bias.double() + scale * (x64 @ A.t()) @ B.t()
     if module_provider.is_qrlora:
         from qrlora_kernels.kernels import reference
-        return reference.qrlora_linear(x64, module.weight.double(), module.bias.double(), module.Q.double(),
-                                       module.R.double(), module.lam.detach().double())
+        lam_index = module.token_ids() if isinstance(module, MultiAdapterBatch) else None
+        layer = module.layer if isinstance(module, MultiAdapterBatch) else module
+        return reference.qrlora_linear(x64, layer.weight.double(), layer.bias.double(), layer.Q.double(),
+                                       layer.R.double(), layer.lam.detach().double(), lam_index=lam_index)
     raise ValueError(f"unknown provider {module_provider.name!r}")

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", dest="presets", type=_choice_list(list(LAYER_PRESETS), "preset"),
                         help=f"layer shape presets, comma-separated: {', '.join(LAYER_PRESETS)}")
     parser.add_argument("--shapes", type=_shape_list, help="extra layer shapes OUTxIN, comma-separated")
+    parser.add_argument("--multi-shapes", type=_shape_list, default=None,
+                        help="the shapes OUTxIN on which the multi-adapter providers (qrlora_*_multi"
+                             f"{P.MULTI_ADAPTERS}) run (default: every shape)")
     parser.add_argument("--tokens", type=lambda t: _int_list(t, "tokens"), help="token counts T, comma-separated")
     parser.add_argument("--ranks", type=_rank_list, help="ranks, comma-separated; 'tau' = ~0.55 x min(out, in)")
     parser.add_argument("--dtype", choices=list(P.DTYPES), help="bf16 (GPU default), fp16, fp32 (CPU default)")
@@ -179,6 +182,7 @@ def resolve_plan(args, *, cuda: bool) -> dict:
     if args.shapes and args.presets is None:
         plan["shapes"] = list(args.shapes)
     plan["suite"] = ("gpu-quick" if args.quick else "gpu") if cuda else ("cpu-default" if not explicit else "cpu")
+    plan["multi_shapes"] = getattr(args, "multi_shapes", None)
     return plan
 
 
@@ -197,16 +201,21 @@ def _free(device):
 
 def _peak_memory_mb(provider, case) -> Optional[float]:
     """Peak allocated memory of one step, from an empty allocator: weights, one input set, activations,
-    gradients and workspaces. CUDA only (torch has no CPU allocator statistics)."""
+    gradients and workspaces. CUDA only (torch has no CPU allocator statistics).
+
+    One untimed step runs first, before the peak is reset: a new autotune key's first launch allocates the
+    autotuner's L2-flush buffer (256 MB) and ``restore_value`` clones, which are not the step's memory."""
     if torch.device(case.device).type != "cuda":
         return None
     _free(case.device)
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats(case.device)
     base = torch.cuda.memory_allocated(case.device)
     module = P.build_module(provider, case)
     xs, dys = P.make_inputs(case, 1)
     step = P.make_step(module, case, xs, dys)
+    step()  # compile / autotune outside the measured window (its result is dropped at once)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(case.device)
     step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated(case.device) - base
@@ -296,6 +305,8 @@ def plan_cases(plan: dict, device: str) -> list[tuple]:
             for mode in plan["modes"]:
                 for name in plan["providers"]:
                     provider = P.PROVIDERS[name]
+                    if provider.num_adapters > 1 and plan.get("multi_shapes") and (n, k) not in plan["multi_shapes"]:
+                        continue
                     for r in (ranks if provider.uses_rank else [ranks[0]]):
                         pairs.append((provider, P.Case(n, k, tokens, r, dtype, mode, device)))
     return pairs
@@ -344,13 +355,30 @@ def add_ratios(rows: list[dict]) -> None:
             r["ratio_vs_frozen"] = r["median_ms"] / frozen[key(r, False)]
         if r["rank"] is not None and key(r, True) in peft:
             r["ratio_vs_peft"] = r["median_ms"] / peft[key(r, True)]
+    # Multi-adapter rows: time over the single-adapter layer's on the same backend (the dispatcher's strategy,
+    # what one adapter runs) and over its forced-lowrank twin (what a multi-adapter batch always runs).
+    timed = {(r["provider"],) + key(r, True): r["median_ms"] for r in ok}
+    for r in rows:
+        provider = P.PROVIDERS.get(r["provider"])
+        if provider is None or provider.num_adapters == 1:
+            continue
+        r["ratio_vs_single"] = r["ratio_vs_single_lowrank"] = None
+        if r.get("status") != "ok":
+            continue
+        single = timed.get((f"qrlora_{provider.backend}",) + key(r, True))
+        lowrank = timed.get((f"qrlora_{provider.backend}_lowrank",) + key(r, True))
+        r["ratio_vs_single"] = r["median_ms"] / single if single else None
+        r["ratio_vs_single_lowrank"] = r["median_ms"] / lowrank if lowrank else None
 
 
-def run_layers(plan: dict, device: str, *, cuda_graph=False, time_budget=None, progress=True) -> tuple[list, dict]:
+def run_layers(plan: dict, device: str, *, cuda_graph=False, time_budget=None, progress=True,
+               on_rows=None) -> tuple[list, dict]:
     """Rows for every planned case, and the providers that were not timed, with the reason.
 
-    CUDA: each case on its own with ``harness.measure`` (do_bench). CPU: the providers of one (shape, T, mode)
-    group interleaved round-robin (``measure_interleaved``)."""
+    CUDA: each case on its own with ``harness.measure`` (do_bench); the time budget is checked before every
+    case. CPU: the providers of one (shape, T, mode) group interleaved round-robin (``measure_interleaved``),
+    the budget checked per group. ``on_rows(rows, not_timed)`` (ratios filled in) is called after every
+    group, so that the caller can write the results as they come."""
     not_timed: dict = {}
     pairs = [(p, c) for p, c in plan_cases(plan, device) if unavailable_reason_cached(p, device, not_timed) is None]
     groups: dict = {}
@@ -359,22 +387,27 @@ def run_layers(plan: dict, device: str, *, cuda_graph=False, time_budget=None, p
     cuda = torch.device(device).type == "cuda"
     rows = []
     start = time.perf_counter()
+
+    def over_budget():
+        return time_budget is not None and time.perf_counter() - start > time_budget
+
     bar = _progress_bar(len(pairs), "layer cases", progress)
     for group in groups.values():
-        over_budget = time_budget is not None and time.perf_counter() - start > time_budget
-        if over_budget:
-            results = [None] * len(group)
-        elif cuda:
+        if cuda:
             results = []
             for provider, case in group:
-                try:
-                    results.append(measure_case(provider, case, cuda_graph=cuda_graph))
-                except Exception as exc:  # one OOM or kernel failure must not lose the other rows
-                    results.append(Failure.of(exc))
-                    _free(device)
+                if over_budget():
+                    results.append(None)
+                else:
+                    try:
+                        results.append(measure_case(provider, case, cuda_graph=cuda_graph))
+                    except Exception as exc:  # one OOM or kernel failure must not lose the other rows
+                        results.append(Failure.of(exc))
+                        _free(device)
                 bar.update(1)
         else:
-            results = measure_interleaved(group)
+            results = [None] * len(group) if over_budget() else measure_interleaved(group)
+            bar.update(len(group))
         for (provider, case), result in zip(group, results):
             row = _base_row(provider, case)
             if result is None:
@@ -384,8 +417,9 @@ def run_layers(plan: dict, device: str, *, cuda_graph=False, time_budget=None, p
             else:
                 row.update(result, status="ok", note="")
             rows.append(row)
-        if not cuda or over_budget:
-            bar.update(len(group))
+        if on_rows is not None:
+            add_ratios(rows)
+            on_rows(rows, not_timed)
     bar.close()
     add_ratios(rows)
     return rows, not_timed
@@ -439,7 +473,7 @@ def default_out_dir(plan: dict, device: str) -> Path:
 
 
 LAYER_COLUMNS = ["provider", "strategy", "shape", "tokens", "rank", "mode", "median_ms", "tflops",
-                 "ratio_vs_frozen", "ratio_vs_peft", "peak_mem_mb", "status"]
+                 "ratio_vs_frozen", "ratio_vs_peft", "ratio_vs_single", "peak_mem_mb", "status"]
 MODEL_COLUMNS = ["model", "method", "rank", "trainable_params", "median_ms", "tokens_per_s", "peak_mem_mb",
                  "speedup_vs_full_ft", "status"]
 
@@ -449,7 +483,9 @@ def layer_meta(plan: dict, device: str, not_timed: dict, cuda_graph: bool) -> di
     meta = environment(device)
     meta.update({
         "suite": plan["suite"],
-        "plan": {k: v for k, v in plan.items() if k != "shapes"} | {"shapes": [f"{n}x{k}" for n, k in plan["shapes"]]},
+        "plan": {k: v for k, v in plan.items() if k not in ("shapes", "multi_shapes")}
+        | {"shapes": [f"{n}x{k}" for n, k in plan["shapes"]],
+           "multi_shapes": [f"{n}x{k}" for n, k in plan.get("multi_shapes") or []] or "every shape"},
         "providers_timed": [p for p in plan["providers"] if p not in not_timed],
         "providers_not_timed": not_timed,
         "timing_method": ("triton.testing.do_bench" + ("_cudagraph" if cuda_graph else "")
@@ -552,46 +588,84 @@ def _load_rows(path: Path) -> tuple[dict, list]:
 
 def summarize(out_dir: Path) -> str:
     """A short text summary of a results folder: per layer case, the frozen floor, PEFT LoRA and the best
-    QR-LoRA provider at the largest rank measured; model-level tokens/s; the QR timings."""
+    QR-LoRA provider at the largest rank measured, with the issue's bars; the multi-adapter ratios; model-level
+    tokens/s; the QR timings with their ratios and bars; the initialisation times."""
     out_dir = Path(out_dir)
     parts = []
     meta, rows = _load_rows(out_dir / "throughput.json")
     if rows:
         ok = [r for r in rows if r.get("status") == "ok"]
+        single = [r for r in ok if P.PROVIDERS.get(r["provider"], P.PROVIDERS["full_ft"]).num_adapters == 1]
         summary = []
-        for key in dict.fromkeys((r["shape"], r["tokens"], r["mode"]) for r in ok):
-            group = [r for r in ok if (r["shape"], r["tokens"], r["mode"]) == key]
+        for key in dict.fromkeys((r["shape"], r["tokens"], r["mode"]) for r in single):
+            group = [r for r in single if (r["shape"], r["tokens"], r["mode"]) == key]
             ranks = sorted({r["rank"] for r in group if r["rank"] is not None})
             frozen = next((r for r in group if r["provider"] == "frozen_linear"), None)
             for rank in ranks[-1:]:
                 peft = next((r for r in group if r["provider"] == "peft_lora" and r["rank"] == rank), None)
                 ours = [r for r in group if r["provider"].startswith("qrlora") and r["rank"] == rank]
                 best = min(ours, key=lambda r: r["median_ms"]) if ours else None
+                limit = 1.05 if key[2] == "fwd" else 1.10
+                applies = best is not None and key[1] >= 8 * rank
+                vs_frozen = best and best.get("ratio_vs_frozen")
+                vs_peft = best and best.get("ratio_vs_peft")
                 summary.append({"shape": key[0], "T": key[1], "mode": key[2], "r": rank,
                                 "frozen_ms": frozen and frozen["median_ms"], "peft_ms": peft and peft["median_ms"],
                                 "best_qrlora": best and f"{best['provider']}({best.get('strategy')})",
-                                "qrlora_ms": best and best["median_ms"],
-                                "vs_frozen": best and best["ratio_vs_frozen"], "vs_peft": best and best["ratio_vs_peft"]})
+                                "qrlora_ms": best and best["median_ms"], "vs_frozen": vs_frozen, "vs_peft": vs_peft,
+                                "bar_frozen": (f"<={limit:g} " + ("met" if vs_frozen <= limit else "NOT MET"))
+                                if applies and vs_frozen is not None else "",
+                                "bar_peft": ("<=1 " + ("met" if vs_peft <= 1 else "NOT MET"))
+                                if vs_peft is not None else ""})
         bad = [r for r in rows if r.get("status") != "ok"]
-        parts.append(f"layer level ({meta.get('gpu') or 'CPU'}, {meta.get('date')}, commit {meta.get('git_commit')}):")
+        complete = "" if meta.get("complete", True) else ", INCOMPLETE: the run stopped before its end"
+        parts.append(f"layer level ({meta.get('gpu') or 'CPU'}, {meta.get('date')}, commit {meta.get('git_commit')}"
+                     f"{complete}; issue bars: fwd <= 1.05x and fwd+bwd <= 1.10x frozen where T >= 8r, "
+                     "<= 1x PEFT LoRA):")
         parts.append(format_table(summary, ["shape", "T", "mode", "r", "frozen_ms", "peft_ms", "best_qrlora",
-                                            "qrlora_ms", "vs_frozen", "vs_peft"]))
+                                            "qrlora_ms", "vs_frozen", "bar_frozen", "vs_peft", "bar_peft"]))
+        multi = [r for r in ok if r.get("ratio_vs_single") is not None or r.get("ratio_vs_single_lowrank") is not None]
+        if multi:
+            parts.append(f"\n{P.MULTI_ADAPTERS:,} adapters mixed in one batch vs one adapter (issue bar: <= 1.1x):")
+            parts.append(format_table([dict(r, bar=("met" if r["ratio_vs_single"] <= 1.1 else "NOT MET")
+                                            if r.get("ratio_vs_single") is not None else "") for r in multi],
+                                      ["provider", "shape", "tokens", "rank", "mode", "median_ms", "ratio_vs_single",
+                                       "bar", "ratio_vs_single_lowrank"]))
         if bad:
-            parts.append(f"{len(bad)} layer case(s) not ok, e.g. {bad[0]['provider']} {bad[0]['shape']}: "
-                         f"{bad[0]['status']} {bad[0].get('note', '')}")
+            statuses = ", ".join(f"{n} {s}" for s, n in
+                                 sorted({s: sum(r.get("status") == s for r in bad) for s in
+                                         {r.get("status") for r in bad}}.items()))
+            first_error = next((r for r in bad if r.get("status") == "error"), bad[0])
+            parts.append(f"{len(bad)} layer case(s) not ok ({statuses}), e.g. {first_error['provider']} "
+                         f"{first_error['shape']} T={first_error['tokens']}: {first_error['status']} "
+                         f"{first_error.get('note', '')}")
         for name, reason in meta.get("providers_not_timed", {}).items():
             parts.append(f"not timed: {name}: {reason}")
     _, model_rows = _load_rows(out_dir / "models.json")
     if model_rows:
         parts.append("\nmodel level (one training step):")
         parts.append(format_table(model_rows, ["model", "method", "rank", "tokens_per_s", "peak_mem_mb", "status"]))
-    _, qr_rows = _load_rows(out_dir / "qr.json")
+    qr_meta, qr_rows = _load_rows(out_dir / "qr.json")
     if qr_rows:
-        parts.append("\nQR initialisation:")
-        parts.append(format_table(qr_rows, [c for c in ("m", "n", "routine", "median_ms", "vs_geqrf", "vs_svd")
-                                            if c in qr_rows[0]]))
+        parts.append(f"\nQR initialisation ({qr_meta.get('gpu') or 'CPU'}):")
+        parts.append(format_table(qr_rows, [c for c in ("m", "n", "routine", "status", "median_ms", "vs_linalg_qr",
+                                                        "vs_geqrf", "vs_svd", "note")
+                                            if any(c in r for r in qr_rows)]))
+        from .qr import bar_checks, format_bars
+        parts.append(format_bars(qr_meta.get("bars") or bar_checks(qr_rows)))
+    for path in sorted(out_dir.glob("init_time*.json")):
+        init_meta, init_rows = _load_rows(path)
+        if not init_rows:
+            continue
+        parts.append(f"\ninitialisation ({path.stem}: {init_meta.get('matrices')}, {init_meta.get('dtype')}, "
+                     f"{init_meta.get('gpu') or 'CPU'}):")
+        columns = [c for c in ("method", "status", "median_ms", "full_model_ms_extrapolated", "bar_s", "bar_met",
+                               "ranks", "note") if any(r.get(c) not in (None, "") for r in init_rows)]
+        parts.append(format_table(init_rows, columns))
+        if init_meta.get("extrapolation"):
+            parts.append(init_meta["extrapolation"])
     if not parts:
-        return f"no results in {out_dir} (expected throughput.json, models.json or qr.json)"
+        return f"no results in {out_dir} (expected throughput.json, models.json, qr.json or init_time*.json)"
     return "\n".join(parts)
 
 
@@ -635,9 +709,13 @@ def main(argv=None) -> int:
         sections.discard("qr")
 
     if "layers" in sections:
+        def write_so_far(rows_so_far, not_timed_so_far):
+            write_results("throughput", rows_so_far, layer_meta(plan, device, not_timed_so_far, args.cuda_graph)
+                          | {"complete": False}, out_dir)
+
         rows, not_timed = run_layers(plan, device, cuda_graph=args.cuda_graph, time_budget=args.time_budget,
-                                     progress=sys.stderr.isatty())
-        meta = layer_meta(plan, device, not_timed, args.cuda_graph)
+                                     progress=sys.stderr.isatty(), on_rows=write_so_far)
+        meta = layer_meta(plan, device, not_timed, args.cuda_graph) | {"complete": True}
         paths = write_results("throughput", rows, meta, out_dir)
         written += list(paths.values())
         print("\nLayer level (" + ("CPU default, " if plan["suite"] == "cpu-default" else "")

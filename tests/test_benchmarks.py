@@ -366,6 +366,66 @@ def test_init_time_survives_a_failing_rule_writes_after_each_and_checks_the_llam
     assert stored["meta"]["layers_timed"] == 2 and stored["meta"]["model_layers"] == 32
 
 
+def test_multi_adapter_rows_report_their_ratio_to_one_adapter(cli_run):
+    out, _, _ = cli_run
+    rows = json.loads((out / "throughput.json").read_text())["rows"]
+    name = f"qrlora_torch_multi{P.MULTI_ADAPTERS}"
+    multi = [r for r in rows if r["provider"] == name]
+    assert multi and all(r["status"] == "ok" and r["strategy"] == "lowrank" for r in multi)
+    for r in multi:
+        single = next(s for s in rows if s["provider"] == "qrlora_torch" and
+                      (s["shape"], s["tokens"], s["mode"], s["rank"]) == (r["shape"], r["tokens"], r["mode"], r["rank"]))
+        assert r["ratio_vs_single"] == pytest.approx(r["median_ms"] / single["median_ms"])
+    assert "1,000 adapters mixed in one batch vs one adapter" in TP.summarize(out)
+
+
+def test_multi_adapter_batches_mix_every_adapter_per_sequence():
+    assert [P.sequence_length(t, 1000) for t in (32, 1000, 2048, 8192, 3000)] == [1, 1, 2, 8, 3]
+    case = P.Case(48, 32, 2048, 16, torch.float32, "fwd")
+    module = P.build_module(P.PROVIDERS[f"qrlora_torch_multi{P.MULTI_ADAPTERS}"], case)
+    assert module.layer.lam.shape == (P.MULTI_ADAPTERS, 16) and module.layer.lam.abs().min() > 0
+    assert module.adapter_ids.dtype == torch.int64 and module.adapter_ids.shape == (1024,)
+    assert set(module.adapter_ids.tolist()) == set(range(P.MULTI_ADAPTERS))  # every adapter in the batch
+    assert torch.equal(module.token_ids()[::2], module.adapter_ids)
+    plan = TP.resolve_plan(TP.build_parser().parse_args(
+        ["--shapes", "48x32,32x32", "--tokens", "8", "--ranks", "16", "--modes", "fwd", "--multi-shapes", "32x32",
+         "--providers", f"qrlora_torch,qrlora_torch_multi{P.MULTI_ADAPTERS}"]), cuda=False)
+    cases = [(p.name, c.shape) for p, c in TP.plan_cases(plan, "cpu")]
+    assert cases == [("qrlora_torch", "48x32"), ("qrlora_torch", "32x32"),
+                     (f"qrlora_torch_multi{P.MULTI_ADAPTERS}", "32x32")]
+
+
+def test_layer_results_are_written_after_every_group(tmp_path):
+    plan = TP.resolve_plan(TP.build_parser().parse_args(["--shapes", "48x32", "--tokens", "8,16", "--ranks", "16",
+                                                          "--modes", "fwd", "--providers",
+                                                          "frozen_linear,qrlora_torch"]), cuda=False)
+    seen = []
+    rows, _ = TP.run_layers(plan, "cpu", progress=False, on_rows=lambda rows, not_timed: seen.append(
+        [(r["tokens"], r["provider"], r["ratio_vs_frozen"] is not None) for r in rows]))
+    assert seen == [[(8, "frozen_linear", True), (8, "qrlora_torch", True)],
+                    [(8, "frozen_linear", True), (8, "qrlora_torch", True),
+                     (16, "frozen_linear", True), (16, "qrlora_torch", True)]]
+
+
+def test_summary_covers_qr_bars_and_initialisation(tmp_path):
+    from benchmarks.harness import write_results
+    qr_rows = [{"m": 64, "n": 64, "routine": name, "status": "ok", "median_ms": ms}
+               for name, ms in (("linalg_qr", 2.0), ("svd", 100.0), ("qrcp_geqp3", 5.0), ("qrcp_randomized", 4.0))]
+    import benchmarks.qr as qr_bench
+    qr_bench.add_ratios(qr_rows)
+    write_results("qr", qr_rows, {"gpu": "test"}, tmp_path)
+    write_results("init_time_llama7b", [{"method": "apply_qrlora diag tau=0.9", "status": "ok", "median_ms": 2000.0,
+                                         "full_model_ms_extrapolated": 32000.0, "bar_s": 30.0, "bar_met": False}],
+                  {"matrices": "2 layers x [4096x4096]", "extrapolation": "EXTRAPOLATED from 2 of 32 layers"},
+                  tmp_path)
+    text = TP.summarize(tmp_path)
+    assert "vs_linalg_qr" in text and "2.5" in text
+    assert "GPU bar 64x64: qrcp_geqp3 / linalg_qr = 2.5 (<= 3x): MET" in text
+    assert "qrcp_randomized / linalg_qr = 2 (<= 1.5x): NOT MET" in text
+    assert "qrcp_geqp3 / svd = 0.05 (>= 20x faster): MET" in text
+    assert "init_time_llama7b" in text and "3.2e+04" in text and "EXTRAPOLATED from 2 of 32 layers" in text
+
+
 def _script(path, *args, env=None):
     return subprocess.run(["bash", str(REPO / path), *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120, env=env or _env_without_interpreter())
