@@ -30,6 +30,7 @@ _EXPORTS = {
     "apply_qrlora": ".model",
     "merge_and_unload": ".model",
     "adapter_batch": ".model",
+    "disable_adapters": ".model",
     "save_adapter": ".adapter_io",
     "load_adapter": ".adapter_io",
 }

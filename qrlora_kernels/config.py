@@ -1,13 +1,15 @@
 """``QRLoraConfig``: which modules of a model become QR-LoRA layers, and how their rank is chosen.
 
 Follows the conventions of Hugging Face PEFT's tuner configs (``target_modules``,
-``exclude_modules``, ``layers_to_transform``, ``modules_to_save``) so that users can
-move a PEFT recipe over by changing the class name. Module selection lives here
-(``QRLoraConfig.is_target``) so that ``model.py`` only finds and replaces modules.
+``exclude_modules``, ``modules_to_save``, ``task_type``); PEFT's ``layers_to_transform`` is
+accepted for ``layers``, and LoRA-only fields (``r``, ``lora_alpha``, ...) are refused with their
+QR-LoRA counterpart named. Module selection lives here (``QRLoraConfig.is_target``) so that
+``model.py`` only finds and replaces modules.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from typing import Any, Iterable, Optional, Union
@@ -19,6 +21,23 @@ DEFAULT_TAU = 0.9
 ENERGY_RULES = ("diag", "frobenius")
 # Containers whose numbered children are the model's layers (BERT "layer.3.", Llama "layers.3.", GPT-2 "h.3.").
 DEFAULT_LAYERS_PATTERN = ("layer", "layers", "h", "blocks", "block")
+# PEFT's task types whose model carries a freshly initialised head, and that head's usual names (PEFT adds
+# the same ones to modules_to_save). Other task types (CAUSAL_LM, SEQ_2_SEQ_LM, ...) add nothing.
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
+TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
+# PEFT LoraConfig names: accepted under our name, or refused with what replaces them here.
+PEFT_ALIASES = {"layers_to_transform": "layers"}
+LORA_ONLY_FIELDS = {
+    "r": "QR-LoRA's rank comes from tau (energy threshold), rank= or a global budget=",
+    "lora_alpha": "QR-LoRA has no scaling: the trained lam are the update's coefficients",
+    "lora_dropout": "QR-LoRA has no adapter dropout",
+    "use_rslora": "QR-LoRA has no scaling",
+    "use_dora": "DoRA is another method",
+    "init_lora_weights": "lam always starts at 0 (the converted model equals the original)",
+    "fan_in_fan_out": "QR-LoRA adapts nn.Linear modules",
+    "bias": "QR-LoRA keeps every bias frozen; put a module in modules_to_save to train it",
+}
 
 
 def _as_name_list(value, field: str) -> Optional[Union[str, list[str]]]:
@@ -71,6 +90,9 @@ class QRLoraConfig:
             stays a plain ``nn.Linear``.
         modules_to_save: modules (names or suffixes, e.g. ``["classifier"]``) that stay fully
             trainable and are stored in the adapter file, like PEFT's ``modules_to_save``.
+        task_type: PEFT's task type. ``"SEQ_CLS"`` / ``"TOKEN_CLS"`` also train and save the model's
+            ``classifier`` / ``score`` head, ``"QUESTION_ANS"`` its ``qa_outputs`` (freshly initialised
+            heads, as PEFT does); other types change nothing.
         qr_method: the pivoting of the factorisations: ``"geqp3"`` (the paper's deterministic column
             pivoting; default) or ``"randomized"`` (pivots from a random sketch, about the speed of an
             unpivoted QR; a fixed seed keeps it reproducible). Not with ``budget``. See
@@ -87,6 +109,7 @@ class QRLoraConfig:
     budget: Optional[int] = None
     modules_to_save: Optional[list[str]] = None
     qr_method: str = "geqp3"
+    task_type: Optional[str] = None
 
     def __post_init__(self):
         if self.target_modules is None:
@@ -137,6 +160,11 @@ class QRLoraConfig:
         if self.budget is not None and self.energy != "diag":
             raise ValueError("budget ranks components by their diagonal energy R_ii^2 / sum_j R_jj^2, "
                              "so it needs energy='diag'")
+        if self.task_type is not None:
+            task = str(getattr(self.task_type, "value", self.task_type))  # PEFT's TaskType enum or its string
+            if task not in TASK_TYPES:
+                raise ValueError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
+            self.task_type = task
         if self.qr_method not in QR_METHODS:
             raise ValueError(f"qr_method must be one of {QR_METHODS}, got {self.qr_method!r}")
         if self.budget is not None and self.qr_method != "geqp3":
@@ -167,7 +195,16 @@ class QRLoraConfig:
         return True
 
     def is_module_to_save(self, name: str) -> bool:
+        """Listed in ``modules_to_save``, or the head that ``task_type`` trains."""
+        return self.is_listed_to_save(name) or _name_matches(name, list(self.task_heads()))
+
+    def is_listed_to_save(self, name: str) -> bool:
+        """Listed in ``modules_to_save`` itself."""
         return bool(self.modules_to_save) and _name_matches(name, self.modules_to_save)
+
+    def task_heads(self) -> tuple[str, ...]:
+        """The head names that ``task_type`` adds to ``modules_to_save`` (matched only where present)."""
+        return TASK_HEADS.get(self.task_type, ())
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -185,3 +222,23 @@ class QRLoraConfig:
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _accept_peft_names(init):
+    """Wrap the dataclass ``__init__``: PEFT's names map to ours, LoRA-only fields get an error that helps."""
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        for peft_name, ours in PEFT_ALIASES.items():
+            if peft_name in kwargs:
+                if ours in kwargs:
+                    raise TypeError(f"give {ours}= or PEFT's {peft_name}=, not both")
+                kwargs[ours] = kwargs.pop(peft_name)
+        lora_only = [k for k in kwargs if k in LORA_ONLY_FIELDS]
+        if lora_only:
+            raise TypeError("QRLoraConfig has no LoRA field " + "; ".join(
+                f"{k!r} ({LORA_ONLY_FIELDS[k]})" for k in lora_only))
+        init(self, *args, **kwargs)
+    return __init__
+
+
+QRLoraConfig.__init__ = _accept_peft_names(QRLoraConfig.__init__)

@@ -60,6 +60,7 @@ class QRLoraLinear(nn.Module):
         self.backend = backend
         self.strategy = strategy
         self.merged = False
+        self.adapters_disabled = False  # set by ``disable_adapters(model)``: the layer computes as its base
         self.active_adapter = 0
         # Per-sequence or per-token ids used when forward() gets none (set by model-level context managers).
         self.adapter_ids: torch.Tensor | None = None
@@ -177,7 +178,7 @@ class QRLoraLinear(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if self.merged:
+        if self.merged or self.adapters_disabled:
             return F.linear(x, self.weight, self.bias)
         ids = adapter_ids if adapter_ids is not None else self._context_adapter_ids(x)
         lam = self.lam

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
@@ -112,10 +113,22 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return excluded
 
 
+def _read_by_parent(model: nn.Module) -> set[str]:
+    """Linear modules whose parent reads their weight directly and never calls their ``forward``.
+
+    ``nn.MultiheadAttention`` passes ``out_proj.weight`` to ``F.multi_head_attention_forward``: an adapter
+    there would never see an input, and its lam would never train (PEFT warns about the same trap).
+    """
+    return {f"{name}.out_proj" if name else "out_proj"
+            for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)}
+
+
 def find_targets(model: nn.Module, config: QRLoraConfig) -> list[tuple[str, nn.Linear]]:
     """The ``(name, nn.Linear)`` pairs ``config`` targets, in ``named_modules`` order."""
-    excluded = _output_head_names(model) if config.target_modules == ALL_LINEAR else set()
+    all_linear = config.target_modules == ALL_LINEAR
+    excluded = _output_head_names(model) if all_linear else set()
     saved_prefixes = [name for name, _ in model.named_modules() if name and config.is_module_to_save(name)]
+    unreachable = _read_by_parent(model)
     QRLoraLinear = _layer_class()
     targets = []
     for name, module in model.named_modules():
@@ -125,8 +138,31 @@ def find_targets(model: nn.Module, config: QRLoraConfig) -> list[tuple[str, nn.L
         if any(name == p or name.startswith(p + ".") for p in saved_prefixes):
             continue
         if config.is_target(name, all_linear_excluded=excluded):
+            if name in unreachable:
+                if all_linear:
+                    continue
+                raise ValueError(f"{name} is the out_proj of an nn.MultiheadAttention, which reads its weight "
+                                 f"directly and never calls its forward: an adapter there would never train. "
+                                 f"Leave it out of target_modules (or use exclude_modules)")
             targets.append((name, module))
     return targets
+
+
+def _no_target_message(model: nn.Module, config: QRLoraConfig) -> str:
+    """Why nothing matched: modules that matched by name but are not ``nn.Linear`` are named with their type."""
+    message = (f"no nn.Linear module matched target_modules={config.target_modules!r}"
+               f" (exclude_modules={config.exclude_modules!r}, layers={config.layers!r})")
+    other = [(n, type(m).__name__) for n, m in model.named_modules()
+             if n and not isinstance(m, nn.Linear) and config.target_modules != ALL_LINEAR
+             and config.is_target(n)]
+    if other:
+        kinds = sorted({k for _, k in other})
+        message += (f"; matched by name but not nn.Linear: {[n for n, _ in other[:4]]} ({', '.join(kinds)})."
+                    f" QR-LoRA adapts nn.Linear layers only")
+        if "Conv1D" in kinds:
+            message += " (transformers' Conv1D, as in GPT-2, stores its weight transposed and is not supported)"
+    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return message + f"; the model's linear modules include {linear_names[:8]}"
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -201,13 +237,10 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
                          "load_adapter(model, path, adapter_name=...), or merge_and_unload(model) first")
     targets = find_targets(model, config)
     if not targets:
-        linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        raise ValueError(f"no nn.Linear module matched target_modules={config.target_modules!r}"
-                         f" (exclude_modules={config.exclude_modules!r}, layers={config.layers!r}); "
-                         f"the model's linear modules include {linear_names[:8]}")
-    saved = [n for n, _ in model.named_modules() if n and config.is_module_to_save(n)]
-    if config.modules_to_save and not saved:
+        raise ValueError(_no_target_message(model, config))
+    if config.modules_to_save and not any(n and config.is_listed_to_save(n) for n, _ in model.named_modules()):
         raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of the model")
+    saved = [n for n, _ in model.named_modules() if n and config.is_module_to_save(n)]
     # Keep only the outermost matches, so nested ones are not counted twice.
     saved = [n for n in saved if not any(n.startswith(p + ".") for p in saved if p != n)]
 
@@ -233,12 +266,27 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
             saved_params += p.numel()
+    _warn_if_a_fresh_head_stays_frozen(model, config, saved)
     setattr(model, CONFIG_ATTR, config)
     setattr(model, ADAPTER_IDS_ATTR, {DEFAULT_ADAPTER: 0})
     setattr(model, MODULES_TO_SAVE_ATTR, saved)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return QRLoraReport(reports, skipped, saved, sum(m.rank for m in reports), saved_params, trainable, total)
+
+
+def _warn_if_a_fresh_head_stays_frozen(model: nn.Module, config: QRLoraConfig, saved: list[str]) -> None:
+    """A ``*ForSequenceClassification`` head starts random: frozen, the model can only guess. PEFT trains it
+    through ``task_type``; say so rather than let a run train for hours against a random head."""
+    if config.task_type is not None or not type(model).__name__.endswith(
+            ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")):
+        return
+    heads = [h for h in ("classifier", "score", "qa_outputs") if isinstance(getattr(model, h, None), nn.Module)]
+    frozen = [h for h in heads if h not in saved and not any(p.requires_grad for p in getattr(model, h).parameters())]
+    if frozen:
+        warnings.warn(f"{type(model).__name__}'s head {frozen[0]!r} is frozen, and such heads are usually freshly "
+                      f"initialised: train it with modules_to_save=[{frozen[0]!r}] or task_type='SEQ_CLS' (as in PEFT)",
+                      UserWarning, stacklevel=3)
 
 
 def _merged_linear(layer: nn.Module, row: Optional[int]) -> nn.Linear:
@@ -367,3 +415,25 @@ def adapter_batch(model: nn.Module, adapter_ids: Union[torch.Tensor, Iterable[Un
 def _gradient_checkpointing_on(model: nn.Module) -> bool:
     """Whether Hugging Face gradient checkpointing is enabled anywhere in ``model`` (its per-module flag)."""
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """Inside the ``with`` block the model computes as its base model (PEFT's ``disable_adapter()``).
+
+    Every ``QRLoraLinear`` acts as its frozen ``nn.Linear``: e.g. a DPO reference model, or comparing outputs
+    with and without the adapter, without a second copy of the model. Merged layers are refused (unmerge first).
+    """
+    layers = qrlora_layers(unwrap_model(model))
+    merged = [name for name, layer in layers if layer.merged]
+    if merged:
+        raise ValueError(f"{merged[0]}: layer is merged, so its weight holds the adapter; unmerge() it first")
+    previous = [layer.adapters_disabled for _, layer in layers]
+    try:
+        for _, layer in layers:
+            layer.adapters_disabled = True
+        yield model
+    finally:
+        for (_, layer), old in zip(layers, previous):
+            layer.adapters_disabled = old

@@ -60,7 +60,8 @@ def test_roberta_sequence_classification():
 
 def test_roberta_all_linear_leaves_the_head_alone():
     model = _roberta()
-    report = apply_qrlora(model, QRLoraConfig(target_modules="all-linear", rank=4), progress=False)
+    with pytest.warns(UserWarning, match="head 'classifier' is frozen"):  # left alone, and frozen
+        report = apply_qrlora(model, QRLoraConfig(target_modules="all-linear", rank=4), progress=False)
     assert len(report.modules) == 2 * 6  # q, k, v, attention.output, intermediate, output per layer
     assert not any(n.startswith("classifier") for n, _ in qrlora_layers(model))
 

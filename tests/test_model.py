@@ -11,7 +11,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from qrlora_kernels import QRLoraConfig, QRLoraLinear, apply_qrlora, merge_and_unload
+from qrlora_kernels import QRLoraConfig, QRLoraLinear, apply_qrlora, disable_adapters, merge_and_unload
 from qrlora_kernels.model import adapter_batch, find_targets, qrlora_layers
 from qrlora_kernels.testing import assert_rel_close, rel_error
 
@@ -103,6 +103,92 @@ def test_from_dict_rejects_unknown_fields():
 
 
 # ------------------------------------------------------------------------------------------ selection
+def test_config_takes_peft_names_and_explains_lora_only_fields():
+    """A PEFT LoraConfig recipe carries over: PEFT's names where they mean the same, a helpful error where not."""
+    cfg = QRLoraConfig(target_modules=["query"], layers_to_transform=[2, 0], task_type="SEQ_CLS")
+    assert cfg.layers == [0, 2] and cfg.task_type == "SEQ_CLS"
+    assert QRLoraConfig.from_dict(cfg.to_dict()) == cfg
+    peft = pytest.importorskip("peft")
+    assert QRLoraConfig(target_modules=["q"], task_type=peft.TaskType.SEQ_CLS).task_type == "SEQ_CLS"
+    with pytest.raises(TypeError, match="no LoRA field 'r' .*tau.*rank.*budget.*'lora_alpha' .*no scaling"):
+        QRLoraConfig(target_modules=["q"], r=8, lora_alpha=16)
+    with pytest.raises(TypeError, match="give layers= or PEFT's layers_to_transform=, not both"):
+        QRLoraConfig(target_modules=["q"], layers=[1], layers_to_transform=[1])
+    with pytest.raises(ValueError, match="task_type must be one of"):
+        QRLoraConfig(target_modules=["q"], task_type="SEQ_CLASSIFICATION")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'rnak'"):
+        QRLoraConfig(target_modules=["q"], rnak=4)
+
+
+class MHABlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(HIDDEN, 4, batch_first=True)
+        self.ffn = nn.Linear(HIDDEN, HIDDEN)
+
+    def forward(self, h):
+        return self.ffn(self.attn(h, h, h, need_weights=False)[0])
+
+
+def test_multihead_attention_out_proj_is_never_adapted_silently():
+    """MHA reads out_proj.weight directly: an adapter there would never train."""
+    model = MHABlock()
+    assert _names(model, QRLoraConfig(target_modules="all-linear")) == ["ffn"]
+    with pytest.raises(ValueError, match="attn.out_proj is the out_proj of an nn.MultiheadAttention"):
+        find_targets(model, QRLoraConfig(target_modules=["out_proj", "ffn"]))
+    assert _names(model, QRLoraConfig(target_modules=["out_proj", "ffn"], exclude_modules=["out_proj"])) == ["ffn"]
+
+
+def test_no_match_names_modules_that_match_but_are_not_linear():
+    model = nn.Sequential(nn.Embedding(10, HIDDEN), nn.Linear(HIDDEN, HIDDEN))
+    with pytest.raises(ValueError, match=r"matched by name but not nn.Linear: \['0'\] \(Embedding\).*linear modules "
+                                         r"include \['1'\]"):
+        apply_qrlora(model, QRLoraConfig(target_modules=["0"]), progress=False)
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50,
+                                                                n_positions=16))
+    with pytest.raises(ValueError, match=r"transformer.h.0.attn.c_attn.*\(Conv1D\).*GPT-2.*not supported"):
+        apply_qrlora(gpt2, QRLoraConfig(target_modules=["c_attn"]), progress=False)
+
+
+def test_task_type_trains_the_fresh_head_and_a_frozen_one_is_warned_about():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.RobertaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=2, max_position_embeddings=20, num_labels=3)
+    torch.manual_seed(0)
+    base = transformers.RobertaForSequenceClassification(config)
+    model = copy.deepcopy(base)
+    report = apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"], rank=2, task_type="SEQ_CLS"),
+                          progress=False)
+    assert report.modules_to_save == ["classifier"]
+    assert all(p.requires_grad for p in model.classifier.parameters())
+    frozen = copy.deepcopy(base)
+    with pytest.warns(UserWarning, match="head 'classifier' is frozen.*modules_to_save=\\['classifier'\\]"):
+        apply_qrlora(frozen, QRLoraConfig(target_modules=["query", "value"], rank=2), progress=False)
+    # A task type whose head the model lacks adds nothing and does not fail (PEFT's names are only candidates).
+    plain = nn.Sequential(nn.Linear(HIDDEN, HIDDEN))
+    assert apply_qrlora(plain, QRLoraConfig(target_modules=["0"], rank=2, task_type="SEQ_CLS"),
+                        progress=False).modules_to_save == []
+
+
+def test_disable_adapters_gives_the_base_model_inside_the_block():
+    base, model = _pair(2)
+    apply_qrlora(model, QRLoraConfig(target_modules=["query", "value", "up"]), progress=False)
+    with torch.no_grad():
+        for _, layer in qrlora_layers(model):
+            layer.lam.normal_()
+    x = torch.randn(2, 4, 8)
+    adapted = model(x)
+    assert rel_error(adapted, base(x)) > 1e-3
+    with disable_adapters(model):
+        assert torch.equal(model(x), base(x))
+    assert torch.equal(model(x), adapted)  # back on after the block
+    model.layers[0].query.merge()
+    with pytest.raises(ValueError, match="layers.0.query: layer is merged"):
+        with disable_adapters(model):
+            pass
+
+
 def test_target_selection_suffix_regex_all_linear_exclude_layers():
     model = TinyModel()
     assert _names(model, QRLoraConfig(target_modules=["query"])) == [f"layers.{i}.query" for i in range(3)]
