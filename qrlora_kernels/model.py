@@ -56,7 +56,7 @@ class QRLoraReport:
     """What ``apply_qrlora`` did: per adapted module, and totals."""
 
     modules: list[ModuleReport]
-    skipped: list[str]              # targeted but given no component by ``budget``: left as nn.Linear
+    skipped: list[str]              # targeted but left as nn.Linear: no component within ``budget``, or a zero weight
     modules_to_save: list[str]
     adapter_params: int             # sum of ranks: the trainable lam scalars
     modules_to_save_params: int
@@ -80,7 +80,8 @@ class QRLoraReport:
         lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
         if self.skipped:
-            lines.append(f"left as nn.Linear (no component within the budget): {len(self.skipped)} modules")
+            lines.append(f"left as nn.Linear (no component within the budget, or an all-zero weight): "
+                         f"{len(self.skipped)} modules")
         if self.modules_to_save:
             lines.append(f"modules_to_save: {', '.join(self.modules_to_save)} ({self.modules_to_save_params:,} params)")
         lines.append(f"adapted modules: {len(self.modules)} | QR-LoRA params: {self.adapter_params:,} | "
@@ -238,6 +239,15 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
     targets = find_targets(model, config)
     if not targets:
         raise ValueError(_no_target_message(model, config))
+    # An all-zero weight (a zero-initialised projection) has no basis: it stays an nn.Linear, like a module
+    # the budget gives nothing, instead of failing the whole conversion.
+    zero = [name for name, linear in targets if not bool(linear.weight.detach().any())]
+    if zero:
+        if len(zero) == len(targets):
+            raise ValueError(f"every targeted weight is all zeros ({', '.join(zero[:4])}): no basis to build")
+        warnings.warn(f"{len(zero)} targeted weight(s) are all zeros and stay nn.Linear (no basis to build): "
+                      f"{', '.join(zero[:4])}{', ...' if len(zero) > 4 else ''}", UserWarning, stacklevel=2)
+        targets = [(name, linear) for name, linear in targets if name not in set(zero)]
     if config.modules_to_save and not any(n and config.is_listed_to_save(n) for n, _ in model.named_modules()):
         raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of the model")
     saved = [n for n, _ in model.named_modules() if n and config.is_module_to_save(n)]
@@ -272,6 +282,8 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
     setattr(model, MODULES_TO_SAVE_ATTR, saved)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    skipped = sorted(skipped + zero, key=order.__getitem__)
     return QRLoraReport(reports, skipped, saved, sum(m.rank for m in reports), saved_params, trainable, total)
 
 

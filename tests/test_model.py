@@ -171,6 +171,25 @@ def test_task_type_trains_the_fresh_head_and_a_frozen_one_is_warned_about():
                         progress=False).modules_to_save == []
 
 
+@pytest.mark.parametrize("rule", [dict(tau=0.9), dict(rank=3), dict(budget=40)], ids=["tau", "rank", "budget"])
+def test_a_zero_weight_stays_linear_instead_of_failing_the_conversion(rule):
+    base, model = _pair(2)
+    with torch.no_grad():
+        base.layers[1].value.weight.zero_()
+    model = copy.deepcopy(base)
+    with pytest.warns(UserWarning, match="1 targeted weight\\(s\\) are all zeros .*: layers.1.value"):
+        report = apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"], **rule), progress=False)
+    assert "layers.1.value" in report.skipped and type(model.layers[1].value) is nn.Linear
+    assert {m.name for m in report.modules} >= {"layers.0.query", "layers.0.value", "layers.1.query"} - set(
+        report.skipped)
+    x = torch.randn(2, 3, 8)
+    assert_rel_close(model(x), base(x), 1e-6, name="converted model at lam=0")
+    with torch.no_grad():
+        base.layers[0].value.weight.zero_()
+    with pytest.raises(ValueError, match="every targeted weight is all zeros"):
+        apply_qrlora(copy.deepcopy(base), QRLoraConfig(target_modules=["value"], **rule), progress=False)
+
+
 def test_disable_adapters_gives_the_base_model_inside_the_block():
     base, model = _pair(2)
     apply_qrlora(model, QRLoraConfig(target_modules=["query", "value", "up"]), progress=False)
