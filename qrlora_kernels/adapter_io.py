@@ -365,6 +365,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     if not isinstance(name_to_load, str) or not name_to_load:
         raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
     QRLoraLinear = _layer_class()
+    from .layer import as_linear, is_conv1d
     saved_meta = meta.get("modules_to_save") or {}
     ids = dict(getattr(model, ADAPTER_IDS_ATTR, None) or {})
     fresh = not ids and not qrlora_layers(model)
@@ -383,8 +384,10 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
         except AttributeError:
             raise ValueError(f"{name}: module not found in the model (the adapter was made for another "
                              f"architecture, or the model was wrapped)") from None
-        if not isinstance(module, (nn.Linear, QRLoraLinear)):
+        if not isinstance(module, (nn.Linear, QRLoraLinear)) and not is_conv1d(module):
             raise ValueError(f"{name}: expected an nn.Linear or QRLoraLinear, found {type(module).__name__}")
+        if is_conv1d(module):
+            module = as_linear(module)  # W^T as an nn.Linear; the layer built on it replaces the Conv1D
         if (module.out_features, module.in_features) != (info["out_features"], info["in_features"]):
             raise ValueError(f"{name}: the model's layer is {module.out_features}x{module.in_features}, "
                              f"the adapter's {info['out_features']}x{info['in_features']}")

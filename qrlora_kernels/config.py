@@ -35,7 +35,7 @@ LORA_ONLY_FIELDS = {
     "use_rslora": "QR-LoRA has no scaling",
     "use_dora": "DoRA is another method",
     "init_lora_weights": "lam always starts at 0 (the converted model equals the original)",
-    "fan_in_fan_out": "QR-LoRA adapts nn.Linear modules",
+    "fan_in_fan_out": "transformers' Conv1D layers (GPT-2) are recognised and handled without it",
     "bias": "QR-LoRA keeps every bias frozen; put a module in modules_to_save to train it",
 }
 

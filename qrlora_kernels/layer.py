@@ -27,6 +27,29 @@ def _lam_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2 style: ``y = x W + b``, W stored in x out)."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+            and isinstance(weight, torch.Tensor) and weight.dim() == 2)
+
+
+def as_linear(module: nn.Module) -> nn.Linear:
+    """``module`` as an ``nn.Linear``: itself, or for a ``Conv1D`` an ``nn.Linear`` holding W^T (a contiguous
+    copy) and marked ``fan_in_fan_out = True``, so that merging gives a ``Conv1D`` back (PEFT's flag name)."""
+    if isinstance(module, nn.Linear):
+        return module
+    if not is_conv1d(module):
+        raise TypeError(f"expected an nn.Linear (or transformers' Conv1D), got {type(module).__name__}")
+    in_features, out_features = module.weight.shape
+    linear = nn.Linear(in_features, out_features, bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=module.weight.requires_grad)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.detach(), requires_grad=module.bias.requires_grad)
+    linear.fan_in_fan_out = True
+    return linear
+
+
 class QRLoraLinear(nn.Module):
     """``nn.Linear`` plus a frozen pivoted-QR basis and trainable coefficients ``lam``.
 
@@ -61,6 +84,7 @@ class QRLoraLinear(nn.Module):
         self.strategy = strategy
         self.merged = False
         self.adapters_disabled = False  # set by ``disable_adapters(model)``: the layer computes as its base
+        self.fan_in_fan_out = False  # made from a transformers Conv1D: to_linear() gives a Conv1D back
         self.active_adapter = 0
         # Per-sequence or per-token ids used when forward() gets none (set by model-level context managers).
         self.adapter_ids: torch.Tensor | None = None
@@ -86,10 +110,12 @@ class QRLoraLinear(nn.Module):
         ``energy="diag"`` is the paper's rule (squared diagonal of R); ``"frobenius"`` stops the factorisation
         early at 1 - ||R22||_F^2/||W||_F^2 >= tau. ``qr_method`` picks the pivoting, "geqp3" (the paper's) or
         "randomized" (faster; see ``qrlora_kernels.basis``). The new layer shares ``linear``'s weight and bias
-        storage.
+        storage. A transformers ``Conv1D`` (GPT-2) is taken too: the layer then holds its weight transposed
+        (a copy) and ``to_linear()`` gives a ``Conv1D`` back.
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if not isinstance(linear, nn.Linear) and not is_conv1d(linear):
+            raise TypeError(f"from_linear expects an nn.Linear (or transformers' Conv1D), got {type(linear).__name__}")
+        linear = as_linear(linear)
         basis = build_basis(linear.weight, tau=tau, rank=rank, energy=energy, method=qr_method)
         return cls.from_basis(linear, basis, tau=tau, energy=energy, num_adapters=num_adapters, **kwargs)
 
@@ -99,8 +125,9 @@ class QRLoraLinear(nn.Module):
         """A layer over ``linear`` with a precomputed basis: a ``QRLoraBasis`` (from ``build_basis`` or
         ``truncate``) or a tuple ``(Q, R, perm)``, Q (out x r), R (r x in, original column order),
         perm the pivots (length in, or at least r: ``perm[:r]`` are the basis columns)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_basis expects an nn.Linear, got {type(linear).__name__}")
+        if not isinstance(linear, nn.Linear) and not is_conv1d(linear):
+            raise TypeError(f"from_basis expects an nn.Linear (or transformers' Conv1D), got {type(linear).__name__}")
+        linear = as_linear(linear)
         Q, R, perm = basis[0], basis[1], basis[2]
         energy_captured = basis.energy_captured if isinstance(basis, QRLoraBasis) else None
         out_features, in_features = linear.weight.shape
@@ -131,6 +158,7 @@ class QRLoraLinear(nn.Module):
         layer.perm = full_perm
         lam_shape = (rank,) if num_adapters == 1 else (num_adapters, rank)
         layer.lam = nn.Parameter(torch.zeros(lam_shape, device=weight.device, dtype=_lam_dtype(weight.dtype)))
+        layer.fan_in_fan_out = bool(getattr(linear, "fan_in_fan_out", False))
         return layer
 
     # ------------------------------------------------------------------ adapters
@@ -240,13 +268,16 @@ class QRLoraLinear(nn.Module):
         self.merged = False
 
     @torch.no_grad()
-    def to_linear(self, adapter: int | None = None) -> nn.Linear:
+    def to_linear(self, adapter: int | None = None) -> nn.Module:
         """A plain ``nn.Linear`` with the adapter folded in (copies; this layer is unchanged).
 
         Its parameters stay as frozen as this layer's ``weight`` and ``bias`` (as after PEFT's ``merge_and_unload``).
+        A layer made from a transformers ``Conv1D`` gives a ``Conv1D`` back (weight in x out, as GPT-2 stores it).
         """
         weight = self.weight.detach().clone() if self.merged else (
             self.weight.detach() + self.delta_weight(adapter)).to(self.weight.dtype)
+        if self.fan_in_fan_out:
+            return self._to_conv1d(weight)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=weight.device, dtype=weight.dtype)
         linear.weight.copy_(weight)
@@ -255,6 +286,15 @@ class QRLoraLinear(nn.Module):
             linear.bias.copy_(self.bias.detach())
             linear.bias.requires_grad_(self.bias.requires_grad)
         return linear
+
+    def _to_conv1d(self, weight: torch.Tensor) -> nn.Module:
+        from transformers.pytorch_utils import Conv1D
+        conv = Conv1D(self.out_features, self.in_features)
+        conv.weight = nn.Parameter(weight.t().contiguous(), requires_grad=self.weight.requires_grad)
+        bias = self.bias if self.bias is not None else torch.zeros(self.out_features, dtype=weight.dtype,
+                                                                   device=weight.device)
+        conv.bias = nn.Parameter(bias.detach().clone(), requires_grad=self.bias is not None and self.bias.requires_grad)
+        return conv
 
     def extra_repr(self) -> str:
         tau = "None" if self.tau is None else f"{self.tau:g}"
@@ -266,4 +306,6 @@ class QRLoraLinear(nn.Module):
             parts.append(f"num_adapters={self.num_adapters}")
         if self.merged:
             parts.append("merged=True")
+        if self.fan_in_fan_out:
+            parts.append("fan_in_fan_out=True")
         return ", ".join(parts)

