@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -443,9 +444,50 @@ def test_device_suite_fails_fast_without_gpu():
 def test_device_suite_dry_run_checks_every_step_then_the_gpu():
     proc = _script("benchmarks/device_suite.sh", "--dry-run")
     assert proc.returncode == 3, proc.stdout + proc.stderr
-    for step in ("timeout", "build", "gpu-tests", "cuda-tests", "bench", "qr+summary", "init", "results-folder"):
+    for step in ("timeout", "tar", "build", "qrcp-tests", "qr", "init", "bench", "cuda-tests", "summary",
+                 "autotune-knob", "env", "results-folder"):
         assert f"ok    {step}:" in proc.stdout, step
+    assert "PYTHONUNBUFFERED=1" in proc.stdout and "note  archive: none" in proc.stdout
     assert "no CUDA GPU" in proc.stderr
+
+
+def test_device_suite_step_caps_fit_the_budget_most_important_first():
+    text = (REPO / "benchmarks/device_suite.sh").read_text()
+    caps = dict(re.findall(r"\[([a-z-]+)\]=(\d+)", re.search(r"declare -A cap=\((.*)\)", text).group(1)))
+    assert list(caps) == ["build", "qrcp-tests", "qr", "init", "bench", "cuda-tests"]
+    default_budget = int(re.search(r'QRLORA_SUITE_BUDGET_S:-(\d+)', text).group(1))
+    assert sum(map(int, caps.values())) <= default_budget - 15 and default_budget <= 570
+    order = [text.index(f"run_step {name} ") for name in caps]
+    assert order == sorted(order)
+    # The tests run once each, verbose (a killed step's log shows what finished), autotuning off.
+    assert text.count("-k \"cuda or gpu\"") == 1 and "-m gpu" not in text
+    assert "QRLORA_AUTOTUNE=0" in text.split("run_step cuda-tests", 1)[1]
+    assert "QRLORA_AUTOTUNE" not in text.split("run_step bench", 1)[1].split("\n")[0]
+
+
+@no_gpu_only
+def test_device_suite_archives_the_results_after_every_step(tmp_path):
+    # --allow-cpu runs the chosen steps without a GPU; the CUDA QR tests select nothing here (pytest's rc 5),
+    # which is enough to see a step logged, recorded and archived into $OUT with the summary beside it.
+    env = _env_without_interpreter()
+    env["OUT"] = str(tmp_path / "out")
+    proc = _script("benchmarks/device_suite.sh", "--allow-cpu", "--only", "qrcp-tests,summary",
+                   "--out", str(tmp_path / "results"), env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["device_suite.tgz", "steps.tsv", "summary.txt"]
+    import tarfile
+    with tarfile.open(out / "device_suite.tgz") as tar:
+        names = set(tar.getnames())
+        log = tar.extractfile("./qrcp-tests.log").read().decode()
+    assert {"./qrcp-tests.log", "./steps.tsv", "./summary.txt", "./environment.txt", "./suite.log"} <= names
+    assert "deselected" in log
+    assert "qrcp-tests\tfailed (rc=5)" in (out / "steps.tsv").read_text()
+    summary = (out / "summary.txt").read_text()
+    assert "qrcp-tests" in summary and summary.strip().splitlines()[-1] in proc.stdout
+    assert not (tmp_path / "out" / "device_suite.tgz.tmp").exists()
+    bad = _script("benchmarks/device_suite.sh", "--only", "benchmark")
+    assert bad.returncode == 2 and "unknown step 'benchmark'" in bad.stderr
 
 
 def test_device_suite_rejects_bad_budget():
