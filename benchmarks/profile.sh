@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Profile one benchmark case with Nsight Systems (default) or Nsight Compute.
+# Profile one benchmark case with Nsight Systems or Nsight Compute.
 #
-#   benchmarks/profile.sh [--tool nsys|ncu] [--out DIR] CASE
+#   benchmarks/profile.sh [--tool auto|nsys|ncu] [--out DIR] CASE
+#
+# --tool auto (the default) takes nsys when it is on PATH, else ncu. (On this project's GPU machines nsys is not
+# on PATH and the copy inside Nsight Compute could not make a report: use ncu there.) $PYTHON overrides the
+# interpreter (default python3).
 #
 # CASE is what `python -m benchmarks.throughput --case` takes, e.g.
 #   shape=4096x4096,tokens=2048,rank=64,provider=qrlora_triton,mode=fwd+bwd
@@ -22,7 +26,7 @@ usage() {
     sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
 }
 
-tool=nsys
+tool=auto
 out_dir=""
 case_spec=""
 while [[ $# -gt 0 ]]; do
@@ -42,14 +46,23 @@ if [[ -z "$case_spec" ]]; then
     echo "profile.sh: missing CASE, e.g. shape=4096x4096,tokens=2048,rank=64,provider=qrlora_triton,mode=fwd+bwd" >&2
     exit 2
 fi
-if [[ "$tool" != nsys && "$tool" != ncu ]]; then
-    echo "profile.sh: --tool must be nsys or ncu, got '$tool'" >&2
+if [[ "$tool" != auto && "$tool" != nsys && "$tool" != ncu ]]; then
+    echo "profile.sh: --tool must be auto, nsys or ncu, got '$tool'" >&2
     exit 2
+fi
+if [[ "$tool" == auto ]]; then
+    if command -v nsys >/dev/null 2>&1; then tool=nsys
+    elif command -v ncu >/dev/null 2>&1; then tool=ncu
+    else
+        echo "profile.sh: neither nsys (NVIDIA Nsight Systems) nor ncu (NVIDIA Nsight Compute) is on PATH: install one, or add its bin/ to PATH, or name it with --tool" >&2
+        exit 3
+    fi
+    echo "profile.sh: using $tool (--tool auto)" >&2
 fi
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-python3}"
 
 if ! command -v "$tool" >/dev/null 2>&1; then
     if [[ "$tool" == nsys ]]; then

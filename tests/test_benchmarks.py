@@ -504,6 +504,7 @@ def _path_without(tool, tmp_path):
         if found:
             (bin_dir / name).symlink_to(found)
     (bin_dir / "python").symlink_to(sys.executable)
+    (bin_dir / "python3").symlink_to(sys.executable)
     env = _env_without_interpreter()
     env["PATH"] = str(bin_dir)
     return env, bin_dir
@@ -514,6 +515,22 @@ def test_profile_fails_clearly_without_the_tool(tool, product, tmp_path):
     env, _ = _path_without(tool, tmp_path)
     proc = _script("benchmarks/profile.sh", "--tool", tool, "shape=48x32,tokens=16,rank=16,provider=full_ft", env=env)
     assert proc.returncode == 3 and f"{tool} not found on PATH" in proc.stderr and product in proc.stderr
+
+
+def test_profile_auto_needs_one_of_the_tools(tmp_path):
+    env, _ = _path_without("nsys", tmp_path)
+    proc = _script("benchmarks/profile.sh", "shape=48x32,tokens=16,rank=16,provider=full_ft", env=env)
+    assert proc.returncode == 3 and "neither nsys (NVIDIA Nsight Systems) nor ncu" in proc.stderr
+
+
+@no_gpu_only
+def test_profile_auto_takes_ncu_when_nsys_is_missing(tmp_path):
+    env, bin_dir = _path_without("nsys", tmp_path)
+    fake = bin_dir / "ncu"
+    fake.write_text("#!/bin/sh\necho fake ncu must not be reached >&2\nexit 0\n")
+    fake.chmod(0o755)
+    proc = _script("benchmarks/profile.sh", "shape=48x32,tokens=16,rank=16,provider=full_ft", env=env)
+    assert proc.returncode == 4 and "using ncu (--tool auto)" in proc.stderr and "fake ncu" not in proc.stderr
 
 
 @no_gpu_only
