@@ -151,7 +151,7 @@ class MultiAdapterBatch(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.layer(x.view(-1, self.seq_len, x.shape[-1]), adapter_ids=self.adapter_ids)
-        return y.view(x.shape[0], -1)
+        return y.reshape(x.shape[0], -1)
 
 
 def unavailable_reason(provider: Provider, device: str) -> Optional[str]:

@@ -89,8 +89,13 @@ def routines(A: torch.Tensor) -> dict[str, Callable[[], object]]:
         except ImportError:
             cupy = None
         if cupy is not None:
-            A_cp = cupy.asarray(A)
-            out["cupy_qr"] = lambda: cupy.linalg.qr(A_cp)
+            try:
+                A_cp = cupy.asarray(A)
+                out["cupy_qr"] = lambda: cupy.linalg.qr(A_cp)
+            except Exception as exc:  # an unusable cupy gives its own error row, not a lost size
+                def unusable(exc=exc):
+                    raise RuntimeError(f"cupy could not take the matrix: {type(exc).__name__}: {exc}")
+                out["cupy_qr"] = unusable
     return out
 
 
