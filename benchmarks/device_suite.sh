@@ -92,10 +92,11 @@ no_gpu() {
 }
 # Every CUDA test once: the ones named cuda (the device fixture's [cuda] cases) and the gpu-marked ones
 # (-k also matches marker names). test_qrcp.py has its own step; the CUDA emulation tests are CPU tests.
+# test_ops.py last: its torch.compile (inductor) test is the slowest to start.
 cuda_test_files() {
     local f files=()
-    for f in tests/test_functional.py tests/test_ops.py tests/test_layer.py tests/test_kernels.py \
-             tests/test_model.py tests/test_adapter_io.py; do
+    for f in tests/test_functional.py tests/test_layer.py tests/test_kernels.py tests/test_model.py \
+             tests/test_adapter_io.py tests/test_ops.py; do
         [[ -f "$f" ]] && files+=("$f")
     done
     echo "${files[@]}"
