@@ -40,7 +40,7 @@ from torch import nn
 from .atomic_file import atomic_write_bytes
 from .config import QRLoraConfig
 from .model import (ADAPTER_IDS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER, MODULES_TO_SAVE_ATTR, _layer_class,
-                    _set_submodule, adapter_row, qrlora_layers, unwrap_model)
+                    _read_by_parent, _set_submodule, adapter_row, qrlora_layers, unwrap_model)
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -275,6 +275,13 @@ def _read_config(config_path: Path) -> dict:
         _check_module_info(name, info, config_path)
     if not isinstance(meta.get("modules_to_save") or {}, dict):
         raise ValueError(f"{config_path} is corrupt: modules_to_save is not a mapping")
+    # Parsed here, before the model is touched: a bad or newer config must not leave it half-converted.
+    if meta.get("config") is not None:
+        try:
+            meta["config"] = QRLoraConfig.from_dict(meta["config"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{config_path}: its QR-LoRA config cannot be read by this version of "
+                             f"qrlora_kernels: {err}") from None
     return meta
 
 
@@ -293,6 +300,11 @@ def _check_module_info(name: str, info, config_path: Path) -> None:
                 label = key if where is info else f"fingerprint.{key}"
                 raise ValueError(f"{name}: {config_path} is corrupt: {label!r} is missing or not a "
                                  f"{getattr(kind, '__name__', 'number')}")
+    rounded = info["fingerprint"].get("rounded", {})
+    if not isinstance(rounded, dict) or not all(
+            isinstance(fp, dict) and all(isinstance(fp.get(k), kind) and not isinstance(fp.get(k), bool)
+                                         for k, kind in _FINGERPRINT_FIELDS.items()) for fp in rounded.values()):
+        raise ValueError(f"{name}: {config_path} is corrupt: 'fingerprint.rounded' is damaged")
 
 
 def _diagnose_safetensors(path: Path) -> str:
@@ -366,6 +378,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
         raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
     QRLoraLinear = _layer_class()
     from .layer import as_linear, is_conv1d
+    unreachable = _read_by_parent(model)
     saved_meta = meta.get("modules_to_save") or {}
     ids = dict(getattr(model, ADAPTER_IDS_ATTR, None) or {})
     fresh = not ids and not qrlora_layers(model)
@@ -386,6 +399,9 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
                              f"architecture, or the model was wrapped)") from None
         if not isinstance(module, (nn.Linear, QRLoraLinear)) and not is_conv1d(module):
             raise ValueError(f"{name}: expected an nn.Linear or QRLoraLinear, found {type(module).__name__}")
+        if name in unreachable:
+            raise ValueError(f"{name} is the out_proj of an nn.MultiheadAttention, which reads its weight directly "
+                             f"and never calls its forward: the adapter would be ignored (until merged)")
         if is_conv1d(module):
             module = as_linear(module)  # W^T as an nn.Linear; the layer built on it replaces the Conv1D
         if (module.out_features, module.in_features) != (info["out_features"], info["in_features"]):
@@ -455,8 +471,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
         for p in target.parameters():
             p.requires_grad_(True)
     if fresh or not hasattr(model, CONFIG_ATTR):
-        config = meta.get("config")
-        setattr(model, CONFIG_ATTR, QRLoraConfig.from_dict(config) if config else None)
+        setattr(model, CONFIG_ATTR, meta.get("config"))
     setattr(model, MODULES_TO_SAVE_ATTR, sorted(set(getattr(model, MODULES_TO_SAVE_ATTR, [])) | set(saved_meta)))
     setattr(model, ADAPTER_IDS_ATTR, ids)
     return dict(ids)

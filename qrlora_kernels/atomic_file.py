@@ -17,8 +17,11 @@ PathLike = Union[str, os.PathLike]
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (creating its folder); returns the path."""
-    path = Path(path)
+    """Write ``data`` to ``path`` atomically (creating its folder); returns the path.
+
+    A symbolic link is written through, as ``open()`` would (Hugging Face's cache links files), not replaced.
+    """
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     # O_EXCL: never write through a file someone else created; mode 0o666 is then cut by the umask, as open() does.

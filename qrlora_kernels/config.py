@@ -17,6 +17,7 @@ from typing import Any, Iterable, Optional, Union
 from .basis import QR_METHODS
 
 ALL_LINEAR = "all-linear"
+_LATER_FIELDS = ("task_type",)
 DEFAULT_TAU = 0.9
 ENERGY_RULES = ("diag", "frobenius")
 # Containers whose numbered children are the model's layers (BERT "layer.3.", Llama "layers.3.", GPT-2 "h.3.").
@@ -26,8 +27,7 @@ DEFAULT_LAYERS_PATTERN = ("layer", "layers", "h", "blocks", "block")
 TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
               "QUESTION_ANS": ("qa_outputs",)}
 TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
-# PEFT LoraConfig names: accepted under our name, or refused with what replaces them here.
-PEFT_ALIASES = {"layers_to_transform": "layers"}
+# PEFT LoraConfig fields that QR-LoRA has no use for: refused with what replaces them here.
 LORA_ONLY_FIELDS = {
     "r": "QR-LoRA's rank comes from tau (energy threshold), rank= or a global budget=",
     "lora_alpha": "QR-LoRA has no scaling: the trained lam are the update's coefficients",
@@ -110,8 +110,12 @@ class QRLoraConfig:
     modules_to_save: Optional[list[str]] = None
     qr_method: str = "geqp3"
     task_type: Optional[str] = None
+    # PEFT's name for ``layers``: when given (also to ``dataclasses.replace``) it sets ``layers``.
+    layers_to_transform: dataclasses.InitVar[Optional[Union[int, list[int]]]] = None
 
-    def __post_init__(self):
+    def __post_init__(self, layers_to_transform=None):
+        if layers_to_transform is not None:
+            self.layers = layers_to_transform
         if self.target_modules is None:
             raise ValueError("target_modules is required: a list of module names, a regex, or 'all-linear'")
         self.target_modules = _as_name_list(self.target_modules, "target_modules")
@@ -208,13 +212,15 @@ class QRLoraConfig:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        # A field added later is written only when set, so files stay readable by versions without it.
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if not (f.name in _LATER_FIELDS and getattr(self, f.name) is None)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QRLoraConfig":
         if not isinstance(data, dict):
             raise TypeError(f"QRLoraConfig.from_dict needs a dict, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} | {"layers_to_transform"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown QRLoraConfig fields: {unknown}")
@@ -225,14 +231,9 @@ class QRLoraConfig:
 
 
 def _accept_peft_names(init):
-    """Wrap the dataclass ``__init__``: PEFT's names map to ours, LoRA-only fields get an error that helps."""
+    """Wrap the dataclass ``__init__``: LoRA-only fields get an error that names what replaces them."""
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
-        for peft_name, ours in PEFT_ALIASES.items():
-            if peft_name in kwargs:
-                if ours in kwargs:
-                    raise TypeError(f"give {ours}= or PEFT's {peft_name}=, not both")
-                kwargs[ours] = kwargs.pop(peft_name)
         lora_only = [k for k in kwargs if k in LORA_ONLY_FIELDS]
         if lora_only:
             raise TypeError("QRLoraConfig has no LoRA field " + "; ".join(

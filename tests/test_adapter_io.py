@@ -179,6 +179,50 @@ def test_dtype_mismatch_is_honoured_when_the_weights_round_to_the_saved_ones(tmp
         assert_rel_close(layer.lam, model.get_submodule(name).lam, 0.0, name=f"{name}.lam")
 
 
+def test_a_config_this_version_cannot_read_leaves_the_model_untouched(base, tmp_path):
+    save_adapter(_adapted(base, QRLoraConfig(target_modules=["query", "value"])), tmp_path)
+    meta = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    assert "task_type" not in meta["config"]  # unset new fields are not written: older versions read the file
+    meta["config"]["qr_method"] = "householder"  # e.g. a newer version's method
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(meta))
+    fresh = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="config cannot be read by this version.*qr_method"):
+        load_adapter(fresh, tmp_path)
+    assert not qrlora_layers(fresh) and all(p.requires_grad for p in fresh.parameters())
+    meta["config"]["qr_method"] = "geqp3"
+    meta["modules"]["layers.0.query"]["fingerprint"]["rounded"]["bfloat16"].pop("sum")
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"layers\.0\.query: .*corrupt: 'fingerprint.rounded' is damaged"):
+        load_adapter(fresh, tmp_path)
+
+
+def test_an_adapter_on_a_multihead_attention_out_proj_is_refused(tmp_path):
+    """Older versions let apply_qrlora adapt it: its lam was ignored by the forward but applied by a merge."""
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(HIDDEN, 4, batch_first=True)
+    wrapper = nn.Module()
+    wrapper.attn = attention
+    layer = QRLoraLinear.from_linear(attention.out_proj, rank=4)
+    save_model = copy.deepcopy(wrapper)
+    save_model.attn.out_proj = layer
+    save_model.qrlora_adapter_ids = {"default": 0}
+    save_adapter(save_model, tmp_path)
+    with pytest.raises(ValueError, match="attn.out_proj is the out_proj of an nn.MultiheadAttention"):
+        load_adapter(copy.deepcopy(wrapper), tmp_path)
+
+
+def test_writes_through_a_symbolic_link(base, tmp_path):
+    """As open() does (Hugging Face's cache links its files): the link stays, its target gets the data."""
+    target = tmp_path / "blobs" / "config"
+    target.parent.mkdir()
+    target.write_text("old")
+    (tmp_path / "snapshot").mkdir()
+    link = tmp_path / "snapshot" / ADAPTER_CONFIG
+    link.symlink_to(target)
+    save_adapter(_adapted(base), tmp_path / "snapshot")
+    assert link.is_symlink() and json.loads(target.read_text())["format"] == "qrlora-adapter"
+
+
 @pytest.mark.parametrize("include_basis", [False, True])
 def test_float32_adapter_loads_onto_the_same_base_in_half_precision(base, tmp_path, include_basis):
     """The usual serving set-up (PEFT does it too): trained on a float32 base, served on it in bf16/fp16."""

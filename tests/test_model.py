@@ -4,6 +4,7 @@ The models here are small stand-ins with transformer-like names; tests/test_hf_m
 real ``transformers`` classes.
 """
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -112,8 +113,10 @@ def test_config_takes_peft_names_and_explains_lora_only_fields():
     assert QRLoraConfig(target_modules=["q"], task_type=peft.TaskType.SEQ_CLS).task_type == "SEQ_CLS"
     with pytest.raises(TypeError, match="no LoRA field 'r' .*tau.*rank.*budget.*'lora_alpha' .*no scaling"):
         QRLoraConfig(target_modules=["q"], r=8, lora_alpha=16)
-    with pytest.raises(TypeError, match="give layers= or PEFT's layers_to_transform=, not both"):
-        QRLoraConfig(target_modules=["q"], layers=[1], layers_to_transform=[1])
+    assert dataclasses.replace(cfg, layers_to_transform=[1]).layers == [1]
+    assert dataclasses.replace(cfg, tau=0.5).layers == [0, 2]
+    assert QRLoraConfig.from_dict({"target_modules": ["q"], "layers_to_transform": 3}).layers == [3]
+    assert "task_type" not in QRLoraConfig(target_modules=["q"]).to_dict()  # files stay readable by 0.1.0
     with pytest.raises(ValueError, match="task_type must be one of"):
         QRLoraConfig(target_modules=["q"], task_type="SEQ_CLASSIFICATION")
     with pytest.raises(TypeError, match="unexpected keyword argument 'rnak'"):
