@@ -88,9 +88,11 @@ class QRLoraLinear(nn.Module):
         self.active_adapter = 0
         # Per-sequence or per-token ids used when forward() gets none (set by model-level context managers).
         self.adapter_ids: torch.Tensor | None = None
-        # Set with them by ``adapter_batch``: the ids repeated for a batch k times longer (generate()'s beams),
-        # one tensor per (device, k) shared by every layer, so the ids' range is checked once, not per layer.
+        # Set with them by ``adapter_batch`` and shared by every layer: the top-level call's rows per id, and the
+        # ids repeated to match (generate()'s beams), one tensor per (device, k): their range is checked once.
         self.adapter_id_expansions: dict | None = None
+        # A training forward took its ids from adapter_batch; see _refuse_recomputation_without_ids.
+        self._ids_from_context = False
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
         self.register_buffer("Q", torch.empty(out_features, rank, **factory))
@@ -208,6 +210,8 @@ class QRLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
         if self.merged or self.adapters_disabled:
             return F.linear(x, self.weight, self.bias)
+        if adapter_ids is None and self.lam.dim() == 2 and not torch.compiler.is_compiling():
+            self._refuse_recomputation_without_ids()
         ids = adapter_ids if adapter_ids is not None else self._context_adapter_ids(x)
         lam = self.lam
         if ids is None and lam.dim() == 2:
@@ -215,20 +219,38 @@ class QRLoraLinear(nn.Module):
         return qrlora_linear(x, self.weight, self.bias, self.Q, self.R, lam, backend=self.backend,
                              adapter_ids=ids, strategy=self.strategy)
 
-    def _context_adapter_ids(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The ids set by ``adapter_batch``; for a batch k times as long, each id repeated k times in place.
+    def _refuse_recomputation_without_ids(self) -> None:
+        """Gradient checkpointing recomputes a layer during backward; if that backward runs after the
+        ``adapter_batch`` block that gave the original forward its ids, the recomputation would silently use the
+        active adapter and the lam gradients would be wrong. Refuse that one case (backward inside the block, or
+        no checkpointing, are exact)."""
+        if self.adapter_ids is not None:
+            self._ids_from_context = self._ids_from_context or self.training
+        elif self._ids_from_context:
+            if torch._C._current_graph_task_id() != -1:  # running inside a backward pass: a recomputation
+                raise RuntimeError(
+                    "a QR-LoRA layer is being recomputed during backward (gradient checkpointing) after the "
+                    "adapter_batch block that gave its forward per-sequence adapter ids has ended: the recomputation "
+                    "would use the active adapter and the lam gradients would be wrong. Call loss.backward() inside "
+                    "the adapter_batch block")
+            self._ids_from_context = False
 
-        ``generate(num_beams=k)`` and ``num_return_sequences=k`` expand every sequence into k consecutive rows, as
-        PEFT's mixed-adapter generation assumes too. Ids passed to ``forward`` directly are never expanded.
-        """
-        ids, expansions = self.adapter_ids, self.adapter_id_expansions
-        if (ids is None or expansions is None or ids.dim() != 1 or x.dim() < 3 or ids.numel() == 0
-                or x.shape[0] == ids.shape[0] or x.shape[0] % ids.shape[0]):
+    def _context_adapter_ids(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The ids set by ``adapter_batch``; each repeated k times in place when the model's top-level call had
+        k rows of ``input_ids`` per id (``generate(num_beams=k)`` / ``num_return_sequences=k``, which expand every
+        sequence into k consecutive rows, as PEFT's mixed-adapter generation assumes too). Ids passed to
+        ``forward`` directly are never expanded."""
+        ids, shared = self.adapter_ids, self.adapter_id_expansions
+        if ids is None or shared is None:
             return ids
-        key = (ids.device, x.shape[0] // ids.shape[0])
-        if key not in expansions:
-            expansions[key] = ids.repeat_interleave(key[1])
-        return expansions[key]
+        factor = shared.get("factor", 1)
+        if factor == 1 or ids.dim() != 1 or x.dim() < 3 or x.shape[0] != factor * ids.shape[0]:
+            return ids
+        key = (ids.device, factor)
+        if key not in shared:
+            with torch.inference_mode(False):  # an ordinary tensor: its range is checked once, not per layer
+                shared[key] = ids.repeat_interleave(factor)
+        return shared[key]
 
     # ------------------------------------------------------------------ merging
 

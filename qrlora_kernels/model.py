@@ -402,39 +402,43 @@ def adapter_batch(model: nn.Module, adapter_ids: Union[torch.Tensor, Iterable[Un
             logits = model(**batch).logits
             out = model.generate(**batch, num_beams=4)   # each sequence's beams keep its adapter
 
-    A batch k times as long as the ids (``generate``'s beams, ``num_return_sequences``) repeats each id
-    k times in place. Training works too, with ``backward()`` inside the block; under gradient
-    checkpointing that is not enough (the layers are recomputed during backward, which may run after
-    the block has ended and would see no ids), so a model in training mode with checkpointing on is
-    refused.
+    A model called with ``input_ids`` k times as many rows as the ids (``generate``'s beams,
+    ``num_return_sequences``, which repeat each sequence k times in place) repeats each id k times;
+    any other batch size is an error, as a layer given ids of the wrong length always is. Training
+    works too, with ``backward()`` inside the block (required under gradient checkpointing, whose
+    recomputation during a later backward would not see the ids: that case raises). Under ``torch.inference_mode()`` the ids are kept
+    as ordinary tensors, so their range is checked once, not in every layer.
     """
-    ids = adapter_id_tensor(model, adapter_ids)
-    if model.training and torch.is_grad_enabled() and _gradient_checkpointing_on(model):
-        raise ValueError("adapter_batch cannot train a model with gradient checkpointing on: checkpointed layers are "
-                         "recomputed during backward, after the with-block has ended, and would silently use the "
-                         "active adapter instead of the batch's ids (wrong gradients). Disable gradient "
-                         "checkpointing for mixed-adapter training, train one adapter per batch, or run "
-                         "inference under model.eval() / torch.no_grad()")
-    layers = [layer for _, layer in qrlora_layers(model)]
+    # Ordinary tensors even under inference_mode: an inference tensor has no version counter to cache by.
+    with torch.inference_mode(False):
+        ids = adapter_id_tensor(model, adapter_ids).clone()
+    root = unwrap_model(model)
+    layers = [layer for _, layer in qrlora_layers(root)]
     previous = [(layer.adapter_ids, layer.adapter_id_expansions) for layer in layers]
     per_device: dict[torch.device, torch.Tensor] = {}
-    expansions: dict = {}
+    shared: dict = {"factor": 1}  # rows per id of the current top-level call, and the expanded ids per device
+
+    def record_rows_per_id(_module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        rows = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 \
+            and not input_ids.is_floating_point() else None
+        n = ids.shape[0]
+        shared["factor"] = rows // n if rows is not None and n and rows > n and rows % n == 0 else 1
+
+    hook = root.register_forward_pre_hook(record_rows_per_id, with_kwargs=True)
     try:
-        for layer in layers:
-            device = layer.weight.device
-            if device not in per_device:
-                per_device[device] = ids.to(device)
-            layer.adapter_ids = per_device[device]
-            layer.adapter_id_expansions = expansions
+        with torch.inference_mode(False):
+            for layer in layers:
+                device = layer.weight.device
+                if device not in per_device:
+                    per_device[device] = ids.to(device)
+                layer.adapter_ids = per_device[device]
+                layer.adapter_id_expansions = shared
         yield ids
     finally:
+        hook.remove()
         for layer, (old_ids, old_expansions) in zip(layers, previous):
             layer.adapter_ids, layer.adapter_id_expansions = old_ids, old_expansions
-
-
-def _gradient_checkpointing_on(model: nn.Module) -> bool:
-    """Whether Hugging Face gradient checkpointing is enabled anywhere in ``model`` (its per-module flag)."""
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 

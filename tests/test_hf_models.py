@@ -196,18 +196,38 @@ def test_llama_mixed_adapter_batch_equals_each_adapter_alone(tmp_path):
     with pytest.raises(ValueError, match="adapter_ids has shape"):
         layer(torch.randn(6, 2, layer.in_features), adapter_ids=torch.tensor([0, 1, 0]))
 
-    # Training inside the block is exact; under gradient checkpointing the recomputation during backward
-    # would run without the ids, so that combination is refused rather than giving wrong gradients.
+    # Training: each sequence's loss reaches its own adapter's lam row, as if trained alone; with gradient
+    # checkpointing too when backward runs inside the block. Outside it, the recomputation would not see the
+    # ids (wrong gradients): that raises.
     served.train()
-    if hasattr(served, "activation_checkpointing_enable"):  # transformers >= 5.24's name
-        served.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        served.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    with pytest.raises(ValueError, match="gradient checkpointing"):
-        with adapter_batch(served, order):
-            pass
-    (getattr(served, "activation_checkpointing_disable", None) or served.gradient_checkpointing_disable)()
+    for model in tuned.values():
+        model.train()
     with adapter_batch(served, order):
         served(input_ids=ids, labels=ids).loss.backward()
-    assert all(layer.lam.grad is not None and torch.count_nonzero(layer.lam.grad) > 0
-               for _, layer in qrlora_layers(served))
+    reference = {}
+    for i, task in enumerate(order):  # the batch loss is the mean over equal-length sequences
+        tuned[task].zero_grad()
+        (tuned[task](input_ids=ids[i:i + 1], labels=ids[i:i + 1]).loss / len(order)).backward()
+        for name, layer in qrlora_layers(tuned[task]):
+            reference[name, task] = reference.get((name, task), 0) + layer.lam.grad.clone()
+    rows = served.qrlora_adapter_ids
+    for name, layer in qrlora_layers(served):
+        for task in tuned:
+            assert_rel_close(layer.lam.grad[rows[task]], reference[name, task], 1e-4, name=f"{name} dlam[{task}]")
+    exact = {name: layer.lam.grad.clone() for name, layer in qrlora_layers(served)}
+    for reentrant in (False, True):
+        enable = getattr(served, "activation_checkpointing_enable", None)  # transformers >= 5.24's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        else:
+            served.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        served.zero_grad()
+        with adapter_batch(served, order):
+            served(input_ids=ids, labels=ids).loss.backward()
+        for name, layer in qrlora_layers(served):
+            assert_rel_close(layer.lam.grad, exact[name], 1e-5, name=f"{name} dlam, checkpointed ({reentrant=})")
+        with adapter_batch(served, order):
+            loss = served(input_ids=ids, labels=ids).loss
+        with pytest.raises(RuntimeError, match="recomputed during backward .* after the adapter_batch block"):
+            loss.backward()
+        (getattr(served, "activation_checkpointing_disable", None) or served.gradient_checkpointing_disable)()

@@ -381,6 +381,16 @@ def test_adapter_batch_routes_ids_and_validates():
             layer.active_adapter = row
         assert_rel_close(mixed[i:i + 1], model(x[i:i + 1]), 1e-5, name=f"sequence {i}")
     assert all(layer.adapter_ids is None for _, layer in qrlora_layers(model))  # ids removed after the block
+    # Serving runs under inference_mode: the ids stay ordinary tensors (an inference tensor has no version
+    # counter, so every layer would read its range back from the device).
+    with torch.inference_mode(), adapter_batch(model, ["c", "a", 1, "c"]):
+        assert_rel_close(model(x), mixed, 0.0, name="inference_mode")
+        assert not any(layer.adapter_ids.is_inference() for _, layer in qrlora_layers(model))
+    # A batch that is a multiple of the ids is not taken for beams unless the top-level call's input_ids say
+    # so: a sequence-first layout (seq, batch, hidden) must stay an error, not a silent misrouting.
+    with pytest.raises(ValueError, match="adapter_ids has shape \\(2,\\)"):
+        with adapter_batch(model, ["a", "b"]):
+            model(torch.randn(4, 5, 8))
     with pytest.raises(ValueError, match="unknown adapter 'z'"):
         with adapter_batch(model, ["a", "z"]):
             pass
