@@ -447,9 +447,15 @@ def disable_adapters(model: nn.Module):
     """Inside the ``with`` block the model computes as its base model (PEFT's ``disable_adapter()``).
 
     Every ``QRLoraLinear`` acts as its frozen ``nn.Linear``: e.g. a DPO reference model, or comparing outputs
-    with and without the adapter, without a second copy of the model. Merged layers are refused (unmerge first).
+    with and without the adapter, without a second copy of the model. Merged layers are refused (unmerge first),
+    and so is a model with ``modules_to_save`` (they are trained in place: the base versions are gone).
     """
-    layers = qrlora_layers(unwrap_model(model))
+    root = unwrap_model(model)
+    trained_in_place = getattr(root, MODULES_TO_SAVE_ATTR, None)
+    if trained_in_place:
+        raise ValueError(f"disable_adapters cannot give the base model: its modules_to_save "
+                         f"({', '.join(trained_in_place)}) are trained in place, so their base weights are gone")
+    layers = qrlora_layers(root)
     merged = [name for name, layer in layers if layer.merged]
     if merged:
         raise ValueError(f"{merged[0]}: layer is merged, so its weight holds the adapter; unmerge() it first")

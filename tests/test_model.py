@@ -204,6 +204,11 @@ def test_disable_adapters_gives_the_base_model_inside_the_block():
     with pytest.raises(ValueError, match="layers.0.query: layer is merged"):
         with disable_adapters(model):
             pass
+    with_head = copy.deepcopy(base)
+    apply_qrlora(with_head, QRLoraConfig(target_modules=["query"], modules_to_save=["classifier"]), progress=False)
+    with pytest.raises(ValueError, match="modules_to_save \\(classifier\\) are trained in place"):
+        with disable_adapters(with_head):
+            pass
 
 
 def test_target_selection_suffix_regex_all_linear_exclude_layers():
