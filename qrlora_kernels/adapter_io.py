@@ -40,7 +40,8 @@ from torch import nn
 from .atomic_file import atomic_write_bytes
 from .config import QRLoraConfig
 from .model import (ADAPTER_IDS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER, MODULES_TO_SAVE_ATTR, _layer_class,
-                    _read_by_parent, _set_submodule, adapter_row, qrlora_layers, unwrap_model)
+                    _read_by_parent, _set_submodule, adapter_row, canonical_name, modules_by_canonical_name,
+                    parameter_holding_wrapper, qrlora_layers, unwrap_model)
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -216,10 +217,16 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
     config = getattr(model, CONFIG_ATTR, None)
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
-    for name, layer in layers:
+    for module_path, layer in layers:
+        name = canonical_name(module_path)
         if getattr(layer, "merged", False):
             raise ValueError(f"{name}: layer is merged; unmerge() it before saving, so its base weight is W0")
         r = int(layer.rank)
+        if _lam_rows(layer).shape[-1] != r or tuple(_full(layer.weight).shape) != (layer.out_features,
+                                                                                  layer.in_features):
+            raise ValueError(f"{name}: its parameters are flattened or sharded (FSDP1's FullyShardedDataParallel); "
+                             f"save inside FullyShardedDataParallel.summon_full_params(model) on every rank, before "
+                             f"wrapping, or use FSDP2's fully_shard")
         lam = _lam_rows(layer)[row].to("cpu").clone()
         pivots = layer.perm[:r].to("cpu", torch.int32).clone()
         own = {"lam": lam, "pivots": pivots}
@@ -237,9 +244,11 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
             "checksum": _checksum(own),
         }
     saved_modules: dict[str, str] = {}
+    by_name = modules_by_canonical_name(model)
     for name in getattr(model, MODULES_TO_SAVE_ATTR, []):
+        name = canonical_name(name)
         state = {k: _full(v).to("cpu").contiguous().clone()
-                 for k, v in model.get_submodule(name).state_dict().items()}
+                 for k, v in by_name[name][1].state_dict().items()}
         tensors.update({f"{SAVED_PREFIX}{name}.{k}": v for k, v in state.items()})
         saved_modules[name] = _checksum(state)
 
@@ -368,6 +377,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     adapter whose pivots are a prefix of a layer's (a lower ``tau`` on the same weights)
     shares that layer's basis, its missing coefficients being zero.
     """
+    wrapper = parameter_holding_wrapper(model)
     model = unwrap_model(model)
     folder = Path(path)
     meta = _read_config(folder / ADAPTER_CONFIG)
@@ -378,25 +388,29 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
         raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
     QRLoraLinear = _layer_class()
     from .layer import as_linear, is_conv1d
-    unreachable = _read_by_parent(model)
+    unreachable = {canonical_name(n) for n in _read_by_parent(model)}
     saved_meta = meta.get("modules_to_save") or {}
     ids = dict(getattr(model, ADAPTER_IDS_ATTR, None) or {})
     fresh = not ids and not qrlora_layers(model)
     if saved_meta and not fresh and set(ids) != {name_to_load}:
         raise ValueError(f"adapter {name_to_load!r} has modules_to_save ({', '.join(saved_meta)}), which all "
                          f"adapters of one model share; load it into a fresh base model instead")
+    if wrapper is not None and (fresh or name_to_load not in ids):
+        raise ValueError(f"load adapters before wrapping the model in {wrapper}: it keeps the parameters it was "
+                         f"given, and the new lam parameters would not be synchronised (only an adapter already "
+                         f"loaded under this name can be overwritten in place)")
     if name_to_load not in ids:
         ids[name_to_load] = len(ids)
     row, num_adapters = ids[name_to_load], len(ids)
+    by_name = modules_by_canonical_name(model)
 
     # Check and build everything before changing the model, so a bad adapter leaves it untouched.
     plan = []
     for name, info in meta["modules"].items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
+        if name not in by_name:
             raise ValueError(f"{name}: module not found in the model (the adapter was made for another "
-                             f"architecture, or the model was wrapped)") from None
+                             f"architecture)")
+        module_path, module = by_name[name]
         if not isinstance(module, (nn.Linear, QRLoraLinear)) and not is_conv1d(module):
             raise ValueError(f"{name}: expected an nn.Linear or QRLoraLinear, found {type(module).__name__}")
         if name in unreachable:
@@ -429,16 +443,15 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
                 layer = _build_layer(module, own, info, include_basis, num_adapters)
             except (ValueError, RuntimeError) as err:
                 raise ValueError(f"{name}: cannot rebuild the basis from the stored pivots: {err}") from None
-        plan.append((name, module, layer, own))
+        plan.append((module_path, module, layer, own))
     for name, checksum in saved_meta.items():
         state = {k[len(SAVED_PREFIX) + len(name) + 1:]: v for k, v in tensors.items()
                  if k.startswith(f"{SAVED_PREFIX}{name}.")}
         if _checksum(state) != checksum:
             raise ValueError(f"{name}: the stored modules_to_save tensors are missing or corrupt")
-        try:
-            target = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{name}: module (modules_to_save) not found in the model") from None
+        if name not in by_name:
+            raise ValueError(f"{name}: module (modules_to_save) not found in the model")
+        target = by_name[name][1]
         expected = {k: tuple(v.shape) for k, v in target.state_dict().items()}
         stored = {k: tuple(v.shape) for k, v in state.items()}
         if expected != stored:
@@ -464,7 +477,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
             _write_lam_row(layer, row, torch.zeros(0))
 
     for name in saved_meta:
-        target = model.get_submodule(name)
+        target = by_name[name][1]
         state = {k[len(SAVED_PREFIX) + len(name) + 1:]: v for k, v in tensors.items()
                  if k.startswith(f"{SAVED_PREFIX}{name}.")}
         target.load_state_dict(state, strict=True)

@@ -363,6 +363,41 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         model = inner
 
 
+# Path parts that wrappers insert inside a model: FSDP1's auto-wrap, activation checkpointing's wrapper,
+# torch.compile of a submodule. Adapter files name modules without them.
+WRAPPER_NAME_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without the path parts that wrappers insert (``blocks.0._orig_mod.a`` -> ``blocks.0.a``)."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_NAME_PARTS)
+
+
+def modules_by_canonical_name(model: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    """Canonical name -> (the module's real path in ``model``, the module)."""
+    found: dict[str, tuple[str, nn.Module]] = {}
+    for name, module in unwrap_model(model).named_modules():
+        found.setdefault(canonical_name(name), (name, module))
+    return found
+
+
+def parameter_holding_wrapper(model: nn.Module) -> Optional[str]:
+    """The name of a wrapper that keeps the parameters it was given (DDP, FSDP1), if ``model`` is or holds one."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            return "DistributedDataParallel"
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, nn.DataParallel):
+            model = model.module
+        else:
+            break
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        return "FullyShardedDataParallel"
+    return None
+
+
 def adapter_id_tensor(model: nn.Module, adapter_ids) -> torch.Tensor:
     """Adapter names or ids (one per sequence) -> an int64 tensor of rows of ``lam``."""
     ids = getattr(unwrap_model(model), ADAPTER_IDS_ATTR, None)

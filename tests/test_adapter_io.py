@@ -275,6 +275,29 @@ def test_wrapped_models_save_under_the_plain_names(base, tmp_path):
     assert_rel_close(wrapped_fresh(x), expected, 1e-5, name="loaded into a wrapped base")
 
 
+def test_wrappers_inside_the_model_do_not_change_the_saved_names(base, tmp_path):
+    """Per-block torch.compile and activation-checkpoint wrappers insert path parts; files name the plain modules."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    x = torch.randn(2, 3, HIDDEN)
+    for label, wrap in (("compiled", lambda block: torch.compile(block, backend="eager")),
+                        ("checkpointed", checkpoint_wrapper)):
+        model = _adapted(base, CONFIG)
+        expected = model(x)
+        for i in range(len(model.layers)):
+            model.layers[i] = wrap(model.layers[i])
+        save_adapter(model, tmp_path / label)
+        meta = json.loads((tmp_path / label / ADAPTER_CONFIG).read_text())
+        assert sorted(meta["modules"]) == sorted(f"layers.{i}.{p}" for i in range(3) for p in ("query", "value"))
+        plain = copy.deepcopy(base)
+        load_adapter(plain, tmp_path / label)
+        assert_rel_close(plain(x), expected, 1e-5, name=f"saved from {label} blocks")
+        wrapped_base = copy.deepcopy(base)  # and loaded into a model whose blocks are wrapped the same way
+        for i in range(len(wrapped_base.layers)):
+            wrapped_base.layers[i] = wrap(wrapped_base.layers[i])
+        load_adapter(wrapped_base, tmp_path / label)
+        assert_rel_close(wrapped_base(x), expected, 1e-5, name=f"loaded into {label} blocks")
+
+
 def test_a_non_fitting_module_to_save_is_refused_before_any_change(base, tmp_path):
     save_adapter(_adapted(base, CONFIG), tmp_path)
     three_labels = copy.deepcopy(base)

@@ -149,6 +149,18 @@ def _check_ddp(rank, world):
     dist.all_gather(gathered, lam)
     assert torch.equal(gathered[0], gathered[1]), "DDP ranks diverged"
     _check_saved_adapter(ddp, x, "ddp", rank)
+    # New lam parameters behind DDP's back would silently stop being synchronised: refused; an adapter already
+    # loaded under its name is overwritten in place and stays synchronised.
+    from qrlora_kernels import load_adapter
+    folder = Path(os.environ["QRLORA_TEST_ADAPTER_DIR"]) / "ddp"
+    try:
+        load_adapter(ddp, folder, adapter_name="second")
+        raise AssertionError("a new adapter was loaded into a DDP-wrapped model")
+    except ValueError as err:
+        assert "load adapters before wrapping the model in DistributedDataParallel" in str(err), err
+    lam_before = [p for n, p in model.named_parameters() if n.endswith(".lam")]
+    load_adapter(ddp, folder)
+    assert [p for n, p in model.named_parameters() if n.endswith(".lam")] == lam_before  # the same Parameters
 
 
 def _check_saved_adapter(wrapped, x, label, rank):
@@ -188,6 +200,34 @@ def _check_fsdp2(rank, world):
     _check_saved_adapter(model, x, "fsdp2", rank)
 
 
+def _check_fsdp1(rank, world):
+    """FSDP1 flattens parameters: a save outside summon_full_params is refused (it wrote flat shards); inside it,
+    the file names the plain modules and reloads into a plain model."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from qrlora_kernels import save_adapter
+    model, x, _, _ = _converted_with_reference_grads(seed=11)
+    wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({Block}),
+                                       device_id=torch.device("cpu"), use_orig_params=True)
+    folder = Path(os.environ["QRLORA_TEST_ADAPTER_DIR"]) / "fsdp1"
+    try:
+        save_adapter(wrapped, folder)
+        raise AssertionError("save_adapter wrote an FSDP1 model's flattened shards")
+    except ValueError as err:
+        assert "flattened or sharded" in str(err), err
+    import torch.distributed as dist
+    from qrlora_kernels import load_adapter
+    with torch.no_grad():
+        expected = wrapped(x)  # a forward inside summon_full_params would reshard the parameters
+    with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):
+        save_adapter(wrapped, folder)
+    dist.barrier()
+    plain = _base_model()
+    load_adapter(plain, folder)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-6, msg=f"fsdp1 adapter on rank {rank}")
+
+
 def main():
     import torch.distributed as dist
     torch.set_num_threads(1)  # the same BLAS path on every rank and in the single-process reference
@@ -195,7 +235,7 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = [dist.new_group([r]) for r in range(world)]  # collective: every rank creates every group
     _SINGLE["group"] = groups[rank]
-    for check in (_check_apply, _check_ddp, _check_fsdp2):
+    for check in (_check_apply, _check_ddp, _check_fsdp2, _check_fsdp1):
         check(rank, world)
         dist.barrier()
         if rank == 0:
@@ -211,7 +251,7 @@ def test_apply_ddp_and_fsdp2_under_torchrun(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=root)
     log = done.stdout + done.stderr
     assert done.returncode == 0, f"torchrun failed (exit {done.returncode}):\n{log[-6000:]}"
-    for name in ("_check_apply", "_check_ddp", "_check_fsdp2"):
+    for name in ("_check_apply", "_check_ddp", "_check_fsdp2", "_check_fsdp1"):
         assert f"PASSED {name}" in done.stdout, log[-3000:]
     assert sorted(p.name for p in (tmp_path / "fsdp2").iterdir()) == ["adapter.safetensors", "adapter_config.json"]
 
