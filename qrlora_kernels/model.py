@@ -131,12 +131,8 @@ def _read_by_parent(model: nn.Module) -> set[str]:
 
 
 def find_targets(model: nn.Module, config: QRLoraConfig) -> list[tuple[str, nn.Linear]]:
-    """The ``(name, nn.Linear)`` pairs ``config`` targets, in ``named_modules`` order.
-
-    A transformers ``Conv1D`` (GPT-2's projections) comes as an ``nn.Linear`` holding its weight transposed
-    (``layer.as_linear``), marked ``fan_in_fan_out`` so that merging gives a ``Conv1D`` back.
-    """
-    from .layer import as_linear
+    """The ``(name, module)`` pairs ``config`` targets, in ``named_modules`` order: ``nn.Linear`` modules, and
+    transformers' ``Conv1D`` (GPT-2's projections; ``out_in_weight`` gives its weight as out x in)."""
     all_linear = config.target_modules == ALL_LINEAR
     excluded = _output_head_names(model) if all_linear else set()
     saved_prefixes = [name for name, _ in model.named_modules() if name and config.is_module_to_save(name)]
@@ -156,8 +152,14 @@ def find_targets(model: nn.Module, config: QRLoraConfig) -> list[tuple[str, nn.L
                 raise ValueError(f"{name} is the out_proj of an nn.MultiheadAttention, which reads its weight "
                                  f"directly and never calls its forward: an adapter there would never train. "
                                  f"Leave it out of target_modules (or use exclude_modules)")
-            targets.append((name, as_linear(module)))
+            targets.append((name, module))
     return targets
+
+
+def out_in_weight(module: nn.Module) -> torch.Tensor:
+    """A target's weight as out x in: ``nn.Linear``'s own, a ``Conv1D``'s transposed (a view, not a copy: the
+    copy each converted layer keeps is made one layer at a time, when it replaces the Conv1D)."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
 
 
 def _no_target_message(model: nn.Module, config: QRLoraConfig) -> str:
@@ -218,7 +220,7 @@ def _budget_ranks(diag_energies: Sequence[torch.Tensor], budget: int) -> list[in
     return [int(c) for c in counts]
 
 
-def _make_layer(linear: nn.Linear, basis: QRLoraBasis, config: QRLoraConfig, num_adapters: int = 1) -> nn.Module:
+def _make_layer(linear: nn.Module, basis: QRLoraBasis, config: QRLoraConfig, num_adapters: int = 1) -> nn.Module:
     QRLoraLinear = _layer_class()
     return QRLoraLinear.from_basis(linear, basis, tau=config.tau, energy=config.energy, num_adapters=num_adapters)
 
@@ -262,7 +264,7 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
     # Keep only the outermost matches, so nested ones are not counted twice.
     saved = [n for n in saved if not any(n.startswith(p + ".") for p in saved if p != n)]
 
-    bases = _dist.compute_bases([lin.weight for _, lin in targets],
+    bases = _dist.compute_bases([out_in_weight(module) for _, module in targets],
                                 lambda ws, names, on_done: _factorise_many(ws, config, names, on_done),
                                 names=[name for name, _ in targets], progress=progress, group=group,
                                 ranks_fn=(lambda diags: _budget_ranks(diags, config.budget))
@@ -277,7 +279,7 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
             continue
         layer = _make_layer(linear, basis, config)
         _set_submodule(model, name, layer)
-        reports.append(ModuleReport(name, linear.out_features, linear.in_features, basis.rank,
+        reports.append(ModuleReport(name, layer.out_features, layer.in_features, basis.rank,
                                     basis.energy_captured, basis.rank))
     saved_params = 0
     for name in saved:
