@@ -443,6 +443,10 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
                 layer = _build_layer(module, own, info, include_basis, num_adapters)
             except (ValueError, RuntimeError) as err:
                 raise ValueError(f"{name}: cannot rebuild the basis from the stored pivots: {err}") from None
+        # A torch.compile'd Linear calls the module it compiled, whatever its _orig_mod is later: the new layer
+        # replaces the compiled wrapper itself (a wrapper inside a compiled block is re-traced instead).
+        while module_path.rpartition(".")[2] == "_orig_mod":
+            module_path = module_path.rpartition(".")[0]
         plan.append((module_path, module, layer, own))
     for name, checksum in saved_meta.items():
         state = {k[len(SAVED_PREFIX) + len(name) + 1:]: v for k, v in tensors.items()

@@ -88,11 +88,11 @@ class QRLoraLinear(nn.Module):
         self.active_adapter = 0
         # Per-sequence or per-token ids used when forward() gets none (set by model-level context managers).
         self.adapter_ids: torch.Tensor | None = None
-        # Set with them by ``adapter_batch`` and shared by every layer: the top-level call's rows per id, and the
-        # ids repeated to match (generate()'s beams), one tensor per (device, k): their range is checked once.
+        # Set with them by ``adapter_batch`` and shared by every layer: whether the model is inside generate(), and
+        # the ids repeated for its beams, one tensor per (device, k): their range is checked once.
         self.adapter_id_expansions: dict | None = None
-        # A training forward took its ids from adapter_batch; see _refuse_recomputation_without_ids.
-        self._ids_from_context = False
+        # A forward ran under adapter_batch / disable_adapters; see _refuse_recomputation_outside_context.
+        self._context_pending = False
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
         self.register_buffer("Q", torch.empty(out_features, rank, **factory))
@@ -208,10 +208,10 @@ class QRLoraLinear(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if adapter_ids is None and not torch.compiler.is_compiling():
+            self._refuse_recomputation_outside_context()
         if self.merged or self.adapters_disabled:
             return F.linear(x, self.weight, self.bias)
-        if adapter_ids is None and self.lam.dim() == 2 and not torch.compiler.is_compiling():
-            self._refuse_recomputation_without_ids()
         ids = adapter_ids if adapter_ids is not None else self._context_adapter_ids(x)
         lam = self.lam
         if ids is None and lam.dim() == 2:
@@ -219,37 +219,39 @@ class QRLoraLinear(nn.Module):
         return qrlora_linear(x, self.weight, self.bias, self.Q, self.R, lam, backend=self.backend,
                              adapter_ids=ids, strategy=self.strategy)
 
-    def _refuse_recomputation_without_ids(self) -> None:
-        """Gradient checkpointing recomputes a layer during backward; if that backward runs after the
-        ``adapter_batch`` block that gave the original forward its ids, the recomputation would silently use the
-        active adapter and the lam gradients would be wrong. Refuse that one case (backward inside the block, or
-        no checkpointing, are exact)."""
-        if self.adapter_ids is not None:
-            self._ids_from_context = self._ids_from_context or self.training
-        elif self._ids_from_context:
+    def _refuse_recomputation_outside_context(self) -> None:
+        """Gradient checkpointing recomputes a layer during backward. If that backward runs after the
+        ``adapter_batch`` (or ``disable_adapters``) block that set up the original forward, the recomputation
+        would silently compute something else and the lam gradients would be wrong: refuse it. Backward inside
+        the block, or no checkpointing, are exact. Any forward outside a block clears the mark (reentrant
+        checkpointing runs its first forward under no_grad, so a no_grad forward may start a new graph). Not
+        caught: another forward of the layer between the block and the checkpointed backward."""
+        if self.adapter_ids is not None or self.adapters_disabled:
+            self._context_pending = True
+        elif self._context_pending:
             if torch._C._current_graph_task_id() != -1:  # running inside a backward pass: a recomputation
                 raise RuntimeError(
                     "a QR-LoRA layer is being recomputed during backward (gradient checkpointing) after the "
-                    "adapter_batch block that gave its forward per-sequence adapter ids has ended: the recomputation "
-                    "would use the active adapter and the lam gradients would be wrong. Call loss.backward() inside "
-                    "the adapter_batch block")
-            self._ids_from_context = False
+                    "adapter_batch / disable_adapters block that set up its forward has ended: the recomputation "
+                    "would compute something else and the lam gradients would be wrong. Call loss.backward() "
+                    "inside the block")
+            self._context_pending = False
 
     def _context_adapter_ids(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The ids set by ``adapter_batch``; each repeated k times in place when the model's top-level call had
-        k rows of ``input_ids`` per id (``generate(num_beams=k)`` / ``num_return_sequences=k``, which expand every
-        sequence into k consecutive rows, as PEFT's mixed-adapter generation assumes too). Ids passed to
-        ``forward`` directly are never expanded."""
+        """The ids set by ``adapter_batch``. Inside the model's ``generate`` (beams, ``num_return_sequences``:
+        every sequence expanded into k consecutive rows, as PEFT's mixed-adapter generation assumes too), an
+        input k times as long as the ids gets each id repeated k times. Ids passed to ``forward`` directly, and
+        calls outside ``generate``, are never expanded."""
         ids, shared = self.adapter_ids, self.adapter_id_expansions
-        if ids is None or shared is None:
+        if ids is None or shared is None or not shared.get("generating") or ids.dim() != 1 or x.dim() < 3:
             return ids
-        factor = shared.get("factor", 1)
-        if factor == 1 or ids.dim() != 1 or x.dim() < 3 or x.shape[0] != factor * ids.shape[0]:
+        n, rows = ids.shape[0], x.shape[0]
+        if n == 0 or rows == n or rows % n:
             return ids
-        key = (ids.device, factor)
+        key = (ids.device, rows // n)
         if key not in shared:
             with torch.inference_mode(False):  # an ordinary tensor: its range is checked once, not per layer
-                shared[key] = ids.repeat_interleave(factor)
+                shared[key] = ids.repeat_interleave(key[1])
         return shared[key]
 
     # ------------------------------------------------------------------ merging

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import warnings
 from typing import Iterable, Optional, Sequence, Union
 
@@ -379,7 +380,7 @@ def modules_by_canonical_name(model: nn.Module) -> dict[str, tuple[str, nn.Modul
     """Canonical name -> (the module's real path in ``model``, the module)."""
     found: dict[str, tuple[str, nn.Module]] = {}
     for name, module in unwrap_model(model).named_modules():
-        found.setdefault(canonical_name(name), (name, module))
+        found[canonical_name(name)] = (name, module)  # a wrapper comes before what it wraps: the innermost wins
     return found
 
 
@@ -439,12 +440,12 @@ def adapter_batch(model: nn.Module, adapter_ids: Union[torch.Tensor, Iterable[Un
             logits = model(**batch).logits
             out = model.generate(**batch, num_beams=4)   # each sequence's beams keep its adapter
 
-    A model called with ``input_ids`` k times as many rows as the ids (``generate``'s beams,
-    ``num_return_sequences``, which repeat each sequence k times in place) repeats each id k times;
-    any other batch size is an error, as a layer given ids of the wrong length always is. Training
-    works too, with ``backward()`` inside the block (required under gradient checkpointing, whose
-    recomputation during a later backward would not see the ids: that case raises). Under ``torch.inference_mode()`` the ids are kept
-    as ordinary tensors, so their range is checked once, not in every layer.
+    Inside the model's ``generate`` (beams, ``num_return_sequences``: every sequence expanded into k
+    consecutive rows, the encoder of an encoder-decoder model left unexpanded), a layer input k times as
+    long as the ids repeats each id k times; outside it, any batch size that does not match the ids is an
+    error, as a layer given ids of the wrong length always is. Training works too, with ``backward()``
+    inside the block. Under ``torch.inference_mode()`` the ids are kept as ordinary tensors, so their range
+    is checked once, not in every layer.
     """
     # Ordinary tensors even under inference_mode: an inference tensor has no version counter to cache by.
     with torch.inference_mode(False):
@@ -453,16 +454,18 @@ def adapter_batch(model: nn.Module, adapter_ids: Union[torch.Tensor, Iterable[Un
     layers = [layer for _, layer in qrlora_layers(root)]
     previous = [(layer.adapter_ids, layer.adapter_id_expansions) for layer in layers]
     per_device: dict[torch.device, torch.Tensor] = {}
-    shared: dict = {"factor": 1}  # rows per id of the current top-level call, and the expanded ids per device
-
-    def record_rows_per_id(_module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        rows = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 \
-            and not input_ids.is_floating_point() else None
-        n = ids.shape[0]
-        shared["factor"] = rows // n if rows is not None and n and rows > n and rows % n == 0 else 1
-
-    hook = root.register_forward_pre_hook(record_rows_per_id, with_kwargs=True)
+    shared: dict = {"generating": False}  # inside generate(): expand; and the expanded ids per (device, k)
+    original_generate = root.__dict__.get("generate")
+    bound_generate = getattr(root, "generate", None)
+    if callable(bound_generate):
+        @functools.wraps(bound_generate)
+        def generate(*args, **kwargs):
+            shared["generating"] = True
+            try:
+                return bound_generate(*args, **kwargs)
+            finally:
+                shared["generating"] = False
+        root.generate = generate
     try:
         with torch.inference_mode(False):
             for layer in layers:
@@ -473,7 +476,11 @@ def adapter_batch(model: nn.Module, adapter_ids: Union[torch.Tensor, Iterable[Un
                 layer.adapter_id_expansions = shared
         yield ids
     finally:
-        hook.remove()
+        if callable(bound_generate):
+            if original_generate is None:
+                del root.generate
+            else:
+                root.generate = original_generate
         for layer, (old_ids, old_expansions) in zip(layers, previous):
             layer.adapter_ids, layer.adapter_id_expansions = old_ids, old_expansions
 

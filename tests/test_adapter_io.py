@@ -296,6 +296,10 @@ def test_wrappers_inside_the_model_do_not_change_the_saved_names(base, tmp_path)
             wrapped_base.layers[i] = wrap(wrapped_base.layers[i])
         load_adapter(wrapped_base, tmp_path / label)
         assert_rel_close(wrapped_base(x), expected, 1e-5, name=f"loaded into {label} blocks")
+        single = copy.deepcopy(base)  # a wrapped Linear itself: the adapter goes inside the wrapper
+        single.layers[0].query = wrap(single.layers[0].query)
+        load_adapter(single, tmp_path / label)
+        assert_rel_close(single(x), expected, 1e-5, name=f"loaded into {label} Linear layers")
 
 
 def test_a_non_fitting_module_to_save_is_refused_before_any_change(base, tmp_path):

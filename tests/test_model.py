@@ -413,6 +413,53 @@ def test_adapter_batch_routes_ids_and_validates():
     assert_rel_close(merged(x), model(x), 1e-5, name="merged adapter b")
 
 
+class CheckpointedModel(nn.Module):
+    """Blocks run under torch.utils.checkpoint (reentrant), even in eval mode, as some training loops do."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block() for _ in range(2))
+
+    def forward(self, h):
+        for block in self.blocks:
+            h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=True)
+        return h
+
+
+def test_a_recomputation_after_the_block_raises_instead_of_giving_wrong_gradients():
+    torch.manual_seed(0)
+    model = CheckpointedModel().eval()  # eval mode: dropout off, still checkpointed
+    apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"], rank=4), progress=False)
+    for _, layer in qrlora_layers(model):
+        layer.set_num_adapters(2)
+        with torch.no_grad():
+            layer.lam.normal_()
+    model.qrlora_adapter_ids = {"a": 0, "b": 1}
+    x = torch.randn(2, 3, HIDDEN, requires_grad=True)
+    with adapter_batch(model, ["a", "b"]):
+        model(x).square().sum().backward()  # inside the block: exact
+    with adapter_batch(model, ["a", "b"]):
+        loss = model(x).square().sum()
+    with pytest.raises(RuntimeError, match="recomputed during backward"):
+        loss.backward()
+    with disable_adapters(model):
+        loss = model(x).square().sum()
+    with pytest.raises(RuntimeError, match="adapter_batch / disable_adapters block"):
+        loss.backward()
+    model(x).square().sum().backward()  # a plain checkpointed step afterwards is not refused
+
+
+def test_an_embedding_model_called_sequence_first_is_not_taken_for_beams():
+    """(seq, batch) input_ids whose seq is a multiple of the ids: outside generate() that is an error."""
+    model = nn.Sequential(nn.Embedding(20, HIDDEN), nn.Linear(HIDDEN, HIDDEN))
+    apply_qrlora(model, QRLoraConfig(target_modules=["1"], rank=4), progress=False)
+    model[1].set_num_adapters(2)
+    model.qrlora_adapter_ids = {"a": 0, "b": 1}
+    with pytest.raises(ValueError, match="adapter_ids has shape \\(2,\\)"):
+        with adapter_batch(model, ["a", "b"]):
+            model(torch.randint(0, 20, (6, 2)))
+
+
 def test_progress_bar_over_modules(capsys):
     _, model = _pair(1)
     apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"]), progress=True)
