@@ -495,6 +495,13 @@ def test_device_suite_rejects_bad_budget():
     assert proc.returncode == 2 and "--budget must be a whole number of seconds >= 60" in proc.stderr
 
 
+def _fake_tool(bin_dir, name):
+    """An executable ``name`` on the test PATH that says so if the script ever reaches it."""
+    fake = bin_dir / name
+    fake.write_text(f"#!/bin/sh\necho fake {name} must not be reached >&2\nexit 0\n")
+    fake.chmod(0o755)
+
+
 def _path_without(tool, tmp_path):
     # A PATH with bash, python and coreutils but certainly no Nsight tool.
     bin_dir = tmp_path / "bin"
@@ -526,9 +533,7 @@ def test_profile_auto_needs_one_of_the_tools(tmp_path):
 @no_gpu_only
 def test_profile_auto_takes_ncu_when_nsys_is_missing(tmp_path):
     env, bin_dir = _path_without("nsys", tmp_path)
-    fake = bin_dir / "ncu"
-    fake.write_text("#!/bin/sh\necho fake ncu must not be reached >&2\nexit 0\n")
-    fake.chmod(0o755)
+    _fake_tool(bin_dir, "ncu")
     proc = _script("benchmarks/profile.sh", "shape=48x32,tokens=16,rank=16,provider=full_ft", env=env)
     assert proc.returncode == 4 and "using ncu (--tool auto)" in proc.stderr and "fake ncu" not in proc.stderr
 
@@ -536,9 +541,7 @@ def test_profile_auto_takes_ncu_when_nsys_is_missing(tmp_path):
 @no_gpu_only
 def test_profile_fails_clearly_without_a_gpu(tmp_path):
     env, bin_dir = _path_without("nsys", tmp_path)
-    fake = bin_dir / "nsys"
-    fake.write_text("#!/bin/sh\necho fake nsys must not be reached >&2\nexit 0\n")
-    fake.chmod(0o755)
+    _fake_tool(bin_dir, "nsys")
     proc = _script("benchmarks/profile.sh", "shape=48x32,tokens=16,rank=16,provider=full_ft", env=env)
     assert proc.returncode == 4 and "no CUDA GPU visible to torch" in proc.stderr
     assert "fake nsys" not in proc.stderr

@@ -37,6 +37,23 @@ def _check_training(model, base, batch, loss_fn, output_fn, allowed_prefixes=())
         assert rel_error(output_fn(model(**batch)), output_fn(base(**batch))) > 1e-5
 
 
+def _tuned_and_served(base, config, tasks, lam_std, folder):
+    """One adapted copy of ``base`` per task (random lam), each saved; and ``base`` serving all of them by name."""
+    from qrlora_kernels import load_adapter, save_adapter
+    tuned = {}
+    for task in tasks:
+        tuned[task] = copy.deepcopy(base)
+        apply_qrlora(tuned[task], config, progress=False)
+        with torch.no_grad():
+            for _, layer in qrlora_layers(tuned[task]):
+                layer.lam.normal_(0.0, lam_std)
+        save_adapter(tuned[task], folder / task)
+    served = copy.deepcopy(base)
+    for task in tasks:
+        load_adapter(served, folder / task, adapter_name=task)
+    return tuned, served
+
+
 def _roberta():
     from transformers import RobertaConfig, RobertaForSequenceClassification
     config = RobertaConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -123,22 +140,12 @@ def test_gpt2_conv1d_layers(tmp_path):
 def test_t5_beams_keep_each_sequence_adapter(tmp_path):
     """Encoder-decoder generate: the encoder runs on the batch, the decoder on its beams."""
     from transformers import T5Config, T5ForConditionalGeneration
-    from qrlora_kernels import load_adapter, save_adapter
     from qrlora_kernels.model import adapter_batch
     torch.manual_seed(0)
     base = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1,
                                                num_heads=2, decoder_start_token_id=0)).eval()
-    tuned = {}
-    for task in ("a", "b"):
-        tuned[task] = copy.deepcopy(base)
-        apply_qrlora(tuned[task], QRLoraConfig(target_modules=["q", "v"], rank=4), progress=False)
-        with torch.no_grad():
-            for _, layer in qrlora_layers(tuned[task]):
-                layer.lam.normal_(0.0, 2.0)
-        save_adapter(tuned[task], tmp_path / task)
-    served = copy.deepcopy(base)
-    for task in tuned:
-        load_adapter(served, tmp_path / task, adapter_name=task)
+    tuned, served = _tuned_and_served(base, QRLoraConfig(target_modules=["q", "v"], rank=4), ("a", "b"), 2.0,
+                                      tmp_path)
     prompt = torch.randint(1, 64, (2, 6))
     settings = dict(max_new_tokens=4, num_beams=3, num_return_sequences=3, do_sample=False)
     with torch.no_grad(), adapter_batch(served, ["b", "a"]):
@@ -185,23 +192,12 @@ def test_real_minilm_weights_offline(monkeypatch):
 
 def test_llama_mixed_adapter_batch_equals_each_adapter_alone(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
-    from qrlora_kernels import load_adapter, save_adapter
     from qrlora_kernels.model import adapter_batch
     config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     base = LlamaForCausalLM(config).eval()
     qr_config = QRLoraConfig(target_modules=["q_proj", "v_proj", "down_proj"])
-    tuned = {}
-    for task in ("code", "chat"):
-        tuned[task] = copy.deepcopy(base)
-        apply_qrlora(tuned[task], qr_config, progress=False)
-        with torch.no_grad():
-            for _, layer in qrlora_layers(tuned[task]):
-                layer.lam.normal_(0.0, 0.5)
-        save_adapter(tuned[task], tmp_path / task)
-    served = copy.deepcopy(base)
-    for task in tuned:
-        load_adapter(served, tmp_path / task, adapter_name=task)
+    tuned, served = _tuned_and_served(base, qr_config, ("code", "chat"), 0.5, tmp_path)
     ids = torch.randint(0, 96, (3, 9))
     order = ["chat", "code", "chat"]
     with torch.no_grad(), adapter_batch(served, order):
