@@ -222,19 +222,19 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
         if getattr(layer, "merged", False):
             raise ValueError(f"{name}: layer is merged; unmerge() it before saving, so its base weight is W0")
         r = int(layer.rank)
-        if _lam_rows(layer).shape[-1] != r or tuple(_full(layer.weight).shape) != (layer.out_features,
-                                                                                  layer.in_features):
+        # Gathered once each: under FSDP2 every _full is a collective.
+        lam_rows, weight = _lam_rows(layer), _full(layer.weight)
+        if lam_rows.shape[-1] != r or tuple(weight.shape) != (layer.out_features, layer.in_features):
             raise ValueError(f"{name}: its parameters are flattened or sharded (FSDP1's FullyShardedDataParallel); "
                              f"save inside FullyShardedDataParallel.summon_full_params(model) on every rank, before "
                              f"wrapping, or use FSDP2's fully_shard")
-        lam = _lam_rows(layer)[row].to("cpu").clone()
+        lam = lam_rows[row].to("cpu").clone()
         pivots = layer.perm[:r].to("cpu", torch.int32).clone()
         own = {"lam": lam, "pivots": pivots}
         if include_basis:
             own["Q"] = _full(layer.Q).to("cpu").contiguous().clone()
             own["R"] = _full(layer.R).to("cpu").contiguous().clone()
         tensors.update({f"{name}.{key}": t for key, t in own.items()})
-        weight = _full(layer.weight)
         modules[name] = {
             "rank": r, "in_features": layer.in_features, "out_features": layer.out_features,
             "bias": layer.bias is not None, "tau": getattr(layer, "tau", None),
@@ -298,21 +298,29 @@ _MODULE_FIELDS = {"rank": int, "in_features": int, "out_features": int, "fingerp
 _FINGERPRINT_FIELDS = {"shape": list, "dtype": str, "sample_hash": str, "sum": (int, float), "sum_sq": (int, float)}
 
 
+def _bad_field(entry, fields: dict) -> Optional[str]:
+    """The first of ``fields`` (name -> type) that ``entry`` lacks or holds with another type (bools never count
+    as numbers); None when all are there."""
+    for key, kind in fields.items():
+        value = entry.get(key) if isinstance(entry, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return key
+    return None
+
+
 def _check_module_info(name: str, info, config_path: Path) -> None:
     """Every field the loader reads is there and has its type: a hand-edited or damaged config names the module."""
     if not isinstance(info, dict):
         raise ValueError(f"{name}: {config_path} is corrupt: its entry is not a mapping")
-    for fields, where in ((_MODULE_FIELDS, info), (_FINGERPRINT_FIELDS, info.get("fingerprint"))):
-        for key, kind in fields.items():
-            value = where.get(key) if isinstance(where, dict) else None
-            if not isinstance(value, kind) or isinstance(value, bool):
-                label = key if where is info else f"fingerprint.{key}"
-                raise ValueError(f"{name}: {config_path} is corrupt: {label!r} is missing or not a "
-                                 f"{getattr(kind, '__name__', 'number')}")
+    for fields, where, prefix in ((_MODULE_FIELDS, info, ""), (_FINGERPRINT_FIELDS, info.get("fingerprint"),
+                                                                 "fingerprint.")):
+        bad = _bad_field(where, fields)
+        if bad is not None:
+            kind = fields[bad]
+            raise ValueError(f"{name}: {config_path} is corrupt: {prefix + bad!r} is missing or not a "
+                             f"{getattr(kind, '__name__', 'number')}")
     rounded = info["fingerprint"].get("rounded", {})
-    if not isinstance(rounded, dict) or not all(
-            isinstance(fp, dict) and all(isinstance(fp.get(k), kind) and not isinstance(fp.get(k), bool)
-                                         for k, kind in _FINGERPRINT_FIELDS.items()) for fp in rounded.values()):
+    if not isinstance(rounded, dict) or any(_bad_field(fp, _FINGERPRINT_FIELDS) for fp in rounded.values()):
         raise ValueError(f"{name}: {config_path} is corrupt: 'fingerprint.rounded' is damaged")
 
 
