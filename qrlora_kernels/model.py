@@ -349,21 +349,30 @@ def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) ->
     return model
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model inside ``DistributedDataParallel`` / ``DataParallel`` / FSDP1 / ``torch.compile`` wrappers.
-
-    Adapter files name modules as the unwrapped model does, so a model saved from inside a wrapper loads into a
-    plain one (FSDP2's ``fully_shard`` wraps nothing: it shards the parameters in place).
-    """
+def _wrapper_chain(model: nn.Module):
+    """``model``, then each module it wraps: ``torch.compile``'s ``_orig_mod``, DDP / DataParallel / FSDP1's
+    ``.module``."""
     while True:
+        yield model
         inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
         if not isinstance(inner, nn.Module) and (
                 isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
                 or type(model).__name__ == "FullyShardedDataParallel"):
             inner = model.module
         if not isinstance(inner, nn.Module):
-            return model
+            return
         model = inner
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside ``DistributedDataParallel`` / ``DataParallel`` / FSDP1 / ``torch.compile`` wrappers.
+
+    Adapter files name modules as the unwrapped model does, so a model saved from inside a wrapper loads into a
+    plain one (FSDP2's ``fully_shard`` wraps nothing: it shards the parameters in place).
+    """
+    for model in _wrapper_chain(model):
+        pass
+    return model
 
 
 # Path parts that wrappers insert inside a model: FSDP1's auto-wrap, activation checkpointing's wrapper,
@@ -386,17 +395,10 @@ def modules_by_canonical_name(model: nn.Module) -> dict[str, tuple[str, nn.Modul
 
 def parameter_holding_wrapper(model: nn.Module) -> Optional[str]:
     """The name of a wrapper that keeps the parameters it was given (DDP, FSDP1), if ``model`` is or holds one."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            return "DistributedDataParallel"
-        inner = getattr(model, "_orig_mod", None)
-        if isinstance(inner, nn.Module):
-            model = inner
-        elif isinstance(model, nn.DataParallel):
-            model = model.module
-        else:
-            break
-    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+    chain = list(_wrapper_chain(model))
+    if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in chain):
+        return "DistributedDataParallel"
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in [*chain, *chain[-1].modules()]):
         return "FullyShardedDataParallel"
     return None
 
@@ -483,7 +485,6 @@ def adapter_batch(model: nn.Module, adapter_ids: Union[torch.Tensor, Iterable[Un
                 root.generate = original_generate
         for layer, (old_ids, old_expansions) in zip(layers, previous):
             layer.adapter_ids, layer.adapter_id_expansions = old_ids, old_expansions
-
 
 
 @contextlib.contextmanager
