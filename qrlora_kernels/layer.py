@@ -34,13 +34,14 @@ def is_conv1d(module: nn.Module) -> bool:
             and isinstance(weight, torch.Tensor) and weight.dim() == 2)
 
 
-def as_linear(module: nn.Module) -> nn.Linear:
+def as_linear(module: nn.Module, caller: str = "as_linear") -> nn.Linear:
     """``module`` as an ``nn.Linear``: itself, or for a ``Conv1D`` an ``nn.Linear`` holding W^T (a contiguous
-    copy) and marked ``fan_in_fan_out = True``, so that merging gives a ``Conv1D`` back (PEFT's flag name)."""
+    copy) and marked ``fan_in_fan_out = True``, so that merging gives a ``Conv1D`` back (PEFT's flag name).
+    Anything else is a TypeError naming ``caller``."""
     if isinstance(module, nn.Linear):
         return module
     if not is_conv1d(module):
-        raise TypeError(f"expected an nn.Linear (or transformers' Conv1D), got {type(module).__name__}")
+        raise TypeError(f"{caller} expects an nn.Linear (or transformers' Conv1D), got {type(module).__name__}")
     in_features, out_features = module.weight.shape
     linear = nn.Linear(in_features, out_features, bias=module.bias is not None, device="meta")
     linear.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=module.weight.requires_grad)
@@ -115,9 +116,7 @@ class QRLoraLinear(nn.Module):
         storage. A transformers ``Conv1D`` (GPT-2) is taken too: the layer then holds its weight transposed
         (a copy) and ``to_linear()`` gives a ``Conv1D`` back.
         """
-        if not isinstance(linear, nn.Linear) and not is_conv1d(linear):
-            raise TypeError(f"from_linear expects an nn.Linear (or transformers' Conv1D), got {type(linear).__name__}")
-        linear = as_linear(linear)
+        linear = as_linear(linear, "from_linear")
         basis = build_basis(linear.weight, tau=tau, rank=rank, energy=energy, method=qr_method)
         return cls.from_basis(linear, basis, tau=tau, energy=energy, num_adapters=num_adapters, **kwargs)
 
@@ -127,9 +126,7 @@ class QRLoraLinear(nn.Module):
         """A layer over ``linear`` with a precomputed basis: a ``QRLoraBasis`` (from ``build_basis`` or
         ``truncate``) or a tuple ``(Q, R, perm)``, Q (out x r), R (r x in, original column order),
         perm the pivots (length in, or at least r: ``perm[:r]`` are the basis columns)."""
-        if not isinstance(linear, nn.Linear) and not is_conv1d(linear):
-            raise TypeError(f"from_basis expects an nn.Linear (or transformers' Conv1D), got {type(linear).__name__}")
-        linear = as_linear(linear)
+        linear = as_linear(linear, "from_basis")
         Q, R, perm = basis[0], basis[1], basis[2]
         energy_captured = basis.energy_captured if isinstance(basis, QRLoraBasis) else None
         out_features, in_features = linear.weight.shape
