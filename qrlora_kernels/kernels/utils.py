@@ -207,11 +207,15 @@ def prune_by_size(rows_arg: str, cols_arg: str):
     return prune
 
 
+def _autotuning(autotune: bool | None) -> bool:
+    return AUTOTUNE if autotune is None else autotune
+
+
 def gemm_configs(autotune: bool | None = None):
     """``merged_weight``'s configs (``autotune``: default ``AUTOTUNE``, from QRLORA_AUTOTUNE)."""
     if INTERPRETED:
         return _INTERPRETER_CONFIG
-    return _GPU_GEMM_CONFIGS if (AUTOTUNE if autotune is None else autotune) else _FIXED_GEMM_CONFIG
+    return _GPU_GEMM_CONFIGS if _autotuning(autotune) else _FIXED_GEMM_CONFIG
 
 
 def lowrank_gemm_configs(autotune: bool | None = None):
@@ -219,7 +223,7 @@ def lowrank_gemm_configs(autotune: bool | None = None):
     config when autotuning is off)."""
     if INTERPRETED:
         return [_tiled(c) for c in _INTERPRETER_CONFIG]
-    if not (AUTOTUNE if autotune is None else autotune):
+    if not _autotuning(autotune):
         return [_tiled(c) for c in _FIXED_GEMM_CONFIG]
     return [_tiled(c) for c in _GPU_GEMM_CONFIGS] + _GPU_TMA_CONFIGS
 
@@ -309,4 +313,4 @@ def ensure_tma_allocator() -> None:
 def project_configs(autotune: bool | None = None):
     if INTERPRETED:
         return _INTERPRETER_CONFIG
-    return _GPU_PROJECT_CONFIGS if (AUTOTUNE if autotune is None else autotune) else _FIXED_PROJECT_CONFIG
+    return _GPU_PROJECT_CONFIGS if _autotuning(autotune) else _FIXED_PROJECT_CONFIG
