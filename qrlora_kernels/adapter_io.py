@@ -41,7 +41,7 @@ from .atomic_file import atomic_write_bytes
 from .config import QRLoraConfig
 from .model import (ADAPTER_IDS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER, MODULES_TO_SAVE_ATTR, _layer_class,
                     _read_by_parent, _set_submodule, adapter_row, canonical_name, modules_by_canonical_name,
-                    parameter_holding_wrapper, qrlora_layers, unwrap_model)
+                    parameter_holding_wrapper, qrlora_layers, skip_bases_in_hf_checkpoints, unwrap_model)
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -499,6 +499,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
         setattr(model, CONFIG_ATTR, meta.get("config"))
     setattr(model, MODULES_TO_SAVE_ATTR, sorted(set(getattr(model, MODULES_TO_SAVE_ATTR, [])) | set(saved_meta)))
     setattr(model, ADAPTER_IDS_ATTR, ids)
+    skip_bases_in_hf_checkpoints(model)
     return dict(ids)
 
 

@@ -1,8 +1,8 @@
 """Model-level QR-LoRA: find targeted ``nn.Linear`` modules, replace them, freeze the rest.
 
 ``apply_qrlora(model, config)`` is PEFT's ``get_peft_model`` for QR-LoRA, but in place: the
-model keeps its class, so ``transformers`` code paths (generation, ``save_pretrained`` of the
-base) keep working. The adapter's bookkeeping lives in three attributes of the root module:
+model keeps its class, so ``transformers`` code paths (generation, ``save_pretrained``, ``Trainer``)
+keep working; ``save_pretrained`` leaves out the bases (``skip_bases_in_hf_checkpoints``). The adapter's bookkeeping lives in three attributes of the root module:
 
 * ``model.qrlora_config``         -- the ``QRLoraConfig`` used;
 * ``model.qrlora_adapter_ids``    -- adapter name -> row of every layer's ``lam`` (``{"default": 0}``);
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import sys
 import warnings
 from typing import Iterable, Optional, Sequence, Union
 
@@ -30,6 +31,9 @@ CONFIG_ATTR = "qrlora_config"
 MODULES_TO_SAVE_ATTR = "qrlora_modules_to_save"
 DEFAULT_ADAPTER = "default"
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
+# The basis buffers: a function of the base weight and the stored pivots, so Hugging Face checkpoints skip them.
+BASIS_BUFFERS = ("Q", "R")
+_SKIPPED_ON_SAVE_ATTR = "_qrlora_keys_skipped_on_save"
 
 
 def _layer_class():
@@ -188,6 +192,31 @@ def qrlora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QRLoraLinear)]
 
 
+def skip_bases_in_hf_checkpoints(model: nn.Module) -> None:
+    """Make Hugging Face ``save_pretrained``, and so ``Trainer``'s checkpoints, leave out every layer's Q and R.
+
+    They are as large as the adapted weights themselves at tau = 0.9, and whoever can use such a checkpoint rebuilds
+    them anyway (``apply_qrlora`` on the base model, then the checkpoint's ``lam`` and ``perm``; a ``perm`` that does
+    not match the rebuilt basis is refused at load, see ``QRLoraLinear._load_from_state_dict``). Each
+    ``PreTrainedModel`` in ``model`` gets its own layers' keys in ``_keys_to_ignore_on_save`` (transformers' list of
+    keys ``save_pretrained`` drops; ``Trainer`` reads it too when it resumes); keys added here before are taken back
+    first, so this is called after every change of the model's layers.
+    """
+    transformers = sys.modules.get("transformers")  # no transformers imported: no PreTrainedModel to mark
+    pretrained = getattr(transformers, "PreTrainedModel", None)
+    if pretrained is None:
+        return
+    QRLoraLinear = _layer_class()
+    for owner in model.modules():
+        if not isinstance(owner, pretrained):
+            continue
+        ours = {f"{name}.{buffer}" for name, module in owner.named_modules() if isinstance(module, QRLoraLinear)
+                for buffer in BASIS_BUFFERS}
+        theirs = set(owner._keys_to_ignore_on_save or ()) - getattr(owner, _SKIPPED_ON_SAVE_ATTR, set())
+        owner._keys_to_ignore_on_save = theirs | ours
+        setattr(owner, _SKIPPED_ON_SAVE_ATTR, ours)
+
+
 # ---------------------------------------------------------------------------------------- bases
 def _factorise_many(weights: Sequence[torch.Tensor], config: QRLoraConfig, names: Sequence[str],
                     on_done=None) -> list[QRLoraBasis]:
@@ -291,6 +320,7 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
     setattr(model, CONFIG_ATTR, config)
     setattr(model, ADAPTER_IDS_ATTR, {DEFAULT_ADAPTER: 0})
     setattr(model, MODULES_TO_SAVE_ATTR, saved)
+    skip_bases_in_hf_checkpoints(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
@@ -346,6 +376,7 @@ def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) ->
     for attr in (CONFIG_ATTR, ADAPTER_IDS_ATTR, MODULES_TO_SAVE_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
+    skip_bases_in_hf_checkpoints(model)
     return model
 
 

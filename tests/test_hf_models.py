@@ -137,6 +137,70 @@ def test_gpt2_conv1d_layers(tmp_path):
         assert_rel_close(again(ids).logits, adapted, 1e-5, name="merged GPT-2 saved and loaded")
 
 
+def test_trainer_checkpoints_leave_out_the_basis_and_resume(tmp_path, caplog):
+    """Trainer checkpoints (save_pretrained) hold lam, the pivots and the base, not Q and R (as large as the adapted
+    weights at tau = 0.9; rebuilt by apply_qrlora); resuming restores the adapted model exactly, a checkpoint whose
+    pivots differ from the rebuilt basis is refused naming the layer, and merge_and_unload gives the keys back."""
+    import logging
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers import Trainer, TrainingArguments
+    from qrlora_kernels import load_adapter, merge_and_unload, save_adapter
+    base = _roberta()
+    untouched = set(base._keys_to_ignore_on_save or ())
+    untouched_inner = set(base.roberta._keys_to_ignore_on_save or ())
+    config = QRLoraConfig(target_modules=["query", "value"], task_type="SEQ_CLS")
+    data = [{"input_ids": torch.randint(3, 120, (10,)), "attention_mask": torch.ones(10, dtype=torch.long),
+             "labels": torch.tensor(i % 3)} for i in range(8)]
+
+    def trainer(model):
+        args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, save_steps=2, learning_rate=5e-2,
+                                 per_device_train_batch_size=4, report_to=[], use_cpu=True, disable_tqdm=True)
+        return Trainer(model=model, args=args, train_dataset=data)
+
+    model = copy.deepcopy(base)
+    apply_qrlora(model, config, progress=False)
+    trainer(model).train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    with safe_open(checkpoint / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    layers = [name for name, _ in qrlora_layers(model)]
+    assert len(layers) == 4 and {f"{n}.{k}" for n in layers for k in ("lam", "perm")} <= keys
+    assert not {f"{n}.{k}" for n in layers for k in ("Q", "R")} & keys
+    assert "classifier.out_proj.weight" in keys and "roberta.embeddings.word_embeddings.weight" in keys
+    assert all(model.get_parameter(f"{n}.lam").detach().abs().sum() > 0 for n in layers)  # it trained
+
+    resumed = copy.deepcopy(base)
+    apply_qrlora(resumed, config, progress=False)
+    with caplog.at_level(logging.WARNING, logger="transformers"):
+        trainer(resumed).train(resume_from_checkpoint=str(checkpoint))  # loads, and has no step left to take
+    assert not [r for r in caplog.records if "missing keys" in r.getMessage()]
+    for name in layers:
+        assert torch.equal(resumed.get_parameter(f"{name}.lam"), model.get_parameter(f"{name}.lam"))
+    batch = {"input_ids": torch.randint(3, 120, (3, 10)), "attention_mask": torch.ones(3, 10, dtype=torch.long)}
+    model.eval(), resumed.eval()
+    with torch.no_grad():
+        assert_rel_close(resumed(**batch).logits, model(**batch).logits, 1e-6, name="resumed from a checkpoint")
+
+    # Another basis (one weight changed so that its first pivot moves): refused, not lam applied to the wrong Q, R.
+    other = copy.deepcopy(base)
+    weight = other.roberta.encoder.layer[1].attention.self.query.weight
+    with torch.no_grad():
+        weight[:, model.roberta.encoder.layer[1].attention.self.query.perm[0]] *= 1e-3
+    apply_qrlora(other, config, progress=False)
+    with pytest.raises(RuntimeError, match=r"roberta\.encoder\.layer\.1\.attention\.self\.query: the state_dict "
+                                           r"has no basis .* pivots perm\[:\d+\] differ"):
+        other.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=False)
+
+    save_adapter(model, tmp_path / "adapter")
+    loaded = copy.deepcopy(base)
+    load_adapter(loaded, tmp_path / "adapter")  # layers made by load_adapter are marked too
+    assert loaded._keys_to_ignore_on_save == untouched | {f"{n}.{k}" for n in layers for k in ("Q", "R")}
+    assert loaded.roberta._keys_to_ignore_on_save >= {f"{n[len('roberta.'):]}.Q" for n in layers}  # nested model
+    merge_and_unload(loaded)
+    assert loaded._keys_to_ignore_on_save == untouched and loaded.roberta._keys_to_ignore_on_save == untouched_inner
+
+
 def test_t5_beams_keep_each_sequence_adapter(tmp_path):
     """Encoder-decoder generate: the encoder runs on the batch, the decoder on its beams."""
     from transformers import T5Config, T5ForConditionalGeneration

@@ -139,6 +139,29 @@ def test_state_dict_round_trip_deepcopy_and_to():
     assert_rel_close(double(x.double()), expected, REL_TOL[torch.float32], name="float64 copy")
 
 
+def test_state_dict_without_the_basis_needs_the_same_pivots():
+    """A state_dict that lacks Q and R (what Hugging Face checkpoints hold) keeps the layer's basis: its lam is
+    loaded when its leading pivots are the layer's, and refused, naming the layer, when they are not."""
+    layer = QRLoraLinear.from_linear(_linear(24, 20), rank=5)
+    _randomise_lam(layer)
+    x = torch.randn(4, 24)
+    state = {k: v for k, v in layer.state_dict().items() if k not in ("Q", "R")}
+    same = copy.deepcopy(layer)
+    nn.init.normal_(same.lam)
+    same.load_state_dict(state, strict=False)
+    assert torch.equal(same(x), layer(x))
+
+    other = nn.Sequential(QRLoraLinear.from_linear(_linear(24, 20), rank=5))  # another weight: other pivots
+    assert not torch.equal(other[0].perm[:5], layer.perm[:5])
+    before = other[0].lam.detach().clone()
+    with pytest.raises(RuntimeError, match=r"0: the state_dict has no basis \(Q, R; .* pivots perm\[:5\] differ"):
+        other.load_state_dict({f"0.{k}": v for k, v in state.items()}, strict=False)
+    assert torch.equal(other[0].lam, before)  # the layer itself was not changed
+
+    other[0].load_state_dict(layer.state_dict())  # with its basis, a state_dict replaces the layer's whole
+    assert torch.equal(other[0](x), layer(x))
+
+
 def test_bf16_autocast_on_cpu():
     layer = QRLoraLinear.from_linear(_linear(32, 24), rank=8)
     _randomise_lam(layer)
