@@ -373,9 +373,12 @@ def _module_tensors(tensors: dict, name: str, info: dict, include_basis: bool, p
     return own
 
 
-def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
-                 adapter_name: Optional[str] = None) -> dict[str, int]:
+def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_name: Optional[str] = None,
+                 revision: Optional[str] = None, token: Union[str, bool, None] = None) -> dict[str, int]:
     """Load an adapter saved by ``save_adapter``; returns the model's mapping adapter name -> id.
+
+    ``path`` is the adapter's folder or, when no such path exists, a Hugging Face Hub repository id
+    (``"user/repo"``, as ``push_adapter_to_hub`` writes; ``revision`` and ``token`` as in ``huggingface_hub``).
 
     On a base model (plain ``nn.Linear`` layers) each adapted module is rebuilt from its
     pivots and the model's own weights, which must be those the adapter was made on. On a
@@ -387,7 +390,8 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *,
     """
     wrapper = parameter_holding_wrapper(model)
     model = unwrap_model(model)
-    folder = Path(path)
+    from .hub import resolve_adapter_folder
+    folder = resolve_adapter_folder(path, revision=revision, token=token)
     meta = _read_config(folder / ADAPTER_CONFIG)
     tensors = _read_tensors(folder / ADAPTER_WEIGHTS)
     include_basis = bool(meta.get("include_basis"))

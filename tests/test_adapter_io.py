@@ -1,10 +1,12 @@
 """save_adapter / load_adapter: tiny files, exact reloads, multi-adapter loading, and every failure named."""
 import copy
 import dataclasses
+import fnmatch
 import json
 import os
 import stat
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -352,8 +354,11 @@ def test_truncated_and_corrupt_files(base, tmp_path):
     (tmp_path / ADAPTER_CONFIG).write_text('{"format": "qrlora-adapter", "modu')
     with pytest.raises(ValueError, match="adapter_config.json is truncated or corrupt"):
         load_adapter(copy.deepcopy(base), tmp_path)
-    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match="missing: no such adapter folder"):
         load_adapter(copy.deepcopy(base), tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json in .*empty"):
+        load_adapter(copy.deepcopy(base), tmp_path / "empty")
 
 
 def test_save_errors(base, tmp_path):
@@ -436,3 +441,106 @@ def test_adapter_files_get_the_permissions_open_would_give(base, tmp_path, umask
     save_adapter(model, tmp_path / "new")
     assert stat.S_IMODE((tmp_path / "new" / ADAPTER_WEIGHTS).stat().st_mode) == 0o640
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == sorted([ADAPTER_WEIGHTS, ADAPTER_CONFIG])
+
+
+# ------------------------------------------------------------------------------------ the Hugging Face Hub
+class FakeHub:
+    """Stands in for the Hub's network side: ``HfApi.create_repo`` / ``upload_folder`` store a repository's files
+    per revision, ``snapshot_download`` hands them out as a fresh local snapshot folder (filtered by
+    ``allow_patterns``), and every call is recorded. Repository-id checks, argument passing and everything of ours
+    run for real."""
+
+    class RepositoryNotFound(Exception):
+        pass
+
+    def __init__(self, root, monkeypatch):
+        import huggingface_hub
+        self.repos, self.calls, self.root = {}, [], root
+
+        def allowed(name, patterns):
+            return not patterns or any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+
+        def create_repo(api, repo_id, *, private=None, exist_ok=False, **kwargs):
+            self.calls.append(("create_repo", repo_id, private, api.token))
+            self.repos.setdefault(repo_id, {})
+
+        def upload_folder(api, *, repo_id, folder_path, revision=None, commit_message=None, allow_patterns=None,
+                          **kwargs):
+            self.calls.append(("upload_folder", repo_id, revision, commit_message))
+            self.repos[repo_id][revision or "main"] = {
+                f.name: f.read_bytes() for f in Path(folder_path).iterdir() if allowed(f.name, allow_patterns)}
+            return f"commit:{repo_id}@{revision or 'main'}"
+
+        def snapshot_download(repo_id, *, revision=None, token=None, allow_patterns=None, **kwargs):
+            self.calls.append(("snapshot_download", repo_id, revision, token))
+            if (revision or "main") not in self.repos.get(repo_id, {}):
+                raise FakeHub.RepositoryNotFound(f"404 Client Error. Repository Not Found for url: {repo_id}")
+            folder = self.root / f"snapshot{len(self.calls)}"
+            folder.mkdir()
+            for name, data in self.repos[repo_id][revision or "main"].items():
+                if allowed(name, allow_patterns):
+                    (folder / name).write_bytes(data)
+            return str(folder)
+
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+
+def test_push_to_and_load_from_the_hub(base, tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    from qrlora_kernels import push_adapter_to_hub
+    hub = FakeHub(tmp_path, monkeypatch)
+    model = _adapted(base)
+    h = torch.randn(4, 5, HIDDEN)
+    with torch.no_grad():
+        expected = model(h)
+    assert push_adapter_to_hub(model, "me/tiny-qrlora", private=True, token="hf_x") == "commit:me/tiny-qrlora@main"
+    assert hub.calls[:2] == [("create_repo", "me/tiny-qrlora", True, "hf_x"),
+                             ("upload_folder", "me/tiny-qrlora", None, "Upload QR-LoRA adapter")]
+    assert set(hub.repos["me/tiny-qrlora"]["main"]) == {ADAPTER_CONFIG, ADAPTER_WEIGHTS}
+
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, "me/tiny-qrlora", token="hf_x")
+    assert hub.calls[-1] == ("snapshot_download", "me/tiny-qrlora", None, "hf_x")
+    with torch.no_grad():
+        assert_rel_close(fresh(h), expected, 1e-5, name="adapter loaded from the Hub")
+
+    push_adapter_to_hub(_adapted(base, scale=0.1), "me/tiny-qrlora", revision="v2")
+    other = copy.deepcopy(base)
+    load_adapter(other, "me/tiny-qrlora", revision="v2")
+    with torch.no_grad():
+        assert rel_error(other(h), expected) > 1e-3  # another version of the adapter
+
+
+def test_hub_lookups_that_fail_are_named(base, tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    hub = FakeHub(tmp_path, monkeypatch)
+    model = copy.deepcopy(base)
+    with pytest.raises(FileNotFoundError, match=r"me/missing: not a local folder, and not found on the Hugging "
+                                                r"Face Hub \(RepositoryNotFound: 404"):
+        load_adapter(model, "me/missing")
+    hub.repos["me/weights-only"] = {"main": {ADAPTER_WEIGHTS: b"x"}}
+    with pytest.raises(FileNotFoundError, match=r"Hub repository me/weights-only has no adapter_config.json: it "
+                                                r"does not hold a QR-LoRA adapter"):
+        load_adapter(model, "me/weights-only")
+    # Not a possible repository id either (absolute, or more than one '/'): no Hub lookup at all.
+    calls = len(hub.calls)
+    for missing in (tmp_path / "nowhere", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match=r": no such adapter folder$"):
+            load_adapter(model, missing)
+    assert len(hub.calls) == calls
+    save_adapter(_adapted(base), tmp_path / "local")
+    with pytest.raises(ValueError, match=r"revision='v2' selects a version of a Hub repository, but .* local path"):
+        load_adapter(model, tmp_path / "local", revision="v2")
+    assert not any(isinstance(m, QRLoraLinear) for m in model.modules())  # untouched by any of it
+
+
+def test_an_uncached_repository_offline_is_named(base, tmp_path, monkeypatch):
+    """The real huggingface_hub, offline, with an empty cache: the error says what was looked for."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match=r"me/not-cached: not a local folder, and not found on the Hugging "
+                                                r"Face Hub at revision 'main' \(\w+"):
+        load_adapter(copy.deepcopy(base), "me/not-cached", revision="main")
