@@ -16,7 +16,7 @@ in half precision), plus a checksum of every module's stored tensors. Problems g
 Layout of ``adapter_config.json``::
 
     {"format": "qrlora-adapter", "format_version": 1, "adapter_name": ..., "config": {QRLoraConfig},
-     "include_basis": false,
+     "include_basis": false, "base_model_name_or_path": "roberta-base" or null (written, not checked),
      "modules": {name: {"rank", "in_features", "out_features", "bias", "tau", "energy",
                         "dtype", "lam_dtype", "fingerprint": {...}, "checksum": ...}},
      "modules_to_save": {name: checksum}}
@@ -54,6 +54,13 @@ SAVED_PREFIX = "modules_to_save."
 
 
 # ------------------------------------------------------------------------------------------ helpers
+def base_model_name(model: nn.Module) -> Optional[str]:
+    """The Hub id or folder a transformers model was loaded from (PEFT's ``base_model_name_or_path``); None for a
+    model built from a config, or not from transformers."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return name if isinstance(name, str) and name else None
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -256,6 +263,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
         "format": FORMAT, "format_version": FORMAT_VERSION, "adapter_name": adapter_name,
         "config": config.to_dict() if isinstance(config, QRLoraConfig) else None,
         "include_basis": bool(include_basis), "modules": modules, "modules_to_save": saved_modules,
+        "base_model_name_or_path": base_model_name(model),
     }
     out = Path(path)
     weights_path, config_path = out / ADAPTER_WEIGHTS, out / ADAPTER_CONFIG

@@ -6,6 +6,7 @@ honours ``HF_HUB_OFFLINE`` / ``HF_HOME``); it comes with ``transformers`` and is
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -14,8 +15,10 @@ from typing import Optional, Union
 from torch import nn
 
 from .adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
+from .model import unwrap_model
 
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+MODEL_CARD = "README.md"
 
 
 def resolve_adapter_folder(path: Union[str, os.PathLike], *, revision: Optional[str] = None,
@@ -59,7 +62,8 @@ def push_adapter_to_hub(model: nn.Module, repo_id: str, *, include_basis: bool =
                         token: Union[str, bool, None] = None, revision: Optional[str] = None,
                         commit_message: str = "Upload QR-LoRA adapter",
                         is_main_process: Optional[bool] = None):
-    """``save_adapter`` into the Hub repository ``repo_id`` (created if needed), as PEFT's ``push_to_hub``.
+    """``save_adapter`` into the Hub repository ``repo_id`` (created if needed), as PEFT's ``push_to_hub``, with a
+    model card (``README.md``) unless the repository has one already.
 
     ``load_adapter(base_model, repo_id)`` reads it back. Arguments as in ``save_adapter`` (under FSDP2 call it on
     every rank; only the main process uploads) and ``huggingface_hub.HfApi.upload_folder``. Returns the commit
@@ -74,5 +78,50 @@ def push_adapter_to_hub(model: nn.Module, repo_id: str, *, include_basis: bool =
             return None
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None and not revision.startswith("refs/pr/"):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)  # upload_folder needs the branch to exist
+        files = list(ADAPTER_FILES)
+        if not api.file_exists(repo_id, MODEL_CARD, revision=revision):  # a card of the user's own is kept
+            write_model_card(Path(folder), repo_id, unwrap_model(model))
+            files.append(MODEL_CARD)
         return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
-                                 commit_message=commit_message, allow_patterns=list(ADAPTER_FILES))
+                                 commit_message=commit_message, allow_patterns=files)
+
+
+def write_model_card(folder: Path, repo_id: str, model: nn.Module) -> Path:
+    """``folder/README.md``: the Hub's model card for the adapter ``save_adapter`` wrote into ``folder`` from
+    ``model`` (metadata that lets the Hub list it under its base model, what it adapts, and how to load it)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    meta = json.loads((folder / ADAPTER_CONFIG).read_text())
+    base = meta.get("base_model_name_or_path")
+    ranks = [info["rank"] for info in meta["modules"].values()]
+    saved = list(meta.get("modules_to_save") or {})
+    data = ModelCardData(library_name="qrlora-kernels", base_model=base, tags=["qrlora", "peft", "adapter"])
+    cls = type(model).__name__
+    from_transformers = type(model).__module__.startswith("transformers.")
+    imports = f"from transformers import {cls}\n" if from_transformers else ""
+    made = f'{cls}.from_pretrained("{base}")' if base and from_transformers else f"...  # the {cls} it was made on"
+    rank_text = f"rank {ranks[0]}" if min(ranks) == max(ranks) else f"ranks {min(ranks)} to {max(ranks)}"
+    text = f"""---
+{data.to_yaml()}
+---
+
+# QR-LoRA adapter{f" for {base}" if base else ""}
+
+A [QR-LoRA](https://arxiv.org/abs/2508.21810) adapter made with `qrlora-kernels`: {sum(ranks)} trainable
+coefficients over {len(ranks)} adapted module{"s" if len(ranks) != 1 else ""} ({rank_text}){
+f", plus the fully trained {', '.join(saved)}" if saved else ""}. The file holds the coefficients and the pivots{
+" and the bases" if meta.get("include_basis") else ""}; the bases are rebuilt from the base model's weights, which
+are checked against fingerprints at load.
+
+```python
+{imports}from qrlora_kernels import load_adapter
+
+model = {made}
+load_adapter(model, "{repo_id}")
+```
+"""
+    path = folder / MODEL_CARD
+    ModelCard(text).save(path)
+    return path

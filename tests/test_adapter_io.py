@@ -6,6 +6,7 @@ import json
 import os
 import stat
 import struct
+import types
 from pathlib import Path
 
 import pytest
@@ -464,11 +465,20 @@ class FakeHub:
             self.calls.append(("create_repo", repo_id, private, api.token))
             self.repos.setdefault(repo_id, {})
 
+        def create_branch(api, repo_id, *, branch, exist_ok=False, **kwargs):
+            self.calls.append(("create_branch", repo_id, branch))
+            self.repos[repo_id].setdefault(branch, dict(self.repos[repo_id].get("main", {})))
+
+        def file_exists(api, repo_id, filename, *, revision=None, **kwargs):
+            return filename in self.repos.get(repo_id, {}).get(revision or "main", {})
+
         def upload_folder(api, *, repo_id, folder_path, revision=None, commit_message=None, allow_patterns=None,
                           **kwargs):
             self.calls.append(("upload_folder", repo_id, revision, commit_message))
-            self.repos[repo_id][revision or "main"] = {
-                f.name: f.read_bytes() for f in Path(folder_path).iterdir() if allowed(f.name, allow_patterns)}
+            if revision is not None and revision not in self.repos[repo_id]:
+                raise FakeHub.RepositoryNotFound(f"404 Client Error. Revision Not Found: {revision}")
+            self.repos[repo_id].setdefault(revision or "main", {}).update(
+                {f.name: f.read_bytes() for f in Path(folder_path).iterdir() if allowed(f.name, allow_patterns)})
             return f"commit:{repo_id}@{revision or 'main'}"
 
         def snapshot_download(repo_id, *, revision=None, token=None, allow_patterns=None, **kwargs):
@@ -483,6 +493,8 @@ class FakeHub:
             return str(folder)
 
         monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", create_branch)
+        monkeypatch.setattr(huggingface_hub.HfApi, "file_exists", file_exists)
         monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
         monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
 
@@ -492,13 +504,23 @@ def test_push_to_and_load_from_the_hub(base, tmp_path, monkeypatch):
     from qrlora_kernels import push_adapter_to_hub
     hub = FakeHub(tmp_path, monkeypatch)
     model = _adapted(base)
+    model.config = types.SimpleNamespace(_name_or_path="me/tiny-base")  # as a transformers model has
     h = torch.randn(4, 5, HIDDEN)
     with torch.no_grad():
         expected = model(h)
     assert push_adapter_to_hub(model, "me/tiny-qrlora", private=True, token="hf_x") == "commit:me/tiny-qrlora@main"
     assert hub.calls[:2] == [("create_repo", "me/tiny-qrlora", True, "hf_x"),
                              ("upload_folder", "me/tiny-qrlora", None, "Upload QR-LoRA adapter")]
-    assert set(hub.repos["me/tiny-qrlora"]["main"]) == {ADAPTER_CONFIG, ADAPTER_WEIGHTS}
+    files = hub.repos["me/tiny-qrlora"]["main"]
+    assert set(files) == {ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md"}
+    assert json.loads(files[ADAPTER_CONFIG])["base_model_name_or_path"] == "me/tiny-base"
+    card = files["README.md"].decode()
+    ranks = [layer.rank for _, layer in qrlora_layers(model)]
+    assert card.startswith("---\n") and "base_model: me/tiny-base" in card and "library_name: qrlora-kernels" in card
+    assert f"{sum(ranks)} trainable\ncoefficients over {len(ranks)} adapted modules" in card
+    assert "fully trained classifier" in card and 'load_adapter(model, "me/tiny-qrlora")' in card
+    assert "the TinyModel it was made on" in card and "from transformers" not in card
+    files["README.md"] = b"my own card"
 
     fresh = copy.deepcopy(base)
     load_adapter(fresh, "me/tiny-qrlora", token="hf_x")
@@ -507,6 +529,8 @@ def test_push_to_and_load_from_the_hub(base, tmp_path, monkeypatch):
         assert_rel_close(fresh(h), expected, 1e-5, name="adapter loaded from the Hub")
 
     push_adapter_to_hub(_adapted(base, scale=0.1), "me/tiny-qrlora", revision="v2")
+    assert ("create_branch", "me/tiny-qrlora", "v2") in hub.calls
+    assert hub.repos["me/tiny-qrlora"]["v2"]["README.md"] == b"my own card"  # a card of the user's is kept
     other = copy.deepcopy(base)
     load_adapter(other, "me/tiny-qrlora", revision="v2")
     with torch.no_grad():
