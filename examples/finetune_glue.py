@@ -77,9 +77,22 @@ def parse_args(argv=None):
                    help="QR-LoRA: keep the (randomly initialised) head frozen, so only lam trains")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                   help="QR-LoRA: also upload the adapter to this Hugging Face Hub repository")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.push_to_hub is not None:  # checked now, not after the training run
+        if args.method != "qrlora":
+            p.error("--push-to-hub uploads a QR-LoRA adapter: use it with --method qrlora")
+        if args.offline:
+            p.error("--push-to-hub needs the network: drop --offline")
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+        try:
+            validate_repo_id(args.push_to_hub)
+        except HFValidationError as err:
+            p.error(f"--push-to-hub {args.push_to_hub!r} is not a Hub repository id: {err}")
+    return args
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -267,6 +280,10 @@ def main(argv=None) -> dict:
         save_adapter(model, adapter_dir)
         result["adapter_dir"] = str(adapter_dir)
         result["adapter_bytes"] = sum(f.stat().st_size for f in adapter_dir.iterdir())
+        if args.push_to_hub:
+            from qrlora_kernels import push_adapter_to_hub
+            push_adapter_to_hub(model, args.push_to_hub)
+            result["hub_repo"] = args.push_to_hub
     atomic_write_text(args.output_dir / f"results_{args.task}_{args.method}.json", json.dumps(result, indent=2))
     result["model_object"] = model
     return result

@@ -71,6 +71,19 @@ def test_offline_data_errors(finetune, tmp_path):
         finetune.main(["--offline", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path), "--no-progress"])
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "lora"], "uploads a QR-LoRA adapter: use it with --method qrlora"),
+    (["--offline"], "needs the network: drop --offline"),
+    (["--method", "qrlora"], "'a/b/c' is not a Hub repository id"),
+])
+def test_push_to_hub_is_checked_before_training(finetune, capsys, extra, message):
+    repo = "a/b/c" if "--offline" not in extra and "lora" not in extra else "me/sst2-qrlora"
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.parse_args([*extra, "--push-to-hub", repo])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert finetune.parse_args(["--push-to-hub", "me/sst2-qrlora"]).push_to_hub == "me/sst2-qrlora"
+
+
 @pytest.mark.parametrize("task, split", [("sst2", "validation"), ("mnli", "validation_matched")])
 def test_online_mode_reads_glue_through_hf_datasets(finetune, tmp_path, monkeypatch, task, split):
     """The online path without the network: ``datasets.load_dataset`` is replaced by a stand-in serving
