@@ -51,6 +51,9 @@ def resolve_adapter_folder(path: Union[str, os.PathLike], *, revision: Optional[
         raise FileNotFoundError(f"{repo_id}: not a local folder, and not found on the Hugging Face Hub{at} "
                                 f"({type(err).__name__}: {first_line})") from err
     missing = [name for name in ADAPTER_FILES if not (snapshot / name).is_file()]
+    if missing and huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"Hub repository {repo_id}{at}: {' and '.join(missing)} not in the local cache, "
+                                f"and HF_HUB_OFFLINE is set")
     if missing:
         raise FileNotFoundError(f"Hub repository {repo_id}{at} has no {' or '.join(missing)}: it does not hold a "
                                 f"QR-LoRA adapter (save_adapter / push_adapter_to_hub write both files)")
@@ -77,7 +80,8 @@ def push_adapter_to_hub(model: nn.Module, repo_id: str, *, include_basis: bool =
         if not written["config"].is_file():  # not the main process: it took part in the gathering only
             return None
         api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        # The Hub's full id: a bare name becomes "<user>/<name>", which the upload and the model card must use.
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if revision is not None and not revision.startswith("refs/pr/"):
             api.create_branch(repo_id, branch=revision, exist_ok=True)  # upload_folder needs the branch to exist
         files = list(ADAPTER_FILES)

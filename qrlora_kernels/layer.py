@@ -320,18 +320,26 @@ class QRLoraLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # A state_dict without the basis (a Hugging Face checkpoint: see skip_bases_in_hf_checkpoints) keeps this
-        # layer's Q and R, so its lam fits only if it was trained on the same basis: the same leading pivots.
+        # layer's Q and R, so its lam fits only if it was trained on the same basis: the same leading pivots. When
+        # they are, the basis is not missing (a strict load passes); when they are not, the load is refused.
         perm = state_dict.get(prefix + "perm")
-        has_basis = prefix + "Q" in state_dict and prefix + "R" in state_dict
-        if isinstance(perm, torch.Tensor) and not has_basis and not self.perm.is_meta:
+        basis_keys = [prefix + name for name in ("Q", "R")]
+        if isinstance(perm, torch.Tensor) and not all(k in state_dict for k in basis_keys) and not self.perm.is_meta:
             r = self.rank
             if perm.shape != self.perm.shape or not torch.equal(perm[:r].to(self.perm.device), self.perm[:r]):
                 error_msgs.append(
                     f"{prefix.rstrip('.') or type(self).__name__}: the state_dict has no basis (Q, R; Hugging Face "
                     f"checkpoints leave it out) and its pivots perm[:{r}] differ from this layer's, so its lam "
                     f"belongs to another basis; build the layer from the base weights the checkpoint was trained "
-                    f"on (with the same QR-LoRA config), or load a state_dict that includes Q and R")
+                    f"on (with the same QR-LoRA config, on the same kind of device), or load a state_dict that "
+                    f"includes Q and R")
                 return
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+            for key in basis_keys:
+                if key not in state_dict and key in missing_keys:
+                    missing_keys.remove(key)
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

@@ -462,8 +462,11 @@ class FakeHub:
             return not patterns or any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
 
         def create_repo(api, repo_id, *, private=None, exist_ok=False, **kwargs):
+            from huggingface_hub.hf_api import RepoUrl
             self.calls.append(("create_repo", repo_id, private, api.token))
+            repo_id = repo_id if "/" in repo_id else f"me/{repo_id}"  # a bare name goes to the user's namespace
             self.repos.setdefault(repo_id, {})
+            return RepoUrl(f"https://huggingface.co/{repo_id}")
 
         def create_branch(api, repo_id, *, branch, exist_ok=False, **kwargs):
             self.calls.append(("create_branch", repo_id, branch))
@@ -528,6 +531,10 @@ def test_push_to_and_load_from_the_hub(base, tmp_path, monkeypatch):
     with torch.no_grad():
         assert_rel_close(fresh(h), expected, 1e-5, name="adapter loaded from the Hub")
 
+    push_adapter_to_hub(_adapted(base, scale=0.1), "tiny-bare")  # the Hub puts a bare name under the user's
+    assert hub.calls[-1][:2] == ("upload_folder", "me/tiny-bare")
+    assert 'load_adapter(model, "me/tiny-bare")' in hub.repos["me/tiny-bare"]["main"]["README.md"].decode()
+
     push_adapter_to_hub(_adapted(base, scale=0.1), "me/tiny-qrlora", revision="v2")
     assert ("create_branch", "me/tiny-qrlora", "v2") in hub.calls
     assert hub.repos["me/tiny-qrlora"]["v2"]["README.md"] == b"my own card"  # a card of the user's is kept
@@ -548,6 +555,12 @@ def test_hub_lookups_that_fail_are_named(base, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"Hub repository me/weights-only has no adapter_config.json: it "
                                                 r"does not hold a QR-LoRA adapter"):
         load_adapter(model, "me/weights-only")
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # offline, the cache may be partial
+    with pytest.raises(FileNotFoundError, match=r"me/weights-only: adapter_config.json not in the local cache, and "
+                                                r"HF_HUB_OFFLINE is set"):
+        load_adapter(model, "me/weights-only")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     # Not a possible repository id either (absolute, or more than one '/'): no Hub lookup at all.
     calls = len(hub.calls)
     for missing in (tmp_path / "nowhere", "a/b/c"):

@@ -175,6 +175,9 @@ def test_trainer_checkpoints_leave_out_the_basis_and_resume(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="transformers"):
         trainer(resumed).train(resume_from_checkpoint=str(checkpoint))  # loads, and has no step left to take
     assert not [r for r in caplog.records if "missing keys" in r.getMessage()]
+    strict = copy.deepcopy(base)
+    apply_qrlora(strict, config, progress=False)
+    strict.load_state_dict(load_file(checkpoint / "model.safetensors"))  # strict too: the basis is not missing
     for name in layers:
         assert torch.equal(resumed.get_parameter(f"{name}.lam"), model.get_parameter(f"{name}.lam"))
     batch = {"input_ids": torch.randint(3, 120, (3, 10)), "attention_mask": torch.ones(3, 10, dtype=torch.long)}

@@ -148,8 +148,11 @@ def test_state_dict_without_the_basis_needs_the_same_pivots():
     state = {k: v for k, v in layer.state_dict().items() if k not in ("Q", "R")}
     same = copy.deepcopy(layer)
     nn.init.normal_(same.lam)
-    same.load_state_dict(state, strict=False)
+    same.load_state_dict(state)  # strict: with matching pivots the basis is not missing
     assert torch.equal(same(x), layer(x))
+    without_perm = {k: v for k, v in state.items() if k != "perm"}
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "Q", "R", "perm"'):  # no pivots to check
+        same.load_state_dict(without_perm)
 
     other = nn.Sequential(QRLoraLinear.from_linear(_linear(24, 20), rank=5))  # another weight: other pivots
     assert not torch.equal(other[0].perm[:5], layer.perm[:5])
