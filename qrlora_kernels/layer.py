@@ -22,6 +22,16 @@ from .basis import ENERGY_RULES, QRLoraBasis, build_basis
 from .functional import BACKENDS, qrlora_linear
 
 
+def _same_weight(incoming: torch.Tensor, own: torch.Tensor) -> bool:
+    """Whether a loaded weight is the layer's own, compared in the lower of the two precisions (a float32 checkpoint
+    onto the same base loaded in bfloat16 is the same weight)."""
+    if incoming.shape != own.shape or own.is_meta or hasattr(own, "device_mesh") or hasattr(incoming, "device_mesh") \
+            or not (incoming.is_floating_point() and own.is_floating_point()):
+        return incoming.shape == own.shape  # nothing cheap to compare by (meta, DTensor shards, a quantised weight)
+    low = incoming.dtype if torch.finfo(incoming.dtype).bits < torch.finfo(own.dtype).bits else own.dtype
+    return torch.equal(incoming.to(own.device, low), own.to(low))
+
+
 def _lam_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     # Half-precision lam cannot accumulate small optimizer steps; keep float32 master values for those.
     return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
@@ -325,14 +335,18 @@ class QRLoraLinear(nn.Module):
         perm = state_dict.get(prefix + "perm")
         basis_keys = [prefix + name for name in ("Q", "R")]
         if isinstance(perm, torch.Tensor) and not all(k in state_dict for k in basis_keys) and not self.perm.is_meta:
-            r = self.rank
+            r, weight = self.rank, state_dict.get(prefix + "weight")
+            problem = None
             if perm.shape != self.perm.shape or not torch.equal(perm[:r].to(self.perm.device), self.perm[:r]):
+                problem = f"its pivots perm[:{r}] differ from this layer's, so its lam belongs to another basis"
+            elif isinstance(weight, torch.Tensor) and not _same_weight(weight, self.weight):
+                problem = "its weight differs from this layer's, from which the layer's basis was built"
+            if problem:
                 error_msgs.append(
                     f"{prefix.rstrip('.') or type(self).__name__}: the state_dict has no basis (Q, R; Hugging Face "
-                    f"checkpoints leave it out) and its pivots perm[:{r}] differ from this layer's, so its lam "
-                    f"belongs to another basis; build the layer from the base weights the checkpoint was trained "
-                    f"on (with the same QR-LoRA config, on the same kind of device), or load a state_dict that "
-                    f"includes Q and R")
+                    f"checkpoints leave it out) and {problem}; build the layer from the base weights the checkpoint "
+                    f"was trained on (with the same QR-LoRA config, on the same kind of device), or load a "
+                    f"state_dict that includes Q and R")
                 return
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                           error_msgs)

@@ -161,6 +161,12 @@ def test_state_dict_without_the_basis_needs_the_same_pivots():
         other.load_state_dict({f"0.{k}": v for k, v in state.items()}, strict=False)
     assert torch.equal(other[0].lam, before)  # the layer itself was not changed
 
+    changed = dict(state, weight=state["weight"] * 1.01)  # the same pivots, but another weight than the basis's
+    with pytest.raises(RuntimeError, match=r"no basis .* its weight differs from this layer's, from which"):
+        same.load_state_dict(changed)
+    half = copy.deepcopy(layer).to(torch.bfloat16)  # the float32 state onto the same layer in bfloat16: the same
+    half.load_state_dict(state)
+
     other[0].load_state_dict(layer.state_dict())  # with its basis, a state_dict replaces the layer's whole
     assert torch.equal(other[0](x), layer(x))
 
