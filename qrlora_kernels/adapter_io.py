@@ -42,6 +42,7 @@ from .config import QRLoraConfig
 from .model import (ADAPTER_IDS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER, MODULES_TO_SAVE_ATTR, _layer_class,
                     _read_by_parent, _set_submodule, adapter_row, canonical_name, modules_by_canonical_name,
                     parameter_holding_wrapper, qrlora_layers, skip_bases_in_hf_checkpoints, unwrap_model)
+from .distributed import module_progress
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -382,11 +383,13 @@ def _module_tensors(tensors: dict, name: str, info: dict, include_basis: bool, p
 
 
 def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_name: Optional[str] = None,
-                 revision: Optional[str] = None, token: Union[str, bool, None] = None) -> dict[str, int]:
+                 revision: Optional[str] = None, token: Union[str, bool, None] = None,
+                 progress: Optional[bool] = None) -> dict[str, int]:
     """Load an adapter saved by ``save_adapter``; returns the model's mapping adapter name -> id.
 
     ``path`` is the adapter's folder or, when no such path exists, a Hugging Face Hub repository id
     (``"user/repo"``, as ``push_adapter_to_hub`` writes; ``revision`` and ``token`` as in ``huggingface_hub``).
+    ``progress``: a tqdm bar over the modules while their bases are rebuilt (None: only on a terminal).
 
     On a base model (plain ``nn.Linear`` layers) each adapted module is rebuilt from its
     pivots and the model's own weights, which must be those the adapter was made on. On a
@@ -426,48 +429,50 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
 
     # Check and build everything before changing the model, so a bad adapter leaves it untouched.
     plan = []
-    for name, info in meta["modules"].items():
-        if name not in by_name:
-            raise ValueError(f"{name}: module not found in the model (the adapter was made for another "
-                             f"architecture)")
-        module_path, module = by_name[name]
-        if not isinstance(module, (nn.Linear, QRLoraLinear)) and not is_conv1d(module):
-            raise ValueError(f"{name}: expected an nn.Linear or QRLoraLinear, found {type(module).__name__}")
-        if name in unreachable:
-            raise ValueError(f"{name} is the out_proj of an nn.MultiheadAttention, which reads its weight directly "
-                             f"and never calls its forward: the adapter would be ignored (until merged)")
-        if is_conv1d(module):
-            module = as_linear(module)  # W^T as an nn.Linear; the layer built on it replaces the Conv1D
-        if (module.out_features, module.in_features) != (info["out_features"], info["in_features"]):
-            raise ValueError(f"{name}: the model's layer is {module.out_features}x{module.in_features}, "
-                             f"the adapter's {info['out_features']}x{info['in_features']}")
-        if getattr(module, "merged", False):
-            raise ValueError(f"{name}: layer is merged; unmerge() it before loading another adapter")
-        if any(_is_sharded(t) for t in module.parameters()):
-            raise ValueError(f"{name}: its parameters are sharded (FSDP2 fully_shard); load the adapter into the "
-                             f"model before sharding it")
-        problem = _fingerprint_problem(module.weight, info["fingerprint"])
-        if problem:
-            raise ValueError(f"{name}: {problem}")
-        own = _module_tensors(tensors, name, info, include_basis, folder / ADAPTER_WEIGHTS)
-        if isinstance(module, QRLoraLinear):
-            r_new, r_layer = int(info["rank"]), int(module.rank)
-            pivots = own["pivots"].to(device=module.perm.device, dtype=torch.int64)
-            if r_new > r_layer or not torch.equal(module.perm[:r_new], pivots):
-                raise ValueError(f"{name}: the adapter's basis (rank {r_new}) is not the leading part of the "
-                                 f"model's QR-LoRA basis (rank {r_layer}): adapters of one batch must share the "
-                                 f"basis; merge_and_unload or reload the base model first")
-            layer = module
-        else:
-            try:
-                layer = _build_layer(module, own, info, include_basis, num_adapters)
-            except (ValueError, RuntimeError) as err:
-                raise ValueError(f"{name}: cannot rebuild the basis from the stored pivots: {err}") from None
-        # A torch.compile'd Linear calls the module it compiled, whatever its _orig_mod is later: the new layer
-        # replaces the compiled wrapper itself (a wrapper inside a compiled block is re-traced instead).
-        while module_path.rpartition(".")[2] == "_orig_mod":
-            module_path = module_path.rpartition(".")[0]
-        plan.append((module_path, module, layer, own))
+    with module_progress(len(meta["modules"]), progress, "QR-LoRA bases from pivots") as bar:
+        for name, info in meta["modules"].items():
+            if name not in by_name:
+                raise ValueError(f"{name}: module not found in the model (the adapter was made for another "
+                                 f"architecture)")
+            module_path, module = by_name[name]
+            if not isinstance(module, (nn.Linear, QRLoraLinear)) and not is_conv1d(module):
+                raise ValueError(f"{name}: expected an nn.Linear or QRLoraLinear, found {type(module).__name__}")
+            if name in unreachable:
+                raise ValueError(f"{name} is the out_proj of an nn.MultiheadAttention, which reads its weight directly "
+                                 f"and never calls its forward: the adapter would be ignored (until merged)")
+            if is_conv1d(module):
+                module = as_linear(module)  # W^T as an nn.Linear; the layer built on it replaces the Conv1D
+            if (module.out_features, module.in_features) != (info["out_features"], info["in_features"]):
+                raise ValueError(f"{name}: the model's layer is {module.out_features}x{module.in_features}, "
+                                 f"the adapter's {info['out_features']}x{info['in_features']}")
+            if getattr(module, "merged", False):
+                raise ValueError(f"{name}: layer is merged; unmerge() it before loading another adapter")
+            if any(_is_sharded(t) for t in module.parameters()):
+                raise ValueError(f"{name}: its parameters are sharded (FSDP2 fully_shard); load the adapter into the "
+                                 f"model before sharding it")
+            problem = _fingerprint_problem(module.weight, info["fingerprint"])
+            if problem:
+                raise ValueError(f"{name}: {problem}")
+            own = _module_tensors(tensors, name, info, include_basis, folder / ADAPTER_WEIGHTS)
+            if isinstance(module, QRLoraLinear):
+                r_new, r_layer = int(info["rank"]), int(module.rank)
+                pivots = own["pivots"].to(device=module.perm.device, dtype=torch.int64)
+                if r_new > r_layer or not torch.equal(module.perm[:r_new], pivots):
+                    raise ValueError(f"{name}: the adapter's basis (rank {r_new}) is not the leading part of the "
+                                     f"model's QR-LoRA basis (rank {r_layer}): adapters of one batch must share the "
+                                     f"basis; merge_and_unload or reload the base model first")
+                layer = module
+            else:
+                try:
+                    layer = _build_layer(module, own, info, include_basis, num_adapters)
+                except (ValueError, RuntimeError) as err:
+                    raise ValueError(f"{name}: cannot rebuild the basis from the stored pivots: {err}") from None
+            # A torch.compile'd Linear calls the module it compiled, whatever its _orig_mod is later: the new layer
+            # replaces the compiled wrapper itself (a wrapper inside a compiled block is re-traced instead).
+            while module_path.rpartition(".")[2] == "_orig_mod":
+                module_path = module_path.rpartition(".")[0]
+            plan.append((module_path, module, layer, own))
+            bar.update()
     for name, checksum in saved_meta.items():
         state = {k[len(SAVED_PREFIX) + len(name) + 1:]: v for k, v in tensors.items()
                  if k.startswith(f"{SAVED_PREFIX}{name}.")}

@@ -53,7 +53,8 @@ def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
     return owners
 
 
-def _progress(total: int, enabled: Optional[bool], desc: str):
+def module_progress(total: int, enabled: Optional[bool], desc: str):
+    """A tqdm bar over ``total`` modules; ``enabled`` None shows it only on a terminal."""
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, unit="module", disable=(None if enabled is None else not enabled),
                 leave=False)
@@ -72,7 +73,7 @@ def compute_bases(weights: Sequence[torch.Tensor], factorise_many: Callable, *, 
     """
     rank, world = world_info(group)
     if world == 1:
-        with _progress(len(weights), progress, "QR-LoRA factorisation") as bar:
+        with module_progress(len(weights), progress, "QR-LoRA factorisation") as bar:
             bases = factorise_many(list(weights), list(names), bar.update)
         if ranks_fn is not None:
             final = ranks_fn([b.diag_energy[:b.rank] for b in bases])
@@ -87,7 +88,7 @@ def compute_bases(weights: Sequence[torch.Tensor], factorise_many: Callable, *, 
     costs = [float(w.shape[0]) * w.shape[1] * min(w.shape) for w in weights]
     owners = assign_owners(costs, world)
     mine = [j for j in range(len(weights)) if owners[j] == rank]
-    with _progress(len(mine), progress and rank == 0, f"QR-LoRA factorisation (rank {rank}/{world})") as bar:
+    with module_progress(len(mine), progress and rank == 0, f"QR-LoRA factorisation (rank {rank}/{world})") as bar:
         local = dict(zip(mine, factorise_many([weights[j] for j in mine], [names[j] for j in mine], bar.update)))
 
     # Phase 1: the small per-module facts (rank, energy, diagonal) every rank needs.

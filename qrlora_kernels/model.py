@@ -2,7 +2,8 @@
 
 ``apply_qrlora(model, config)`` is PEFT's ``get_peft_model`` for QR-LoRA, but in place: the
 model keeps its class, so ``transformers`` code paths (generation, ``save_pretrained``, ``Trainer``)
-keep working; ``save_pretrained`` leaves out the bases (``skip_bases_in_hf_checkpoints``). The adapter's bookkeeping lives in three attributes of the root module:
+keep working; ``save_pretrained`` leaves out the bases (``skip_bases_in_hf_checkpoints``). The adapter's
+bookkeeping lives in three attributes of the root module:
 
 * ``model.qrlora_config``         -- the ``QRLoraConfig`` used;
 * ``model.qrlora_adapter_ids``    -- adapter name -> row of every layer's ``lam`` (``{"default": 0}``);

@@ -88,6 +88,15 @@ def test_round_trip_from_pivots_reproduces_outputs(base, tmp_path, config):
     assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
+def test_progress_bar_while_the_bases_are_rebuilt(base, tmp_path, capsys):
+    save_adapter(_adapted(base), tmp_path)
+    load_adapter(copy.deepcopy(base), tmp_path, progress=True)
+    err = capsys.readouterr().err
+    assert "QR-LoRA bases from pivots" in err and "/6 [" in err  # a bar over 3 blocks x (query, value)
+    load_adapter(copy.deepcopy(base), tmp_path, progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_include_basis_reloads_bit_exactly(base, tmp_path):
     model = _adapted(base)
     save_adapter(model, tmp_path, include_basis=True)
