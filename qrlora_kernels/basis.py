@@ -97,7 +97,9 @@ def _check_weight(weight: torch.Tensor) -> None:
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features x in_features), got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
+        raise TypeError(f"weight must be a floating-point tensor, got dtype {weight.dtype} (QR-LoRA factorises the "
+                        f"weight itself: a quantised layer, such as bitsandbytes' Linear4bit, needs its base model "
+                        f"loaded unquantised, e.g. in bfloat16)")
     if weight.numel() == 0:
         raise ValueError(f"weight is empty (shape {tuple(weight.shape)}); there is no basis to build")
 

@@ -460,6 +460,17 @@ def test_an_embedding_model_called_sequence_first_is_not_taken_for_beams():
             model(torch.randint(0, 20, (6, 2)))
 
 
+def test_a_quantised_linear_is_named_with_what_to_do():
+    class Linear8bitLt(nn.Linear):  # the shape of bitsandbytes' int8 layer: an nn.Linear holding an integer weight
+        pass
+    model = nn.Sequential(nn.Linear(8, 8), Linear8bitLt(8, 8))
+    model[1].weight = nn.Parameter(torch.randint(-100, 100, (8, 8), dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match=r"^1: weight must be a floating-point tensor, got dtype torch.int8 \(QR-LoRA "
+                                        r"factorises the weight itself: a quantised layer.* loaded unquantised"):
+        apply_qrlora(model, QRLoraConfig(target_modules="all-linear", rank=2), progress=False)
+    assert type(model[0]) is nn.Linear  # nothing converted
+
+
 def test_progress_bar_over_modules(capsys):
     _, model = _pair(1)
     apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"]), progress=True)
