@@ -8,7 +8,7 @@ Layout (each module has one job):
 * ``functional``  -- ``qrlora_linear``, the functional form, with the strategy dispatcher.
 * ``basis``       -- building an adapter basis (Q_r, R_r, pivots) from a weight, and rank rules.
 * ``layer``       -- ``QRLoraLinear``, the drop-in replacement for ``nn.Linear``.
-* ``config``, ``model``, ``adapter_io``, ``hub`` -- the model-level, PEFT-style API.
+* ``config``, ``model``, ``adapter_io``, ``hub``, ``trainer_callback`` -- the model-level, PEFT-style API.
 
 Names are imported lazily so that ``import qrlora_kernels`` stays cheap (no triton import).
 """
@@ -34,6 +34,7 @@ _EXPORTS = {
     "save_adapter": ".adapter_io",
     "load_adapter": ".adapter_io",
     "push_adapter_to_hub": ".hub",
+    "QRLoraCheckpointCallback": ".trainer_callback",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -140,12 +140,13 @@ def test_gpt2_conv1d_layers(tmp_path):
 def test_trainer_checkpoints_leave_out_the_basis_and_resume(tmp_path, caplog):
     """Trainer checkpoints (save_pretrained) hold lam, the pivots and the base, not Q and R (as large as the adapted
     weights at tau = 0.9; rebuilt by apply_qrlora); resuming restores the adapted model exactly, a checkpoint whose
-    pivots differ from the rebuilt basis is refused naming the layer, and merge_and_unload gives the keys back."""
+    pivots differ from the rebuilt basis is refused naming the layer, and merge_and_unload gives the keys back.
+    QRLoraCheckpointCallback adds the adapter files, which serve the checkpoint on a plain base model."""
     import logging
     from safetensors import safe_open
     from safetensors.torch import load_file
     from transformers import Trainer, TrainingArguments
-    from qrlora_kernels import load_adapter, merge_and_unload, save_adapter
+    from qrlora_kernels import QRLoraCheckpointCallback, load_adapter, merge_and_unload, save_adapter
     base = _roberta()
     untouched = set(base._keys_to_ignore_on_save or ())
     untouched_inner = set(base.roberta._keys_to_ignore_on_save or ())
@@ -156,7 +157,7 @@ def test_trainer_checkpoints_leave_out_the_basis_and_resume(tmp_path, caplog):
     def trainer(model):
         args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, save_steps=2, learning_rate=5e-2,
                                  per_device_train_batch_size=4, report_to=[], use_cpu=True, disable_tqdm=True)
-        return Trainer(model=model, args=args, train_dataset=data)
+        return Trainer(model=model, args=args, train_dataset=data, callbacks=[QRLoraCheckpointCallback()])
 
     model = copy.deepcopy(base)
     apply_qrlora(model, config, progress=False)
@@ -169,6 +170,8 @@ def test_trainer_checkpoints_leave_out_the_basis_and_resume(tmp_path, caplog):
     assert not {f"{n}.{k}" for n in layers for k in ("Q", "R")} & keys
     assert "classifier.out_proj.weight" in keys and "roberta.embeddings.word_embeddings.weight" in keys
     assert all(model.get_parameter(f"{n}.lam").detach().abs().sum() > 0 for n in layers)  # it trained
+    served = copy.deepcopy(base)  # the callback's adapter files: the checkpoint served on a plain base model
+    load_adapter(served, checkpoint)
 
     resumed = copy.deepcopy(base)
     apply_qrlora(resumed, config, progress=False)
@@ -184,6 +187,8 @@ def test_trainer_checkpoints_leave_out_the_basis_and_resume(tmp_path, caplog):
     model.eval(), resumed.eval()
     with torch.no_grad():
         assert_rel_close(resumed(**batch).logits, model(**batch).logits, 1e-6, name="resumed from a checkpoint")
+        assert_rel_close(served.eval()(**batch).logits, model(**batch).logits, 1e-5,
+                         name="the checkpoint's adapter on a base model")
 
     # Another basis (one weight changed so that its first pivot moves): refused, not lam applied to the wrong Q, R.
     other = copy.deepcopy(base)
