@@ -20,7 +20,9 @@ class QRLoraCheckpointCallback(TrainerCallback):
 
     ``Trainer(..., callbacks=[QRLoraCheckpointCallback()])``. Every process calls ``save_adapter`` (under FSDP2
     gathering the shards is a collective) and the main process writes. ``include_basis`` as in ``save_adapter``.
-    Checkpoints of a ``hyperparameter_search`` trial, which live in a folder of their own, are not covered.
+    Checkpoints of a ``hyperparameter_search`` trial, which live in a folder of their own, are not covered, and
+    under FSDP1 (flattened parameters) ``save_adapter`` refuses at the first checkpoint (Trainer's own checkpoint
+    is written by then): use FSDP2.
     """
 
     def __init__(self, include_basis: bool = False):
