@@ -37,7 +37,8 @@ _EXPORTS = {
     "QRLoraCheckpointCallback": ".trainer_callback",
 }
 
-__all__ = sorted(_EXPORTS)
+# ``from qrlora_kernels import *`` must not need the optional transformers.
+__all__ = sorted(set(_EXPORTS) - {"QRLoraCheckpointCallback"})
 
 
 def __getattr__(name: str):
@@ -49,4 +50,4 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -46,6 +46,9 @@ from .distributed import module_progress
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# Where QRLoraCheckpointCallback puts the adapter inside a Trainer checkpoint (not beside the model's files: an
+# adapter_config.json there makes transformers, with peft installed, take the checkpoint for a PEFT adapter).
+CHECKPOINT_ADAPTER_FOLDER = "qrlora-adapter"
 FORMAT = "qrlora-adapter"
 FORMAT_VERSION = 1
 FINGERPRINT_SAMPLES = 4096
@@ -389,7 +392,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
 
     ``path`` is the adapter's folder or, when no such path exists, a Hugging Face Hub repository id
     (``"user/repo"``, as ``push_adapter_to_hub`` writes; ``revision`` and ``token`` as in ``huggingface_hub``).
-    ``progress``: a tqdm bar over the modules while their bases are rebuilt (None: only on a terminal).
+    ``progress``: a tqdm bar over the modules while their bases are rebuilt (None: where tqdm would show it).
 
     On a base model (plain ``nn.Linear`` layers) each adapted module is rebuilt from its
     pivots and the model's own weights, which must be those the adapter was made on. On a
@@ -429,7 +432,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
 
     # Check and build everything before changing the model, so a bad adapter leaves it untouched.
     plan = []
-    with module_progress(len(meta["modules"]), progress, "QR-LoRA bases from pivots") as bar:
+    with module_progress(len(meta["modules"]), progress, "QR-LoRA adapter modules") as bar:
         for name, info in meta["modules"].items():
             if name not in by_name:
                 raise ValueError(f"{name}: module not found in the model (the adapter was made for another "

@@ -25,6 +25,7 @@ or ``fully_shard``; every rank must call it with the same model and config (it i
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -53,11 +54,20 @@ def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
     return owners
 
 
-def module_progress(total: int, enabled: Optional[bool], desc: str):
-    """A tqdm bar over ``total`` modules; ``enabled`` None shows it only on a terminal."""
+def module_progress(total: int, enabled: Optional[bool], desc: str, group=None):
+    """A tqdm bar over ``total`` modules, drawn by one process only (rank 0 of ``group`` under torch.distributed).
+
+    ``enabled`` None: shown where tqdm would show it (a terminal or a notebook) unless ``TQDM_DISABLE`` is set
+    (tqdm honours that only for arguments its caller leaves out, and ``disable`` is passed here).
+    """
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="module", disable=(None if enabled is None else not enabled),
-                leave=False)
+    if world_info(group)[0] != 0:
+        disable = True
+    elif enabled is None:
+        disable = True if os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false") else None
+    else:
+        disable = not enabled
+    return tqdm(total=total, desc=desc, unit="module", disable=disable, leave=False)
 
 
 def compute_bases(weights: Sequence[torch.Tensor], factorise_many: Callable, *, names: Sequence[str],
@@ -88,7 +98,7 @@ def compute_bases(weights: Sequence[torch.Tensor], factorise_many: Callable, *, 
     costs = [float(w.shape[0]) * w.shape[1] * min(w.shape) for w in weights]
     owners = assign_owners(costs, world)
     mine = [j for j in range(len(weights)) if owners[j] == rank]
-    with module_progress(len(mine), progress and rank == 0, f"QR-LoRA factorisation (rank {rank}/{world})") as bar:
+    with module_progress(len(mine), progress, f"QR-LoRA factorisation (rank {rank}/{world})", group) as bar:
         local = dict(zip(mine, factorise_many([weights[j] for j in mine], [names[j] for j in mine], bar.update)))
 
     # Phase 1: the small per-module facts (rank, energy, diagonal) every rank needs.

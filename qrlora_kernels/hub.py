@@ -14,7 +14,7 @@ from typing import Optional, Union
 
 from torch import nn
 
-from .adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
+from .adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINT_ADAPTER_FOLDER, save_adapter
 from .model import unwrap_model
 
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
@@ -23,13 +23,17 @@ MODEL_CARD = "README.md"
 
 def resolve_adapter_folder(path: Union[str, os.PathLike], *, revision: Optional[str] = None,
                            token: Union[str, bool, None] = None) -> Path:
-    """The local folder of an adapter: ``path`` itself when it exists, else the Hub repository ``path`` names
+    """The local folder of an adapter: ``path`` itself when it exists (or its ``qrlora-adapter`` subfolder, for a
+    Trainer checkpoint written with ``QRLoraCheckpointCallback``), else the Hub repository ``path`` names
     (downloaded, or found in the cache when offline) at ``revision`` (a branch, tag or commit; default main)."""
     folder = Path(path)
     if folder.exists():
         if revision is not None:
             raise ValueError(f"revision={revision!r} selects a version of a Hub repository, but {os.fspath(path)!r} "
                              f"is a local path")
+        inner = folder / CHECKPOINT_ADAPTER_FOLDER  # a Trainer checkpoint that QRLoraCheckpointCallback wrote into
+        if not (folder / ADAPTER_CONFIG).exists() and (inner / ADAPTER_CONFIG).is_file():
+            return inner
         return folder
     repo_id = os.fspath(path)
     try:

@@ -23,13 +23,13 @@ from .functional import BACKENDS, qrlora_linear
 
 
 def _same_weight(incoming: torch.Tensor, own: torch.Tensor) -> bool:
-    """Whether a loaded weight is the layer's own, compared in the lower of the two precisions (a float32 checkpoint
-    onto the same base loaded in bfloat16 is the same weight)."""
+    """Whether loading ``incoming`` leaves the layer's weight as it is: equal once copied into its dtype (a float32
+    checkpoint onto the same base loaded in bfloat16 is the same weight; a bfloat16 one onto a float32 layer is not,
+    it would round W0 away from the weight the basis was built from)."""
     if incoming.shape != own.shape or own.is_meta or hasattr(own, "device_mesh") or hasattr(incoming, "device_mesh") \
             or not (incoming.is_floating_point() and own.is_floating_point()):
         return incoming.shape == own.shape  # nothing cheap to compare by (meta, DTensor shards, a quantised weight)
-    low = incoming.dtype if torch.finfo(incoming.dtype).bits < torch.finfo(own.dtype).bits else own.dtype
-    return torch.equal(incoming.to(own.device, low), own.to(low))
+    return torch.equal(incoming.to(own.device, own.dtype), own)
 
 
 def _lam_dtype(weight_dtype: torch.dtype) -> torch.dtype:

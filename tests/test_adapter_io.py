@@ -92,9 +92,22 @@ def test_progress_bar_while_the_bases_are_rebuilt(base, tmp_path, capsys):
     save_adapter(_adapted(base), tmp_path)
     load_adapter(copy.deepcopy(base), tmp_path, progress=True)
     err = capsys.readouterr().err
-    assert "QR-LoRA bases from pivots" in err and "/6 [" in err  # a bar over 3 blocks x (query, value)
+    assert "QR-LoRA adapter modules" in err and "/6 [" in err  # a bar over 3 blocks x (query, value)
     load_adapter(copy.deepcopy(base), tmp_path, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_progress_bars_follow_tqdm_disable_and_rank_zero(monkeypatch, capsys):
+    from qrlora_kernels import distributed
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    for env, rank, shown in (("", 0, True), ("1", 0, False), ("", 1, False)):
+        monkeypatch.setenv("TQDM_DISABLE", env)
+        monkeypatch.setattr(distributed, "world_info", lambda group=None, rank=rank: (rank, 2))
+        with distributed.module_progress(3, None, "bar") as bar:
+            assert bar.disable is not shown, (env, rank)
+    monkeypatch.setattr(distributed, "world_info", lambda group=None: (1, 2))
+    with distributed.module_progress(3, True, "bar") as bar:  # even asked for, only rank 0 draws it
+        assert bar.disable
 
 
 def test_include_basis_reloads_bit_exactly(base, tmp_path):

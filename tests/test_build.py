@@ -94,3 +94,18 @@ def test_build_info_reports_a_kind():
     else:
         assert info["archs"] == []
     assert hasattr(torch.ops.qrlora, "qrcp")
+
+
+def test_star_import_needs_no_optional_package():
+    """``from qrlora_kernels import *`` loads every public name; none may need transformers (not a dependency of
+    the package: only QRLoraCheckpointCallback does, and it is left out of __all__ but importable by name)."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "from qrlora_kernels import *\n"
+            "import qrlora_kernels; assert 'QRLoraCheckpointCallback' in dir(qrlora_kernels)\n"
+            "print(sorted(n for n in qrlora_kernels.__all__ if n not in globals()))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

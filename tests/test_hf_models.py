@@ -9,6 +9,7 @@ In each: at lam = 0 the outputs equal the original model's, training changes the
 gradients reach only lam and ``modules_to_save``.
 """
 import copy
+import json
 
 import pytest
 import torch
@@ -172,6 +173,9 @@ def test_trainer_checkpoints_leave_out_the_basis_and_resume(tmp_path, caplog):
     assert all(model.get_parameter(f"{n}.lam").detach().abs().sum() > 0 for n in layers)  # it trained
     served = copy.deepcopy(base)  # the callback's adapter files: the checkpoint served on a plain base model
     load_adapter(served, checkpoint)
+    assert (checkpoint / "qrlora-adapter" / "adapter_config.json").is_file()
+    # Not beside the model's files, where transformers (with peft installed) would take it for a PEFT adapter.
+    type(base).from_pretrained(checkpoint)
 
     resumed = copy.deepcopy(base)
     apply_qrlora(resumed, config, progress=False)
@@ -207,6 +211,45 @@ def test_trainer_checkpoints_leave_out_the_basis_and_resume(tmp_path, caplog):
     assert loaded.roberta._keys_to_ignore_on_save >= {f"{n[len('roberta.'):]}.Q" for n in layers}  # nested model
     merge_and_unload(loaded)
     assert loaded._keys_to_ignore_on_save == untouched and loaded.roberta._keys_to_ignore_on_save == untouched_inner
+
+
+@pytest.mark.filterwarnings("ignore:.*head 'classifier' is frozen")
+def test_checkpoint_callback_with_several_adapters(tmp_path):
+    """The adapter to write is checked before training starts; the callback writes where Trainer writes
+    (args.should_save) and skips hyperparameter_search trials with a warning."""
+    import types
+    from transformers import Trainer, TrainingArguments
+    from qrlora_kernels import QRLoraCheckpointCallback, load_adapter, save_adapter
+    base = _roberta()
+    for name in ("a", "b"):
+        tuned = copy.deepcopy(base)
+        apply_qrlora(tuned, QRLoraConfig(target_modules=["query"]), progress=False)
+        save_adapter(tuned, tmp_path / name)
+    model = copy.deepcopy(base)
+    for name in ("a", "b"):
+        load_adapter(model, tmp_path / name, adapter_name=name)
+    data = [{"input_ids": torch.randint(3, 120, (10,)), "labels": torch.tensor(i % 3)} for i in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, save_steps=1, report_to=[], use_cpu=True,
+                             per_device_train_batch_size=4, disable_tqdm=True)
+    with pytest.raises(ValueError, match=r"unknown adapter 'default'; loaded adapters: \['a', 'b'\]; pass "
+                                         r"adapter_name="):
+        Trainer(model=model, args=args, train_dataset=data, callbacks=[QRLoraCheckpointCallback()]).train()
+    assert not list((tmp_path / "run").glob("checkpoint-*"))  # refused before any step or checkpoint
+
+    callback = QRLoraCheckpointCallback(adapter_name="b")
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
+    written = json.loads((tmp_path / "run" / "checkpoint-1" / "qrlora-adapter" / "adapter_config.json").read_text())
+    assert written["adapter_name"] == "b"
+
+    state = types.SimpleNamespace(global_step=7, trial_name=None, trial_params=None)
+    callback.on_save(types.SimpleNamespace(output_dir=str(tmp_path / "other"), should_save=False), state, None,
+                     model=model)
+    assert not (tmp_path / "other").exists()  # a process that does not write Trainer's checkpoints
+    state.trial_name = "trial-0"
+    with pytest.warns(UserWarning, match="does not write adapters for hyperparameter_search trials"):
+        callback.on_save(types.SimpleNamespace(output_dir=str(tmp_path / "other"), should_save=True), state, None,
+                         model=model)
+    assert not (tmp_path / "other").exists()
 
 
 def test_t5_beams_keep_each_sequence_adapter(tmp_path):

@@ -166,6 +166,9 @@ def test_state_dict_without_the_basis_needs_the_same_pivots():
         same.load_state_dict(changed)
     half = copy.deepcopy(layer).to(torch.bfloat16)  # the float32 state onto the same layer in bfloat16: the same
     half.load_state_dict(state)
+    rounded = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
+    with pytest.raises(RuntimeError, match="its weight differs"):  # it would round the float32 W0 under the basis
+        same.load_state_dict(rounded)
 
     other[0].load_state_dict(layer.state_dict())  # with its basis, a state_dict replaces the layer's whole
     assert torch.equal(other[0](x), layer(x))
