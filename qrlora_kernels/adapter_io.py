@@ -31,6 +31,7 @@ import json
 import math
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -273,6 +274,10 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
     weights_path, config_path = out / ADAPTER_WEIGHTS, out / ADAPTER_CONFIG
     if not is_main_process:
         return {"weights": weights_path, "config": config_path}
+    if (out / "config.json").is_file():
+        warnings.warn(f"{out} holds a transformers model (config.json): with peft installed, from_pretrained of this "
+                      f"folder will take {ADAPTER_CONFIG} for a PEFT adapter and fail; save the adapter in a folder of "
+                      f"its own (QRLoraCheckpointCallback uses a qrlora-adapter subfolder)", UserWarning, stacklevel=2)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(weights_path, safetensors_save(tensors, metadata={"format": FORMAT}))
     atomic_write_bytes(config_path, (json.dumps(meta, indent=1) + "\n").encode())

@@ -205,6 +205,9 @@ def test_trainer_checkpoints_leave_out_the_basis_and_resume(tmp_path, caplog):
         other.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=False)
 
     save_adapter(model, tmp_path / "adapter")
+    with pytest.warns(UserWarning, match=r"holds a transformers model \(config.json\): with peft installed, "
+                                         r"from_pretrained of this folder will take adapter_config.json for a PEFT"):
+        save_adapter(model, checkpoint)  # beside the model's own files
     loaded = copy.deepcopy(base)
     load_adapter(loaded, tmp_path / "adapter")  # layers made by load_adapter are marked too
     assert loaded._keys_to_ignore_on_save == untouched | {f"{n}.{k}" for n in layers for k in ("Q", "R")}
