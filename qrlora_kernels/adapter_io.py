@@ -41,8 +41,9 @@ from torch import nn
 from .atomic_file import atomic_write_bytes
 from .config import QRLoraConfig
 from .model import (ADAPTER_IDS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER, MODULES_TO_SAVE_ATTR, _layer_class,
-                    _read_by_parent, _set_submodule, adapter_row, canonical_name, modules_by_canonical_name,
-                    parameter_holding_wrapper, qrlora_layers, skip_bases_in_hf_checkpoints, unwrap_model)
+                    _read_by_parent, _refuse_unloaded_weight, _set_submodule, adapter_row, canonical_name,
+                    modules_by_canonical_name, parameter_holding_wrapper, qrlora_layers,
+                    skip_bases_in_hf_checkpoints, unwrap_model)
 from .distributed import module_progress
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -448,6 +449,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
             if name in unreachable:
                 raise ValueError(f"{name} is the out_proj of an nn.MultiheadAttention, which reads its weight directly "
                                  f"and never calls its forward: the adapter would be ignored (until merged)")
+            _refuse_unloaded_weight(name, module)
             if is_conv1d(module):
                 module = as_linear(module)  # W^T as an nn.Linear; the layer built on it replaces the Conv1D
             if (module.out_features, module.in_features) != (info["out_features"], info["in_features"]):

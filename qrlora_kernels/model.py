@@ -280,6 +280,8 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
     targets = find_targets(model, config)
     if not targets:
         raise ValueError(_no_target_message(model, config))
+    for name, linear in targets:
+        _refuse_unloaded_weight(name, linear)
     # An all-zero weight (a zero-initialised projection) has no basis: it stays an nn.Linear, like a module
     # the budget gives nothing, instead of failing the whole conversion.
     zero = [name for name, linear in targets if not bool(linear.weight.detach().any())]
@@ -327,6 +329,14 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     skipped = sorted(skipped + zero, key=order.__getitem__)
     return QRLoraReport(reports, skipped, saved, sum(m.rank for m in reports), saved_params, trainable, total)
+
+
+def _refuse_unloaded_weight(name: str, module: nn.Module) -> None:
+    """A weight on the meta device has no values to factorise or fingerprint: say so, naming the module."""
+    if module.weight.is_meta:
+        raise ValueError(f"{name}: its weight is on the meta device, not loaded (a model made under "
+                         f"init_empty_weights, or a device_map that offloads it); QR-LoRA factorises the weight "
+                         f"itself: load the weights onto a device first")
 
 
 def _warn_if_a_fresh_head_stays_frozen(model: nn.Module, config: QRLoraConfig, saved: list[str]) -> None:

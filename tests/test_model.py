@@ -471,6 +471,23 @@ def test_a_quantised_linear_is_named_with_what_to_do():
     assert type(model[0]) is nn.Linear  # nothing converted
 
 
+def test_a_weight_not_loaded_is_named_with_what_to_do(tmp_path):
+    """Weights on the meta device (init_empty_weights, an offloading device_map) have nothing to factorise or
+    fingerprint: apply_qrlora and load_adapter say so, naming the module, and change nothing."""
+    from qrlora_kernels import load_adapter, save_adapter
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    adapted = copy.deepcopy(model)
+    apply_qrlora(adapted, QRLoraConfig(target_modules="all-linear", rank=2), progress=False)
+    save_adapter(adapted, tmp_path)
+    model[1].to("meta")
+    message = r"^1: its weight is on the meta device, not loaded .* load the weights onto a device first"
+    with pytest.raises(ValueError, match=message):
+        apply_qrlora(model, QRLoraConfig(target_modules="all-linear", rank=2), progress=False)
+    with pytest.raises(ValueError, match=message):
+        load_adapter(model, tmp_path)
+    assert type(model[0]) is nn.Linear and model[0].weight.requires_grad  # nothing converted or frozen
+
+
 def test_progress_bar_over_modules(capsys):
     _, model = _pair(1)
     apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"]), progress=True)
