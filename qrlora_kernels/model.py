@@ -332,11 +332,17 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
 
 
 def _refuse_unloaded_weight(name: str, module: nn.Module) -> None:
-    """A weight on the meta device has no values to factorise or fingerprint: say so, naming the module."""
-    if module.weight.is_meta:
+    """A weight on the meta device, or a quantised one, has no float values to factorise or fingerprint: say so,
+    naming the module, before anything changes."""
+    weight = module.weight
+    if weight.is_meta:
         raise ValueError(f"{name}: its weight is on the meta device, not loaded (a model made under "
                          f"init_empty_weights, or a device_map that offloads it); QR-LoRA factorises the weight "
                          f"itself: load the weights onto a device first")
+    if not weight.is_floating_point():
+        raise TypeError(f"{name}: its weight is {weight.dtype} of shape {tuple(weight.shape)}, a quantised layer "
+                        f"({type(module).__name__}); QR-LoRA factorises the weight itself: load the base model "
+                        f"unquantised, e.g. in bfloat16")
 
 
 def _warn_if_a_fresh_head_stays_frozen(model: nn.Module, config: QRLoraConfig, saved: list[str]) -> None:

@@ -460,15 +460,26 @@ def test_an_embedding_model_called_sequence_first_is_not_taken_for_beams():
             model(torch.randint(0, 20, (6, 2)))
 
 
-def test_a_quantised_linear_is_named_with_what_to_do():
+def test_a_quantised_linear_is_named_with_what_to_do(tmp_path):
+    from qrlora_kernels import load_adapter, save_adapter
+    from qrlora_kernels.basis import build_basis
     class Linear8bitLt(nn.Linear):  # the shape of bitsandbytes' int8 layer: an nn.Linear holding an integer weight
         pass
     model = nn.Sequential(nn.Linear(8, 8), Linear8bitLt(8, 8))
     model[1].weight = nn.Parameter(torch.randint(-100, 100, (8, 8), dtype=torch.int8), requires_grad=False)
-    with pytest.raises(TypeError, match=r"^1: weight must be a floating-point tensor, got dtype torch.int8 \(QR-LoRA "
-                                        r"factorises the weight itself: a quantised layer.* loaded unquantised"):
+    message = (r"^1: its weight is torch.int8 of shape \(8, 8\), a quantised layer \(Linear8bitLt\); QR-LoRA "
+               r"factorises the weight itself: load the base model unquantised")
+    with pytest.raises(TypeError, match=message):
         apply_qrlora(model, QRLoraConfig(target_modules="all-linear", rank=2), progress=False)
     assert type(model[0]) is nn.Linear  # nothing converted
+    plain = nn.Sequential(copy.deepcopy(model[0]), nn.Linear(8, 8))  # the float model it was quantised from
+    apply_qrlora(plain, QRLoraConfig(target_modules="all-linear", rank=2), progress=False)
+    save_adapter(plain, tmp_path)
+    with pytest.raises(TypeError, match=message):  # and loading onto it (4-bit ones are packed: any shape)
+        load_adapter(model, tmp_path)
+    with pytest.raises(TypeError, match=r"weight must be a floating-point tensor, got dtype torch.int8 \(QR-LoRA "
+                                        r"factorises the weight itself: a quantised layer"):
+        build_basis(model[1].weight, rank=2)  # the basis on its own says it too
 
 
 def test_a_weight_not_loaded_is_named_with_what_to_do(tmp_path):
