@@ -42,7 +42,7 @@ from .atomic_file import atomic_write_bytes
 from .config import QRLoraConfig
 from .model import (ADAPTER_IDS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER, MODULES_TO_SAVE_ATTR, _layer_class,
                     _read_by_parent, _refuse_unloaded_weight, _set_submodule, adapter_row, canonical_name,
-                    modules_by_canonical_name, parameter_holding_wrapper, qrlora_layers,
+                    default_adapter_name, modules_by_canonical_name, parameter_holding_wrapper, qrlora_layers,
                     skip_bases_in_hf_checkpoints, unwrap_model)
 from .distributed import module_progress
 
@@ -221,8 +221,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
     if not layers:
         raise ValueError("the model has no QR-LoRA layers to save (call apply_qrlora first)")
     if adapter_name is None:
-        loaded = getattr(model, ADAPTER_IDS_ATTR, None) or {DEFAULT_ADAPTER: 0}
-        adapter_name = next(iter(loaded)) if len(loaded) == 1 else DEFAULT_ADAPTER
+        adapter_name = default_adapter_name(model)
     row = adapter_row(model, adapter_name)
     if is_main_process is None:
         is_main_process = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \

@@ -69,6 +69,10 @@ class QRLoraLinear(nn.Module):
     ``state_dict`` into). ``backend`` and ``strategy`` are passed to ``qrlora_linear`` (None: automatic).
     """
 
+    # The basis buffers: a function of the base weight and the pivots (``perm``), so Hugging Face checkpoints skip
+    # them (``skip_bases_in_hf_checkpoints``) and a state_dict may come without them (``_load_from_state_dict``).
+    BASIS_BUFFERS = ("Q", "R")
+
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
                  num_adapters: int = 1, tau: float | None = None, energy: str = "diag",
                  energy_captured: float | None = None, backend: str | None = None, strategy: str | None = None,
@@ -333,8 +337,10 @@ class QRLoraLinear(nn.Module):
         # layer's Q and R, so its lam fits only if it was trained on the same basis: the same leading pivots. When
         # they are, the basis is not missing (a strict load passes); when they are not, the load is refused.
         perm = state_dict.get(prefix + "perm")
-        basis_keys = [prefix + name for name in ("Q", "R")]
-        if isinstance(perm, torch.Tensor) and not all(k in state_dict for k in basis_keys) and not self.perm.is_meta:
+        basis_keys = [prefix + name for name in self.BASIS_BUFFERS]
+        without_basis = (isinstance(perm, torch.Tensor) and not all(k in state_dict for k in basis_keys)
+                         and not self.perm.is_meta)
+        if without_basis:
             r, weight = self.rank, state_dict.get(prefix + "weight")
             problem = None
             if perm.shape != self.perm.shape or not torch.equal(perm[:r].to(self.perm.device), self.perm[:r]):
@@ -348,14 +354,12 @@ class QRLoraLinear(nn.Module):
                     f"was trained on (with the same QR-LoRA config, on the same kind of device), or load a "
                     f"state_dict that includes Q and R")
                 return
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                          error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if without_basis:
             for key in basis_keys:
                 if key not in state_dict and key in missing_keys:
                     missing_keys.remove(key)
-            return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
     def extra_repr(self) -> str:
         tau = "None" if self.tau is None else f"{self.tau:g}"

@@ -32,8 +32,6 @@ CONFIG_ATTR = "qrlora_config"
 MODULES_TO_SAVE_ATTR = "qrlora_modules_to_save"
 DEFAULT_ADAPTER = "default"
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
-# The basis buffers: a function of the base weight and the stored pivots, so Hugging Face checkpoints skip them.
-BASIS_BUFFERS = ("Q", "R")
 _SKIPPED_ON_SAVE_ATTR = "_qrlora_keys_skipped_on_save"
 
 
@@ -212,7 +210,7 @@ def skip_bases_in_hf_checkpoints(model: nn.Module) -> None:
         if not isinstance(owner, pretrained):
             continue
         ours = {f"{name}.{buffer}" for name, module in owner.named_modules() if isinstance(module, QRLoraLinear)
-                for buffer in BASIS_BUFFERS}
+                for buffer in QRLoraLinear.BASIS_BUFFERS}
         theirs = set(owner._keys_to_ignore_on_save or ()) - getattr(owner, _SKIPPED_ON_SAVE_ATTR, set())
         owner._keys_to_ignore_on_save = theirs | ours
         setattr(owner, _SKIPPED_ON_SAVE_ATTR, ours)
@@ -371,6 +369,12 @@ def adapter_row(model: nn.Module, adapter_name: str) -> int:
     if adapter_name not in ids:
         raise ValueError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(ids)}")
     return ids[adapter_name]
+
+
+def default_adapter_name(model: nn.Module) -> str:
+    """The adapter a save writes when none is named: the only one loaded, else "default"."""
+    loaded = getattr(unwrap_model(model), ADAPTER_IDS_ATTR, None) or {DEFAULT_ADAPTER: 0}
+    return next(iter(loaded)) if len(loaded) == 1 else DEFAULT_ADAPTER
 
 
 def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) -> nn.Module:

@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .adapter_io import CHECKPOINT_ADAPTER_FOLDER, save_adapter
-from .model import ADAPTER_IDS_ATTR, DEFAULT_ADAPTER, adapter_row, unwrap_model
+from .model import adapter_row, default_adapter_name
 
 
 class QRLoraCheckpointCallback(TrainerCallback):
@@ -37,10 +37,7 @@ class QRLoraCheckpointCallback(TrainerCallback):
         self._warned_trial = False
 
     def _name(self, model) -> str:
-        if self.adapter_name is not None:
-            return self.adapter_name
-        loaded = getattr(unwrap_model(model), ADAPTER_IDS_ATTR, None) or {DEFAULT_ADAPTER: 0}
-        return next(iter(loaded)) if len(loaded) == 1 else DEFAULT_ADAPTER
+        return self.adapter_name if self.adapter_name is not None else default_adapter_name(model)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
