@@ -13,6 +13,16 @@ With T tokens, N = out_features, K = in_features, rank r and e bytes per element
   ``2*T*r*(K+N)`` (recompute S, then G and the reduction) and ``2*T*N*K + 2*N*K*r``
   (``diag(Q^T (dY^T x) R^T)``: a weight-gradient GEMM, cheaper only when r is large, r > N*K/(N+K) roughly).
 
+Without a stored R (``QRLoraLinear(store_r=False)``: R = Q^T W0, see ``functional``):
+
+* **lowrank** works in the output space: the frozen GEMM writes Y0 + b, ``S = Y0 Q`` (``2*T*N*r``, a pass over
+  the output), and ``y += (S*lam) Q^T`` (``2*T*r*N``, reading and writing the T x N output once more).
+  Backward: ``G = dY Q`` with dlam as before, then ``dY0 = dY + (G*lam) Q^T`` (another pass over T x N) before
+  the frozen dx GEMM. The same flops as with R for a square layer, plus passes over the output: still
+  independent of T.
+* **merged** forms ``R~ = Q^T W0`` (``2*N*K*r``) in the forward and again in the backward, doubling its
+  r/T term.
+
 Each step is costed with a roofline, ``max(flops / peak_flops, bytes / bandwidth) + launch``, on a
 ``DeviceModel`` (default: H100-class bf16 numbers; the ratio, not the absolute values, decides). The model
 prefers lowrank for inference when ``2*T*r*(K+N) < 2*N*K*r + pass over W``, i.e. roughly below
@@ -70,14 +80,35 @@ def dlam_costs(T: int, N: int, K: int, r: int, *, elem_bytes: int = 2,
     return {"project": via_projection, "weight_grad": via_weight_grad}
 
 
-def strategy_costs(T: int, N: int, K: int, r: int, *, training: bool, elem_bytes: int = 2,
+def _implied_r_cost(N, K, r, e, model):
+    """R~ = Q^T W0 (r x K), formed by a store_r=False layer's merged path."""
+    return _step(2 * N * K * r, e * (N * K + N * r + r * K), model)
+
+
+def _output_space_cost(T, N, r, e, model):
+    """A (T x N) output plus (P * lam) Q^T, read and written in place: the store_r=False lowrank update."""
+    return _step(2 * T * r * N, e * (2 * T * N + N * r) + _ACC_BYTES * T * r, model)
+
+
+def strategy_costs(T: int, N: int, K: int, r: int, *, training: bool, elem_bytes: int = 2, r_stored: bool = True,
                    model: DeviceModel = DEFAULT_DEVICE_MODEL) -> dict:
-    """Modelled extra seconds over the frozen GEMM (forward, plus backward when ``training``) per strategy."""
+    """Modelled extra seconds over the frozen GEMM (forward, plus backward when ``training``) per strategy.
+
+    ``r_stored=False``: the layer keeps Q only (``store_r=False``), costed as described in the module docstring.
+    """
     e = elem_bytes
-    lowrank = _project_cost(T, K, r, e, model) + 2 * T * r * N / model.flops_per_s
     merged = _step(2 * N * K * r, e * (2 * N * K + N * r + r * K), model)
+    if r_stored:
+        lowrank = _project_cost(T, K, r, e, model) + 2 * T * r * N / model.flops_per_s
+    else:
+        lowrank = _project_cost(T, N, r, e, model) + _output_space_cost(T, N, r, e, model)
+        merged += _implied_r_cost(N, K, r, e, model)
     if training:
-        lowrank += _project_cost(T, N, r, e, model) + 2 * T * r * K / model.flops_per_s
+        if r_stored:
+            lowrank += _project_cost(T, N, r, e, model) + 2 * T * r * K / model.flops_per_s
+        else:
+            lowrank += _project_cost(T, N, r, e, model) + _output_space_cost(T, N, r, e, model)
+            merged += _implied_r_cost(N, K, r, e, model)
         merged += min(dlam_costs(T, N, K, r, elem_bytes=e, model=model).values())
     return {"lowrank": lowrank, "merged": merged}
 
@@ -93,7 +124,7 @@ def _requested_strategy(strategy: str | None) -> str | None:
 
 
 def choose_strategy(T: int, N: int, K: int, r: int, *, training: bool, per_token_lam: bool = False,
-                    elem_bytes: int = 2, strategy: str | None = None,
+                    elem_bytes: int = 2, r_stored: bool = True, strategy: str | None = None,
                     model: DeviceModel = DEFAULT_DEVICE_MODEL) -> str:
     """"lowrank" or "merged" for this shape; ``strategy`` (or ``$QRLORA_STRATEGY``) overrides the model.
 
@@ -108,7 +139,7 @@ def choose_strategy(T: int, N: int, K: int, r: int, *, training: bool, per_token
         return "lowrank"
     if requested is not None:
         return requested
-    return _cached(_cheaper_strategy, T, N, K, r, training, elem_bytes, model)
+    return _cached(_cheaper_strategy, T, N, K, r, training, elem_bytes, r_stored, model)
 
 
 def choose_dlam_route(T: int, N: int, K: int, r: int, *, elem_bytes: int = 2,
@@ -117,8 +148,8 @@ def choose_dlam_route(T: int, N: int, K: int, r: int, *, elem_bytes: int = 2,
     return _cached(_cheaper_dlam_route, T, N, K, r, elem_bytes, model)
 
 
-def _cheaper_strategy(T, N, K, r, training, elem_bytes, model) -> str:
-    costs = strategy_costs(T, N, K, r, training=training, elem_bytes=elem_bytes, model=model)
+def _cheaper_strategy(T, N, K, r, training, elem_bytes, r_stored, model) -> str:
+    costs = strategy_costs(T, N, K, r, training=training, elem_bytes=elem_bytes, r_stored=r_stored, model=model)
     return "merged" if costs["merged"] < costs["lowrank"] else "lowrank"
 
 

@@ -20,6 +20,12 @@ float64 inputs) on both backends, and its gradient comes back in lam's own dtype
 (``torch.autocast`` enabled for x's device), x, weight, bias, Q and R are cast to the autocast dtype first,
 like ``F.linear`` under autocast, and lam is left as it is.
 
+Without R (``R=None``, what a ``QRLoraLinear(store_r=False)`` passes): the basis is Q alone and R is the implied
+R~ = Q^T W0, which for a pivoted-QR basis is exactly the stored R (first r rows of R, columns in W0's order). The
+update is then a scaled projection in the output space, y = Y0 + b + ((Y0 Q) * lam) Q^T with Y0 = x W0^T, and
+that is how the lowrank strategy computes it (no R needed, in the forward or the backward); the merged
+strategy forms R~ when it builds W_eff (see ``ops``). Q must then have orthonormal columns.
+
 Multi-adapter batches: lam of shape (A, r) holds one row per adapter, all sharing Q and R. ``adapter_ids``
 picks the rows: per sequence, shape ``x.shape[:-2]`` (for x (B, L, K): (B,), repeated over the L tokens; for
 2-D x, a 0-d id applies to every token), or per token, shape ``x.shape[:-1]``. With lam (A, r), A > 1,
@@ -60,12 +66,13 @@ def _validate(x, weight, bias, Q, R, lam):
     if x.shape[-1] != in_features:
         raise ValueError(f"x has last dimension {x.shape[-1]} but weight has in_features {in_features} "
                          f"(weight shape {tuple(weight.shape)})")
-    if Q.dim() != 2 or R.dim() != 2:
-        raise ValueError(f"Q and R must be 2-D, got shapes {tuple(Q.shape)} and {tuple(R.shape)}")
+    if Q.dim() != 2 or (R is not None and R.dim() != 2):
+        raise ValueError(f"Q and R must be 2-D, got shapes {tuple(Q.shape)} and "
+                         f"{None if R is None else tuple(R.shape)}")
     r = Q.shape[1]
     if Q.shape[0] != out_features:
         raise ValueError(f"Q has {Q.shape[0]} rows but weight has out_features {out_features}")
-    if R.shape != (r, in_features):
+    if R is not None and R.shape != (r, in_features):
         raise ValueError(f"R has shape {tuple(R.shape)}, expected (rank, in_features) = ({r}, {in_features}) "
                          f"from Q {tuple(Q.shape)} and weight {tuple(weight.shape)}")
     if r < 1:
@@ -76,7 +83,8 @@ def _validate(x, weight, bias, Q, R, lam):
         raise TypeError(f"lam must be a floating-point tensor, got dtype {lam.dtype}")
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_features},)")
-    named = [("weight", weight), ("Q", Q), ("R", R), ("lam", lam)] + ([("bias", bias)] if bias is not None else [])
+    named = [("weight", weight), ("Q", Q), ("R", R), ("lam", lam), ("bias", bias)]
+    named = [(name, t) for name, t in named if t is not None]
     device, dtype = x.device, x.dtype
     for name, t in named:
         if t.device != device:
@@ -172,25 +180,34 @@ def _torch_path(x2, weight, bias, Q, R, lam, lam_index, strategy):
     lam_rows = lam.to(acc)
     if lam_index is not None:
         lam_rows = lam_rows.index_select(0, lam_index)
+    # Without R (R~ = Q^T W0): merged forms R~ in the accumulator dtype; lowrank projects the frozen output
+    # Y0 = (Y0 + b) - b, so that the result is F.linear's plus the correction, exactly F.linear at lam = 0.
     if strategy == "merged":
-        w_eff = weight.to(acc) + (Q.to(acc) * lam_rows) @ R.to(acc)
+        R_acc = Q.to(acc).t() @ weight.to(acc) if R is None else R.to(acc)
+        w_eff = weight.to(acc) + (Q.to(acc) * lam_rows) @ R_acc
         y = F.linear(x2.to(acc), w_eff, None if bias is None else bias.to(acc))
         return y.to(x2.dtype)
-    scaled = ((x2 @ R.t()).to(acc) * lam_rows).to(x2.dtype)
-    return F.linear(x2, weight, bias) + scaled @ Q.t()
+    y = F.linear(x2, weight, bias)
+    if R is not None:
+        s = x2 @ R.t()
+    else:
+        s = (y if bias is None else y - bias) @ Q
+    scaled = (s.to(acc) * lam_rows).to(x2.dtype)
+    return y + scaled @ Q.t()
 
 
 def qrlora_linear(x, weight, bias, Q, R, lam, *, backend=None, adapter_ids=None, strategy=None):
     """y = x W0^T + b + ((x R^T) * lam) Q^T for x of shape (..., in_features); returns (..., out_features).
 
-    ``weight`` (N, K), ``bias`` (N,) or None, ``Q`` (N, r), ``R`` (r, K) in W0's column order, ``lam`` (r,)
-    or (A, r). See the module docstring for ``backend``, ``adapter_ids``, ``strategy`` and the dtype rule.
+    ``weight`` (N, K), ``bias`` (N,) or None, ``Q`` (N, r), ``R`` (r, K) in W0's column order or None (then
+    R = Q^T W0), ``lam`` (r,) or (A, r). See the module docstring for ``backend``, ``adapter_ids``, ``strategy`` and the dtype rule.
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    for name, t in (("x", x), ("weight", weight), ("Q", Q), ("R", R)):
+    for name, t in (("x", x), ("weight", weight), ("Q", Q)):
         _check_tensor(name, t)
     _check_tensor("bias", bias, optional=True)
+    _check_tensor("R", R, optional=True)
     x, weight, bias, Q, R = _autocast(x, weight, bias, Q, R)
     _validate(x, weight, bias, Q, R, lam)
     if backend is None:
@@ -217,7 +234,7 @@ def qrlora_linear(x, weight, bias, Q, R, lam, *, backend=None, adapter_ids=None,
     training = torch.is_grad_enabled() and lam.requires_grad
     chosen = dispatch.choose_strategy(tokens, out_features, in_features, rank, training=training,
                                       per_token_lam=lam_index is not None, elem_bytes=x.element_size(),
-                                      strategy=strategy)
+                                      r_stored=R is not None, strategy=strategy)
 
     if backend == "torch":
         with _no_autocast(x.device):

@@ -7,6 +7,12 @@ implementations without graph breaks.
 2-D shapes only (``functional.qrlora_linear`` flattens): x (T, K), weight (N, K), Q (N, r), R (r, K),
 lam (r,) or (A, r), lam_index (T,) int64 or None. S and G are float32 (float64 for float64 inputs).
 
+R may be None: a layer built with ``store_r=False`` keeps only Q, and its R is the implied R~ = Q^T W0 (exact
+for a pivoted-QR basis; see ``QRLoraLinear``). The lowrank ops then work in the output space, where no R is
+needed: S = Y0 Q with Y0 = x W0^T, y = Y0 + b + (S * lam) Q^T, and dx = (dY + (G * lam) Q^T) W0 with G = dY Q.
+The merged ops form R~ inside the op, in the forward and again in the backward, and never save it: the saved
+tensors would otherwise hold every layer's R~ from the forward to the backward, and peak memory would not fall.
+
 Gradients: only x and lam get one. W0, Q, R and the bias are frozen by construction in QR-LoRA, so the
 autograd formulas return None for them (``functional`` refuses inputs that would silently lose a gradient).
 The ops run with autocast disabled: ``functional`` has already cast the inputs to the autocast dtype, and the
@@ -68,13 +74,34 @@ def _num_adapters(lam: Tensor) -> int:
 
 # ---------------------------------------------------------------- low-rank path (a)
 
-def _lowrank_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor, R: Tensor, lam: Tensor,
-                          lam_index: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """y = x W0^T + b + ((x R^T) * lam) Q^T; also returns S = x R^T, saved for the backward."""
+def _implied_r(weight: Tensor, Q: Tensor) -> Tensor:
+    """R~ = Q^T W0 (r, K) in weight's dtype: the R of a ``store_r=False`` layer, formed when an op needs it."""
+    return torch.mm(Q.t(), weight)
+
+
+def _lam_rows(lam: Tensor, lam_index: Optional[Tensor], acc: torch.dtype) -> Tensor:
+    """Each token's coefficients in the accumulator dtype: (T, r), or (r,) broadcast over the tokens."""
+    lam = lam.to(acc)
+    return lam if lam_index is None else lam.index_select(0, lam_index)
+
+
+def _lowrank_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor, R: Optional[Tensor],
+                          lam: Tensor, lam_index: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """y = x W0^T + b + ((x R^T) * lam) Q^T; also returns S = x R^T, saved for the backward.
+
+    Without R: y = Y0 + b + ((Y0 Q) * lam) Q^T from the frozen GEMM's output Y0 (S = Y0 Q = x R~^T)."""
     k = _kernels()
     with _op_scope("qrlora/fwd", x.device):
-        s = k.project(x, R.t())
-        y = k.lowrank_matmul(x, weight.t(), s, lam, Q.t(), bias, lam_index=lam_index)
+        if R is not None:
+            s = k.project(x, R.t())
+            y = k.lowrank_matmul(x, weight.t(), s, lam, Q.t(), bias, lam_index=lam_index)
+            return y, s
+        # Y0 + b straight from the GEMM (at lam = 0 the layer is then exactly nn.Linear), and S = (Y0 + b) Q - b Q.
+        y = torch.nn.functional.linear(x, weight, bias)
+        s = k.project(y, Q)
+        if bias is not None:
+            s.sub_(torch.mv(Q.t().to(s.dtype), bias.to(s.dtype)))
+        y.addmm_((s * _lam_rows(lam, lam_index, s.dtype)).to(y.dtype), Q.t())
     return y, s
 
 
@@ -84,22 +111,26 @@ lowrank_forward = torch.library.custom_op(f"{NAMESPACE}::lowrank_forward", mutat
 @lowrank_forward.register_fake
 def _(x, weight, bias, Q, R, lam, lam_index):
     return (x.new_empty((x.shape[0], weight.shape[0])),
-            x.new_empty((x.shape[0], R.shape[0]), dtype=_acc_dtype(x.dtype)))
+            x.new_empty((x.shape[0], Q.shape[1]), dtype=_acc_dtype(x.dtype)))
 
 
-def _lowrank_backward_impl(dy: Tensor, weight: Tensor, Q: Tensor, R: Tensor, lam: Tensor, s: Tensor,
+def _lowrank_backward_impl(dy: Tensor, weight: Tensor, Q: Tensor, R: Optional[Tensor], lam: Tensor, s: Tensor,
                            lam_index: Optional[Tensor], compute_dx: bool) -> tuple[Tensor, Tensor]:
-    """(dx, dlam): G = dY Q and dlam = sum_t S*G in one pass over dY, then dx = dY W0 + (G*lam) R.
+    """(dx, dlam): G = dY Q and dlam = sum_t S*G in one pass over dY, then dx = dY W0 + (G*lam) R
+    (without R: dx = (dY + (G*lam) Q^T) W0).
 
     dlam is float32 with lam's shape; dx is empty when ``compute_dx`` is False.
     """
     k = _kernels()
     with _op_scope("qrlora/bwd", dy.device):
         g, dlam = k.project_and_reduce(dy, Q, s, lam_index=lam_index, num_adapters=_num_adapters(lam))
-        if compute_dx:
+        if not compute_dx:
+            dx = dy.new_empty((0,))
+        elif R is not None:
             dx = k.lowrank_matmul(dy, weight, g, lam, R, None, lam_index=lam_index)
         else:
-            dx = dy.new_empty((0,))
+            dy0 = torch.addmm(dy, (g * _lam_rows(lam, lam_index, g.dtype)).to(dy.dtype), Q.t())
+            dx = torch.mm(dy0, weight)
     return dx, dlam.reshape(lam.shape)
 
 
@@ -153,11 +184,12 @@ def _(weight, Q, R, lam):
     return torch.empty_like(weight)
 
 
-def _merged_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor, R: Tensor,
+def _merged_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor, R: Optional[Tensor],
                          lam: Tensor) -> tuple[Tensor, Tensor]:
-    """y = x W_eff^T + b with W_eff = W0 + (Q*lam) R built by one kernel; returns (y, W_eff)."""
+    """y = x W_eff^T + b with W_eff = W0 + (Q*lam) R built by one kernel (R = Q^T W0 when None); returns
+    (y, W_eff)."""
     with _op_scope("qrlora/fwd", x.device):
-        w_eff = _kernels().merged_weight(weight, Q, lam, R)
+        w_eff = _kernels().merged_weight(weight, Q, lam, _implied_r(weight, Q) if R is None else R)
         y = torch.nn.functional.linear(x, w_eff, bias)
     return y, w_eff
 
@@ -170,19 +202,22 @@ def _(x, weight, bias, Q, R, lam):
     return x.new_empty((x.shape[0], weight.shape[0])), torch.empty_like(weight)
 
 
-def _merged_backward_impl(dy: Tensor, x: Tensor, w_eff: Tensor, Q: Tensor, R: Tensor, lam: Tensor,
-                          dlam_route: str, compute_dx: bool) -> tuple[Tensor, Tensor]:
+def _merged_backward_impl(dy: Tensor, x: Tensor, weight: Tensor, w_eff: Tensor, Q: Tensor, R: Optional[Tensor],
+                          lam: Tensor, dlam_route: str, compute_dx: bool) -> tuple[Tensor, Tensor]:
     """(dx, dlam) with dx = dY W_eff and dlam by ``dlam_route``: "project" (S = x R^T, then G = dY Q and
-    sum_t S*G in one pass) or "weight_grad" (diag(Q^T (dY^T x) R^T)). dlam is float32 with lam's shape."""
+    sum_t S*G in one pass) or "weight_grad" (diag(Q^T (dY^T x) R^T)). dlam is float32 with lam's shape.
+    R = Q^T W0 is formed again here when None (never saved from the forward)."""
     k = _kernels()
     with _op_scope("qrlora/bwd", dy.device):
+        if dlam_route not in ("project", "weight_grad"):
+            raise ValueError(f"dlam_route must be 'project' or 'weight_grad', got {dlam_route!r}")
+        if R is None:
+            R = _implied_r(weight, Q)
         if dlam_route == "project":
             s = k.project(x, R.t())
             _, dlam = k.project_and_reduce(dy, Q, s)
-        elif dlam_route == "weight_grad":
-            dlam = k.dlam_via_weight_grad(dy, x, Q, R)
         else:
-            raise ValueError(f"dlam_route must be 'project' or 'weight_grad', got {dlam_route!r}")
+            dlam = k.dlam_via_weight_grad(dy, x, Q, R)
         dx = dy @ w_eff if compute_dx else dy.new_empty((0,))
     return dx, dlam.reshape(lam.shape).to(_acc_dtype(dy.dtype))
 
@@ -192,31 +227,32 @@ merged_backward = torch.library.custom_op(f"{NAMESPACE}::merged_backward",
 
 
 @merged_backward.register_fake
-def _(dy, x, w_eff, Q, R, lam, dlam_route, compute_dx):
+def _(dy, x, weight, w_eff, Q, R, lam, dlam_route, compute_dx):
     dx = dy.new_empty((dy.shape[0], w_eff.shape[1]) if compute_dx else (0,))
     return dx, lam.new_empty(lam.shape, dtype=_acc_dtype(dy.dtype))
 
 
-def _merged_save(ctx, x, w_eff, Q, R, lam):
-    """What the backward needs, in the order ``_merged_grads`` unpacks it (both routes)."""
-    ctx.save_for_backward(x, w_eff, Q, R, lam)
+def _merged_save(ctx, x, weight, w_eff, Q, R, lam):
+    """What the backward needs, in the order ``_merged_grads`` unpacks it (both routes). ``weight`` costs no
+    memory (the frozen parameter itself) and is needed only to form R when it is None."""
+    ctx.save_for_backward(x, weight, w_eff, Q, R, lam)
 
 
 def _merged_setup_context(ctx, inputs, output):
     x, weight, bias, Q, R, lam = inputs
     _, w_eff = output
     ctx.mark_non_differentiable(w_eff)
-    _merged_save(ctx, x, w_eff, Q, R, lam)
+    _merged_save(ctx, x, weight, w_eff, Q, R, lam)
 
 
 def _merged_grads(ctx, dy, backward):
     from .dispatch import choose_dlam_route
 
-    x, w_eff, Q, R, lam = ctx.saved_tensors
+    x, weight, w_eff, Q, R, lam = ctx.saved_tensors
     compute_dx = ctx.needs_input_grad[0]
-    route = choose_dlam_route(x.shape[0], w_eff.shape[0], w_eff.shape[1], R.shape[0],
+    route = choose_dlam_route(x.shape[0], w_eff.shape[0], w_eff.shape[1], Q.shape[1],
                               elem_bytes=x.element_size())
-    dx, dlam = backward(dy, x, w_eff, Q, R, lam, route, compute_dx)
+    dx, dlam = backward(dy, x, weight, w_eff, Q, R, lam, route, compute_dx)
     return (dx if compute_dx else None), None, None, None, None, dlam.to(lam.dtype)
 
 
@@ -251,7 +287,7 @@ class _EagerMerged(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, Q, R, lam):
         y, w_eff = _merged_forward_impl(x, weight, bias, Q, R, lam)
-        _merged_save(ctx, x, w_eff, Q, R, lam)
+        _merged_save(ctx, x, weight, w_eff, Q, R, lam)
         return y
 
     @staticmethod
@@ -260,7 +296,7 @@ class _EagerMerged(torch.autograd.Function):
         return _merged_grads(ctx, dy, _merged_backward_impl)
 
 
-def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor, R: Tensor, lam: Tensor,
+def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor, R: Optional[Tensor], lam: Tensor,
                    lam_index: Optional[Tensor]) -> Tensor:
     """The lowrank strategy's y: the custom op while ``torch.compile`` traces, the eager Function otherwise."""
     if torch.compiler.is_compiling():
@@ -268,7 +304,8 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor,
     return _EagerLowrank.apply(x, weight, bias, Q, R, lam, lam_index)
 
 
-def merged_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor, R: Tensor, lam: Tensor) -> Tensor:
+def merged_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor, R: Optional[Tensor],
+                  lam: Tensor) -> Tensor:
     """The merged strategy's y: the custom op while ``torch.compile`` traces, the eager Function otherwise."""
     if torch.compiler.is_compiling():
         return merged_forward(x, weight, bias, Q, R, lam)[0]

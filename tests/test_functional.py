@@ -235,3 +235,97 @@ def test_broadcast_grad_output(strategy):
     _, dx_ref, dlam_ref = _reference(x, weight, bias, Q, R, lam, torch.ones(2, 8, 20))
     assert_rel_close(x.grad, dx_ref, name="dx")
     assert_rel_close(lam.grad, dlam_ref, name="dlam")
+
+
+# ------------------------------------------------------------------ without R (store_r=False layers): R = Q^T W0
+
+def _implied_r(Q, weight):
+    """The R that R=None stands for, in float64: the first r rows of a pivoted QR's R are Q^T W0."""
+    return Q.double().t() @ weight.double()
+
+
+@pytest.mark.parametrize("strategy", ["lowrank", "merged"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_without_r_matches_float64_reference(case, dtype, backend, strategy):
+    x, weight, bias, Q, _, lam = _problem(**CASES[case], dtype=dtype)
+    y, dx, dlam, dy = _run(x, weight, bias, Q, None, lam, backend=backend, strategy=strategy)
+    y_ref, dx_ref, dlam_ref = _reference(x, weight, bias, Q, _implied_r(Q, weight), lam, dy)
+    assert y.dtype == dtype and dx.dtype == dtype and dlam.dtype == dtype
+    assert_rel_close(y, y_ref, REL_TOL[dtype], name="y")
+    assert_rel_close(dx, dx_ref, REL_TOL[dtype], name="dx")
+    assert_rel_close(dlam, dlam_ref, REL_TOL[dtype], name="dlam")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_without_r_multi_adapter_non_contiguous_and_broadcast_dy(backend):
+    x, weight, bias, Q, _, lam = _problem(T=None, K=20, N=24, r=7, num_adapters=3, leading=(4, 5))
+    ids = torch.tensor([2, 0, 2, 1])
+    lam_index = ids.repeat_interleave(5)
+    y, dx, dlam, dy = _run(x, weight, bias, Q, None, lam, backend=backend, adapter_ids=ids)
+    y_ref, dx_ref, dlam_ref = _reference(x, weight, bias, Q, _implied_r(Q, weight), lam, dy, lam_index)
+    for name, got, want in (("y", y, y_ref), ("dx", dx, dx_ref), ("dlam", dlam, dlam_ref)):
+        assert_rel_close(got, want, name=name)
+    # A transposed x, and the stride-0 dY that y.sum().backward() hands the backward.
+    x_t = torch.randn(20, 30).t().requires_grad_()
+    lam1 = lam[0].detach().requires_grad_()
+    qrlora_linear(x_t, weight, bias, Q, None, lam1, backend=backend, strategy="lowrank").sum().backward()
+    _, dx_ref, dlam_ref = _reference(x_t, weight, bias, Q, _implied_r(Q, weight), lam1, torch.ones(30, 24))
+    assert_rel_close(x_t.grad, dx_ref, name="dx (transposed x, broadcast dY)")
+    assert_rel_close(lam1.grad, dlam_ref, name="dlam (transposed x, broadcast dY)")
+
+
+@pytest.mark.parametrize("strategy", ["lowrank", "merged"])
+def test_without_r_gradcheck_torch_path_float64(strategy):
+    x, weight, bias, Q, _, lam = _problem(T=None, K=6, N=5, r=3, dtype=torch.float64, leading=(2, 3))
+    inputs = [t.requires_grad_() for t in (x, weight, bias, Q, lam)]
+    assert torch.autograd.gradcheck(
+        lambda x_, w_, b_, q_, lam_: qrlora_linear(x_, w_, b_, q_, None, lam_, backend="torch", strategy=strategy),
+        inputs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_without_r_at_lam_zero_is_exactly_the_linear_layer(backend):
+    """The lowrank path starts from F.linear's own output (bias included), so lam = 0 changes no bit."""
+    x, weight, bias, Q, _, lam = _problem(T=12, K=32, N=24, r=8)
+    y = qrlora_linear(x, weight, bias, Q, None, torch.zeros_like(lam), backend=backend, strategy="lowrank")
+    assert torch.equal(y, torch.nn.functional.linear(x, weight, bias))
+
+
+@pytest.mark.parametrize("strategy", ["lowrank", "merged"])
+def test_without_r_the_backward_holds_no_r(strategy, monkeypatch):
+    """The point of R=None is memory: nothing of R's shape may be saved from the forward for the backward (it
+    would be held for every layer until the backward), and the lowrank path must not form R at all."""
+    x, weight, bias, Q, _, lam = _problem(T=40, K=24, N=20, r=6)
+    x.requires_grad_()
+    lam.requires_grad_()
+    formed = []
+    real = ops._implied_r
+    monkeypatch.setattr(ops, "_implied_r", lambda w, q: formed.append(1) or real(w, q))
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = qrlora_linear(x, weight, bias, Q, None, lam, backend="triton", strategy=strategy)
+    assert (6, 24) not in saved, saved
+    y.backward(torch.randn_like(y))
+    assert formed == ([] if strategy == "lowrank" else [1, 1]), "R formed in the forward and again in the backward"
+    # With R given, the same hooks do see it saved: the check above can fail.
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        qrlora_linear(x, weight, bias, Q, _implied_r(Q, weight).float(), lam, backend="triton", strategy=strategy)
+    assert (6, 24) in saved
+
+
+def test_without_r_bad_inputs():
+    x, weight, bias, Q, _, lam = _problem(T=4, K=16, N=12, r=3)
+    with pytest.raises(ValueError, match="Q has 11 rows but weight has out_features 12"):
+        qrlora_linear(x, weight, bias, Q[:11], None, lam)
+    with pytest.raises(TypeError, match="R must be a torch.Tensor, got list"):
+        qrlora_linear(x, weight, bias, Q, [[1.0]], lam)
+    with pytest.raises(ValueError, match=r"lam has shape \(4,\), expected \(3,\)"):
+        qrlora_linear(x, weight, bias, Q, None, torch.randn(4))

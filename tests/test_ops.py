@@ -43,7 +43,23 @@ def test_opcheck_merged_ops():
     _opcheck(ops.merged_weight, (weight, Q, R, lam.detach()))
     dy = torch.randn(16, 20)
     for route in dispatch.DLAM_ROUTES:
-        _opcheck(ops.merged_backward, (dy, x.detach(), weight, Q, R, lam.detach(), route, True))
+        _opcheck(ops.merged_backward, (dy, x.detach(), weight, weight.clone(), Q, R, lam.detach(), route, True))
+
+
+def test_opcheck_ops_without_r():
+    """R=None (a store_r=False layer's call): the same ops, R formed inside where needed."""
+    x, weight, bias, Q, _, lam = _operands()
+    _opcheck(ops.lowrank_forward, (x, weight, bias, Q, None, lam, None))
+    _opcheck(ops.merged_forward, (x, weight, bias, Q, None, lam))
+    x, weight, bias, Q, _, lam = _operands(num_adapters=3)
+    index = torch.randint(0, 3, (16,))
+    _opcheck(ops.lowrank_forward, (x, weight, None, Q, None, lam, index))
+    s, dy = torch.randn(16, 5), torch.randn(16, 20)
+    for compute_dx in (True, False):
+        _opcheck(ops.lowrank_backward, (dy, weight, Q, None, lam.detach(), s, index, compute_dx))
+    x, weight, bias, Q, _, lam = _operands()
+    for route in dispatch.DLAM_ROUTES:
+        _opcheck(ops.merged_backward, (dy, x.detach(), weight, weight.clone(), Q, None, lam.detach(), route, True))
 
 
 @pytest.mark.parametrize("strategy, num_adapters", [("lowrank", None), ("lowrank", 3), ("merged", None)])
@@ -78,17 +94,17 @@ def test_merged_backward_routes_agree(route):
     x, weight, bias, Q, R, lam = _operands(T=12, K=20, N=16, r=6)
     dy = torch.randn(12, 16)
     w_eff = weight + (Q * lam.detach()) @ R
-    dx, dlam = ops.merged_backward(dy, x.detach(), w_eff, Q, R, lam.detach(), route, True)
+    dx, dlam = ops.merged_backward(dy, x.detach(), weight, w_eff, Q, R, lam.detach(), route, True)
     s, g = x.detach().double() @ R.double().t(), dy.double() @ Q.double()
     assert_rel_close(dlam, (s * g).sum(0), name=f"dlam via {route}")
     assert_rel_close(dx, dy.double() @ w_eff.double(), name="dx")
 
 
-def _model(backend, strategy, num_adapters=1):
+def _model(backend, strategy, num_adapters=1, store_r=True):
     torch.manual_seed(1)
     layers = []
     for k, n in ((24, 32), (32, 16)):
-        layer = QRLoraLinear.from_linear(nn.Linear(k, n), rank=6, num_adapters=num_adapters)
+        layer = QRLoraLinear.from_linear(nn.Linear(k, n), rank=6, num_adapters=num_adapters, store_r=store_r)
         layer.backend, layer.strategy = backend, strategy
         with torch.no_grad():
             layer.lam.normal_()
@@ -105,12 +121,13 @@ class _AdapterModel(nn.Module):
         return self.inner[2](self.inner[1](self.inner[0](x, adapter_ids=ids)), adapter_ids=ids)
 
 
+@pytest.mark.parametrize("store_r", [True, False])
 @pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
 @pytest.mark.parametrize("backend,strategy", [("torch", "lowrank"), ("torch", "merged"),
                                               ("triton", "lowrank"), ("triton", "merged")])
-def test_compile_fullgraph(backend, strategy, compile_backend):
+def test_compile_fullgraph(backend, strategy, compile_backend, store_r):
     torch._dynamo.reset()
-    model = _model(backend, strategy)
+    model = _model(backend, strategy, store_r=store_r)
     x = torch.randn(2, 5, 24)
     expected = model(x)
     expected.square().sum().backward()
@@ -179,6 +196,14 @@ def test_cost_model_choices(monkeypatch):
     # dlam: the weight-gradient route only pays off when r is a large fraction of N*K/(N+K).
     assert dispatch.choose_dlam_route(8192, N, K, 16) == "project"
     assert dispatch.choose_dlam_route(8192, 384, 384, 384) == "weight_grad"
+    # Without a stored R (store_r=False): never cheaper; merged pays R = Q^T W0 twice (fwd + bwd) and lowrank
+    # passes over the T x N output, which moves the crossover (here at r = N/2, T = 4096: merged -> lowrank).
+    for T in (256, 4096, 65536):
+        with_r = dispatch.strategy_costs(T, N, K, 2048, training=True)
+        without = dispatch.strategy_costs(T, N, K, 2048, training=True, r_stored=False)
+        assert all(without[k] > with_r[k] for k in with_r), T
+    assert dispatch.choose_strategy(4096, N, K, 2048, training=True) == "merged"
+    assert dispatch.choose_strategy(4096, N, K, 2048, training=True, r_stored=False) == "lowrank"
     monkeypatch.setenv(dispatch.STRATEGY_ENV_VAR, "merged")
     assert dispatch.choose_strategy(1, N, K, 16, training=False) == "merged"
     assert dispatch.choose_strategy(1, N, K, 16, training=False, strategy="lowrank") == "lowrank"
