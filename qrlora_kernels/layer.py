@@ -9,6 +9,13 @@ pivots, int64, length in; ``perm[:r]`` are the basis columns) are buffers and tr
 
 Merging: ``merge()`` folds the update into ``weight`` (the forward is then a plain ``F.linear``), ``unmerge()``
 subtracts it again (exact up to rounding). While merged, lam gets no gradient.
+
+Half the basis memory: ``store_r=False`` keeps Q only (``R`` is then None). For a pivoted-QR basis the first r
+rows of R are exactly Q^T W0 (in W0's column order), so the update is dW = Q diag(lam) Q^T W0, a scaled
+projection in the output space: y = Y0 + b + ((Y0 Q) * lam) Q^T with Y0 = x W0^T. The forward and the backward
+compute it that way (see ``functional`` and ``dispatch`` for what it costs); the outputs match a ``store_r=True``
+layer to rounding. Such a layer undoes a merge by solving for W0 (``unmerge``), which is refused where
+1 + lam is too close to 0 for that to be accurate.
 """
 from __future__ import annotations
 
@@ -76,7 +83,7 @@ class QRLoraLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
                  num_adapters: int = 1, tau: float | None = None, energy: str = "diag",
                  energy_captured: float | None = None, backend: str | None = None, strategy: str | None = None,
-                 device=None, dtype=None):
+                 store_r: bool = True, device=None, dtype=None):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features), ("rank", rank),
                             ("num_adapters", num_adapters)):
@@ -88,6 +95,8 @@ class QRLoraLinear(nn.Module):
             raise ValueError(f"energy must be one of {ENERGY_RULES}, got {energy!r}")
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        if not isinstance(store_r, bool):
+            raise TypeError(f"store_r must be a bool, got {store_r!r}")
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
@@ -97,6 +106,7 @@ class QRLoraLinear(nn.Module):
         self.energy_captured = energy_captured
         self.backend = backend
         self.strategy = strategy
+        self.store_r = store_r
         self.merged = False
         self.adapters_disabled = False  # set by ``disable_adapters(model)``: the layer computes as its base
         self.fan_in_fan_out = False  # made from a transformers Conv1D: to_linear() gives a Conv1D back
@@ -111,7 +121,7 @@ class QRLoraLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
         self.register_buffer("Q", torch.empty(out_features, rank, **factory))
-        self.register_buffer("R", torch.empty(rank, in_features, **factory))
+        self.register_buffer("R", torch.empty(rank, in_features, **factory) if store_r else None)
         self.register_buffer("perm", torch.arange(in_features, device=device, dtype=torch.int64))
         lam_shape = (rank,) if num_adapters == 1 else (num_adapters, rank)
         self.lam = nn.Parameter(torch.zeros(lam_shape, device=device, dtype=_lam_dtype(self.weight.dtype)))
@@ -139,14 +149,18 @@ class QRLoraLinear(nn.Module):
                    energy: str = "diag", num_adapters: int = 1, **kwargs) -> "QRLoraLinear":
         """A layer over ``linear`` with a precomputed basis: a ``QRLoraBasis`` (from ``build_basis`` or
         ``truncate``) or a tuple ``(Q, R, perm)``, Q (out x r), R (r x in, original column order),
-        perm the pivots (length in, or at least r: ``perm[:r]`` are the basis columns)."""
+        perm the pivots (length in, or at least r: ``perm[:r]`` are the basis columns). With ``store_r=False``
+        R is dropped (it must then equal Q^T W0, as a pivoted-QR basis's does; R may be None)."""
         linear = as_linear(linear, "from_basis")
         Q, R, perm = basis[0], basis[1], basis[2]
         energy_captured = basis.energy_captured if isinstance(basis, QRLoraBasis) else None
         out_features, in_features = linear.weight.shape
-        if Q.dim() != 2 or R.dim() != 2 or Q.shape[0] != out_features or R.shape[1] != in_features \
-                or Q.shape[1] != R.shape[0]:
-            raise ValueError(f"basis shapes Q {tuple(Q.shape)}, R {tuple(R.shape)} do not fit a linear layer of "
+        if R is None and kwargs.get("store_r", True):
+            raise ValueError("the basis has no R; pass store_r=False to build a layer that keeps Q only")
+        r_shape = None if R is None else tuple(R.shape)
+        if Q.dim() != 2 or Q.shape[0] != out_features or (R is not None and (
+                R.dim() != 2 or R.shape[1] != in_features or Q.shape[1] != R.shape[0])):
+            raise ValueError(f"basis shapes Q {tuple(Q.shape)}, R {r_shape} do not fit a linear layer of "
                              f"weight shape {tuple(linear.weight.shape)} (need Q (out, r) and R (r, in))")
         rank = Q.shape[1]
         perm = torch.as_tensor(perm, dtype=torch.int64)
@@ -161,7 +175,8 @@ class QRLoraLinear(nn.Module):
         layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
         layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         layer.Q = Q.detach().to(device=weight.device, dtype=weight.dtype).contiguous()
-        layer.R = R.detach().to(device=weight.device, dtype=weight.dtype).contiguous()
+        if layer.store_r:
+            layer.R = R.detach().to(device=weight.device, dtype=weight.dtype).contiguous()
         full_perm = perm.to(weight.device)
         if full_perm.numel() < in_features:
             # Complete stored pivots to a permutation: the remaining columns, in their original order.
@@ -267,19 +282,36 @@ class QRLoraLinear(nn.Module):
 
     # ------------------------------------------------------------------ merging
 
+    def _acc_dtype(self) -> torch.dtype:
+        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+
+    @torch.no_grad()
+    def basis_r(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """R (r x in, W0's column order) in ``dtype`` (default: the weight's): the stored buffer, or for a
+        ``store_r=False`` layer Q^T W0 formed now (in float32 at least; from a merged weight
+        (I + Q diag(lam) Q^T) W0 by dividing row i by 1 + lam_i)."""
+        dtype = self.weight.dtype if dtype is None else dtype
+        if self.R is not None:
+            return self.R.to(dtype)
+        acc = self._acc_dtype()
+        r = self.Q.to(acc).t() @ self.weight.detach().to(acc)
+        if self.merged:
+            r = r / (1 + self._adapter_lam(None).detach().to(acc)).unsqueeze(1)
+        return r.to(dtype)
+
     def delta_weight(self, adapter: int | None = None) -> torch.Tensor:
         """dW = Q diag(lam) R (out x in) in the weight's dtype, accumulated in float32 at least."""
         lam = self._adapter_lam(adapter).detach()
-        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        return ((self.Q.to(acc) * lam.to(acc)) @ self.R.to(acc)).to(self.weight.dtype)
+        acc = self._acc_dtype()
+        return ((self.Q.to(acc) * lam.to(acc)) @ self.basis_r(acc)).to(self.weight.dtype)
 
     def _merged_weight(self, sign: float) -> torch.Tensor:
         lam = self._adapter_lam(None).detach() * sign
         if self.weight.device.type == "cuda" and self.backend != "torch":
             from . import ops
-            return ops.merged_weight(self.weight.detach(), self.Q, self.R, lam)
-        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        w = self.weight.detach().to(acc) + (self.Q.to(acc) * lam.to(acc)) @ self.R.to(acc)
+            return ops.merged_weight(self.weight.detach(), self.Q, self.basis_r(), lam)
+        acc = self._acc_dtype()
+        w = self.weight.detach().to(acc) + (self.Q.to(acc) * lam.to(acc)) @ self.basis_r(acc)
         return w.to(self.weight.dtype)
 
     @torch.no_grad()
@@ -299,8 +331,25 @@ class QRLoraLinear(nn.Module):
         """Subtract dW from ``weight`` again (exact up to rounding)."""
         if not self.merged:
             raise ValueError("layer is not merged")
+        if self.R is None:
+            self._check_unmerge_is_accurate()
         self.weight = nn.Parameter(self._merged_weight(-1.0), requires_grad=False)
         self.merged = False
+
+    # store_r=False: unmerge() amplifies the merged weight's rounding by up to max |lam / (1 + lam)| (then up to 11x
+    # a store_r=True layer's round-trip error; any lam >= -0.9 passes).
+    MAX_UNMERGE_AMPLIFICATION = 10.0
+
+    def _check_unmerge_is_accurate(self) -> None:
+        lam = self._adapter_lam(None).detach().double()
+        amplification = (lam.abs() / (1 + lam).abs()).max().item()
+        if not amplification <= self.MAX_UNMERGE_AMPLIFICATION:
+            i = int((1 + lam).abs().argmin())
+            raise ValueError(
+                f"cannot unmerge this store_r=False layer accurately: lam[{i}] = {lam[i].item():.6g}, so 1 + lam "
+                f"is {(1 + lam[i]).item():.3g} and recovering W0 from the merged weight would amplify its rounding "
+                f"by a factor of {amplification:.3g} (the merge removed that direction of W0). Reload the base weights and the "
+                f"adapter instead, or build layers with store_r=True when they must be unmerged")
 
     @torch.no_grad()
     def to_linear(self, adapter: int | None = None) -> nn.Module:
@@ -337,7 +386,7 @@ class QRLoraLinear(nn.Module):
         # layer's Q and R, so its lam fits only if it was trained on the same basis: the same leading pivots. When
         # they are, the basis is not missing (a strict load passes); when they are not, the load is refused.
         perm = state_dict.get(prefix + "perm")
-        basis_keys = [prefix + name for name in self.BASIS_BUFFERS]
+        basis_keys = [prefix + name for name in self.BASIS_BUFFERS if getattr(self, name) is not None]
         without_basis = (isinstance(perm, torch.Tensor) and not all(k in state_dict for k in basis_keys)
                          and not self.perm.is_meta)
         if without_basis:
@@ -369,6 +418,8 @@ class QRLoraLinear(nn.Module):
             parts.append(f"energy_captured={self.energy_captured:.4f}")
         if self.num_adapters > 1:
             parts.append(f"num_adapters={self.num_adapters}")
+        if not self.store_r:
+            parts.append("store_r=False")
         if self.merged:
             parts.append("merged=True")
         if self.fan_in_fan_out:

@@ -272,3 +272,115 @@ def test_bad_arguments():
         layer(torch.randn(3, 9))
     with pytest.raises(TypeError, match="x must be a floating-point tensor"):
         layer(torch.ones(3, 8, dtype=torch.int64))
+
+
+# ------------------------------------------------------------------ store_r=False: Q only, R = Q^T W0
+
+def test_store_r_false_keeps_q_only_and_matches_the_full_layer():
+    lin = _linear(40, 24)
+    full = QRLoraLinear.from_linear(lin, tau=0.9)
+    half = QRLoraLinear.from_linear(lin, tau=0.9, store_r=False)
+    assert half.R is None and half.store_r is False and "store_r=False" in repr(half)
+    assert set(dict(half.named_buffers())) == {"Q", "perm"} and "R" not in half.state_dict()
+    assert half.rank == full.rank and torch.equal(half.Q, full.Q) and torch.equal(half.perm, full.perm)
+    # The identity the option rests on: a pivoted QR's leading rows of R are Q^T W0 (W0's column order).
+    assert_rel_close(half.basis_r(), full.R.double(), 1e-6, name="Q^T W0 against R")
+    x = torch.randn(3, 5, 40)
+    assert torch.equal(half(x), lin(x))  # lam = 0: exactly the linear layer (lowrank path)
+    _randomise_lam(full)
+    with torch.no_grad():
+        half.lam.copy_(full.lam)
+    for backend in ("torch", "triton"):
+        for strategy in ("lowrank", "merged"):
+            half.backend, half.strategy = backend, strategy
+            assert_rel_close(half(x), _expected_output(full, x), name=f"y ({backend}, {strategy})")
+    assert_rel_close(half.delta_weight(), full.delta_weight().double(), 1e-6, name="delta_weight")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_store_r_false_trains_like_the_full_layer(backend):
+    lin = _linear(32, 24)
+    layers = [QRLoraLinear.from_linear(lin, rank=10, store_r=s, backend=backend) for s in (True, False)]
+    x = torch.randn(6, 32)
+    target = torch.randn(6, 24)
+    for layer in layers:
+        opt = torch.optim.SGD([layer.lam], lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(layer(x), target).backward()
+            opt.step()
+    assert torch.count_nonzero(layers[1].lam) == 10
+    assert_rel_close(layers[1].lam, layers[0].lam.double(), 1e-5, name="lam after 3 steps")
+    assert layers[1].weight.grad is None and layers[1].Q.grad is None
+
+
+def test_store_r_false_merge_unmerge_and_to_linear():
+    lin = _linear(40, 24)
+    layer = QRLoraLinear.from_linear(lin, tau=0.95, store_r=False)
+    with torch.no_grad():
+        layer.lam.copy_(0.3 * torch.randn_like(layer.lam))
+    x = torch.randn(7, 40)
+    before, delta = layer(x), layer.delta_weight()
+    original_weight = layer.weight.detach().clone()
+    layer.merge()
+    assert_rel_close(layer(x), before.double(), name="merged forward")
+    assert_rel_close(layer.delta_weight(), delta.double(), name="delta_weight while merged")  # from W_eff
+    assert_rel_close(layer.to_linear()(x), before.double(), name="to_linear while merged")
+    layer.unmerge()
+    assert_rel_close(layer.weight, original_weight, name="unmerged weight")
+    assert torch.equal(lin.weight, original_weight)
+
+    # lam = -1 removes a direction of W0 that a merged Q-only layer cannot get back: refused, nothing changed.
+    with torch.no_grad():
+        layer.lam[3] = -1.0
+    layer.merge()
+    merged = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"cannot unmerge this store_r=False layer accurately: lam\[3\] = -1"):
+        layer.unmerge()
+    assert layer.merged and torch.equal(layer.weight, merged)
+    full = QRLoraLinear.from_linear(lin, tau=0.95)  # a layer with R undoes the same merge
+    with torch.no_grad():
+        full.lam.copy_(layer.lam)
+    full.merge()
+    full.unmerge()
+    assert_rel_close(full.weight, original_weight, name="store_r=True unmerge at lam = -1")
+
+
+def test_store_r_false_state_dict_deepcopy_to_and_errors():
+    layer = QRLoraLinear.from_linear(_linear(24, 20), rank=5, store_r=False)
+    _randomise_lam(layer)
+    x = torch.randn(4, 24)
+    expected = layer(x)
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = QRLoraLinear(24, 20, 5, store_r=False)
+    fresh.load_state_dict(torch.load(buffer))
+    assert torch.equal(fresh(x), expected)
+    twin = copy.deepcopy(layer).to(torch.float64)
+    assert twin.R is None and twin.Q.dtype == torch.float64
+    assert_rel_close(twin(x.double()), expected, REL_TOL[torch.float32], name="float64 copy")
+    # A state_dict with R does not fit a layer without it, and the reverse keeps the layer's own R.
+    full = QRLoraLinear.from_linear(_linear(24, 20), rank=5)
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "R"'):
+        QRLoraLinear(24, 20, 5, store_r=False).load_state_dict(full.state_dict())
+    with pytest.raises(TypeError, match="store_r must be a bool, got 'no'"):
+        QRLoraLinear(24, 20, 5, store_r="no")
+    basis = build_basis(_linear(24, 20).weight, rank=5)
+    with pytest.raises(ValueError, match="the basis has no R; pass store_r=False"):
+        QRLoraLinear.from_basis(_linear(24, 20), (basis.Q, None, basis.perm))
+    assert QRLoraLinear.from_basis(_linear(24, 20), (basis.Q, None, basis.perm), store_r=False).R is None
+
+
+def test_store_r_false_state_dict_without_q_needs_the_same_pivots():
+    """A Hugging Face checkpoint of a Q-only layer holds neither Q nor R: loaded like a full layer's."""
+    layer = QRLoraLinear.from_linear(_linear(24, 20), rank=5, store_r=False)
+    _randomise_lam(layer)
+    state = {k: v for k, v in layer.state_dict().items() if k != "Q"}
+    same = copy.deepcopy(layer)
+    nn.init.normal_(same.lam)
+    same.load_state_dict(state)  # strict: Q is not missing
+    assert torch.equal(same.lam, layer.lam)
+    other = QRLoraLinear.from_linear(_linear(24, 20), rank=5, store_r=False)
+    with pytest.raises(RuntimeError, match=r"no basis .* pivots perm\[:5\] differ"):
+        other.load_state_dict(state)
