@@ -4,7 +4,8 @@ A QR-LoRA basis is a deterministic function of the base weight and its pivots (s
 ``basis.py``), so by default an adapter stores, per module, only ``lam`` (r scalars) and the
 pivots ``perm[:r]`` (r int32): the file is O(total r). At load the basis is rebuilt with
 ``basis_from_pivots`` (an unpivoted QR of ``W[:, pivots]``, signs normalised).
-``include_basis=True`` also stores Q_r and R_r, for a bit-exact reload without any QR.
+``include_basis=True`` also stores Q_r and R_r, for a bit-exact reload without any QR (Q_r only for a layer
+built with ``store_r=False``, whose module entry then says ``"store_r": false``; such layers are rebuilt so).
 
 Because the rebuilt basis is only right on the *same* base weights, ``adapter_config.json``
 keeps a fingerprint of every adapted weight (shape, dtype, a hash of a strided sample of its
@@ -244,8 +245,8 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
         pivots = layer.perm[:r].to("cpu", torch.int32).clone()
         own = {"lam": lam, "pivots": pivots}
         if include_basis:
-            own["Q"] = _full(layer.Q).to("cpu").contiguous().clone()
-            own["R"] = _full(layer.R).to("cpu").contiguous().clone()
+            for key in _basis_keys(layer.R is not None):
+                own[key] = _full(getattr(layer, key)).to("cpu").contiguous().clone()
         tensors.update({f"{name}.{key}": t for key, t in own.items()})
         modules[name] = {
             "rank": r, "in_features": layer.in_features, "out_features": layer.out_features,
@@ -255,6 +256,8 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
             "lam_dtype": _dtype_name(lam.dtype), "fingerprint": base_fingerprint(weight),
             "checksum": _checksum(own),
         }
+        if layer.R is None:  # written only when set, so that other adapters stay readable by older versions
+            modules[name]["store_r"] = False
     saved_modules: dict[str, str] = {}
     by_name = modules_by_canonical_name(model)
     for name in getattr(model, MODULES_TO_SAVE_ATTR, []):
@@ -339,6 +342,8 @@ def _check_module_info(name: str, info, config_path: Path) -> None:
     rounded = info["fingerprint"].get("rounded", {})
     if not isinstance(rounded, dict) or any(_bad_field(fp, _FINGERPRINT_FIELDS) for fp in rounded.values()):
         raise ValueError(f"{name}: {config_path} is corrupt: 'fingerprint.rounded' is damaged")
+    if not isinstance(info.get("store_r", True), bool):
+        raise ValueError(f"{name}: {config_path} is corrupt: 'store_r' is not true or false")
 
 
 def _diagnose_safetensors(path: Path) -> str:
@@ -373,8 +378,17 @@ def _read_tensors(weights_path: Path) -> dict[str, torch.Tensor]:
                          f"safetensors: {err})") from None
 
 
+def _basis_keys(store_r: bool) -> list[str]:
+    return ["Q", "R"] if store_r else ["Q"]
+
+
+def _stores_r(info: dict) -> bool:
+    """Whether the module's layer keeps R (``_check_module_info`` has checked the field's type)."""
+    return info.get("store_r", True)
+
+
 def _module_tensors(tensors: dict, name: str, info: dict, include_basis: bool, path: Path) -> dict:
-    keys = ["lam", "pivots"] + (["Q", "R"] if include_basis else [])
+    keys = ["lam", "pivots"] + (_basis_keys(_stores_r(info)) if include_basis else [])
     missing = [k for k in keys if f"{name}.{k}" not in tensors]
     if missing:
         raise ValueError(f"{name}: {path} lacks its tensor(s) {missing} (truncated or corrupt adapter)")
@@ -534,12 +548,13 @@ def _build_layer(linear: nn.Linear, own: dict, info: dict, include_basis: bool, 
     QRLoraLinear = _layer_class()
     weight = linear.weight
     pivots = own["pivots"].to(device=weight.device, dtype=torch.int64)
+    store_r = _stores_r(info)
     if include_basis:
         Q = own["Q"].to(device=weight.device, dtype=weight.dtype)
-        R = own["R"].to(device=weight.device, dtype=weight.dtype)
+        R = own["R"].to(device=weight.device, dtype=weight.dtype) if store_r else None
     else:
         Q, R = basis_from_pivots(weight, pivots)
     layer = QRLoraLinear.from_basis(linear, (Q, R, pivots), tau=info.get("tau"), energy=info.get("energy") or "diag",
-                                    num_adapters=num_adapters)
+                                    num_adapters=num_adapters, store_r=store_r)
     layer.energy_captured = info.get("energy_captured")
     return layer

@@ -17,7 +17,9 @@ from typing import Any, Iterable, Optional, Union
 from .basis import QR_METHODS
 
 ALL_LINEAR = "all-linear"
-_LATER_FIELDS = ("task_type",)
+# Fields added after the first file format, with their defaults: written only when set otherwise, so that files
+# that do not use them stay readable by versions without them.
+_LATER_FIELDS = {"task_type": None, "store_r": True}
 DEFAULT_TAU = 0.9
 ENERGY_RULES = ("diag", "frobenius")
 # Containers whose numbered children are the model's layers (BERT "layer.3.", Llama "layers.3.", GPT-2 "h.3.").
@@ -97,6 +99,9 @@ class QRLoraConfig:
             pivoting; default) or ``"randomized"`` (pivots from a random sketch, about the speed of an
             unpivoted QR; a fixed seed keeps it reproducible). Not with ``budget``. See
             ``qrlora_kernels.basis``.
+        store_r: keep each layer's R (default). ``False`` keeps Q only, halving the basis's memory
+            (R's rows are Q^T W0 for a pivoted-QR basis; see ``QRLoraLinear``): the same outputs to
+            rounding, for some extra work per step (``qrlora_kernels.dispatch``).
     """
 
     target_modules: Optional[Union[str, list[str]]] = None
@@ -110,6 +115,7 @@ class QRLoraConfig:
     modules_to_save: Optional[list[str]] = None
     qr_method: str = "geqp3"
     task_type: Optional[str] = None
+    store_r: bool = True
     # PEFT's name for ``layers``: when given (also to ``dataclasses.replace``) it sets ``layers``.
     layers_to_transform: dataclasses.InitVar[Optional[Union[int, list[int]]]] = None
 
@@ -169,6 +175,8 @@ class QRLoraConfig:
             if task not in TASK_TYPES:
                 raise ValueError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
             self.task_type = task
+        if not isinstance(self.store_r, bool):
+            raise TypeError(f"store_r must be a bool, got {self.store_r!r}")
         if self.qr_method not in QR_METHODS:
             raise ValueError(f"qr_method must be one of {QR_METHODS}, got {self.qr_method!r}")
         if self.budget is not None and self.qr_method != "geqp3":
@@ -212,9 +220,8 @@ class QRLoraConfig:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        # A field added later is written only when set, so files stay readable by versions without it.
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if not (f.name in _LATER_FIELDS and getattr(self, f.name) is None)}
+                if not (f.name in _LATER_FIELDS and getattr(self, f.name) == _LATER_FIELDS[f.name])}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QRLoraConfig":

@@ -72,14 +72,15 @@ def module_progress(total: int, enabled: Optional[bool], desc: str, group=None):
 
 def compute_bases(weights: Sequence[torch.Tensor], factorise_many: Callable, *, names: Sequence[str],
                   progress: Optional[bool] = None, group=None,
-                  ranks_fn: Optional[Callable[[list[torch.Tensor]], list[int]]] = None) -> list:
+                  ranks_fn: Optional[Callable[[list[torch.Tensor]], list[int]]] = None, with_r: bool = True) -> list:
     """Factorise every weight once (split across ranks when in a process group).
 
     ``factorise_many(weights, names, on_done)`` returns their ``QRLoraBasis`` list (with ``ranks_fn``:
     diag-rule bases or ``DeferredBasis`` objects, which ``truncate`` turns into bases) and calls ``on_done(count)`` as weights finish.
     ``ranks_fn(diag_energies)`` optionally sets every module's final rank from all modules' energies
     (the global budget); a module given rank 0 comes back as None. Returns the bases in input order;
-    every rank gets identical tensors.
+    every rank gets identical tensors. ``with_r=False`` (layers that keep Q only): ranks other than a basis's
+    owner receive no R (it is not broadcast), and their bases hold None there.
     """
     rank, world = world_info(group)
     if world == 1:
@@ -130,13 +131,13 @@ def compute_bases(weights: Sequence[torch.Tensor], factorise_many: Callable, *, 
         if owners[j] == rank:
             b = local.pop(j)
             b = truncate(b, r) if ranks_fn is not None else b
-            Q, R, perm = b.Q.contiguous(), b.R.contiguous(), b.perm.to(torch.int64).contiguous()
+            Q, R, perm = b.Q.contiguous(), b.R.contiguous() if with_r else None, b.perm.to(torch.int64).contiguous()
         else:
             Q = torch.empty(m, r, dtype=dtype, device=w.device)
-            R = torch.empty(r, n, dtype=dtype, device=w.device)
+            R = torch.empty(r, n, dtype=dtype, device=w.device) if with_r else None
             perm = torch.empty(n, dtype=torch.int64, device=w.device)
         for t in (Q, R, perm):
-            if t.numel():
+            if t is not None and t.numel():
                 dist.broadcast(t, src=src(owners[j]), group=group)
         captured = float(diags[j][:r].sum()) if ranks_fn is not None else float(metas[j][2])
         out.append(QRLoraBasis(Q, R, perm, r, captured, diags[j].to("cpu")))

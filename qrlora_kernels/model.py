@@ -72,6 +72,9 @@ class QRLoraReport:
     modules_to_save_params: int
     trainable_params: int
     total_params: int
+    # Values held in the layers' basis buffers (Q and R; Q alone with store_r=False), in the weights' dtype: the
+    # memory QR-LoRA adds to the model (frozen, not parameters, and left out of Hugging Face checkpoints).
+    basis_values: int = 0
 
     @property
     def trainable_percent(self) -> float:
@@ -97,6 +100,9 @@ class QRLoraReport:
         lines.append(f"adapted modules: {len(self.modules)} | QR-LoRA params: {self.adapter_params:,} | "
                      f"trainable params: {self.trainable_params:,} || all params: {self.total_params:,} || "
                      f"trainable%: {self.trainable_percent:.4f}")
+        if self.basis_values:
+            share = 100.0 * self.basis_values / self.total_params if self.total_params else 0.0
+            lines.append(f"basis buffers: {self.basis_values:,} values (+{share:.1f}% of all params in memory)")
         return "\n".join(lines)
 
 
@@ -210,7 +216,7 @@ def skip_bases_in_hf_checkpoints(model: nn.Module) -> None:
         if not isinstance(owner, pretrained):
             continue
         ours = {f"{name}.{buffer}" for name, module in owner.named_modules() if isinstance(module, QRLoraLinear)
-                for buffer in QRLoraLinear.BASIS_BUFFERS}
+                for buffer in QRLoraLinear.BASIS_BUFFERS if getattr(module, buffer) is not None}
         theirs = set(owner._keys_to_ignore_on_save or ()) - getattr(owner, _SKIPPED_ON_SAVE_ATTR, set())
         owner._keys_to_ignore_on_save = theirs | ours
         setattr(owner, _SKIPPED_ON_SAVE_ATTR, ours)
@@ -251,7 +257,8 @@ def _budget_ranks(diag_energies: Sequence[torch.Tensor], budget: int) -> list[in
 
 def _make_layer(linear: nn.Module, basis: QRLoraBasis, config: QRLoraConfig, num_adapters: int = 1) -> nn.Module:
     QRLoraLinear = _layer_class()
-    return QRLoraLinear.from_basis(linear, basis, tau=config.tau, energy=config.energy, num_adapters=num_adapters)
+    return QRLoraLinear.from_basis(linear, basis, tau=config.tau, energy=config.energy, num_adapters=num_adapters,
+                                   store_r=config.store_r)
 
 
 # ---------------------------------------------------------------------------------------- public API
@@ -299,7 +306,7 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
                                 lambda ws, names, on_done: _factorise_many(ws, config, names, on_done),
                                 names=[name for name, _ in targets], progress=progress, group=group,
                                 ranks_fn=(lambda diags: _budget_ranks(diags, config.budget))
-                                if config.budget is not None else None)
+                                if config.budget is not None else None, with_r=config.store_r)
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -326,7 +333,10 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
     total = sum(p.numel() for p in model.parameters())
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     skipped = sorted(skipped + zero, key=order.__getitem__)
-    return QRLoraReport(reports, skipped, saved, sum(m.rank for m in reports), saved_params, trainable, total)
+    basis_values = sum(getattr(layer, key).numel() for _, layer in qrlora_layers(model)
+                       for key in layer.BASIS_BUFFERS if getattr(layer, key) is not None)
+    return QRLoraReport(reports, skipped, saved, sum(m.rank for m in reports), saved_params, trainable, total,
+                        basis_values)
 
 
 def _refuse_unloaded_weight(name: str, module: nn.Module) -> None:

@@ -603,3 +603,31 @@ def test_an_uncached_repository_offline_is_named(base, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"me/not-cached: not a local folder, and not found on the Hugging "
                                                 r"Face Hub at revision 'main' \(\w+"):
         load_adapter(copy.deepcopy(base), "me/not-cached", revision="main")
+
+
+@pytest.mark.parametrize("include_basis", [False, True])
+def test_store_r_false_adapters_round_trip_as_q_only_layers(base, tmp_path, include_basis):
+    model = _adapted(base, dataclasses.replace(CONFIG, store_r=False))
+    x = torch.randn(3, 4, HIDDEN)
+    expected = model(x)
+    save_adapter(model, tmp_path, include_basis=include_basis)
+    meta = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    assert meta["config"]["store_r"] is False
+    assert all(info["store_r"] is False for info in meta["modules"].values())
+    from safetensors.torch import load_file
+    stored = load_file(tmp_path / ADAPTER_WEIGHTS)
+    assert not any(k.endswith(".R") for k in stored)
+    assert sum(k.endswith(".Q") for k in stored) == (6 if include_basis else 0)
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, tmp_path)
+    assert all(layer.R is None for _, layer in qrlora_layers(fresh)) and len(qrlora_layers(fresh)) == 6
+    if include_basis:
+        assert torch.equal(fresh(x), expected)
+    else:
+        assert_rel_close(fresh(x), expected, 1e-5, name="reloaded output")
+
+    name = next(iter(meta["modules"]))
+    meta["modules"][name]["store_r"] = "yes"
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=rf"{name}: .* is corrupt: 'store_r' is not true or false"):
+        load_adapter(copy.deepcopy(base), tmp_path)

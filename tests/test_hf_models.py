@@ -307,6 +307,21 @@ def test_real_minilm_weights_offline(monkeypatch):
     _check_training(model, base, batch, lambda out: (pooled(out) - target).square().mean(), pooled)
     assert all(isinstance(model.get_submodule(m.name), QRLoraLinear) for m in report.modules)
 
+    # store_r=False on the real weights: R's rows are Q^T W0 to float32 rounding, so the Q-only model computes the
+    # same function (trained lam copied over) with about half the basis memory.
+    half = copy.deepcopy(base)
+    half_report = apply_qrlora(half, QRLoraConfig(target_modules=["query", "value"], tau=0.9, store_r=False),
+                               progress=False)
+    assert [m.rank for m in half_report.modules] == [m.rank for m in report.modules]
+    assert half_report.basis_values == report.basis_values // 2  # square 384x384 weights: Q is half of Q + R
+    for name, layer in qrlora_layers(model):
+        assert_rel_close(half.get_submodule(name).basis_r(), layer.R.double(), 1e-5, name=f"{name}: Q^T W0 vs R")
+        with torch.no_grad():
+            half.get_submodule(name).lam.copy_(layer.lam)
+    with torch.no_grad():
+        assert_rel_close(half(**batch).last_hidden_state, model(**batch).last_hidden_state.double(), 1e-5,
+                         name="MiniLM hidden states, store_r=False against store_r=True")
+
 
 def test_llama_mixed_adapter_batch_equals_each_adapter_alone(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -68,9 +68,12 @@ def test_config_defaults_and_json_round_trip():
     assert cfg.tau == 0.9 and cfg.rank is None and cfg.budget is None and cfg.energy == "diag"
     for original in (cfg, QRLoraConfig(target_modules=r".*\.(query|value)", layers=[2, 0], modules_to_save="classifier"),
                      QRLoraConfig(target_modules="all-linear", budget=601, exclude_modules=["down"]),
-                     QRLoraConfig(target_modules=["up"], rank=4, energy="frobenius")):
+                     QRLoraConfig(target_modules=["up"], rank=4, energy="frobenius"),
+                     QRLoraConfig(target_modules=["up"], store_r=False)):
         again = QRLoraConfig.from_dict(__import__("json").loads(original.to_json_string()))
         assert again == original
+    # A field added later is written only when it differs from its default (older readers refuse unknown fields).
+    assert "store_r" not in cfg.to_dict() and QRLoraConfig(target_modules=["q"], store_r=False).to_dict()["store_r"] is False
     assert QRLoraConfig(target_modules=["q"], layers=3).layers == [3]
 
 
@@ -92,6 +95,7 @@ def test_config_defaults_and_json_round_trip():
     ({"target_modules": ["q"], "layers": "0"}, TypeError, "layers must be an int or a list"),
     ({"target_modules": ["q"], "qr_method": "svd"}, ValueError, "qr_method must be one of"),
     ({"target_modules": ["q"], "budget": 10, "qr_method": "randomized"}, ValueError, "budget needs qr_method='geqp3'"),
+    ({"target_modules": ["q"], "store_r": "no"}, TypeError, "store_r must be a bool"),
 ])
 def test_config_rejects_bad_fields(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -260,6 +264,40 @@ def test_apply_keeps_outputs_freezes_and_reports():
     # lam = 0: the converted model is the original model.
     assert_rel_close(model(x), base(x), 1e-6, name="converted output")
     assert model.qrlora_adapter_ids == {"default": 0}
+
+
+@pytest.mark.parametrize("rule", [dict(tau=0.9), dict(budget=40)], ids=["tau", "budget"])
+def test_store_r_false_halves_the_basis_and_keeps_the_model(rule):
+    """QRLoraConfig(store_r=False): the same layers, ranks and (to rounding) outputs and gradients, with Q alone
+    held; the report says what the bases cost in memory."""
+    base, full = _pair()
+    half = copy.deepcopy(base)
+    config = QRLoraConfig(target_modules="all-linear", **rule)
+    full_report = apply_qrlora(full, config, progress=False)
+    half_report = apply_qrlora(half, dataclasses.replace(config, store_r=False), progress=False)
+    assert [(m.name, m.rank) for m in half_report.modules] == [(m.name, m.rank) for m in full_report.modules]
+    layers = dict(qrlora_layers(half))
+    assert layers and all(layer.R is None and not layer.store_r for layer in layers.values())
+    q_values = sum(layer.Q.numel() for layer in layers.values())
+    r_values = sum(layer.R.numel() for _, layer in qrlora_layers(full))
+    assert half_report.basis_values == q_values and full_report.basis_values == q_values + r_values
+    share = 100 * q_values / half_report.total_params
+    assert f"basis buffers: {q_values:,} values (+{share:.1f}% of all params in memory)" in str(half_report)
+    gen = torch.Generator().manual_seed(3)
+    for name, layer in qrlora_layers(full):
+        with torch.no_grad():
+            layer.lam.copy_(torch.randn(layer.lam.shape, generator=gen) * 0.3)
+            layers[name].lam.copy_(layer.lam)
+    x = torch.randn(4, 5, 8)
+    y_full, y_half = full(x), half(x)
+    assert_rel_close(y_half, y_full.double(), 1e-5, name="outputs")
+    y_full.square().sum().backward()
+    y_half.square().sum().backward()
+    for name, layer in qrlora_layers(full):
+        assert_rel_close(layers[name].lam.grad, layer.lam.grad.double(), 1e-5, name=f"{name} dlam")
+    merged = merge_and_unload(half)
+    assert not qrlora_layers(merged)
+    assert_rel_close(merged(x), y_full.double(), 1e-5, name="merged outputs")
 
 
 def test_apply_rank_and_frobenius_rules_reach_layers():
