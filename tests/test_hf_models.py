@@ -390,3 +390,28 @@ def test_llama_mixed_adapter_batch_equals_each_adapter_alone(tmp_path):
         with pytest.raises(RuntimeError, match="recomputed during backward .* after the adapter_batch / "):
             loss.backward()
         (getattr(served, "activation_checkpointing_disable", None) or served.gradient_checkpointing_disable)()
+
+
+def test_checkpoints_of_q_only_layers_skip_q_and_load_strictly(tmp_path):
+    """store_r=False layers have no R buffer: only their Q is left out of save_pretrained, and the checkpoint
+    loads back (strict) onto the base converted with the same config."""
+    base = _roberta()
+    config = QRLoraConfig(target_modules=["query", "value"], store_r=False)
+    model = copy.deepcopy(base)
+    apply_qrlora(model, config, progress=False)
+    names = [n for n, _ in qrlora_layers(model)]
+    assert set(model._keys_to_ignore_on_save or ()) >= {f"{n}.Q" for n in names}
+    assert not any(k.endswith(".R") for k in model._keys_to_ignore_on_save)
+    with torch.no_grad():
+        for _, layer in qrlora_layers(model):
+            layer.lam.normal_(0.0, 0.3)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+    state = load_file(tmp_path / "model.safetensors")
+    assert not any(k.endswith((".Q", ".R")) for k in state) and sum(k.endswith(".lam") for k in state) == 4
+    again = copy.deepcopy(base)
+    apply_qrlora(again, config, progress=False)
+    again.load_state_dict(state)  # strict: Q is not missing, and there is no R to miss
+    ids = torch.randint(0, 120, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
