@@ -19,6 +19,7 @@ qrlora_torch       ``QRLoraLinear`` on the pure-torch path, strategy picked by t
 qrlora_torch_*     the same with the strategy forced ("lowrank" / "merged")
 qrlora_triton      ``QRLoraLinear`` on the fused Triton path, strategy picked by the dispatcher
 qrlora_triton_*    the same with the strategy forced
+qrlora_*_q         ``QRLoraLinear(store_r=False)``: Q only (R = Q^T W0), half the basis memory; dispatcher's strategy
 qrlora_*_multi1000 ``QRLoraLinear`` holding 1,000 adapters (lam of shape (1000, r), sharing Q and R), every batch
                    mixing them: x (T, K) is viewed as sequences of L tokens and each sequence gets a random
                    adapter id (per-sequence ``adapter_ids``, int64 on x's device, fixed for the run). L is the
@@ -43,6 +44,8 @@ its nominal count (it computes what carries lam in float32), so its TFLOP/s is "
 * PEFT LoRA:      fwd ``2TNK + 2Tr(K+N)``;      bwd ``2TNK + 4Tr(K+N)`` (dx; dB, dA; the two projections of dY)
 * QR-LoRA lowrank: fwd ``2TNK + 2Tr(K+N)``;     bwd ``2TNK + 2Tr(K+N)`` (dx; G = dY Q and (G lam) R)
 * QR-LoRA merged: fwd ``2TNK + 2NKr``;          bwd ``2TNK`` + the cheaper dlam route of ``dispatch.dlam_costs``
+* QR-LoRA Q only (store_r=False): lowrank works in the output space, fwd ``2TNK + 4TNr`` and bwd ``2TNK + 4TNr``
+  (S = Y0 Q and the update; G = dY Q and dY0); merged adds ``2NKr`` (R = Q^T W0) to the forward and to the backward
 """
 from __future__ import annotations
 
@@ -103,6 +106,7 @@ class Provider:
     strategy: Optional[str] = None      # forced strategy; None = the dispatcher's pick (QR-LoRA only)
     uses_rank: bool = True
     num_adapters: int = 1               # > 1: that many adapters mixed in every batch (QR-LoRA only)
+    store_r: bool = True                # False: QRLoraLinear(store_r=False), Q only (QR-LoRA only)
 
     @property
     def is_qrlora(self) -> bool:
@@ -119,6 +123,9 @@ PROVIDERS = {p.name: p for p in (
     Provider("qrlora_triton", "QR-LoRA, fused Triton path, dispatcher's strategy", backend="triton"),
     Provider("qrlora_triton_lowrank", "QR-LoRA, fused Triton path, lowrank", backend="triton", strategy="lowrank"),
     Provider("qrlora_triton_merged", "QR-LoRA, fused Triton path, merged", backend="triton", strategy="merged"),
+    Provider("qrlora_torch_q", "QR-LoRA, pure-torch path, store_r=False (Q only)", backend="torch", store_r=False),
+    Provider("qrlora_triton_q", "QR-LoRA, fused Triton path, store_r=False (Q only)", backend="triton",
+             store_r=False),
     Provider(f"qrlora_torch_multi{MULTI_ADAPTERS}", f"QR-LoRA, pure-torch path, {MULTI_ADAPTERS:,} adapters mixed "
              "per sequence in every batch", backend="torch", num_adapters=MULTI_ADAPTERS),
     Provider(f"qrlora_triton_multi{MULTI_ADAPTERS}", f"QR-LoRA, fused Triton path, {MULTI_ADAPTERS:,} adapters mixed "
@@ -185,7 +192,7 @@ def chosen_strategy(provider: Provider, case: Case) -> Optional[str]:
     from qrlora_kernels import dispatch
     return dispatch.choose_strategy(case.tokens, case.out_features, case.in_features, case.rank,
                                     training=case.training, elem_bytes=torch.finfo(case.dtype).bits // 8,
-                                    strategy=provider.strategy)
+                                    r_stored=provider.store_r, strategy=provider.strategy)
 
 
 def flops(provider: Provider, case: Case, strategy: Optional[str] = None) -> float:
@@ -204,11 +211,13 @@ def flops(provider: Provider, case: Case, strategy: Optional[str] = None) -> flo
         raise ValueError(f"no flop count for provider {name!r}")
     strategy = strategy or chosen_strategy(provider, case)
     if strategy == "lowrank":
-        adapter = 2.0 * T * r * (K + N)
+        adapter = 2.0 * T * r * (K + N) if provider.store_r else 4.0 * T * N * r
         return base + adapter + ((base + adapter) if case.training else 0.0)
     merge = 2.0 * N * K * r
-    total = base + merge
+    implied_r = 0.0 if provider.store_r else 2.0 * N * K * r
+    total = base + merge + implied_r
     if case.training:
+        total += implied_r
         from qrlora_kernels import dispatch
         route = dispatch.choose_dlam_route(T, N, K, r, elem_bytes=torch.finfo(case.dtype).bits // 8)
         dlam = 2.0 * T * r * (K + N) if route == "project" else 2.0 * T * N * K + 2.0 * N * K * r
@@ -274,7 +283,8 @@ def build_module(provider: Provider, case: Case, *, seed: int = 0) -> nn.Module:
             R = (torch.randn(r, K, device=case.device, dtype=torch.float32) / math.sqrt(K)).to(case.dtype)
             perm = torch.randperm(K, device=case.device)
             layer = QRLoraLinear.from_basis(linear, (Q, R, perm), backend=provider.backend,
-                                            strategy=provider.strategy, num_adapters=provider.num_adapters)
+                                            strategy=provider.strategy, num_adapters=provider.num_adapters,
+                                            store_r=provider.store_r)
             _random_(layer.lam, 0.5)
             return MultiAdapterBatch(layer, case.tokens) if provider.num_adapters > 1 else layer
         raise ValueError(f"unknown provider {provider.name!r}; known: {sorted(PROVIDERS)}")
@@ -344,5 +354,6 @@ def reference_output(module_provider: Provider, module: nn.Module, x: torch.Tens
         lam_index = module.token_ids() if isinstance(module, MultiAdapterBatch) else None
         layer = module.layer if isinstance(module, MultiAdapterBatch) else module
         return reference.qrlora_linear(x64, layer.weight.double(), layer.bias.double(), layer.Q.double(),
-                                       layer.R.double(), layer.lam.detach().double(), lam_index=lam_index)
+                                       layer.basis_r(torch.float64), layer.lam.detach().double(),
+                                       lam_index=lam_index)
     raise ValueError(f"unknown provider {module_provider.name!r}")

@@ -44,7 +44,7 @@ LAYER_PRESETS = {
 GPU_DEFAULT = dict(presets=["roberta-base", "llama-7b", "llama-70b"], tokens=[512, 2048, 8192, 16384],
                    ranks=["16", "64", "256", "tau"], dtype="bf16", modes=list(P.MODES),
                    providers=["full_ft", "frozen_linear", "peft_lora", "qrlora_torch", "qrlora_triton",
-                              "qrlora_triton_lowrank", "qrlora_triton_merged"],
+                              "qrlora_triton_lowrank", "qrlora_triton_merged", "qrlora_triton_q"],
                    model_presets=["roberta-base", "llama-7b-blocks"])
 # The quick GPU set (the device suite's): roberta-base's attention projection and every llama-7b shape.
 GPU_QUICK = dict(GPU_DEFAULT, presets=["roberta-attn", "llama-7b"], tokens=[2048, 8192], ranks=["16", "tau"],
@@ -52,7 +52,7 @@ GPU_QUICK = dict(GPU_DEFAULT, presets=["roberta-attn", "llama-7b"], tokens=[2048
 CPU_DEFAULT = dict(presets=["roberta-attn"], tokens=[128, 512], ranks=["16", "tau"], dtype="fp32",
                    modes=list(P.MODES),
                    providers=["full_ft", "frozen_linear", "peft_lora", "qrlora_torch", "qrlora_torch_lowrank",
-                              "qrlora_torch_merged"],
+                              "qrlora_torch_merged", "qrlora_torch_q"],
                    model_presets=["tiny-roberta", "tiny-llama"])
 TAU_RANK_FRACTION = 0.55
 QR_SIZES_CPU = [(512, 512)]

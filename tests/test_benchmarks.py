@@ -248,6 +248,12 @@ def test_flop_counts_follow_the_algorithms():
     assert f["peft_lora"][1] - f["qrlora_torch"][1] == f["qrlora_torch"][0] - gemm
     merged = P.flops(P.PROVIDERS["qrlora_torch"], fwd, "merged")
     assert merged - gemm == 2 * N * K * r
+    # Q only: the lowrank update works on the T x N output (4TNr each way); merged forms R = Q^T W0 each way.
+    q_only = P.PROVIDERS["qrlora_torch_q"]
+    assert P.flops(q_only, fwd, "lowrank") - gemm == 4 * T * N * r
+    assert P.flops(q_only, train, "lowrank") - 2 * gemm == 8 * T * N * r
+    assert P.flops(q_only, fwd, "merged") - merged == 2 * N * K * r
+    assert P.flops(q_only, train, "merged") - P.flops(P.PROVIDERS["qrlora_torch"], train, "merged") == 4 * N * K * r
 
 
 def test_case_validation():
