@@ -15,8 +15,9 @@ With T tokens, N = out_features, K = in_features, rank r and e bytes per element
 
 Without a stored R (``QRLoraLinear(store_r=False)``: R = Q^T W0, see ``functional``):
 
-* **lowrank** works in the output space: the frozen GEMM writes Y0 + b, ``S = Y0 Q`` (``2*T*N*r``, a pass over
-  the output), and ``y += (S*lam) Q^T`` (``2*T*r*N``, reading and writing the T x N output once more).
+* **lowrank** works in the output space: the frozen GEMM writes Y0, ``S = Y0 Q`` (``2*T*N*r``, a pass over
+  the output), and ``y += (S*lam) Q^T`` (``2*T*r*N``, reading and writing the T x N output once more; the bias,
+  added last, one more such pass, not in the model).
   Backward: ``G = dY Q`` with dlam as before, then ``dY0 = dY + (G*lam) Q^T`` (another pass over T x N) before
   the frozen dx GEMM. The same flops as with R for a square layer, plus passes over the output: still
   independent of T.

@@ -175,25 +175,25 @@ def _torch_path(x2, weight, bias, Q, R, lam, lam_index, strategy):
     # are float32, the big GEMMs run in the input dtype. Merged: plain autograd gets dlam from the gradient of
     # W_eff, dY^T x, whose half-precision rounding cancellation can amplify past the fp16 band; so for half
     # inputs this reference path runs that GEMM in float32 (slow on GPUs: use backend="triton" for speed).
-    # At lam = 0 the lowrank result is exactly F.linear's, because the correction is an exact zero.
+    # With R, at lam = 0 the lowrank result is exactly F.linear's, because the correction is an exact zero.
     acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
     lam_rows = lam.to(acc)
     if lam_index is not None:
         lam_rows = lam_rows.index_select(0, lam_index)
-    # Without R (R~ = Q^T W0): merged forms R~ in the accumulator dtype; lowrank projects the frozen output
-    # Y0 = (Y0 + b) - b, so that the result is F.linear's plus the correction, exactly F.linear at lam = 0.
+    # Without R (R~ = Q^T W0): merged forms R~ in the accumulator dtype; lowrank projects the frozen output Y0
+    # (without the bias, which could swamp it in half precision) and adds the bias last.
     if strategy == "merged":
         R_acc = Q.to(acc).t() @ weight.to(acc) if R is None else R.to(acc)
         w_eff = weight.to(acc) + (Q.to(acc) * lam_rows) @ R_acc
         y = F.linear(x2.to(acc), w_eff, None if bias is None else bias.to(acc))
         return y.to(x2.dtype)
-    y = F.linear(x2, weight, bias)
-    if R is not None:
-        s = x2 @ R.t()
-    else:
-        s = (y if bias is None else y - bias) @ Q
-    scaled = (s.to(acc) * lam_rows).to(x2.dtype)
-    return y + scaled @ Q.t()
+    if R is None:
+        y0 = F.linear(x2, weight)
+        scaled = ((y0 @ Q).to(acc) * lam_rows).to(x2.dtype)
+        y = y0 + scaled @ Q.t()
+        return y if bias is None else y + bias
+    scaled = ((x2 @ R.t()).to(acc) * lam_rows).to(x2.dtype)
+    return F.linear(x2, weight, bias) + scaled @ Q.t()
 
 
 def qrlora_linear(x, weight, bias, Q, R, lam, *, backend=None, adapter_ids=None, strategy=None):

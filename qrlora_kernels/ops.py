@@ -96,12 +96,13 @@ def _lowrank_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: 
             s = k.project(x, R.t())
             y = k.lowrank_matmul(x, weight.t(), s, lam, Q.t(), bias, lam_index=lam_index)
             return y, s
-        # Y0 + b straight from the GEMM (at lam = 0 the layer is then exactly nn.Linear), and S = (Y0 + b) Q - b Q.
-        y = torch.nn.functional.linear(x, weight, bias)
+        # Y0 without the bias: S projected from Y0 + b would lose S to cancellation in half precision wherever
+        # |b| >> |x W0^T| (the rounding of Y0 + b, relative to S, grows like |b| / |Y0|).
+        y = torch.nn.functional.linear(x, weight)
         s = k.project(y, Q)
-        if bias is not None:
-            s.sub_(torch.mv(Q.t().to(s.dtype), bias.to(s.dtype)))
         y.addmm_((s * _lam_rows(lam, lam_index, s.dtype)).to(y.dtype), Q.t())
+        if bias is not None:
+            y.add_(bias)
     return y, s
 
 

@@ -286,11 +286,16 @@ def test_without_r_gradcheck_torch_path_float64(strategy):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_without_r_at_lam_zero_is_exactly_the_linear_layer(backend):
-    """The lowrank path starts from F.linear's own output (bias included), so lam = 0 changes no bit."""
-    x, weight, bias, Q, _, lam = _problem(T=12, K=32, N=24, r=8)
-    y = qrlora_linear(x, weight, bias, Q, None, torch.zeros_like(lam), backend=backend, strategy="lowrank")
-    assert torch.equal(y, torch.nn.functional.linear(x, weight, bias))
+def test_without_r_a_large_bias_does_not_swamp_the_update_in_half_precision(backend):
+    """S = Y0 Q must come from the frozen output without its bias: projected from Y0 + b (rounded to fp16) and
+    corrected by b Q, it would lose S to cancellation where |b| >> |x W0^T| (here ~1000x: dlam was off by 22 %)."""
+    x, weight, bias, Q, _, lam = _problem(T=24, K=32, N=32, r=8, dtype=torch.float16)
+    bias = (torch.randn(32) * 1000).half()
+    y, dx, dlam, dy = _run(x, weight, bias, Q, None, lam, backend=backend, strategy="lowrank")
+    y_ref, dx_ref, dlam_ref = _reference(x, weight, bias, Q, _implied_r(Q, weight), lam, dy)
+    assert_rel_close(y - bias, y_ref - bias.double(), REL_TOL[torch.float16] * 50, name="y - b")  # y itself ~ b
+    assert_rel_close(dlam, dlam_ref, REL_TOL[torch.float16], name="dlam")
+    assert_rel_close(dx, dx_ref, REL_TOL[torch.float16], name="dx")
 
 
 @pytest.mark.parametrize("strategy", ["lowrank", "merged"])
