@@ -215,7 +215,8 @@ BATCH_BYTES = 1 << 30
 def build_bases(weights: Sequence[torch.Tensor], *, tau: float | None = None, rank: int | None = None,
                 energy: str = "diag", names: Sequence[str] | None = None,
                 on_done: Callable[[int], None] | None = None,
-                defer: bool = False, method: str = "geqp3") -> list[QRLoraBasis] | list[DeferredBasis]:
+                defer: bool = False, method: str = "geqp3",
+                keep_r: bool = True) -> list[QRLoraBasis] | list[DeferredBasis]:
     """``build_basis`` of many weights, batching the factorisations of weights that share a shape.
 
     Weights with the same shape, dtype and device go through ``qrcp_batched`` together (the
@@ -225,7 +226,8 @@ def build_bases(weights: Sequence[torch.Tensor], *, tau: float | None = None, ra
     progress bar). ``defer=True`` (diag rule with ``tau`` only; what a global budget uses) returns
     ``DeferredBasis`` objects: the factorisations form no Q, and ``truncate`` forms Q_r later.
     ``method="randomized"`` factorises the weights one at a time, each with the same seed (a batch would
-    seed each matrix by its place in it), and cannot be deferred.
+    seed each matrix by its place in it), and cannot be deferred. ``keep_r=False`` (layers that keep Q only) drops
+    each basis's R as soon as its energy is known (R is then None), so that R is never held for every weight at once.
     """
     _check_method(method)
     if defer and (rank is not None or energy != "diag" or method != "geqp3"):
@@ -273,6 +275,8 @@ def build_bases(weights: Sequence[torch.Tensor], *, tau: float | None = None, ra
                 raise
             for i, result in zip(part, results):
                 out[i] = _basis_from_factorisation(weights[i], energies[i], result, tau, r, energy, defer)
+                if not keep_r and not defer:
+                    out[i] = out[i]._replace(R=None)
             if on_done is not None:
                 on_done(len(part))
     return out

@@ -70,6 +70,10 @@ def module_progress(total: int, enabled: Optional[bool], desc: str, group=None):
     return tqdm(total=total, desc=desc, unit="module", disable=disable, leave=False)
 
 
+def _keep_r(basis, with_r: bool):
+    return basis if with_r else basis._replace(R=None)
+
+
 def compute_bases(weights: Sequence[torch.Tensor], factorise_many: Callable, *, names: Sequence[str],
                   progress: Optional[bool] = None, group=None,
                   ranks_fn: Optional[Callable[[list[torch.Tensor]], list[int]]] = None, with_r: bool = True) -> list:
@@ -88,7 +92,7 @@ def compute_bases(weights: Sequence[torch.Tensor], factorise_many: Callable, *, 
             bases = factorise_many(list(weights), list(names), bar.update)
         if ranks_fn is not None:
             final = ranks_fn([b.diag_energy[:b.rank] for b in bases])
-            bases = [truncate(b, r) if r > 0 else None for b, r in zip(bases, final)]
+            bases = [_keep_r(truncate(b, r), with_r) if r > 0 else None for b, r in zip(bases, final)]
         return bases
 
     import torch.distributed as dist

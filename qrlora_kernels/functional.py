@@ -95,6 +95,17 @@ def _validate(x, weight, bias, Q, R, lam):
                             f"(x, weight, bias, Q and R must share a dtype; only lam may differ)")
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What carries lam and the projections: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def implied_r(weight: torch.Tensor, Q: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """R~ = Q^T W0 (r x in) in ``dtype`` (default: weight's): the R of a layer that keeps Q only."""
+    dtype = weight.dtype if dtype is None else dtype
+    return Q.to(dtype).t() @ weight.to(dtype)
+
+
 def _no_autocast(device: torch.device):
     """Autocast off for what follows (the inputs are already cast); a free no-op when it is off already."""
     if torch.is_autocast_enabled(device.type):
@@ -176,14 +187,14 @@ def _torch_path(x2, weight, bias, Q, R, lam, lam_index, strategy):
     # W_eff, dY^T x, whose half-precision rounding cancellation can amplify past the fp16 band; so for half
     # inputs this reference path runs that GEMM in float32 (slow on GPUs: use backend="triton" for speed).
     # With R, at lam = 0 the lowrank result is exactly F.linear's, because the correction is an exact zero.
-    acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x2.dtype)
     lam_rows = lam.to(acc)
     if lam_index is not None:
         lam_rows = lam_rows.index_select(0, lam_index)
     # Without R (R~ = Q^T W0): merged forms R~ in the accumulator dtype; lowrank projects the frozen output Y0
     # (without the bias, which could swamp it in half precision) and adds the bias last.
     if strategy == "merged":
-        R_acc = Q.to(acc).t() @ weight.to(acc) if R is None else R.to(acc)
+        R_acc = implied_r(weight, Q, acc) if R is None else R.to(acc)
         w_eff = weight.to(acc) + (Q.to(acc) * lam_rows) @ R_acc
         y = F.linear(x2.to(acc), w_eff, None if bias is None else bias.to(acc))
         return y.to(x2.dtype)
@@ -208,6 +219,7 @@ def qrlora_linear(x, weight, bias, Q, R, lam, *, backend=None, adapter_ids=None,
         _check_tensor(name, t)
     _check_tensor("bias", bias, optional=True)
     _check_tensor("R", R, optional=True)
+    own_weight = weight
     x, weight, bias, Q, R = _autocast(x, weight, bias, Q, R)
     _validate(x, weight, bias, Q, R, lam)
     if backend is None:
@@ -250,6 +262,11 @@ def qrlora_linear(x, weight, bias, Q, R, lam, *, backend=None, adapter_ids=None,
     from . import ops
 
     if chosen == "merged":
+        if R is None and weight is not own_weight:
+            # Autocast made a copy of the weight. The merged op would keep it (N x K) for its backward, to form R
+            # there; R itself (r x K, what a store_r=True layer's cast R costs) is the smaller thing to keep.
+            with _no_autocast(x.device):
+                R = implied_r(weight, Q)
         y = ops.merged_linear(x2, weight, bias, Q, R, lam)
     else:
         y = ops.lowrank_linear(x2, weight, bias, Q, R, lam, lam_index)

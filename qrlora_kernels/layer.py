@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .basis import ENERGY_RULES, QRLoraBasis, build_basis
-from .functional import BACKENDS, qrlora_linear
+from .functional import BACKENDS, acc_dtype, implied_r, qrlora_linear
 
 
 def _same_weight(incoming: torch.Tensor, own: torch.Tensor) -> bool:
@@ -106,7 +106,6 @@ class QRLoraLinear(nn.Module):
         self.energy_captured = energy_captured
         self.backend = backend
         self.strategy = strategy
-        self.store_r = store_r
         self.merged = False
         self.adapters_disabled = False  # set by ``disable_adapters(model)``: the layer computes as its base
         self.fan_in_fan_out = False  # made from a transformers Conv1D: to_linear() gives a Conv1D back
@@ -175,7 +174,7 @@ class QRLoraLinear(nn.Module):
         layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
         layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         layer.Q = Q.detach().to(device=weight.device, dtype=weight.dtype).contiguous()
-        if layer.store_r:
+        if layer.R is not None:
             layer.R = R.detach().to(device=weight.device, dtype=weight.dtype).contiguous()
         full_perm = perm.to(weight.device)
         if full_perm.numel() < in_features:
@@ -190,6 +189,11 @@ class QRLoraLinear(nn.Module):
         return layer
 
     # ------------------------------------------------------------------ adapters
+
+    @property
+    def store_r(self) -> bool:
+        """Whether the layer keeps R (False: Q only, R = Q^T W0; see the module docstring)."""
+        return self.R is not None
 
     @property
     def num_adapters(self) -> int:
@@ -283,19 +287,20 @@ class QRLoraLinear(nn.Module):
     # ------------------------------------------------------------------ merging
 
     def _acc_dtype(self) -> torch.dtype:
-        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        return acc_dtype(self.weight.dtype)
 
     @torch.no_grad()
     def basis_r(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """R (r x in, W0's column order) in ``dtype`` (default: the weight's): the stored buffer, or for a
         ``store_r=False`` layer Q^T W0 formed now (in float32 at least; from a merged weight
-        (I + Q diag(lam) Q^T) W0 by dividing row i by 1 + lam_i)."""
+        (I + Q diag(lam) Q^T) W0 by dividing row i by 1 + lam_i, refused where that is inaccurate)."""
         dtype = self.weight.dtype if dtype is None else dtype
         if self.R is not None:
             return self.R.to(dtype)
         acc = self._acc_dtype()
-        r = self.Q.to(acc).t() @ self.weight.detach().to(acc)
+        r = implied_r(self.weight.detach(), self.Q, acc)
         if self.merged:
+            self._check_merged_weight_is_invertible()
             r = r / (1 + self._adapter_lam(None).detach().to(acc)).unsqueeze(1)
         return r.to(dtype)
 
@@ -332,24 +337,26 @@ class QRLoraLinear(nn.Module):
         if not self.merged:
             raise ValueError("layer is not merged")
         if self.R is None:
-            self._check_unmerge_is_accurate()
+            self._check_merged_weight_is_invertible()
         self.weight = nn.Parameter(self._merged_weight(-1.0), requires_grad=False)
         self.merged = False
 
-    # store_r=False: unmerge() amplifies the merged weight's rounding by up to max |lam / (1 + lam)| (then up to 11x
-    # a store_r=True layer's round-trip error; any lam >= -0.9 passes).
+    # A merged store_r=False layer recovers W0 (unmerge) or R (basis_r) through (I + Q diag(lam) Q^T)^-1, which
+    # scales the merged weight's rounding by 1 / |1 + lam_i| along Q's columns: refused beyond this factor (any lam
+    # outside [-1.1, -0.9] passes).
     MAX_UNMERGE_AMPLIFICATION = 10.0
 
-    def _check_unmerge_is_accurate(self) -> None:
+    def _check_merged_weight_is_invertible(self) -> None:
         lam = self._adapter_lam(None).detach().double()
-        amplification = (lam.abs() / (1 + lam).abs()).max().item()
+        amplification = (1 / (1 + lam).abs()).max().item()
         if not amplification <= self.MAX_UNMERGE_AMPLIFICATION:
             i = int((1 + lam).abs().argmin())
             raise ValueError(
-                f"cannot unmerge this store_r=False layer accurately: lam[{i}] = {lam[i].item():.6g}, so 1 + lam "
-                f"is {(1 + lam[i]).item():.3g} and recovering W0 from the merged weight would amplify its rounding "
-                f"by a factor of {amplification:.3g} (the merge removed that direction of W0). Reload the base weights and the "
-                f"adapter instead, or build layers with store_r=True when they must be unmerged")
+                f"cannot recover W0 from this merged store_r=False layer accurately: lam[{i}] = {lam[i].item():.6g}, "
+                f"so 1 + lam is {(1 + lam[i]).item():.3g} and its rounding would grow by a factor of "
+                f"{amplification:.3g} (the merge all but removed that direction of W0). Reload the base weights and "
+                f"the adapter instead (save_adapter before merging), or build layers with store_r=True when they "
+                f"must be unmerged")
 
     @torch.no_grad()
     def to_linear(self, adapter: int | None = None) -> nn.Module:
@@ -397,11 +404,14 @@ class QRLoraLinear(nn.Module):
             elif isinstance(weight, torch.Tensor) and not _same_weight(weight, self.weight):
                 problem = "its weight differs from this layer's, from which the layer's basis was built"
             if problem:
+                absent = [k[len(prefix):] for k in basis_keys if k not in state_dict]
+                why = ("it comes from a layer built with store_r=False, which keeps Q only" if absent == ["R"] else
+                       "Hugging Face checkpoints leave the basis out")
                 error_msgs.append(
-                    f"{prefix.rstrip('.') or type(self).__name__}: the state_dict has no basis (Q, R; Hugging Face "
-                    f"checkpoints leave it out) and {problem}; build the layer from the base weights the checkpoint "
-                    f"was trained on (with the same QR-LoRA config, on the same kind of device), or load a "
-                    f"state_dict that includes Q and R")
+                    f"{prefix.rstrip('.') or type(self).__name__}: the state_dict has no {', '.join(absent)} ({why}) "
+                    f"and {problem}; build the layer from the base weights the checkpoint was trained on (with the "
+                    f"same QR-LoRA config, on the same kind of device), or load a state_dict that includes "
+                    f"{' and '.join(absent)}")
                 return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

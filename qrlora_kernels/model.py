@@ -233,7 +233,8 @@ def _factorise_many(weights: Sequence[torch.Tensor], config: QRLoraConfig, names
             # Deferred: no Q is formed until the budget has chosen the ranks (see DeferredBasis).
             return build_bases(weights, tau=1.0, energy="diag", names=names, on_done=on_done, defer=True)
         return build_bases(weights, tau=None if config.rank is not None else config.tau, rank=config.rank,
-                           energy=config.energy, names=names, on_done=on_done, method=config.qr_method)
+                           energy=config.energy, names=names, on_done=on_done, method=config.qr_method,
+                           keep_r=config.store_r)
 
 
 def _budget_ranks(diag_energies: Sequence[torch.Tensor], budget: int) -> list[int]:

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .functional import _no_autocast
+from .functional import _no_autocast, acc_dtype, implied_r
 
 NAMESPACE = "qrlora_kernels"
 
@@ -42,10 +42,6 @@ NAMESPACE = "qrlora_kernels"
 def _kernels():
     from . import kernels
     return kernels
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _op_scope:
@@ -73,11 +69,6 @@ def _num_adapters(lam: Tensor) -> int:
 
 
 # ---------------------------------------------------------------- low-rank path (a)
-
-def _implied_r(weight: Tensor, Q: Tensor) -> Tensor:
-    """R~ = Q^T W0 (r, K) in weight's dtype: the R of a ``store_r=False`` layer, formed when an op needs it."""
-    return torch.mm(Q.t(), weight)
-
 
 def _lam_rows(lam: Tensor, lam_index: Optional[Tensor], acc: torch.dtype) -> Tensor:
     """Each token's coefficients in the accumulator dtype: (T, r), or (r,) broadcast over the tokens."""
@@ -112,7 +103,7 @@ lowrank_forward = torch.library.custom_op(f"{NAMESPACE}::lowrank_forward", mutat
 @lowrank_forward.register_fake
 def _(x, weight, bias, Q, R, lam, lam_index):
     return (x.new_empty((x.shape[0], weight.shape[0])),
-            x.new_empty((x.shape[0], Q.shape[1]), dtype=_acc_dtype(x.dtype)))
+            x.new_empty((x.shape[0], Q.shape[1]), dtype=acc_dtype(x.dtype)))
 
 
 def _lowrank_backward_impl(dy: Tensor, weight: Tensor, Q: Tensor, R: Optional[Tensor], lam: Tensor, s: Tensor,
@@ -142,7 +133,7 @@ lowrank_backward = torch.library.custom_op(f"{NAMESPACE}::lowrank_backward",
 @lowrank_backward.register_fake
 def _(dy, weight, Q, R, lam, s, lam_index, compute_dx):
     dx = dy.new_empty((dy.shape[0], weight.shape[1]) if compute_dx else (0,))
-    return dx, lam.new_empty(lam.shape, dtype=_acc_dtype(dy.dtype))
+    return dx, lam.new_empty(lam.shape, dtype=acc_dtype(dy.dtype))
 
 
 def _lowrank_save(ctx, weight, Q, R, lam, s, lam_index):
@@ -190,7 +181,7 @@ def _merged_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: T
     """y = x W_eff^T + b with W_eff = W0 + (Q*lam) R built by one kernel (R = Q^T W0 when None); returns
     (y, W_eff)."""
     with _op_scope("qrlora/fwd", x.device):
-        w_eff = _kernels().merged_weight(weight, Q, lam, _implied_r(weight, Q) if R is None else R)
+        w_eff = _kernels().merged_weight(weight, Q, lam, implied_r(weight, Q) if R is None else R)
         y = torch.nn.functional.linear(x, w_eff, bias)
     return y, w_eff
 
@@ -213,14 +204,14 @@ def _merged_backward_impl(dy: Tensor, x: Tensor, weight: Tensor, w_eff: Tensor, 
         if dlam_route not in ("project", "weight_grad"):
             raise ValueError(f"dlam_route must be 'project' or 'weight_grad', got {dlam_route!r}")
         if R is None:
-            R = _implied_r(weight, Q)
+            R = implied_r(weight, Q)
         if dlam_route == "project":
             s = k.project(x, R.t())
             _, dlam = k.project_and_reduce(dy, Q, s)
         else:
             dlam = k.dlam_via_weight_grad(dy, x, Q, R)
         dx = dy @ w_eff if compute_dx else dy.new_empty((0,))
-    return dx, dlam.reshape(lam.shape).to(_acc_dtype(dy.dtype))
+    return dx, dlam.reshape(lam.shape).to(acc_dtype(dy.dtype))
 
 
 merged_backward = torch.library.custom_op(f"{NAMESPACE}::merged_backward",
@@ -230,13 +221,14 @@ merged_backward = torch.library.custom_op(f"{NAMESPACE}::merged_backward",
 @merged_backward.register_fake
 def _(dy, x, weight, w_eff, Q, R, lam, dlam_route, compute_dx):
     dx = dy.new_empty((dy.shape[0], w_eff.shape[1]) if compute_dx else (0,))
-    return dx, lam.new_empty(lam.shape, dtype=_acc_dtype(dy.dtype))
+    return dx, lam.new_empty(lam.shape, dtype=acc_dtype(dy.dtype))
 
 
 def _merged_save(ctx, x, weight, w_eff, Q, R, lam):
-    """What the backward needs, in the order ``_merged_grads`` unpacks it (both routes). ``weight`` costs no
-    memory (the frozen parameter itself) and is needed only to form R when it is None."""
-    ctx.save_for_backward(x, weight, w_eff, Q, R, lam)
+    """What the backward needs, in the order ``_merged_grads`` unpacks it (both routes). ``weight`` only where R is
+    None, to form R again (it is then the frozen parameter itself: ``functional`` passes R instead when autocast
+    has made a copy of the weight, which would otherwise be kept)."""
+    ctx.save_for_backward(x, weight if R is None else None, w_eff, Q, R, lam)
 
 
 def _merged_setup_context(ctx, inputs, output):

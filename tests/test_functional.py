@@ -306,8 +306,8 @@ def test_without_r_the_backward_holds_no_r(strategy, monkeypatch):
     x.requires_grad_()
     lam.requires_grad_()
     formed = []
-    real = ops._implied_r
-    monkeypatch.setattr(ops, "_implied_r", lambda w, q: formed.append(1) or real(w, q))
+    real = ops.implied_r
+    monkeypatch.setattr(ops, "implied_r", lambda w, q: formed.append(1) or real(w, q))
     saved = []
 
     def pack(t):
@@ -334,3 +334,27 @@ def test_without_r_bad_inputs():
         qrlora_linear(x, weight, bias, Q, [[1.0]], lam)
     with pytest.raises(ValueError, match=r"lam has shape \(4,\), expected \(3,\)"):
         qrlora_linear(x, weight, bias, Q, None, torch.randn(4))
+
+
+@pytest.mark.parametrize("with_r", [True, False])
+def test_merged_path_under_autocast_keeps_one_weight_sized_tensor(with_r):
+    """Under autocast the op receives a cast copy of the weight. Its backward needs W_eff only (and R): the copy
+    must not be saved as well, which would double what a merged layer holds until the backward."""
+    x, weight, bias, Q, R, lam = _problem(T=40, K=24, N=20, r=6)
+    x.requires_grad_()
+    lam.requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autocast("cpu", dtype=torch.float16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = qrlora_linear(x, weight, bias, Q, R if with_r else None, lam, backend="triton", strategy="merged")
+    assert y.dtype == torch.float16
+    assert saved.count((20, 24)) == 1, saved  # W_eff
+    dy = torch.randn(40, 20)
+    y.float().backward(dy)
+    y_ref, dx_ref, dlam_ref = _reference(x, weight, bias, Q, R if with_r else _implied_r(Q, weight), lam, dy)
+    for name, got, want in (("y", y, y_ref), ("dx", x.grad, dx_ref), ("dlam", lam.grad, dlam_ref)):
+        assert_rel_close(got, want, REL_TOL[torch.float16], name=name)

@@ -157,12 +157,12 @@ def test_state_dict_without_the_basis_needs_the_same_pivots():
     other = nn.Sequential(QRLoraLinear.from_linear(_linear(24, 20), rank=5))  # another weight: other pivots
     assert not torch.equal(other[0].perm[:5], layer.perm[:5])
     before = other[0].lam.detach().clone()
-    with pytest.raises(RuntimeError, match=r"0: the state_dict has no basis \(Q, R; .* pivots perm\[:5\] differ"):
+    with pytest.raises(RuntimeError, match=r"0: the state_dict has no Q, R \(Hugging Face .* pivots perm\[:5\] differ"):
         other.load_state_dict({f"0.{k}": v for k, v in state.items()}, strict=False)
     assert torch.equal(other[0].lam, before)  # the layer itself was not changed
 
     changed = dict(state, weight=state["weight"] * 1.01)  # the same pivots, but another weight than the basis's
-    with pytest.raises(RuntimeError, match=r"no basis .* its weight differs from this layer's, from which"):
+    with pytest.raises(RuntimeError, match=r"has no Q, R .* its weight differs from this layer's, from which"):
         same.load_state_dict(changed)
     half = copy.deepcopy(layer).to(torch.bfloat16)  # the float32 state onto the same layer in bfloat16: the same
     half.load_state_dict(state)
@@ -335,9 +335,20 @@ def test_store_r_false_merge_unmerge_and_to_linear():
         layer.lam[3] = -1.0
     layer.merge()
     merged = layer.weight.detach().clone()
-    with pytest.raises(ValueError, match=r"cannot unmerge this store_r=False layer accurately: lam\[3\] = -1"):
+    message = r"cannot recover W0 from this merged store_r=False layer accurately: lam\[3\] = -1"
+    with pytest.raises(ValueError, match=message):
         layer.unmerge()
     assert layer.merged and torch.equal(layer.weight, merged)
+    with pytest.raises(ValueError, match=message):  # not a silent inf / NaN
+        layer.delta_weight()
+    # The error grows like 1 / |1 + lam|: lam = -2 (factor 1) unmerges as accurately as lam = 0.
+    with torch.no_grad():
+        layer.lam[3] = -2.0
+    layer.weight = nn.Parameter(original_weight.clone(), requires_grad=False)
+    layer.merged = False
+    layer.merge()
+    layer.unmerge()
+    assert_rel_close(layer.weight, original_weight, name="unmerged weight at lam = -2")
     full = QRLoraLinear.from_linear(lin, tau=0.95)  # a layer with R undoes the same merge
     with torch.no_grad():
         full.lam.copy_(layer.lam)
@@ -374,7 +385,8 @@ def test_store_r_false_state_dict_deepcopy_to_and_errors():
 
 def test_store_r_false_state_dict_without_q_needs_the_same_pivots():
     """A Hugging Face checkpoint of a Q-only layer holds neither Q nor R: loaded like a full layer's."""
-    layer = QRLoraLinear.from_linear(_linear(24, 20), rank=5, store_r=False)
+    lin = _linear(24, 20)
+    layer = QRLoraLinear.from_linear(lin, rank=5, store_r=False)
     _randomise_lam(layer)
     state = {k: v for k, v in layer.state_dict().items() if k != "Q"}
     same = copy.deepcopy(layer)
@@ -382,5 +394,13 @@ def test_store_r_false_state_dict_without_q_needs_the_same_pivots():
     same.load_state_dict(state)  # strict: Q is not missing
     assert torch.equal(same.lam, layer.lam)
     other = QRLoraLinear.from_linear(_linear(24, 20), rank=5, store_r=False)
-    with pytest.raises(RuntimeError, match=r"no basis .* pivots perm\[:5\] differ"):
+    with pytest.raises(RuntimeError, match=r"has no Q \(Hugging Face .* pivots perm\[:5\] differ"):
         other.load_state_dict(state)
+    # A Q-only state_dict onto a layer that keeps R: its Q is loaded and the layer's R kept, when the pivots match;
+    # otherwise the message names what is absent and why.
+    full = QRLoraLinear.from_linear(lin, rank=5)
+    full_r = full.R.clone()
+    full.load_state_dict(layer.state_dict())
+    assert torch.equal(full.R, full_r) and torch.equal(full.lam, layer.lam)
+    with pytest.raises(RuntimeError, match=r"has no R \(it comes from a layer built with store_r=False.* differ"):
+        QRLoraLinear.from_linear(_linear(24, 20), rank=5).load_state_dict(layer.state_dict())

@@ -267,14 +267,21 @@ def test_apply_keeps_outputs_freezes_and_reports():
 
 
 @pytest.mark.parametrize("rule", [dict(tau=0.9), dict(budget=40)], ids=["tau", "budget"])
-def test_store_r_false_halves_the_basis_and_keeps_the_model(rule):
+def test_store_r_false_halves_the_basis_and_keeps_the_model(rule, monkeypatch):
     """QRLoraConfig(store_r=False): the same layers, ranks and (to rounding) outputs and gradients, with Q alone
-    held; the report says what the bases cost in memory."""
+    held, also while converting (no R reaches the layers: each was dropped once its energy was known); the
+    report says what the bases cost in memory."""
+    import qrlora_kernels.model as qm
     base, full = _pair()
     half = copy.deepcopy(base)
     config = QRLoraConfig(target_modules="all-linear", **rule)
     full_report = apply_qrlora(full, config, progress=False)
+    seen = []
+    make_layer = qm._make_layer
+    monkeypatch.setattr(qm, "_make_layer", lambda linear, basis, *a, **k: seen.append(basis.R is None) or
+                        make_layer(linear, basis, *a, **k))
     half_report = apply_qrlora(half, dataclasses.replace(config, store_r=False), progress=False)
+    assert seen and all(seen), "a basis still held R during the conversion"
     assert [(m.name, m.rank) for m in half_report.modules] == [(m.name, m.rank) for m in full_report.modules]
     layers = dict(qrlora_layers(half))
     assert layers and all(layer.R is None and not layer.store_r for layer in layers.values())
