@@ -53,14 +53,16 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("with_r", [True, False], ids=["R", "no-R"])
 @pytest.mark.parametrize("strategy", ["lowrank", "merged"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_float64_reference(case, dtype, backend, strategy):
+def test_matches_float64_reference(case, dtype, backend, strategy, with_r):
+    """With R, and without it (R=None: a store_r=False layer's call, R being Q^T W0; see ``_implied_r`` below)."""
     x, weight, bias, Q, R, lam = _problem(**CASES[case], dtype=dtype)
-    y, dx, dlam, dy = _run(x, weight, bias, Q, R, lam, backend=backend, strategy=strategy)
-    y_ref, dx_ref, dlam_ref = _reference(x, weight, bias, Q, R, lam, dy)
+    y, dx, dlam, dy = _run(x, weight, bias, Q, R if with_r else None, lam, backend=backend, strategy=strategy)
+    y_ref, dx_ref, dlam_ref = _reference(x, weight, bias, Q, R if with_r else _implied_r(Q, weight), lam, dy)
     assert y.dtype == dtype and dx.dtype == dtype and dlam.dtype == dtype
     assert_rel_close(y, y_ref, REL_TOL[dtype], name="y")
     assert_rel_close(dx, dx_ref, REL_TOL[dtype], name="dx")
@@ -242,20 +244,6 @@ def test_broadcast_grad_output(strategy):
 def _implied_r(Q, weight):
     """The R that R=None stands for, in float64: the first r rows of a pivoted QR's R are Q^T W0."""
     return Q.double().t() @ weight.double()
-
-
-@pytest.mark.parametrize("strategy", ["lowrank", "merged"])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", list(CASES))
-def test_without_r_matches_float64_reference(case, dtype, backend, strategy):
-    x, weight, bias, Q, _, lam = _problem(**CASES[case], dtype=dtype)
-    y, dx, dlam, dy = _run(x, weight, bias, Q, None, lam, backend=backend, strategy=strategy)
-    y_ref, dx_ref, dlam_ref = _reference(x, weight, bias, Q, _implied_r(Q, weight), lam, dy)
-    assert y.dtype == dtype and dx.dtype == dtype and dlam.dtype == dtype
-    assert_rel_close(y, y_ref, REL_TOL[dtype], name="y")
-    assert_rel_close(dx, dx_ref, REL_TOL[dtype], name="dx")
-    assert_rel_close(dlam, dlam_ref, REL_TOL[dtype], name="dlam")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
