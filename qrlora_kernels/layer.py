@@ -137,7 +137,8 @@ class QRLoraLinear(nn.Module):
         early at 1 - ||R22||_F^2/||W||_F^2 >= tau. ``qr_method`` picks the pivoting, "geqp3" (the paper's) or
         "randomized" (faster; see ``qrlora_kernels.basis``). The new layer shares ``linear``'s weight and bias
         storage. A transformers ``Conv1D`` (GPT-2) is taken too: the layer then holds its weight transposed
-        (a copy) and ``to_linear()`` gives a ``Conv1D`` back.
+        (a copy) and ``to_linear()`` gives a ``Conv1D`` back. ``store_r=False`` keeps Q only (about half the
+        basis memory; see the module docstring).
         """
         linear = as_linear(linear, "from_linear")
         basis = build_basis(linear.weight, tau=tau, rank=rank, energy=energy, method=qr_method)
