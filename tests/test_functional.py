@@ -66,7 +66,21 @@ def test_matches_float64_reference(case, dtype, backend, strategy, with_r):
     assert y.dtype == dtype and dx.dtype == dtype and dlam.dtype == dtype
     assert_rel_close(y, y_ref, REL_TOL[dtype], name="y")
     assert_rel_close(dx, dx_ref, REL_TOL[dtype], name="dx")
-    assert_rel_close(dlam, dlam_ref, REL_TOL[dtype], name="dlam")
+    slack = 0.0 if with_r else _rounding_bound_without_r(x, weight, Q, dy) / torch.linalg.vector_norm(dlam_ref).item()
+    assert_rel_close(dlam, dlam_ref, REL_TOL[dtype] + slack, name="dlam")
+
+
+def _rounding_bound_without_r(x, weight, Q, dy):
+    """Without R, S comes from a rounded intermediate: Y0 = x W0^T (lowrank) or R~ = Q^T W0 (merged), rounded to
+    x's dtype (unit roundoff u). So S_ti is off by up to u sum_n |Y0_tn| |Q_ni| or u sum_k |x_tk| |R~_ik|, however
+    small S_ti itself is, and dlam_i = sum_t S_ti G_ti by B_i = that times |G_ti|, summed over t. Returns 2 ||B||:
+    what R=None may add to dlam's error beyond the band, negligible unless some S_ti is tiny against Y0 (on real
+    weights and activations, all-MiniLM-L6-v2 in fp16, dlam's error is the same with and without R: 5e-4)."""
+    u = torch.finfo(x.dtype).eps / 2
+    x2, dy2 = x.double().reshape(-1, x.shape[-1]), dy.double().reshape(-1, dy.shape[-1])
+    W, Qd = weight.double(), Q.double()
+    per_s = torch.maximum((x2 @ W.t()).abs() @ Qd.abs(), x2.abs() @ _implied_r(Q, weight).abs().t())
+    return 2 * u * torch.linalg.vector_norm((per_s * (dy2 @ Qd).abs()).sum(0)).item()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -195,16 +209,18 @@ def test_bad_inputs(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("with_r", [True, False], ids=["R", "no-R"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("strategy", ["lowrank", "merged"])
-def test_cuda_triton_matches_float64_reference(dtype, strategy):
+def test_cuda_triton_matches_float64_reference(dtype, strategy, with_r):
     x, weight, bias, Q, R, lam = (t.cuda() for t in _problem(T=None, K=96, N=80, r=40, dtype=dtype, leading=(3, 7)))
-    y, dx, dlam, dy = _run(x, weight, bias, Q, R, lam.float(), strategy=strategy)  # backend None -> triton
-    y_ref, dx_ref, dlam_ref = _reference(x, weight, bias, Q, R, lam.float(), dy)
+    y, dx, dlam, dy = _run(x, weight, bias, Q, R if with_r else None, lam.float(), strategy=strategy)  # triton
+    y_ref, dx_ref, dlam_ref = _reference(x, weight, bias, Q, R if with_r else _implied_r(Q, weight), lam.float(), dy)
     band = REL_TOL["tf32"] if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else REL_TOL[dtype]
     assert_rel_close(y, y_ref, band, name="y")
     assert_rel_close(dx, dx_ref, band, name="dx")
-    assert_rel_close(dlam, dlam_ref, band, name="dlam")
+    slack = 0.0 if with_r else _rounding_bound_without_r(x, weight, Q, dy) / torch.linalg.vector_norm(dlam_ref).item()
+    assert_rel_close(dlam, dlam_ref, band + slack, name="dlam")
 
 
 @pytest.mark.gpu
