@@ -201,7 +201,7 @@ def test_trainer_checkpoints_leave_out_the_basis_and_resume(tmp_path, caplog):
         weight[:, model.roberta.encoder.layer[1].attention.self.query.perm[0]] *= 1e-3
     apply_qrlora(other, config, progress=False)
     with pytest.raises(RuntimeError, match=r"roberta\.encoder\.layer\.1\.attention\.self\.query: the state_dict "
-                                           r"has no basis .* pivots perm\[:\d+\] differ"):
+                                           r"has no Q, R \(Hugging Face .* pivots perm\[:\d+\] differ"):
         other.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=False)
 
     save_adapter(model, tmp_path / "adapter")
