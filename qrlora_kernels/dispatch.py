@@ -16,10 +16,10 @@ With T tokens, N = out_features, K = in_features, rank r and e bytes per element
 Without a stored R (``QRLoraLinear(store_r=False)``: R = Q^T W0, see ``functional``):
 
 * **lowrank** works in the output space: the frozen GEMM writes Y0, ``S = Y0 Q`` (``2*T*N*r``, a pass over
-  the output), and ``y += (S*lam) Q^T`` (``2*T*r*N``, reading and writing the T x N output once more; the bias,
-  added last, one more such pass; the model counts it as if there were a bias).
-  Backward: ``G = dY Q`` with dlam as before, then ``dY0 = dY + (G*lam) Q^T`` (another pass over T x N) before
-  the frozen dx GEMM. The same flops as with R for a square layer, plus passes over the output: still
+  the output), and ``y = Y0 + (S*lam) Q^T + b`` (``2*T*r*N``, one kernel, ``kernels.lowrank_update``, reading
+  Y0 and writing y: another pass over the T x N output).
+  Backward: ``G = dY Q`` with dlam as before, then ``dY0 = dY + (G*lam) Q^T`` (``lowrank_update`` again)
+  before the frozen dx GEMM. The same flops as with R for a square layer, plus passes over the output: still
   independent of T.
 * **merged** forms ``R~ = Q^T W0`` (``2*N*K*r``) in the forward and again in the backward, doubling its
   r/T term.
@@ -86,12 +86,10 @@ def _implied_r_cost(N, K, r, e, model):
     return _step(2 * N * K * r, e * (N * K + N * r + r * K), model)
 
 
-def _output_space_cost(T, N, r, e, model, *, bias_pass: bool):
-    """A (T x N) output plus (P * lam) Q^T, read and written in place: the store_r=False lowrank update. Not fused:
-    scaling P by lam and casting it are two more (small) launches; in the forward, adding the bias is one more
-    pass (counted as if the layer had one, the dearer case)."""
-    cost = _step(2 * T * r * N, e * (2 * T * N + N * r) + _ACC_BYTES * T * r, model) + 2 * model.launch_s
-    return cost + _step(0, e * 2 * T * N, model) if bias_pass else cost
+def _output_space_cost(T, N, r, e, model):
+    """``kernels.lowrank_update``: a (T x N) matrix read, plus (P * lam) Q^T (and the bias), written: the
+    store_r=False lowrank update, forward (of Y0) and backward (of dY)."""
+    return _step(2 * T * r * N, e * (2 * T * N + N * r) + _ACC_BYTES * T * r, model)
 
 
 def strategy_costs(T: int, N: int, K: int, r: int, *, training: bool, elem_bytes: int = 2, r_stored: bool = True,
@@ -105,13 +103,13 @@ def strategy_costs(T: int, N: int, K: int, r: int, *, training: bool, elem_bytes
     if r_stored:
         lowrank = _project_cost(T, K, r, e, model) + 2 * T * r * N / model.flops_per_s
     else:
-        lowrank = _project_cost(T, N, r, e, model) + _output_space_cost(T, N, r, e, model, bias_pass=True)
+        lowrank = _project_cost(T, N, r, e, model) + _output_space_cost(T, N, r, e, model)
         merged += _implied_r_cost(N, K, r, e, model)
     if training:
         if r_stored:
             lowrank += _project_cost(T, N, r, e, model) + 2 * T * r * K / model.flops_per_s
         else:
-            lowrank += _project_cost(T, N, r, e, model) + _output_space_cost(T, N, r, e, model, bias_pass=False)
+            lowrank += _project_cost(T, N, r, e, model) + _output_space_cost(T, N, r, e, model)
             merged += _implied_r_cost(N, K, r, e, model)
         merged += min(dlam_costs(T, N, K, r, elem_bytes=e, model=model).values())
     return {"lowrank": lowrank, "merged": merged}

@@ -70,12 +70,6 @@ def _num_adapters(lam: Tensor) -> int:
 
 # ---------------------------------------------------------------- low-rank path (a)
 
-def _lam_rows(lam: Tensor, lam_index: Optional[Tensor], acc: torch.dtype) -> Tensor:
-    """Each token's coefficients in the accumulator dtype: (T, r), or (r,) broadcast over the tokens."""
-    lam = lam.to(acc)
-    return lam if lam_index is None else lam.index_select(0, lam_index)
-
-
 def _lowrank_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor, R: Optional[Tensor],
                           lam: Tensor, lam_index: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """y = x W0^T + b + ((x R^T) * lam) Q^T; also returns S = x R^T, saved for the backward.
@@ -88,12 +82,11 @@ def _lowrank_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: 
             y = k.lowrank_matmul(x, weight.t(), s, lam, Q.t(), bias, lam_index=lam_index)
             return y, s
         # Y0 without the bias: S projected from Y0 + b would lose S to cancellation in half precision wherever
-        # |b| >> |x W0^T| (the rounding of Y0 + b, relative to S, grows like |b| / |Y0|).
-        y = torch.nn.functional.linear(x, weight)
-        s = k.project(y, Q)
-        y.addmm_((s * _lam_rows(lam, lam_index, s.dtype)).to(y.dtype), Q.t())
-        if bias is not None:
-            y.add_(bias)
+        # |b| >> |x W0^T| (the rounding of Y0 + b, relative to S, grows like |b| / |Y0|). The bias rides in the
+        # update's epilogue instead.
+        y0 = torch.nn.functional.linear(x, weight)
+        s = k.project(y0, Q)
+        y = k.lowrank_update(y0, s, lam, Q.t(), bias, lam_index=lam_index)
     return y, s
 
 
@@ -121,8 +114,7 @@ def _lowrank_backward_impl(dy: Tensor, weight: Tensor, Q: Tensor, R: Optional[Te
         elif R is not None:
             dx = k.lowrank_matmul(dy, weight, g, lam, R, None, lam_index=lam_index)
         else:
-            dy0 = torch.addmm(dy, (g * _lam_rows(lam, lam_index, g.dtype)).to(dy.dtype), Q.t())
-            dx = torch.mm(dy0, weight)
+            dx = torch.mm(k.lowrank_update(dy, g, lam, Q.t(), lam_index=lam_index), weight)
     return dx, dlam.reshape(lam.shape)
 
 

@@ -110,6 +110,41 @@ def test_lowrank_matmul_forward(case, dtype, with_bias, num_adapters, device):
 
 
 @pytest.mark.parametrize("num_adapters", [None, 3])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_lowrank_update(case, dtype, with_bias, num_adapters, device):
+    """out = c + (p*lam) u + b: a Q-only layer's update of the frozen output (c = Y0, u = Q^T, a transposed
+    view, as the op layer passes; strided c in the "strided" case)."""
+    _skip_unrunnable(device, dtype)
+    p = _problem(case, dtype, device)
+    lam, lam_index = _lam(p["r"], num_adapters, device, p["T"])
+    s = torch.randn(p["T"], p["r"], device=device)
+    bias = p["bias"] if with_bias else None
+    out = poisoned((p["T"], p["N"]), dtype=dtype, device=device)
+    y = kernels.lowrank_update(p["dy"], s, lam, p["Q"].t(), bias, lam_index=lam_index, out=out,
+                               input_precision="ieee")
+    assert y is out and y.dtype == dtype
+    assert_all_written(out, "y")
+    expected = reference.lowrank_update(_f64(p["dy"]), _f64(s), _f64(lam), _f64(p["Q"]).t(), _f64(bias),
+                                        lam_index=lam_index)
+    assert_rel_close(y, expected, _band(dtype), name="y")
+
+
+def test_lowrank_update_errors():
+    c, s, Q = torch.randn(8, 20), torch.randn(8, 4), torch.randn(20, 4)
+    with pytest.raises(ValueError, match="out must not be c"):
+        kernels.lowrank_update(c, s, torch.randn(4), Q.t(), out=c)
+    with pytest.raises(ValueError, match="rank"):
+        kernels.lowrank_update(c, s, torch.randn(4), Q.t()[:3])
+    with pytest.raises(TypeError, match="mixed dtypes: c is torch.float32 but u is torch.float64"):
+        kernels.lowrank_update(c, s, torch.randn(4), Q.t().double())
+    with pytest.raises(ValueError, match=r"bias has shape \(19,\), expected \(20,\)"):
+        kernels.lowrank_update(c, s, torch.randn(4), Q.t(), torch.randn(19))
+    assert kernels.lowrank_update(c[:0], s[:0], torch.randn(4), Q.t()).shape == (0, 20)
+
+
+@pytest.mark.parametrize("num_adapters", [None, 3])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_backward_chain(case, dtype, num_adapters, device):
@@ -422,7 +457,7 @@ def test_kernels_compile_for_sm80_and_sm90():
     done = subprocess.run([sys.executable, "-m", "qrlora_kernels.kernels.aot_check", "--arch", "80,90",
                            "--dtypes", "bf16"], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count("ok   sm_") == 17, done.stdout  # 7 variants x 2 archs + 3 TMA ones on sm_90
+    assert done.stdout.count("ok   sm_") == 21, done.stdout  # 9 variants x 2 archs + 3 TMA ones on sm_90
 
 
 def test_autotune_key_buckets_tokens_and_prunes_oversized_tiles():

@@ -65,10 +65,17 @@ def variants(dtypes, all_configs: bool):
                                                           (False, False, False, False)):
             yield (f"lowrank_matmul {dtype} lowrank={has_lowrank} bias={has_bias} per_token={per_token} "
                    f"b_k_major={k_major}", lowrank,
-                   dict(common, HAS_LOWRANK=has_lowrank, HAS_BIAS=has_bias, PER_TOKEN_LAM=per_token,
-                        B_K_MAJOR=k_major),
-                   dict(a_ptr=ptr, b_ptr=ptr, p_ptr="*fp32", lam_ptr="*fp32", lam_index_ptr="*i64", u_ptr=ptr,
-                        bias_ptr=ptr, out_ptr=ptr if has_lowrank else "*fp32"), lowrank_configs)
+                   dict(common, HAS_MATMUL=True, HAS_LOWRANK=has_lowrank, HAS_BIAS=has_bias,
+                        PER_TOKEN_LAM=per_token, B_K_MAJOR=k_major),
+                   dict(a_ptr=ptr, b_ptr=ptr, c_ptr=ptr, p_ptr="*fp32", lam_ptr="*fp32", lam_index_ptr="*i64",
+                        u_ptr=ptr, bias_ptr=ptr, out_ptr=ptr if has_lowrank else "*fp32"), lowrank_configs)
+        # lowrank_update (a Q-only layer's update of the frozen output): no GEMM, no TMA.
+        for has_bias, per_token in ((True, False), (False, True)):
+            yield (f"lowrank_update {dtype} bias={has_bias} per_token={per_token}", lowrank,
+                   dict(common, HAS_MATMUL=False, HAS_LOWRANK=True, HAS_BIAS=has_bias, PER_TOKEN_LAM=per_token,
+                        B_K_MAJOR=False),
+                   dict(a_ptr=ptr, b_ptr=ptr, c_ptr=ptr, p_ptr="*fp32", lam_ptr="*fp32", lam_index_ptr="*i64",
+                        u_ptr=ptr, bias_ptr=ptr, out_ptr=ptr), [utils._tiled(c) for c in gemm])
         yield (f"merged_weight {dtype}", merged, common,
                dict(w_ptr=ptr, q_ptr=ptr, lam_ptr="*fp32", r_ptr=ptr, out_ptr=ptr), gemm)
         for reduce in (0, 1, 2):

@@ -3,6 +3,11 @@
 Forward:  ``a = x``,  ``b = W0^T`` (K, N), ``p = S = x R^T`` (T, r), ``u = Q^T`` (r, N), plus the bias.
 Backward: ``a = dY``, ``b = W0``   (N, K), ``p = G = dY Q``   (T, r), ``u = R``   (r, K), no bias.
 
+``lowrank_update`` is the same kernel with the GEMM replaced by a matrix it reads: ``out = c + (p * lam) @ u +
+bias``. It is the whole update of a layer that keeps Q only (``store_r=False``), which works in the output
+space: forward ``c = Y0 = x W0^T``, ``p = S = Y0 Q``, ``u = Q^T``, plus the bias; backward ``c = dY``, ``p = G``,
+``u = Q^T`` (then ``dx = dY0 W0``): one pass over c, with the scaling, the cast and the bias fused.
+
 The kernel is Triton tutorial 03's grouped GEMM: a K-loop over a/b tiles into one float32 accumulator, then an
 r-loop that adds ``tl.dot((p*lam) tile, u tile)`` into the same accumulator, then the bias epilogue. The
 correction therefore costs ``2*T*r*N`` flops and no extra pass over the output. ``lam`` is applied in float32
@@ -26,12 +31,13 @@ _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 @triton.jit
-def _output_tile(tile, a_ptr, b_ptr, a_desc, b_desc, p_ptr, lam_ptr, lam_index_ptr, u_ptr, bias_ptr, out_ptr,
-                 M, N, K, R,
-                 stride_am, stride_ak, stride_bk, stride_bn,
+def _output_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, p_ptr, lam_ptr, lam_index_ptr, u_ptr, bias_ptr,
+                 out_ptr, M, N, K, R,
+                 stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                  stride_pm, stride_pr, stride_la, stride_lr, stride_ur, stride_un,
                  stride_bias, stride_om, stride_on,
-                 HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, PER_TOKEN_LAM: tl.constexpr,
+                 HAS_MATMUL: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 PER_TOKEN_LAM: tl.constexpr,
                  INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, B_K_MAJOR: tl.constexpr,
                  USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr):
@@ -43,7 +49,9 @@ def _output_tile(tile, a_ptr, b_ptr, a_desc, b_desc, p_ptr, lam_ptr, lam_index_p
     # int64 so that row * stride cannot overflow for large token counts.
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
-    if USE_TMA:
+    if not HAS_MATMUL:  # lowrank_update: the accumulator starts from c's tile
+        acc = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn).to(ACC_DTYPE)
+    elif USE_TMA:
         acc = matmul_tile_tma(a_desc, b_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K, B_K_MAJOR,
                               INPUT_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
@@ -67,12 +75,12 @@ def _output_tile(tile, a_ptr, b_ptr, a_desc, b_desc, p_ptr, lam_ptr, lam_index_p
                  prune_configs_by={"early_config_prune": utils.prune_gemm("M", "N")})
 @triton.jit(do_not_specialize=["TMA_OK", "NUM_SMS"])
 def _lowrank_matmul_kernel(
-    a_ptr, b_ptr, p_ptr, lam_ptr, lam_index_ptr, u_ptr, bias_ptr, out_ptr,
+    a_ptr, b_ptr, c_ptr, p_ptr, lam_ptr, lam_index_ptr, u_ptr, bias_ptr, out_ptr,
     M, N, K, R, M_BUCKET, NUM_SMS, TMA_OK,
-    stride_am, stride_ak, stride_bk, stride_bn,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_pm, stride_pr, stride_la, stride_lr, stride_ur, stride_un,
     stride_bias, stride_om, stride_on,
-    HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, PER_TOKEN_LAM: tl.constexpr,
+    HAS_MATMUL: tl.constexpr, HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, PER_TOKEN_LAM: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, B_K_MAJOR: tl.constexpr,
     USE_TMA: tl.constexpr, PERSISTENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -95,16 +103,16 @@ def _lowrank_matmul_kernel(
         # One program per SM walks the tiles (same grouped order), so no wave quantisation at the tail.
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS):
-            _output_tile(tile, a_ptr, b_ptr, a_desc, b_desc, p_ptr, lam_ptr, lam_index_ptr, u_ptr, bias_ptr,
-                         out_ptr, M, N, K, R, stride_am, stride_ak, stride_bk, stride_bn,
+            _output_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, p_ptr, lam_ptr, lam_index_ptr, u_ptr, bias_ptr,
+                         out_ptr, M, N, K, R, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                          stride_pm, stride_pr, stride_la, stride_lr, stride_ur, stride_un,
-                         stride_bias, stride_om, stride_on, HAS_LOWRANK, HAS_BIAS, PER_TOKEN_LAM,
+                         stride_bias, stride_om, stride_on, HAS_MATMUL, HAS_LOWRANK, HAS_BIAS, PER_TOKEN_LAM,
                          INPUT_PRECISION, ACC_DTYPE, B_K_MAJOR, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     else:
-        _output_tile(tl.program_id(0), a_ptr, b_ptr, a_desc, b_desc, p_ptr, lam_ptr, lam_index_ptr, u_ptr,
-                     bias_ptr, out_ptr, M, N, K, R, stride_am, stride_ak, stride_bk, stride_bn,
+        _output_tile(tl.program_id(0), a_ptr, b_ptr, a_desc, b_desc, c_ptr, p_ptr, lam_ptr, lam_index_ptr, u_ptr,
+                     bias_ptr, out_ptr, M, N, K, R, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                      stride_pm, stride_pr, stride_la, stride_lr, stride_ur, stride_un,
-                     stride_bias, stride_om, stride_on, HAS_LOWRANK, HAS_BIAS, PER_TOKEN_LAM,
+                     stride_bias, stride_om, stride_on, HAS_MATMUL, HAS_LOWRANK, HAS_BIAS, PER_TOKEN_LAM,
                      INPUT_PRECISION, ACC_DTYPE, B_K_MAJOR, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
@@ -115,35 +123,41 @@ def _grid(M: int, N: int, num_sms: int):
     return grid
 
 
-def _launch(a, b, p, lam, lam_index, u, bias, out, input_precision):
-    M, K = a.shape
-    N = b.shape[1]
+def _launch(a, b, p, lam, lam_index, u, bias, out, input_precision, c=None):
+    """``a @ b`` (or, with ``c`` and no a, b: ``c``) ``+ (p * lam) @ u + bias`` into ``out``."""
+    has_matmul = c is None
+    M, N = out.shape
+    K = a.shape[1] if has_matmul else 0
     if M == 0 or N == 0:
         return out
     has_lowrank = p is not None
     R = p.shape[1] if has_lowrank else 0
-    # Unused pointer arguments still need a tensor; ``a`` stands in (never dereferenced).
-    p_ = p if has_lowrank else a
-    u_ = u if has_lowrank else a
-    lam_ = lam if has_lowrank else a
+    # Unused pointer arguments still need a tensor; ``out`` stands in (never dereferenced).
+    a_ = a if has_matmul else out
+    b_ = b if has_matmul else out
+    c_ = out if has_matmul else c
+    p_ = p if has_lowrank else out
+    u_ = u if has_lowrank else out
+    lam_ = lam if has_lowrank else out
     lam_2d = lam_.dim() == 2
-    index_ = lam_index if lam_index is not None else a
-    bias_ = bias if bias is not None else a
-    tma_ok, b_k_major = utils.tma_operands(a, b)
-    if tma_ok and a.is_cuda:
+    index_ = lam_index if lam_index is not None else out
+    bias_ = bias if bias is not None else out
+    in_dtype = a.dtype if has_matmul else c.dtype
+    tma_ok, b_k_major = utils.tma_operands(a, b) if has_matmul else (False, False)
+    if tma_ok and out.is_cuda:
         utils.ensure_tma_allocator()
-    num_sms = utils.num_programs(a.device)
+    num_sms = utils.num_programs(out.device)
     _lowrank_matmul_kernel[_grid(M, N, num_sms)](
-        a, b, p_, lam_, index_, u_, bias_, out,
+        a_, b_, c_, p_, lam_, index_, u_, bias_, out,
         M, N, K, R, utils.token_bucket(M), num_sms, int(tma_ok),
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        a_.stride(0), a_.stride(1), b_.stride(0), b_.stride(1), c_.stride(0), c_.stride(1),
         p_.stride(0), p_.stride(1) if p_.dim() == 2 else 0,
         lam_.stride(0) if lam_2d else 0, lam_.stride(-1),
         u_.stride(0), u_.stride(1) if u_.dim() == 2 else 0,
         bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
-        HAS_LOWRANK=has_lowrank, HAS_BIAS=bias is not None, PER_TOKEN_LAM=lam_index is not None,
-        INPUT_PRECISION=utils.dot_precision(a.dtype, input_precision),
-        ACC_DTYPE=_TL_ACC[utils.accumulator_dtype(a.dtype)], B_K_MAJOR=b_k_major,
+        HAS_MATMUL=has_matmul, HAS_LOWRANK=has_lowrank, HAS_BIAS=bias is not None,
+        PER_TOKEN_LAM=lam_index is not None, INPUT_PRECISION=utils.dot_precision(in_dtype, input_precision),
+        ACC_DTYPE=_TL_ACC[utils.accumulator_dtype(in_dtype)], B_K_MAJOR=b_k_major,
     )
     return out
 
@@ -207,6 +221,39 @@ def lowrank_matmul(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, lam: torch
     out = utils.check_out(out, (M, N), a.dtype, device)
     with utils.nvtx_range("qrlora/lowrank_matmul", device):
         return _launch(a, b, p, lam, lam_index, u, bias, out, input_precision)
+
+
+def lowrank_update(c: torch.Tensor, p: torch.Tensor, lam: torch.Tensor, u: torch.Tensor,
+                   bias: torch.Tensor | None = None, *, lam_index: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None, input_precision: str | None = None) -> torch.Tensor:
+    """out = c + (p * lam) @ u + bias in one pass over ``c``, in c's dtype (accumulated in float32).
+
+    ``c`` (M, N), ``p`` (M, r) (float32 is typical), ``lam`` (r,) or (A, r) with ``lam_index`` (M,), ``u`` (r, N),
+    ``bias`` (N,) or None; c, u and bias share a dtype; any strides. ``out``: an (M, N) buffer of c's dtype (not
+    ``c`` itself: the autotuner runs the kernel more than once). ``input_precision`` as in ``lowrank_matmul``.
+    """
+    for name, t in (("c", c), ("p", p), ("u", u)):
+        utils.check_float(name, t)
+        utils.check_2d(name, t)
+    M, N = c.shape
+    r = p.shape[1]
+    utils.check_size("token count", "c.shape[0]", M, "p.shape[0]", p.shape[0])
+    utils.check_size("rank", "p.shape[1]", r, "u.shape[0]", u.shape[0])
+    utils.check_size("output size", "c.shape[1]", N, "u.shape[1]", u.shape[1])
+    if r < 1:
+        raise ValueError("rank must be at least 1 (p has no columns)")
+    for name, t in (("u", u),) + ((("bias", bias),) if bias is not None else ()):
+        if t.dtype != c.dtype:
+            raise TypeError(f"mixed dtypes: c is {c.dtype} but {name} is {t.dtype}")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({N},) from c's {N} columns")
+    lam = check_lam(lam, r, lam_index, M)
+    device = utils.check_runnable(c, p, lam, u, bias, lam_index)
+    out = utils.check_out(out, (M, N), c.dtype, device)
+    if out.data_ptr() == c.data_ptr() and out.numel():
+        raise ValueError("out must not be c: the autotuner may run the kernel more than once")
+    with utils.nvtx_range("qrlora/lowrank_update", device):
+        return _launch(None, None, p, lam, lam_index, u, bias, out, input_precision, c=c)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,

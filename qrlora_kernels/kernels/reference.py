@@ -67,6 +67,21 @@ def lowrank_matmul(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, lam: torch
     return out.to(a.dtype)
 
 
+def lowrank_update(c: torch.Tensor, p: torch.Tensor, lam: torch.Tensor, u: torch.Tensor,
+                   bias: torch.Tensor | None = None, *, lam_index: torch.Tensor | None = None) -> torch.Tensor:
+    """out = c + (p * lam) @ u + bias, in ``c``'s dtype (accumulated in float32/float64).
+
+    A Q-only layer (``store_r=False``): forward c = Y0, p = S = Y0 Q, u = Q^T, plus the bias; backward c = dY,
+    p = G = dY Q, u = Q^T (giving dY0, then dx = dY0 W0).
+    """
+    acc = torch.float64 if c.dtype == torch.float64 else torch.float32
+    scaled = p.to(acc) * _lam_rows(lam, lam_index, c.shape[0]).to(acc)
+    out = c.to(acc) + scaled @ u.to(acc)
+    if bias is not None:
+        out = out + bias.to(acc)
+    return out.to(c.dtype)
+
+
 def merged_weight(weight: torch.Tensor, Q: torch.Tensor, lam: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """W_eff = W0 + (Q * lam) @ R, in ``weight``'s dtype (accumulated in float32/float64)."""
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
