@@ -133,8 +133,11 @@ def test_lowrank_update(case, dtype, with_bias, num_adapters, device):
 
 def test_lowrank_update_errors():
     c, s, Q = torch.randn(8, 20), torch.randn(8, 4), torch.randn(20, 4)
-    with pytest.raises(ValueError, match="out must not be c"):
+    with pytest.raises(ValueError, match="out must not share memory with c"):
         kernels.lowrank_update(c, s, torch.randn(4), Q.t(), out=c)
+    buf = torch.randn(8, 21)  # a shifted window of the same storage: partial overlap
+    with pytest.raises(ValueError, match="out must not share memory with c"):
+        kernels.lowrank_update(buf[:, :20], s, torch.randn(4), Q.t(), out=buf[:, 1:])
     with pytest.raises(ValueError, match="rank"):
         kernels.lowrank_update(c, s, torch.randn(4), Q.t()[:3])
     with pytest.raises(TypeError, match="mixed dtypes: c is torch.float32 but u is torch.float64"):

@@ -71,7 +71,9 @@ def _output_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, p_ptr, lam_ptr, lam_
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=utils.lowrank_gemm_configs(), key=["M_BUCKET", "N", "K", "R", "TMA_OK", "B_K_MAJOR"],
+# HAS_MATMUL keys the cache too: a lowrank_update and a zero-width lowrank_matmul would otherwise share a key.
+@triton.autotune(configs=utils.lowrank_gemm_configs(),
+                 key=["M_BUCKET", "N", "K", "R", "TMA_OK", "B_K_MAJOR", "HAS_MATMUL"],
                  prune_configs_by={"early_config_prune": utils.prune_gemm("M", "N")})
 @triton.jit(do_not_specialize=["TMA_OK", "NUM_SMS"])
 def _lowrank_matmul_kernel(
@@ -229,8 +231,9 @@ def lowrank_update(c: torch.Tensor, p: torch.Tensor, lam: torch.Tensor, u: torch
     """out = c + (p * lam) @ u + bias in one pass over ``c``, in c's dtype (accumulated in float32).
 
     ``c`` (M, N), ``p`` (M, r) (float32 is typical), ``lam`` (r,) or (A, r) with ``lam_index`` (M,), ``u`` (r, N),
-    ``bias`` (N,) or None; c, u and bias share a dtype; any strides. ``out``: an (M, N) buffer of c's dtype (not
-    ``c`` itself: the autotuner runs the kernel more than once). ``input_precision`` as in ``lowrank_matmul``.
+    ``bias`` (N,) or None; c, u and bias share a dtype; any strides. ``out``: an (M, N) buffer of c's dtype that
+    shares no memory with the inputs (tiles read c while others write out, and the autotuner runs the kernel more
+    than once). ``input_precision`` as in ``lowrank_matmul``.
     """
     for name, t in (("c", c), ("p", p), ("u", u)):
         utils.check_float(name, t)
@@ -250,8 +253,12 @@ def lowrank_update(c: torch.Tensor, p: torch.Tensor, lam: torch.Tensor, u: torch
     lam = check_lam(lam, r, lam_index, M)
     device = utils.check_runnable(c, p, lam, u, bias, lam_index)
     out = utils.check_out(out, (M, N), c.dtype, device)
-    if out.data_ptr() == c.data_ptr() and out.numel():
-        raise ValueError("out must not be c: the autotuner may run the kernel more than once")
+    if out.numel():
+        shared = [name for name, t in (("c", c), ("p", p), ("u", u), ("bias", bias))
+                  if t is not None and t.numel() and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()]
+        if shared:
+            raise ValueError(f"out must not share memory with {', '.join(shared)}: tiles read the inputs while "
+                             f"others write out, and the autotuner runs the kernel more than once")
     with utils.nvtx_range("qrlora/lowrank_update", device):
         return _launch(None, None, p, lam, lam_index, u, bias, out, input_precision, c=c)
 
