@@ -84,9 +84,9 @@ def _lowrank_forward_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: 
         # Y0 without the bias: S projected from Y0 + b would lose S to cancellation in half precision wherever
         # |b| >> |x W0^T| (the rounding of Y0 + b, relative to S, grows like |b| / |Y0|). The bias rides in the
         # update's epilogue instead.
-        y0 = torch.nn.functional.linear(x, weight)
-        s = k.project(y0, Q)
-        y = k.lowrank_update(y0, s, lam, Q.t(), bias, lam_index=lam_index)
+        y = torch.nn.functional.linear(x, weight)
+        s = k.project(y, Q)
+        k.lowrank_update(y, s, lam, Q.t(), bias, lam_index=lam_index, out=y)  # in place: no second T x N buffer
     return y, s
 
 

@@ -131,13 +131,29 @@ def test_lowrank_update(case, dtype, with_bias, num_adapters, device):
     assert_rel_close(y, expected, _band(dtype), name="y")
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_lowrank_update_in_place(transposed, device):
+    """out=c (what a Q-only layer's forward does with Y0): each tile reads and writes only its own elements, so the
+    result is the out-of-place one; also for a transposed c, and with the wrapped rows of a partial last tile."""
+    _skip_unrunnable(device, torch.float32)
+    T, N, r = 37, 45, 18
+    c = torch.randn(N, T, device=device).t() if transposed else torch.randn(T, N, device=device)
+    s, Q, bias, lam = (torch.randn(T, r, device=device), torch.randn(N, r, device=device),
+                       torch.randn(N, device=device), torch.randn(r, device=device))
+    expected = reference.lowrank_update(_f64(c), _f64(s), _f64(lam), _f64(Q).t(), _f64(bias))
+    y = kernels.lowrank_update(c, s, lam, Q.t(), bias, out=c, input_precision="ieee")
+    assert y is c
+    assert_rel_close(c, expected, REL_TOL[torch.float32], name="c updated in place")
+
+
 def test_lowrank_update_errors():
     c, s, Q = torch.randn(8, 20), torch.randn(8, 4), torch.randn(20, 4)
-    with pytest.raises(ValueError, match="out must not share memory with c"):
-        kernels.lowrank_update(c, s, torch.randn(4), Q.t(), out=c)
     buf = torch.randn(8, 21)  # a shifted window of the same storage: partial overlap
     with pytest.raises(ValueError, match="out must not share memory with c"):
         kernels.lowrank_update(buf[:, :20], s, torch.randn(4), Q.t(), out=buf[:, 1:])
+    storage = torch.randn(32 + 160)  # p and out in one storage (apart, but refused: no overlap analysis)
+    with pytest.raises(ValueError, match="out must not share memory with p"):
+        kernels.lowrank_update(c, storage[:32].view(8, 4), torch.randn(4), Q.t(), out=storage[32:].view(8, 20))
     with pytest.raises(ValueError, match="rank"):
         kernels.lowrank_update(c, s, torch.randn(4), Q.t()[:3])
     with pytest.raises(TypeError, match="mixed dtypes: c is torch.float32 but u is torch.float64"):

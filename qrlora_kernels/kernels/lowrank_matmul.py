@@ -72,8 +72,10 @@ def _output_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, p_ptr, lam_ptr, lam_
 
 
 # HAS_MATMUL keys the cache too: a lowrank_update and a zero-width lowrank_matmul would otherwise share a key.
+# restore_value: lowrank_update may write over c (out=c), and the autotuner runs every config on the same
+# arguments (it copies c only while tuning; for lowrank_matmul c is a stand-in, never read).
 @triton.autotune(configs=utils.lowrank_gemm_configs(),
-                 key=["M_BUCKET", "N", "K", "R", "TMA_OK", "B_K_MAJOR", "HAS_MATMUL"],
+                 key=["M_BUCKET", "N", "K", "R", "TMA_OK", "B_K_MAJOR", "HAS_MATMUL"], restore_value=["c_ptr"],
                  prune_configs_by={"early_config_prune": utils.prune_gemm("M", "N")})
 @triton.jit(do_not_specialize=["TMA_OK", "NUM_SMS"])
 def _lowrank_matmul_kernel(
@@ -231,9 +233,9 @@ def lowrank_update(c: torch.Tensor, p: torch.Tensor, lam: torch.Tensor, u: torch
     """out = c + (p * lam) @ u + bias in one pass over ``c``, in c's dtype (accumulated in float32).
 
     ``c`` (M, N), ``p`` (M, r) (float32 is typical), ``lam`` (r,) or (A, r) with ``lam_index`` (M,), ``u`` (r, N),
-    ``bias`` (N,) or None; c, u and bias share a dtype; any strides. ``out``: an (M, N) buffer of c's dtype that
-    shares no memory with the inputs (tiles read c while others write out, and the autotuner runs the kernel more
-    than once). ``input_precision`` as in ``lowrank_matmul``.
+    ``bias`` (N,) or None; c, u and bias share a dtype; any strides. ``out``: an (M, N) buffer of c's dtype, or
+    ``c`` itself (updated in place: each tile reads and writes only its own elements); any other memory shared
+    with the inputs is refused. ``input_precision`` as in ``lowrank_matmul``.
     """
     for name, t in (("c", c), ("p", p), ("u", u)):
         utils.check_float(name, t)
@@ -254,11 +256,13 @@ def lowrank_update(c: torch.Tensor, p: torch.Tensor, lam: torch.Tensor, u: torch
     device = utils.check_runnable(c, p, lam, u, bias, lam_index)
     out = utils.check_out(out, (M, N), c.dtype, device)
     if out.numel():
+        in_place = (out.data_ptr() == c.data_ptr() and out.stride() == c.stride())
         shared = [name for name, t in (("c", c), ("p", p), ("u", u), ("bias", bias))
-                  if t is not None and t.numel() and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()]
+                  if t is not None and t.numel() and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+                  and not (name == "c" and in_place)]
         if shared:
-            raise ValueError(f"out must not share memory with {', '.join(shared)}: tiles read the inputs while "
-                             f"others write out, and the autotuner runs the kernel more than once")
+            raise ValueError(f"out must not share memory with {', '.join(shared)} (other than being c itself): tiles "
+                             f"read the inputs while others write out")
     with utils.nvtx_range("qrlora/lowrank_update", device):
         return _launch(None, None, p, lam, lam_index, u, bias, out, input_precision, c=c)
 
