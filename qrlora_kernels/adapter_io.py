@@ -27,6 +27,7 @@ Tensors in ``adapter.safetensors``: ``<module>.lam``, ``<module>.pivots`` (and `
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -41,6 +42,7 @@ from torch import nn
 
 from .atomic_file import atomic_write_bytes
 from .config import QRLoraConfig
+from .functional import acc_dtype, implied_r
 from .model import (ADAPTER_IDS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER, MODULES_TO_SAVE_ATTR, _layer_class,
                     _read_by_parent, _refuse_unloaded_weight, _set_submodule, adapter_row, canonical_name,
                     default_adapter_name, modules_by_canonical_name, parameter_holding_wrapper, qrlora_layers,
@@ -406,7 +408,7 @@ def _module_tensors(tensors: dict, name: str, info: dict, include_basis: bool, p
 
 def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_name: Optional[str] = None,
                  revision: Optional[str] = None, token: Union[str, bool, None] = None,
-                 progress: Optional[bool] = None) -> dict[str, int]:
+                 progress: Optional[bool] = None, store_r: Optional[bool] = None) -> dict[str, int]:
     """Load an adapter saved by ``save_adapter``; returns the model's mapping adapter name -> id.
 
     ``path`` is the adapter's folder or, when no such path exists, a Hugging Face Hub repository id
@@ -420,7 +422,13 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
     another row of every layer's ``lam``, selectable per sequence with ``adapter_batch``. An
     adapter whose pivots are a prefix of a layer's (a lower ``tau`` on the same weights)
     shares that layer's basis, its missing coefficients being zero.
+
+    ``store_r``: whether the layers built here keep R (None: as each module was saved). ``False`` gives Q-only
+    layers (``QRLoraLinear(store_r=False)``, about half the basis memory) whatever the file holds, e.g. to serve
+    adapters trained with R; the coefficients fit either kind. Layers the model already has stay as they are.
     """
+    if store_r is not None and not isinstance(store_r, bool):
+        raise TypeError(f"store_r must be True, False or None, got {store_r!r}")
     wrapper = parameter_holding_wrapper(model)
     model = unwrap_model(model)
     from .hub import resolve_adapter_folder
@@ -487,7 +495,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
                 layer = module
             else:
                 try:
-                    layer = _build_layer(module, own, info, include_basis, num_adapters)
+                    layer = _build_layer(module, own, info, include_basis, num_adapters, store_r)
                 except (ValueError, RuntimeError) as err:
                     raise ValueError(f"{name}: cannot rebuild the basis from the stored pivots: {err}") from None
             # A torch.compile'd Linear calls the module it compiled, whatever its _orig_mod is later: the new layer
@@ -536,22 +544,32 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
         for p in target.parameters():
             p.requires_grad_(True)
     if fresh or not hasattr(model, CONFIG_ATTR):
-        setattr(model, CONFIG_ATTR, meta.get("config"))
+        config = meta.get("config")
+        if isinstance(config, QRLoraConfig) and store_r is not None:
+            config = dataclasses.replace(config, store_r=store_r)
+        setattr(model, CONFIG_ATTR, config)
     setattr(model, MODULES_TO_SAVE_ATTR, sorted(set(getattr(model, MODULES_TO_SAVE_ATTR, [])) | set(saved_meta)))
     setattr(model, ADAPTER_IDS_ATTR, ids)
     skip_bases_in_hf_checkpoints(model)
     return dict(ids)
 
 
-def _build_layer(linear: nn.Linear, own: dict, info: dict, include_basis: bool, num_adapters: int) -> nn.Module:
+def _build_layer(linear: nn.Linear, own: dict, info: dict, include_basis: bool, num_adapters: int,
+                 store_r: Optional[bool] = None) -> nn.Module:
     from .basis import basis_from_pivots
     QRLoraLinear = _layer_class()
     weight = linear.weight
     pivots = own["pivots"].to(device=weight.device, dtype=torch.int64)
-    store_r = _stores_r(info)
+    saved_r = _stores_r(info)
+    store_r = saved_r if store_r is None else store_r
     if include_basis:
         Q = own["Q"].to(device=weight.device, dtype=weight.dtype)
-        R = own["R"].to(device=weight.device, dtype=weight.dtype) if store_r else None
+        if not store_r:
+            R = None
+        elif saved_r:
+            R = own["R"].to(device=weight.device, dtype=weight.dtype)
+        else:  # a Q-only file onto a layer that keeps R: R = Q^T W0, as the saved layer computed it
+            R = implied_r(weight.detach(), Q, acc_dtype(weight.dtype)).to(weight.dtype)
     else:
         Q, R = basis_from_pivots(weight, pivots)
     layer = QRLoraLinear.from_basis(linear, (Q, R, pivots), tau=info.get("tau"), energy=info.get("energy") or "diag",

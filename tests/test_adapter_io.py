@@ -631,3 +631,26 @@ def test_store_r_false_adapters_round_trip_as_q_only_layers(base, tmp_path, incl
     (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=rf"{name}: .* is corrupt: 'store_r' is not true or false"):
         load_adapter(copy.deepcopy(base), tmp_path)
+
+
+def test_load_adapter_store_r_chooses_the_kind_of_layer(base, tmp_path):
+    """load_adapter(store_r=False) serves an adapter trained with R on Q-only layers (and store_r=True the
+    reverse, forming R = Q^T W0 from a Q-only include_basis file): the same outputs to rounding."""
+    model = _adapted(base)
+    x = torch.randn(3, 4, HIDDEN)
+    expected = model(x)
+    save_adapter(model, tmp_path / "full")
+    half = copy.deepcopy(base)
+    load_adapter(half, tmp_path / "full", store_r=False)
+    assert all(layer.R is None for _, layer in qrlora_layers(half)) and len(qrlora_layers(half)) == 6
+    from qrlora_kernels.model import CONFIG_ATTR
+    assert getattr(half, CONFIG_ATTR).store_r is False
+    assert_rel_close(half(x), expected, 1e-5, name="Q-only layers from an adapter trained with R")
+    save_adapter(half, tmp_path / "q", include_basis=True)
+    full = copy.deepcopy(base)
+    load_adapter(full, tmp_path / "q", store_r=True)
+    for name, layer in qrlora_layers(full):
+        assert_rel_close(layer.R, model.get_submodule(name).R, 1e-5, name=f"{name}.R from Q^T W0")
+    assert_rel_close(full(x), expected, 1e-5, name="layers with R from a Q-only file")
+    with pytest.raises(TypeError, match="store_r must be True, False or None, got 'no'"):
+        load_adapter(copy.deepcopy(base), tmp_path / "full", store_r="no")
