@@ -193,6 +193,24 @@ def check_lam_index(lam_index: torch.Tensor, tokens: int) -> None:
                          f"(expected ({tokens},))")
 
 
+def _check_correction(lead: str, first: torch.Tensor, cols_of: str, N: int, p, lam, lam_index, u, bias,
+                      same_dtype: tuple) -> torch.Tensor:
+    """The checks of ``(p * lam) @ u + bias`` against the (M, N) result, shared by ``lowrank_matmul`` (whose rows
+    come from ``a`` and columns from ``b``) and ``lowrank_update`` (both from ``c``). Returns lam as ``check_lam``."""
+    M, r = first.shape[0], p.shape[1]
+    utils.check_size("token count", f"{lead}.shape[0]", M, "p.shape[0]", p.shape[0])
+    utils.check_size("rank", "p.shape[1]", r, "u.shape[0]", u.shape[0])
+    utils.check_size("output size", f"{cols_of}.shape[1]", N, "u.shape[1]", u.shape[1])
+    if r < 1:
+        raise ValueError("rank must be at least 1 (p has no columns)")
+    for name, t in same_dtype + (("u", u),) + ((("bias", bias),) if bias is not None else ()):
+        if t.dtype != first.dtype:
+            raise TypeError(f"mixed dtypes: {lead} is {first.dtype} but {name} is {t.dtype}")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({N},) from {cols_of}'s {N} columns")
+    return check_lam(lam, r, lam_index, M)
+
+
 def lowrank_matmul(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, lam: torch.Tensor, u: torch.Tensor,
                    bias: torch.Tensor | None = None, *, lam_index: torch.Tensor | None = None,
                    out: torch.Tensor | None = None, input_precision: str | None = None) -> torch.Tensor:
@@ -209,18 +227,7 @@ def lowrank_matmul(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, lam: torch
     M, K = a.shape
     utils.check_size("inner dimension", "a.shape[1]", K, "b.shape[0]", b.shape[0])
     N = b.shape[1]
-    r = p.shape[1]
-    utils.check_size("token count", "a.shape[0]", M, "p.shape[0]", p.shape[0])
-    utils.check_size("rank", "p.shape[1]", r, "u.shape[0]", u.shape[0])
-    utils.check_size("output size", "b.shape[1]", N, "u.shape[1]", u.shape[1])
-    if r < 1:
-        raise ValueError("rank must be at least 1 (p has no columns)")
-    for name, t in (("b", b), ("u", u)) + ((("bias", bias),) if bias is not None else ()):
-        if t.dtype != a.dtype:
-            raise TypeError(f"mixed dtypes: a is {a.dtype} but {name} is {t.dtype}")
-    if bias is not None and bias.shape != (N,):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({N},) from b's {N} columns")
-    lam = check_lam(lam, r, lam_index, M)
+    lam = _check_correction("a", a, "b", N, p, lam, lam_index, u, bias, (("b", b),))
     device = utils.check_runnable(a, b, p, lam, u, bias, lam_index)
     out = utils.check_out(out, (M, N), a.dtype, device)
     with utils.nvtx_range("qrlora/lowrank_matmul", device):
@@ -241,18 +248,7 @@ def lowrank_update(c: torch.Tensor, p: torch.Tensor, lam: torch.Tensor, u: torch
         utils.check_float(name, t)
         utils.check_2d(name, t)
     M, N = c.shape
-    r = p.shape[1]
-    utils.check_size("token count", "c.shape[0]", M, "p.shape[0]", p.shape[0])
-    utils.check_size("rank", "p.shape[1]", r, "u.shape[0]", u.shape[0])
-    utils.check_size("output size", "c.shape[1]", N, "u.shape[1]", u.shape[1])
-    if r < 1:
-        raise ValueError("rank must be at least 1 (p has no columns)")
-    for name, t in (("u", u),) + ((("bias", bias),) if bias is not None else ()):
-        if t.dtype != c.dtype:
-            raise TypeError(f"mixed dtypes: c is {c.dtype} but {name} is {t.dtype}")
-    if bias is not None and bias.shape != (N,):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({N},) from c's {N} columns")
-    lam = check_lam(lam, r, lam_index, M)
+    lam = _check_correction("c", c, "c", N, p, lam, lam_index, u, bias, ())
     device = utils.check_runnable(c, p, lam, u, bias, lam_index)
     out = utils.check_out(out, (M, N), c.dtype, device)
     if out.numel():
