@@ -396,7 +396,7 @@ def test_checkpoints_of_q_only_layers_skip_q_and_load_strictly(tmp_path):
     """store_r=False layers have no R buffer: only their Q is left out of save_pretrained, and the checkpoint
     loads back (strict) onto the base converted with the same config."""
     base = _roberta()
-    config = QRLoraConfig(target_modules=["query", "value"], store_r=False)
+    config = QRLoraConfig(target_modules=["query", "value"], store_r=False, task_type="SEQ_CLS")
     model = copy.deepcopy(base)
     apply_qrlora(model, config, progress=False)
     names = [n for n, _ in qrlora_layers(model)]
