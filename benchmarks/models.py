@@ -11,12 +11,13 @@ Models are built from ``transformers`` configurations with random weights (nothi
 Methods: ``full_ft`` (every parameter trains), ``peft_lora`` (LoRA on the attention query and value
 projections, ``peft.get_peft_model``, ``lora_alpha = r``, no dropout), and ``qrlora`` at the same r and at the
 rank tau = 0.9 gives on realistic spectra (~0.55 x width), both on the same projections via
-``qrlora_kernels.apply_qrlora``. A step is ``zero_grad``, forward, loss, backward and an AdamW step over the
+``qrlora_kernels.apply_qrlora``, and ``qrlora_tau_q``: that rank with ``store_r=False`` (Q only). A step is ``zero_grad``, forward, loss, backward and an AdamW step over the
 trainable parameters; parameters and optimizer states are in the benchmark dtype. Timed after two warm-up
 steps (so the adapters are no longer at their zero initialisation, and the optimizer states exist): on a GPU
 each method on its own with ``do_bench`` over a 1 s window; on the CPU the methods of one model round-robin,
 one step each per round. Peak memory: ``torch.cuda.max_memory_allocated`` over one step on CUDA; not measured
-on the CPU.
+on the CPU. ``state_mb``, on every device: the bytes of the model's parameters and buffers (weights, adapters,
+QR-LoRA's bases), exact; the peak adds activations, gradients and optimizer states.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from torch import nn
 from .harness import Timing, measure
 from .providers import peft_model
 
-METHODS = ("full_ft", "peft_lora", "qrlora", "qrlora_tau")
+METHODS = ("full_ft", "peft_lora", "qrlora", "qrlora_tau", "qrlora_tau_q")
 REALISTIC_RANK_FRACTION = 0.55
 
 
@@ -76,7 +77,7 @@ CPU_MODEL_PRESETS = ("tiny-roberta", "tiny-llama")
 def method_rank(preset: ModelPreset, method: str) -> Optional[int]:
     if method == "full_ft":
         return None
-    if method == "qrlora_tau":
+    if method in ("qrlora_tau", "qrlora_tau_q"):
         return max(1, round(REALISTIC_RANK_FRACTION * preset.width))
     return preset.lora_rank
 
@@ -109,10 +110,10 @@ def build_model(preset: ModelPreset, method: str, *, device="cpu", dtype=torch.f
         config = peft.LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=list(preset.targets),
                                  modules_to_save=saved)
         model = peft_model(model, config)
-    elif method in ("qrlora", "qrlora_tau"):
+    elif method in ("qrlora", "qrlora_tau", "qrlora_tau_q"):
         from qrlora_kernels import QRLoraConfig, apply_qrlora
         apply_qrlora(model, QRLoraConfig(target_modules=list(preset.targets), rank=method_rank(preset, method),
-                                         modules_to_save=saved), progress=False)
+                                         modules_to_save=saved, store_r=method != "qrlora_tau_q"), progress=False)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
     return model.train(), time.perf_counter() - start
@@ -168,7 +169,9 @@ def _row(preset: ModelPreset, method: str, model, dtype, timing: Timing, peak_mb
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in model.parameters()),
         "median_ms": timing.median_ms, "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms, "reps": timing.reps,
-        "tokens_per_s": tokens / (timing.median_ms * 1e-3), "peak_mem_mb": peak_mb, "setup_s": setup_s,
+        "tokens_per_s": tokens / (timing.median_ms * 1e-3), "peak_mem_mb": peak_mb,
+        "state_mb": sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2**20,
+        "setup_s": setup_s,
         "status": "ok", "note": "",
     }
 

@@ -474,8 +474,8 @@ def default_out_dir(plan: dict, device: str) -> Path:
 
 LAYER_COLUMNS = ["provider", "strategy", "shape", "tokens", "rank", "mode", "median_ms", "tflops",
                  "ratio_vs_frozen", "ratio_vs_peft", "ratio_vs_single", "peak_mem_mb", "status"]
-MODEL_COLUMNS = ["model", "method", "rank", "trainable_params", "median_ms", "tokens_per_s", "peak_mem_mb",
-                 "speedup_vs_full_ft", "status"]
+MODEL_COLUMNS = ["model", "method", "rank", "trainable_params", "median_ms", "tokens_per_s", "state_mb",
+                 "peak_mem_mb", "speedup_vs_full_ft", "status"]
 
 
 def layer_meta(plan: dict, device: str, not_timed: dict, cuda_graph: bool) -> dict:
@@ -644,7 +644,8 @@ def summarize(out_dir: Path) -> str:
     _, model_rows = _load_rows(out_dir / "models.json")
     if model_rows:
         parts.append("\nmodel level (one training step):")
-        parts.append(format_table(model_rows, ["model", "method", "rank", "tokens_per_s", "peak_mem_mb", "status"]))
+        parts.append(format_table(model_rows, ["model", "method", "rank", "tokens_per_s", "state_mb", "peak_mem_mb",
+                                               "status"]))
     qr_meta, qr_rows = _load_rows(out_dir / "qr.json")
     if qr_rows:
         parts.append(f"\nQR initialisation ({qr_meta.get('gpu') or 'CPU'}):")

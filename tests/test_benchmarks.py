@@ -109,6 +109,12 @@ def test_cli_writes_csv_png_models_and_states_what_was_not_timed(cli_run):
     models = json.loads((out / "models.json").read_text())
     assert {r["method"] for r in models["rows"]} == set(M.METHODS)
     assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in models["rows"]), models["rows"]
+    # state_mb is exact: store_r=False saves exactly the R buffers, 2 layers x (query, value) of rank x width.
+    by = {r["method"]: r for r in models["rows"] if r["model"] == "tiny-llama"}
+    full, q_only = by["qrlora_tau"], by["qrlora_tau_q"]
+    r_bytes = 4 * full["rank"] * M.MODEL_PRESETS["tiny-llama"].width * 4  # float32
+    assert full["state_mb"] - q_only["state_mb"] == pytest.approx(r_bytes / 2**20)
+    assert by["full_ft"]["state_mb"] < q_only["state_mb"] < full["state_mb"]
     assert "not timed: qrlora_triton" in proc.stdout
     assert seconds < 120
     summary = TP.summarize(out)
