@@ -247,7 +247,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
         pivots = layer.perm[:r].to("cpu", torch.int32).clone()
         own = {"lam": lam, "pivots": pivots}
         if include_basis:
-            for key in _basis_keys(layer.R is not None):
+            for key in layer.held_basis_buffers:
                 own[key] = _full(getattr(layer, key)).to("cpu").contiguous().clone()
         tensors.update({f"{name}.{key}": t for key, t in own.items()})
         modules[name] = {
@@ -381,6 +381,7 @@ def _read_tensors(weights_path: Path) -> dict[str, torch.Tensor]:
 
 
 def _basis_keys(store_r: bool) -> list[str]:
+    """The basis tensors an include_basis file holds for a module (a layer's ``held_basis_buffers``)."""
     return ["Q", "R"] if store_r else ["Q"]
 
 

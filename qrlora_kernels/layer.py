@@ -192,6 +192,11 @@ class QRLoraLinear(nn.Module):
     # ------------------------------------------------------------------ adapters
 
     @property
+    def held_basis_buffers(self) -> tuple[str, ...]:
+        """The names of the basis buffers this layer holds: ``BASIS_BUFFERS``, less R when ``store_r=False``."""
+        return tuple(name for name in self.BASIS_BUFFERS if getattr(self, name) is not None)
+
+    @property
     def store_r(self) -> bool:
         """Whether the layer keeps R (False: Q only, R = Q^T W0; see the module docstring)."""
         return self.R is not None
@@ -337,8 +342,7 @@ class QRLoraLinear(nn.Module):
         """Subtract dW from ``weight`` again (exact up to rounding)."""
         if not self.merged:
             raise ValueError("layer is not merged")
-        if self.R is None:
-            self._check_merged_weight_is_invertible()
+        # basis_r refuses (before anything changes) where a store_r=False layer cannot recover W0 accurately.
         self.weight = nn.Parameter(self._merged_weight(-1.0), requires_grad=False)
         self.merged = False
 
@@ -394,7 +398,7 @@ class QRLoraLinear(nn.Module):
         # layer's Q and R, so its lam fits only if it was trained on the same basis: the same leading pivots. When
         # they are, the basis is not missing (a strict load passes); when they are not, the load is refused.
         perm = state_dict.get(prefix + "perm")
-        basis_keys = [prefix + name for name in self.BASIS_BUFFERS if getattr(self, name) is not None]
+        basis_keys = [prefix + name for name in self.held_basis_buffers]
         without_basis = (isinstance(perm, torch.Tensor) and not all(k in state_dict for k in basis_keys)
                          and not self.perm.is_meta)
         if without_basis:

@@ -216,7 +216,7 @@ def skip_bases_in_hf_checkpoints(model: nn.Module) -> None:
         if not isinstance(owner, pretrained):
             continue
         ours = {f"{name}.{buffer}" for name, module in owner.named_modules() if isinstance(module, QRLoraLinear)
-                for buffer in QRLoraLinear.BASIS_BUFFERS if getattr(module, buffer) is not None}
+                for buffer in module.held_basis_buffers}
         theirs = set(owner._keys_to_ignore_on_save or ()) - getattr(owner, _SKIPPED_ON_SAVE_ATTR, set())
         owner._keys_to_ignore_on_save = theirs | ours
         setattr(owner, _SKIPPED_ON_SAVE_ATTR, ours)
@@ -335,7 +335,7 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     skipped = sorted(skipped + zero, key=order.__getitem__)
     basis_values = sum(getattr(layer, key).numel() for _, layer in qrlora_layers(model)
-                       for key in layer.BASIS_BUFFERS if getattr(layer, key) is not None)
+                       for key in layer.held_basis_buffers)
     return QRLoraReport(reports, skipped, saved, sum(m.rank for m in reports), saved_params, trainable, total,
                         basis_values)
 
