@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ..functional import acc_dtype
+
 
 def _lam_rows(lam: torch.Tensor, lam_index: torch.Tensor | None, T: int) -> torch.Tensor:
     """Per-token coefficients, (T, r) or broadcastable (1, r)."""
@@ -33,7 +35,7 @@ def project(a: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
     Forward: S = x @ R^T (basis = R.T). Backward: G = dy @ Q (basis = Q).
     """
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(a.dtype)
     return a.to(acc) @ basis.to(acc)
 
 
@@ -59,7 +61,7 @@ def lowrank_matmul(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, lam: torch
     Forward:  a = x,  b = W0^T (K, N), p = S (T, r), u = Q^T (r, N).
     Backward: a = dy, b = W0   (N, K), p = G (T, r), u = R   (r, K).
     """
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(a.dtype)
     scaled = p.to(acc) * _lam_rows(lam, lam_index, a.shape[0]).to(acc)
     out = a.to(acc) @ b.to(acc) + scaled @ u.to(acc)
     if bias is not None:
@@ -74,7 +76,7 @@ def lowrank_update(c: torch.Tensor, p: torch.Tensor, lam: torch.Tensor, u: torch
     A Q-only layer (``store_r=False``): forward c = Y0, p = S = Y0 Q, u = Q^T, plus the bias; backward c = dY,
     p = G = dY Q, u = Q^T (giving dY0, then dx = dY0 W0).
     """
-    acc = torch.float64 if c.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(c.dtype)
     scaled = p.to(acc) * _lam_rows(lam, lam_index, c.shape[0]).to(acc)
     out = c.to(acc) + scaled @ u.to(acc)
     if bias is not None:
@@ -84,13 +86,13 @@ def lowrank_update(c: torch.Tensor, p: torch.Tensor, lam: torch.Tensor, u: torch
 
 def merged_weight(weight: torch.Tensor, Q: torch.Tensor, lam: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """W_eff = W0 + (Q * lam) @ R, in ``weight``'s dtype (accumulated in float32/float64)."""
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(weight.dtype)
     return (weight.to(acc) + (Q.to(acc) * lam.to(acc)) @ R.to(acc)).to(weight.dtype)
 
 
 def dlam_via_weight_grad(dy: torch.Tensor, x: torch.Tensor, Q: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """dlam = diag(Q^T (dY^T x) R^T), i.e. dlam_i = sum_jk Q_ji (dY^T x)_jk R_ik (float32, float64 for float64)."""
-    acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dy.dtype)
     weight_grad = dy.to(acc).t() @ x.to(acc)
     return ((Q.to(acc).t() @ weight_grad) * R.to(acc)).sum(dim=1)
 

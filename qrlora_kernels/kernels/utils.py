@@ -12,6 +12,8 @@ import os
 import torch
 import triton
 
+from ..functional import acc_dtype
+
 INTERPRET_ENV_VAR = "TRITON_INTERPRET"
 # Fixed when this module (hence every kernel) is imported; see the module docstring.
 INTERPRETED = os.environ.get(INTERPRET_ENV_VAR) == "1"
@@ -58,8 +60,8 @@ def dot_precision(dtype: torch.dtype, requested: str | None = None) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# float64 for float64 inputs, else float32: the rule functional's pure-torch path follows too.
+accumulator_dtype = acc_dtype
 
 
 def check_float(name: str, t: torch.Tensor, allowed=(torch.float16, torch.bfloat16, torch.float32, torch.float64)):
