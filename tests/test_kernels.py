@@ -5,6 +5,8 @@ float16. On CUDA the same cases run, plus bfloat16. Every output goes through a 
 and is checked fully written. Shapes are odd and small (the interpreter's single config has 32x32 tiles and
 16-wide K/r chunks, so these shapes span several tiles and partial chunks).
 """
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -476,7 +478,79 @@ def test_kernels_compile_for_sm80_and_sm90():
     done = subprocess.run([sys.executable, "-m", "qrlora_kernels.kernels.aot_check", "--arch", "80,90",
                            "--dtypes", "bf16"], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count("ok   sm_") == 21, done.stdout  # 9 variants x 2 archs + 3 TMA ones on sm_90
+    built = [line for line in done.stdout.splitlines() if line.startswith("ok   sm_")]
+    assert len(built) == 23, done.stdout  # 10 variants x 2 archs + 3 TMA ones on sm_90
+    from qrlora_kernels.kernels import aot_check
+    if aot_check.cuobjdump_path() is not None:
+        assert all(" registers, stack " in line for line in built), done.stdout
+
+
+def test_aot_check_compiles_each_variant_as_the_layer_launches_it(monkeypatch):
+    """aot_check compiles each variant as Triton specialises a representative launch (aot_check's
+    integers: 1 becomes a constant, multiples of 16 are marked divisible). Record the kernels' real launches from
+    QRLoraLinear's paths (R kept or not, one adapter with a bias or several without, lowrank and merged) and
+    check that each variant's integers specialise exactly as one of them: a launch that changes its strides
+    without the table following would make aot_check report on code the GPU never runs."""
+    from triton.backends import backends
+    if "nvidia" not in backends:
+        pytest.skip("this Triton build has no NVIDIA backend to specialise for")
+    import importlib
+
+    from qrlora_kernels import QRLoraLinear, qrlora_linear
+    from qrlora_kernels.kernels import aot_check
+
+    if not utils.INTERPRETED:
+        pytest.skip("records launches under the interpreter")
+    variants = list(aot_check.variants(["fp32"], all_configs=False))  # before the kernels are wrapped below
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.kernel.fn.__name__, dict(zip(self.kernel.fn.arg_names, args), **kwargs)))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    # By module path: ``kernels.lowrank_matmul`` is also the re-exported function.
+    for module, name in (("lowrank_matmul", "_lowrank_matmul_kernel"), ("merged_weight", "_merged_weight_kernel"),
+                         ("projection", "_project_kernel")):
+        module = importlib.import_module(f"qrlora_kernels.kernels.{module}")
+        monkeypatch.setattr(module, name, Recorder(getattr(module, name)))
+    # The same divisibility pattern as aot_check's 4096-token 4096 x 4096 layer at rank 200: every size a multiple
+    # of 16 but the rank (neither 1 nor a multiple of 16).
+    T, K, N, r = 32, 48, 64, 24
+    layer = QRLoraLinear.from_linear(torch.nn.Linear(K, N), rank=r)  # the layer's own buffers and their strides
+    for keep_r, adapters, strategy in itertools.product((True, False), (1, 3), ("lowrank", "merged")):
+        if strategy == "merged" and adapters > 1:
+            continue  # several adapters always take the lowrank path
+        x = torch.randn(T, K, requires_grad=True)
+        lam = torch.randn(adapters, r, requires_grad=True) if adapters > 1 else torch.randn(r, requires_grad=True)
+        ids = torch.arange(T) % adapters if adapters > 1 else None
+        y = qrlora_linear(x, layer.weight, layer.bias if adapters == 1 else None, layer.Q,
+                          layer.R if keep_r else None, lam, backend="triton", adapter_ids=ids, strategy=strategy)
+        y.backward(torch.randn_like(y))  # a contiguous dY, as a loss gives (y.sum()'s is a broadcast view)
+
+    flags = ("HAS_MATMUL", "HAS_LOWRANK", "HAS_BIAS", "PER_TOKEN_LAM", "B_K_MAJOR", "REDUCE")
+    for variant in variants:
+        wanted = {k: v for k, v in variant.constexprs.items() if k in flags}
+        same_kind = [args for kernel, args in launches if kernel == variant.kernel.fn.__name__
+                     and all(args.get(k) == v for k, v in wanted.items())]
+        if variant.label.startswith("lowrank_matmul fp32 lowrank=False"):
+            continue  # kernels.matmul, which the layer does not call
+        assert same_kind, f"the layer never launched {variant.label}"
+        ints = {k: v for k, v in variant.ints.items() if k not in aot_check._DO_NOT_SPECIALIZE}
+
+        def mismatches(args):
+            return {k: (aot_check.specialisation(v, k), aot_check.specialisation(int(args[k]), k))
+                    for k, v in ints.items() if aot_check.specialisation(v, k) != aot_check.specialisation(int(args[k]), k)}
+        assert any(not mismatches(args) for args in same_kind), (
+            f"{variant.label}: aot_check's integers specialise otherwise than every real launch "
+            f"(aot_check, launch): {min((mismatches(a) for a in same_kind), key=len)}")
+        assert set(ints) | set(aot_check._DO_NOT_SPECIALIZE) >= {
+            k for k, v in same_kind[0].items() if isinstance(v, int) and not isinstance(v, bool) and k not in flags}
 
 
 def test_autotune_key_buckets_tokens_and_prunes_oversized_tiles():
