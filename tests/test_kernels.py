@@ -549,8 +549,9 @@ def test_aot_check_compiles_each_variant_as_the_layer_launches_it(monkeypatch):
         ints = {k: v for k, v in variant.ints.items() if k not in aot_check._DO_NOT_SPECIALIZE}
 
         def mismatches(args):
-            return {k: (aot_check.specialisation(v, k), aot_check.specialisation(int(args[k]), k))
-                    for k, v in ints.items() if aot_check.specialisation(v, k) != aot_check.specialisation(int(args[k]), k)}
+            pairs = {k: (aot_check.specialisation(v, k), aot_check.specialisation(int(args[k]), k))
+                     for k, v in ints.items()}
+            return {k: pair for k, pair in pairs.items() if pair[0] != pair[1]}
         assert any(not mismatches(args) for args in same_kind), (
             f"{variant.label}: aot_check's integers specialise otherwise than every real launch "
             f"(aot_check, launch): {min((mismatches(a) for a in same_kind), key=len)}")
