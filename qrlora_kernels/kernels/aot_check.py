@@ -9,7 +9,8 @@ Configs over a GPU's shared-memory limit are expected (the autotuner skips them 
 Each variant is compiled as Triton's launcher would specialise it for a representative launch (``TOKENS``,
 ``IN``, ``OUT``, ``RANK``: a 4096 x 4096 layer, 4096 tokens, rank 200, the tensors as ``QRLoraLinear`` passes
 them): integer arguments equal to 1 become constants and multiples of 16 are marked divisible, which decides how
-loads vectorise and so how many registers a tile needs. ``tests/test_kernels.py`` checks these values against the layer's real launches.
+loads vectorise and so how many registers a tile needs. ``tests/test_kernels.py`` checks these values against
+the layer's real launches.
 Needs ``TRITON_INTERPRET`` unset. ``--all`` compiles every autotune config, not just the first (minutes).
 """
 from __future__ import annotations

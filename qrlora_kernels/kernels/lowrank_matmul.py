@@ -29,13 +29,13 @@ from .gemm_tile import add_lowrank_tile, grouped_tile, matmul_tile, matmul_tile_
 
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
-# The low-rank loop walks r in chunks of 16 (one MMA k-step), whatever the GEMM's BLOCK_K. With BLOCK_K-wide chunks
-# the (p * lam) tiles and their pointers pushed most tiles past 255 registers per thread: built for sm_90
-# (``python -m qrlora_kernels.kernels.aot_check --all``, Triton 3.8; 3.6 likewise at the first configs), 12 of 15
-# configs spilled in some fp16 variant, up to 2.5 KB of stack per thread, the largest (and TMA) tiles included. With 16-wide
-# chunks every config of the one-adapter variants builds spill-free; the per-token (several adapters) ones still
-# spill up to 272 B in 3 configs. The loop's bytes per flop do not depend on the chunk. Chosen from the compiler's
-# reports (benchmarks/NOTES.md section 7), not yet timed on a GPU.
+# The low-rank loop walks r in chunks of 16 (one MMA k-step), whatever the GEMM's BLOCK_K. With BLOCK_K-wide
+# chunks the (p * lam) tiles and their pointers pushed most tiles past 255 registers per thread: built for sm_90
+# (``python -m qrlora_kernels.kernels.aot_check --all``, Triton 3.8; 3.6 likewise at the first configs), 12 of
+# 15 configs spilled in some fp16 variant, up to 2.5 KB of stack per thread, the largest (and TMA) tiles among
+# them. With 16-wide chunks every config of the one-adapter variants builds spill-free; the per-token (several
+# adapters) ones still spill up to 272 B in 3 configs. The loop's bytes per flop do not depend on the chunk.
+# Chosen from the compiler's reports (benchmarks/NOTES.md section 7), not yet timed on a GPU.
 _R_CHUNK = tl.constexpr(16)
 
 
