@@ -33,6 +33,7 @@ MODULES_TO_SAVE_ATTR = "qrlora_modules_to_save"
 DEFAULT_ADAPTER = "default"
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
 _SKIPPED_ON_SAVE_ATTR = "_qrlora_keys_skipped_on_save"
+_COMPILED_ATTR = "_orig_mod"  # where torch.compile's OptimizedModule holds the module it wraps
 
 
 def _layer_class():
@@ -205,7 +206,8 @@ def skip_bases_in_hf_checkpoints(model: nn.Module) -> None:
     not match the rebuilt basis is refused at load, see ``QRLoraLinear._load_from_state_dict``). Each
     ``PreTrainedModel`` in ``model`` gets its own layers' keys in ``_keys_to_ignore_on_save`` (transformers' list of
     keys ``save_pretrained`` drops; ``Trainer`` reads it too when it resumes); keys added here before are taken back
-    first, so this is called after every change of the model's layers.
+    first, so this is called after every change of the model's layers. Each key is also listed under the prefix
+    ``torch.compile`` gives it: ``Trainer`` handed a compiled model saves ``model.state_dict()`` of the wrapper.
     """
     transformers = sys.modules.get("transformers")  # no transformers imported: no PreTrainedModel to mark
     pretrained = getattr(transformers, "PreTrainedModel", None)
@@ -217,6 +219,7 @@ def skip_bases_in_hf_checkpoints(model: nn.Module) -> None:
             continue
         ours = {f"{name}.{buffer}" for name, module in owner.named_modules() if isinstance(module, QRLoraLinear)
                 for buffer in module.held_basis_buffers}
+        ours |= {f"{_COMPILED_ATTR}.{key}" for key in ours}
         theirs = set(owner._keys_to_ignore_on_save or ()) - getattr(owner, _SKIPPED_ON_SAVE_ATTR, set())
         owner._keys_to_ignore_on_save = theirs | ours
         setattr(owner, _SKIPPED_ON_SAVE_ATTR, ours)
@@ -417,7 +420,7 @@ def _wrapper_chain(model: nn.Module):
     ``.module``."""
     while True:
         yield model
-        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        inner = getattr(model, _COMPILED_ATTR, None)
         if not isinstance(inner, nn.Module) and (
                 isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
                 or type(model).__name__ == "FullyShardedDataParallel"):
@@ -440,7 +443,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 # Path parts that wrappers insert inside a model: FSDP1's auto-wrap, activation checkpointing's wrapper,
 # torch.compile of a submodule. Adapter files name modules without them.
-WRAPPER_NAME_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+WRAPPER_NAME_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", _COMPILED_ATTR)
 
 
 def canonical_name(name: str) -> str:

@@ -210,10 +210,52 @@ def test_trainer_checkpoints_leave_out_the_basis_and_resume(tmp_path, caplog):
         save_adapter(model, checkpoint)  # beside the model's own files
     loaded = copy.deepcopy(base)
     load_adapter(loaded, tmp_path / "adapter")  # layers made by load_adapter are marked too
-    assert loaded._keys_to_ignore_on_save == untouched | {f"{n}.{k}" for n in layers for k in ("Q", "R")}
+    skipped = {f"{n}.{k}" for n in layers for k in ("Q", "R")}
+    assert loaded._keys_to_ignore_on_save == untouched | skipped | {f"_orig_mod.{k}" for k in skipped}
     assert loaded.roberta._keys_to_ignore_on_save >= {f"{n[len('roberta.'):]}.Q" for n in layers}  # nested model
     merge_and_unload(loaded)
     assert loaded._keys_to_ignore_on_save == untouched and loaded.roberta._keys_to_ignore_on_save == untouched_inner
+
+
+def test_trainer_checkpoints_of_a_compiled_model_leave_out_the_basis(tmp_path):
+    """A model handed to Trainer inside torch.compile: Trainer saves the wrapper's state_dict, every key prefixed
+    with _orig_mod.; the bases are left out all the same, resuming a compiled model restores lam, and the callback's
+    adapter names the modules as the plain model does."""
+    from safetensors import safe_open
+    from transformers import Trainer, TrainingArguments
+    from qrlora_kernels import QRLoraCheckpointCallback, load_adapter
+    base = _roberta()
+    config = QRLoraConfig(target_modules=["query", "value"], task_type="SEQ_CLS")
+    data = [{"input_ids": torch.randint(3, 120, (10,)), "attention_mask": torch.ones(10, dtype=torch.long),
+             "labels": torch.tensor(i % 3)} for i in range(8)]
+
+    def train(model, **kwargs):
+        args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, save_steps=2, learning_rate=5e-2,
+                                 per_device_train_batch_size=4, report_to=[], use_cpu=True, disable_tqdm=True,
+                                 remove_unused_columns=False)  # a compiled model's forward takes *args, **kwargs
+        Trainer(model=torch.compile(model, backend="eager"), args=args, train_dataset=data,
+                callbacks=[QRLoraCheckpointCallback()]).train(**kwargs)
+
+    model = copy.deepcopy(base)
+    apply_qrlora(model, config, progress=False)
+    train(model)
+    with safe_open(tmp_path / "run" / "checkpoint-2" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    layers = [name for name, _ in qrlora_layers(model)]
+    assert {f"_orig_mod.{n}.{k}" for n in layers for k in ("lam", "perm")} <= keys
+    assert not [k for k in keys if k.endswith((".Q", ".R"))]
+    resumed = copy.deepcopy(base)
+    apply_qrlora(resumed, config, progress=False)
+    train(resumed, resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    for name in layers:
+        assert model.get_parameter(f"{name}.lam").abs().sum() > 0
+        assert torch.equal(resumed.get_parameter(f"{name}.lam"), model.get_parameter(f"{name}.lam"))
+    served = copy.deepcopy(base)
+    load_adapter(served, tmp_path / "run" / "checkpoint-2")
+    batch = {"input_ids": torch.randint(3, 120, (3, 10)), "attention_mask": torch.ones(3, 10, dtype=torch.long)}
+    with torch.no_grad():
+        assert_rel_close(served.eval()(**batch).logits, model.eval()(**batch).logits, 1e-5,
+                         name="a compiled model's checkpoint adapter on a base model")
 
 
 @pytest.mark.filterwarnings("ignore:.*head 'classifier' is frozen")
