@@ -101,17 +101,18 @@ def strategy_costs(T: int, N: int, K: int, r: int, *, training: bool, elem_bytes
     e = elem_bytes
     merged = _step(2 * N * K * r, e * (2 * N * K + N * r + r * K), model)
     if r_stored:
-        lowrank = _project_cost(T, K, r, e, model) + 2 * T * r * N / model.flops_per_s
-    else:
-        lowrank = _project_cost(T, N, r, e, model) + _output_space_cost(T, N, r, e, model)
-        merged += _implied_r_cost(N, K, r, e, model)
+        lowrank_forward = _project_cost(T, K, r, e, model) + 2 * T * r * N / model.flops_per_s
+        lowrank_backward = _project_cost(T, N, r, e, model) + 2 * T * r * K / model.flops_per_s
+        implied_r = 0.0
+    else:  # the same two output-space steps each way: S = Y0 Q, y = Y0 + ...; then G = dY Q, dY0 = dY + ...
+        lowrank_forward = lowrank_backward = (_project_cost(T, N, r, e, model)
+                                              + _output_space_cost(T, N, r, e, model))
+        implied_r = _implied_r_cost(N, K, r, e, model)  # formed in the forward, and again in the backward
+    lowrank = lowrank_forward
+    merged += implied_r
     if training:
-        if r_stored:
-            lowrank += _project_cost(T, N, r, e, model) + 2 * T * r * K / model.flops_per_s
-        else:
-            lowrank += _project_cost(T, N, r, e, model) + _output_space_cost(T, N, r, e, model)
-            merged += _implied_r_cost(N, K, r, e, model)
-        merged += min(dlam_costs(T, N, K, r, elem_bytes=e, model=model).values())
+        lowrank += lowrank_backward
+        merged += implied_r + min(dlam_costs(T, N, K, r, elem_bytes=e, model=model).values())
     return {"lowrank": lowrank, "merged": merged}
 
 
