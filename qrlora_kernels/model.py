@@ -272,8 +272,8 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
 
     Every other parameter is frozen, except those of ``config.modules_to_save``. The
     factorisations run on the weights' devices, and weights that share a shape (the same
-    projection in every layer) are factorised as one batch (``qrcp_batched``). Inside an initialised ``torch.distributed``
-    process group (``group``, default the world) the factorisations are split across the
+    projection in every layer) are factorised as one batch (``qrcp_batched``). Inside an initialised
+    ``torch.distributed`` process group (``group``, default the world) the factorisations are split across the
     ranks and the bases broadcast, so every rank ends with the same model as one process would.
 
     ``progress``: show a tqdm bar over modules (None: only on a terminal).

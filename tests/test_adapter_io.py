@@ -1,13 +1,11 @@
 """save_adapter / load_adapter: tiny files, exact reloads, multi-adapter loading, and every failure named."""
 import copy
 import dataclasses
-import fnmatch
 import json
 import os
 import stat
 import struct
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +15,8 @@ from qrlora_kernels import QRLoraConfig, QRLoraLinear, apply_qrlora, load_adapte
 from qrlora_kernels.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _fingerprint_problem, weight_fingerprint
 from qrlora_kernels.model import adapter_batch, qrlora_layers
 from qrlora_kernels.testing import assert_rel_close, rel_error
+
+from fake_hub import FakeHub
 
 HIDDEN = 32
 
@@ -467,63 +467,6 @@ def test_adapter_files_get_the_permissions_open_would_give(base, tmp_path, umask
 
 
 # ------------------------------------------------------------------------------------ the Hugging Face Hub
-class FakeHub:
-    """Stands in for the Hub's network side: ``HfApi.create_repo`` / ``upload_folder`` store a repository's files
-    per revision, ``snapshot_download`` hands them out as a fresh local snapshot folder (filtered by
-    ``allow_patterns``), and every call is recorded. Repository-id checks, argument passing and everything of ours
-    run for real."""
-
-    class RepositoryNotFound(Exception):
-        pass
-
-    def __init__(self, root, monkeypatch):
-        import huggingface_hub
-        self.repos, self.calls, self.root = {}, [], root
-
-        def allowed(name, patterns):
-            return not patterns or any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
-
-        def create_repo(api, repo_id, *, private=None, exist_ok=False, **kwargs):
-            from huggingface_hub.hf_api import RepoUrl
-            self.calls.append(("create_repo", repo_id, private, api.token))
-            repo_id = repo_id if "/" in repo_id else f"me/{repo_id}"  # a bare name goes to the user's namespace
-            self.repos.setdefault(repo_id, {})
-            return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-        def create_branch(api, repo_id, *, branch, exist_ok=False, **kwargs):
-            self.calls.append(("create_branch", repo_id, branch))
-            self.repos[repo_id].setdefault(branch, dict(self.repos[repo_id].get("main", {})))
-
-        def file_exists(api, repo_id, filename, *, revision=None, **kwargs):
-            return filename in self.repos.get(repo_id, {}).get(revision or "main", {})
-
-        def upload_folder(api, *, repo_id, folder_path, revision=None, commit_message=None, allow_patterns=None,
-                          **kwargs):
-            self.calls.append(("upload_folder", repo_id, revision, commit_message))
-            if revision is not None and revision not in self.repos[repo_id]:
-                raise FakeHub.RepositoryNotFound(f"404 Client Error. Revision Not Found: {revision}")
-            self.repos[repo_id].setdefault(revision or "main", {}).update(
-                {f.name: f.read_bytes() for f in Path(folder_path).iterdir() if allowed(f.name, allow_patterns)})
-            return f"commit:{repo_id}@{revision or 'main'}"
-
-        def snapshot_download(repo_id, *, revision=None, token=None, allow_patterns=None, **kwargs):
-            self.calls.append(("snapshot_download", repo_id, revision, token))
-            if (revision or "main") not in self.repos.get(repo_id, {}):
-                raise FakeHub.RepositoryNotFound(f"404 Client Error. Repository Not Found for url: {repo_id}")
-            folder = self.root / f"snapshot{len(self.calls)}"
-            folder.mkdir()
-            for name, data in self.repos[repo_id][revision or "main"].items():
-                if allowed(name, allow_patterns):
-                    (folder / name).write_bytes(data)
-            return str(folder)
-
-        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", create_branch)
-        monkeypatch.setattr(huggingface_hub.HfApi, "file_exists", file_exists)
-        monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-        monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-
-
 def test_push_to_and_load_from_the_hub(base, tmp_path, monkeypatch):
     pytest.importorskip("huggingface_hub")
     from qrlora_kernels import push_adapter_to_hub
