@@ -198,6 +198,13 @@ def qrlora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QRLoraLinear)]
 
 
+def saved_key_variants(keys: Iterable[str]) -> set[str]:
+    """``keys`` as a model's ``state_dict`` names them, and as the ``torch.compile`` wrapper's does (with the
+    ``_orig_mod.`` prefix): ``Trainer`` handed a compiled model saves and loads the wrapper's ``state_dict``."""
+    keys = set(keys)
+    return keys | {f"{_COMPILED_ATTR}.{key}" for key in keys}
+
+
 def skip_bases_in_hf_checkpoints(model: nn.Module) -> None:
     """Make Hugging Face ``save_pretrained``, and so ``Trainer``'s checkpoints, leave out every layer's Q and R.
 
@@ -206,8 +213,8 @@ def skip_bases_in_hf_checkpoints(model: nn.Module) -> None:
     not match the rebuilt basis is refused at load, see ``QRLoraLinear._load_from_state_dict``). Each
     ``PreTrainedModel`` in ``model`` gets its own layers' keys in ``_keys_to_ignore_on_save`` (transformers' list of
     keys ``save_pretrained`` drops; ``Trainer`` reads it too when it resumes); keys added here before are taken back
-    first, so this is called after every change of the model's layers. Each key is also listed under the prefix
-    ``torch.compile`` gives it: ``Trainer`` handed a compiled model saves ``model.state_dict()`` of the wrapper.
+    first, so this is called after every change of the model's layers. Keys are listed in both
+    ``saved_key_variants``.
     """
     transformers = sys.modules.get("transformers")  # no transformers imported: no PreTrainedModel to mark
     pretrained = getattr(transformers, "PreTrainedModel", None)
@@ -217,9 +224,8 @@ def skip_bases_in_hf_checkpoints(model: nn.Module) -> None:
     for owner in model.modules():
         if not isinstance(owner, pretrained):
             continue
-        ours = {f"{name}.{buffer}" for name, module in owner.named_modules() if isinstance(module, QRLoraLinear)
-                for buffer in module.held_basis_buffers}
-        ours |= {f"{_COMPILED_ATTR}.{key}" for key in ours}
+        ours = saved_key_variants(f"{name}.{buffer}" for name, module in owner.named_modules()
+                                  if isinstance(module, QRLoraLinear) for buffer in module.held_basis_buffers)
         theirs = set(owner._keys_to_ignore_on_save or ()) - getattr(owner, _SKIPPED_ON_SAVE_ATTR, set())
         owner._keys_to_ignore_on_save = theirs | ours
         setattr(owner, _SKIPPED_ON_SAVE_ATTR, ours)
