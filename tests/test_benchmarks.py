@@ -326,6 +326,29 @@ def test_qr_section_through_benchmarks_qr(tmp_path, monkeypatch):
     assert skipped == {"status": "skipped", "reason": "benchmarks.qr has no run() function"}
 
 
+def test_checkpoint_size_benchmark_measures_both_callback_modes(tmp_path):
+    """On a small BERT saved locally: four rows (two target sets x frozen weights left out or kept), exact byte
+    counts, and leaving the frozen weights out shrinks model.safetensors by at least their size."""
+    import benchmarks.checkpoint_size as CS
+    from transformers import BertConfig, BertForMaskedLM
+    torch.manual_seed(0)
+    base = BertForMaskedLM(BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=128, max_position_embeddings=32))
+    base.save_pretrained(tmp_path / "bert")
+    frozen_bytes = 4 * sum(p.numel() for n, p in base.bert.named_parameters())  # a lower bound: float32, no head
+    CS.main(["--model", str(tmp_path / "bert"), "--out-dir", str(tmp_path / "out")])
+    stored = json.loads((tmp_path / "out" / "checkpoint_size.json").read_text())
+    rows = {(r["targets"], r["frozen_weights"]): r for r in stored["rows"]}
+    assert set(rows) == {(t, f) for t in ("query-value", "all-linear") for f in (False, True)}
+    assert rows["query-value", False]["modules"] == 4 and rows["all-linear", False]["modules"] > 4
+    for targets in ("query-value", "all-linear"):
+        small, whole = rows[targets, False], rows[targets, True]
+        assert whole["model_safetensors_bytes"] - small["model_safetensors_bytes"] >= frozen_bytes * 0.9
+        assert small["adapter_bytes"] == whole["adapter_bytes"] > 0
+        assert small["checkpoint_bytes"] > small["model_safetensors_bytes"] + small["adapter_bytes"]
+    assert stored["meta"]["transformers"] and stored["meta"]["command"]
+
+
 def test_init_time_benchmark_times_each_rule_and_writes_its_table(tmp_path, monkeypatch, capsys):
     import benchmarks.init_time as IT
     monkeypatch.setattr(IT, "RESULTS_DIR", tmp_path / "default")

