@@ -25,7 +25,8 @@ def resolve_adapter_folder(path: Union[str, os.PathLike], *, revision: Optional[
                            token: Union[str, bool, None] = None) -> Path:
     """The local folder of an adapter: ``path`` itself when it exists (or its ``qrlora-adapter`` subfolder, for a
     Trainer checkpoint written with ``QRLoraCheckpointCallback``), else the Hub repository ``path`` names
-    (downloaded, or found in the cache when offline) at ``revision`` (a branch, tag or commit; default main)."""
+    (downloaded, or found in the cache when offline) at ``revision`` (a branch, tag or commit; default main): its
+    top level, or its ``qrlora-adapter`` folder (what ``Trainer``'s pushes carry with the callback)."""
     folder = Path(path)
     if folder.exists():
         if revision is not None:
@@ -48,12 +49,16 @@ def resolve_adapter_folder(path: Union[str, os.PathLike], *, revision: Optional[
         raise FileNotFoundError(f"{repo_id}: no such adapter folder") from None
     at = f" at revision {revision!r}" if revision is not None else ""
     try:
-        snapshot = Path(huggingface_hub.snapshot_download(repo_id, revision=revision, token=token,
-                                                          allow_patterns=list(ADAPTER_FILES)))
+        snapshot = Path(huggingface_hub.snapshot_download(
+            repo_id, revision=revision, token=token,
+            allow_patterns=[*ADAPTER_FILES, *(f"{CHECKPOINT_ADAPTER_FOLDER}/{name}" for name in ADAPTER_FILES)]))
     except Exception as err:  # offline and not cached, unknown repo or revision, no access, network errors
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise FileNotFoundError(f"{repo_id}: not a local folder, and not found on the Hugging Face Hub{at} "
                                 f"({type(err).__name__}: {first_line})") from err
+    inner = snapshot / CHECKPOINT_ADAPTER_FOLDER
+    if not (snapshot / ADAPTER_CONFIG).is_file() and (inner / ADAPTER_CONFIG).is_file():
+        snapshot = inner
     missing = [name for name in ADAPTER_FILES if not (snapshot / name).is_file()]
     if missing and huggingface_hub.constants.HF_HUB_OFFLINE:
         raise FileNotFoundError(f"Hub repository {repo_id}{at}: {' and '.join(missing)} not in the local cache, "

@@ -97,16 +97,20 @@ class QRLoraCheckpointCallback(TrainerCallback):
     so). A ``train()`` that stops with an exception never reaches ``on_train_end``: the model then still leaves the
     frozen weights out of ``save_pretrained`` until ``callback.keep_frozen_weights()``.
 
+    When training ends, the final adapter also goes to ``output_dir/qrlora-adapter``, which ``trainer.push_to_hub()``
+    uploads; with ``push_to_hub=True`` each push during training carries that folder too (written just before it), so
+    ``load_adapter(base_model, repo_id)`` serves the Hub repository (not under FSDP2: a warning says so).
+
     Not covered: ``hyperparameter_search`` trials (their checkpoints live in folders of their own: skipped, with a
-    warning), checkpoints that Trainer pushes to the Hub (it uploads before callbacks run), and FSDP1 (flattened
-    parameters, which ``save_adapter`` refuses at the first checkpoint, after Trainer's own files are written).
+    warning) and FSDP1 (flattened parameters, which ``save_adapter`` refuses at the first checkpoint, after
+    Trainer's own files are written).
     """
 
     def __init__(self, adapter_name: Optional[str] = None, include_basis: bool = False, frozen_weights: bool = False):
         self.adapter_name = adapter_name
         self.include_basis = include_basis
         self.frozen_weights = frozen_weights
-        self._warned_trial = self._warned_whole = False
+        self._warned_trial = self._warned_whole = self._warned_push = False
         self._left_out: Optional[_FrozenWeightsLeftOut] = None
 
     def _leave_out_frozen_weights(self, args, model: Optional[nn.Module]) -> None:
@@ -156,19 +160,43 @@ class QRLoraCheckpointCallback(TrainerCallback):
         self._leave_out_frozen_weights(args, model)
         return control
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
         self.keep_frozen_weights()  # trainer.save_model() after training writes the whole model
+        if model is not None and not self._in_trial(state):  # the final adapter, which trainer.push_to_hub() uploads
+            self._save_adapter(model, os.path.join(args.output_dir, CHECKPOINT_ADAPTER_FOLDER), args.should_save)
         return control
 
-    def on_save(self, args, state, control, model=None, **kwargs):
-        if getattr(state, "trial_name", None) is not None or getattr(state, "trial_params", None):
-            if not self._warned_trial:
-                warnings.warn("QRLoraCheckpointCallback does not write adapters for hyperparameter_search trials",
-                              UserWarning, stacklevel=2)
-                self._warned_trial = True
-            return control
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}",
-                              CHECKPOINT_ADAPTER_FOLDER)
+    def _in_trial(self, state) -> bool:
+        if getattr(state, "trial_name", None) is None and not getattr(state, "trial_params", None):
+            return False
+        if not self._warned_trial:
+            warnings.warn("QRLoraCheckpointCallback does not write adapters for hyperparameter_search trials",
+                          UserWarning, stacklevel=3)
+            self._warned_trial = True
+        return True
+
+    def _save_adapter(self, model, folder, is_main_process: bool) -> None:
         save_adapter(model, folder, include_basis=self.include_basis, adapter_name=self._name(model),
-                     is_main_process=args.should_save)
+                     is_main_process=is_main_process)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if self._in_trial(state):
+            return control
+        self._save_adapter(model, os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}",
+                                               CHECKPOINT_ADAPTER_FOLDER), args.should_save)
+        return control
+
+    def on_push_begin(self, args, state, control, model=None, **kwargs):
+        # Trainer(push_to_hub=True) at each checkpoint, on the main process only, before it uploads output_dir (and
+        # before on_save): the adapter as the model is now goes where that upload takes it.
+        if model is None or self._in_trial(state):
+            return control
+        if any(map(_is_sharded, unwrap_model(model).parameters())):
+            if not self._warned_push:
+                warnings.warn("QRLoraCheckpointCallback: under FSDP2 the main process alone cannot gather the adapter, "
+                              "so Trainer's pushes to the Hub go without it (push_adapter_to_hub, called on every rank, "
+                              "uploads it)", UserWarning, stacklevel=2)
+                self._warned_push = True
+            return control
+        self._save_adapter(model, os.path.join(args.output_dir, CHECKPOINT_ADAPTER_FOLDER), True)
         return control

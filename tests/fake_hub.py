@@ -1,23 +1,28 @@
 """``FakeHub``: the Hugging Face Hub's network side, in memory, for tests of pushing and loading adapters."""
 import fnmatch
+from concurrent.futures import Future
 from pathlib import Path
 
 
 class FakeHub:
     """Stands in for the Hub's network side: ``HfApi.create_repo`` / ``upload_folder`` store a repository's files
-    per revision, ``snapshot_download`` hands them out as a fresh local snapshot folder (filtered by
-    ``allow_patterns``), and every call is recorded. Repository-id checks, argument passing and everything of ours
-    run for real."""
+    (by path in the repository, subfolders included) per revision, ``snapshot_download`` hands them out as a fresh
+    local snapshot folder (filtered by ``allow_patterns``), and every call is recorded (``uploads``: each upload's
+    files). Uploads ``run_as_future`` (as Trainer's) are done at once. Repository-id checks, argument passing and
+    everything of ours run for real."""
 
     class RepositoryNotFound(Exception):
         pass
 
     def __init__(self, root, monkeypatch):
         import huggingface_hub
-        self.repos, self.calls, self.root = {}, [], root
+        self.repos, self.calls, self.uploads, self.root = {}, [], [], root
 
         def allowed(name, patterns):
             return not patterns or any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+
+        def ignored(name, patterns):
+            return any(fnmatch.fnmatch(part, pattern) for part in Path(name).parts for pattern in patterns or ())
 
         def create_repo(api, repo_id, *, private=None, exist_ok=False, **kwargs):
             from huggingface_hub.hf_api import RepoUrl
@@ -34,13 +39,23 @@ class FakeHub:
             return filename in self.repos.get(repo_id, {}).get(revision or "main", {})
 
         def upload_folder(api, *, repo_id, folder_path, revision=None, commit_message=None, allow_patterns=None,
-                          **kwargs):
+                          ignore_patterns=None, path_in_repo=None, run_as_future=False, **kwargs):
             self.calls.append(("upload_folder", repo_id, revision, commit_message))
             if revision is not None and revision not in self.repos[repo_id]:
                 raise FakeHub.RepositoryNotFound(f"404 Client Error. Revision Not Found: {revision}")
-            self.repos[repo_id].setdefault(revision or "main", {}).update(
-                {f.name: f.read_bytes() for f in Path(folder_path).iterdir() if allowed(f.name, allow_patterns)})
-            return f"commit:{repo_id}@{revision or 'main'}"
+            root = Path(folder_path)
+            files = {(f"{path_in_repo}/" if path_in_repo else "") + f.relative_to(root).as_posix(): f.read_bytes()
+                     for f in sorted(root.rglob("*")) if f.is_file()
+                     and allowed(f.relative_to(root).as_posix(), allow_patterns)
+                     and not ignored(f.relative_to(root).as_posix(), ignore_patterns)}
+            self.repos[repo_id].setdefault(revision or "main", {}).update(files)
+            self.uploads.append((repo_id, commit_message, files))
+            result = f"commit:{repo_id}@{revision or 'main'}"
+            if not run_as_future:
+                return result
+            future = Future()
+            future.set_result(result)
+            return future
 
         def snapshot_download(repo_id, *, revision=None, token=None, allow_patterns=None, **kwargs):
             self.calls.append(("snapshot_download", repo_id, revision, token))
@@ -50,6 +65,7 @@ class FakeHub:
             folder.mkdir()
             for name, data in self.repos[repo_id][revision or "main"].items():
                 if allowed(name, allow_patterns):
+                    (folder / name).parent.mkdir(parents=True, exist_ok=True)
                     (folder / name).write_bytes(data)
             return str(folder)
 

@@ -344,6 +344,49 @@ def test_checkpoint_callback_keeps_the_frozen_weights_of_a_model_trainer_saves_w
     assert not [k for k in bert._keys_to_ignore_on_save if not k.endswith((".Q", ".R"))]
 
 
+def test_checkpoint_callback_puts_the_adapter_in_trainers_hub_pushes(tmp_path, monkeypatch):
+    """Trainer(push_to_hub=True): each push during training carries qrlora-adapter/ as the model was at that
+    checkpoint, and trainer.push_to_hub() after training the final adapter (with the whole model); load_adapter
+    of the repository id serves it. The Hub is a FakeHub."""
+    pytest.importorskip("huggingface_hub")
+    from safetensors.torch import load as load_safetensors
+    from transformers import Trainer, TrainingArguments
+    from fake_hub import FakeHub
+    from qrlora_kernels import QRLoraCheckpointCallback, load_adapter
+    hub = FakeHub(tmp_path, monkeypatch)
+    base = _roberta()
+    model = copy.deepcopy(base)
+    apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"], task_type="SEQ_CLS"), progress=False)
+    data = [{"input_ids": torch.randint(3, 120, (10,)), "attention_mask": torch.ones(10, dtype=torch.long),
+             "labels": torch.tensor(i % 3)} for i in range(12)]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=3, save_steps=2, learning_rate=5e-2,
+                             per_device_train_batch_size=4, report_to=[], use_cpu=True, disable_tqdm=True,
+                             push_to_hub=True, hub_model_id="me/run")
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[QRLoraCheckpointCallback()])
+    trainer.train()  # a checkpoint (and a push) at step 2; training ends at step 3
+
+    def lam_of(files):
+        weights = load_safetensors(files["qrlora-adapter/adapter.safetensors"])
+        return {k: v for k, v in weights.items() if k.endswith(".lam")}
+
+    (at_step_2,) = [files for _, message, files in hub.uploads if "step 2" in (message or "")]
+    checkpoint_2 = lam_of({"qrlora-adapter/adapter.safetensors": (
+        tmp_path / "run" / "checkpoint-2" / "qrlora-adapter" / "adapter.safetensors").read_bytes()})
+    assert checkpoint_2.keys() == lam_of(at_step_2).keys() and len(checkpoint_2) == 4
+    assert all(torch.equal(checkpoint_2[k], v) for k, v in lam_of(at_step_2).items())
+    trainer.push_to_hub()
+    final = hub.repos["me/run"]["main"]
+    assert not [k for k in final if k.startswith("checkpoint-")]
+    assert "roberta.embeddings.word_embeddings.weight" in load_safetensors(final["model.safetensors"])  # whole
+    served = copy.deepcopy(base)
+    load_adapter(served, "me/run")  # the repository's qrlora-adapter folder: the model after step 3
+    batch = {"input_ids": torch.randint(3, 120, (3, 10)), "attention_mask": torch.ones(3, 10, dtype=torch.long)}
+    with torch.no_grad():
+        assert_rel_close(served.eval()(**batch).logits, model.eval()(**batch).logits, 1e-5,
+                         name="the adapter Trainer pushed, served from the Hub")
+        assert not all(torch.equal(v, lam_of(final)[k]) for k, v in lam_of(at_step_2).items())  # step 3 changed it
+
+
 def test_trainer_checkpoints_of_a_compiled_model_leave_out_the_basis(tmp_path):
     """A model handed to Trainer inside torch.compile: Trainer saves the wrapper's state_dict, every key prefixed
     with _orig_mod.; the bases (and, with the callback, the frozen weights) are left out all the same, resuming a
