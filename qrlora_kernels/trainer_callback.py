@@ -9,76 +9,17 @@ served or compared on a base model directly: ``load_adapter(base_model, "out/che
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from typing import Optional
 
-import torch
 from torch import nn
 from transformers import PreTrainedModel, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .adapter_io import CHECKPOINT_ADAPTER_FOLDER, _is_sharded, sample_hash, save_adapter
-from .config import TASK_HEADS
-from .model import adapter_row, default_adapter_name, parameter_holding_wrapper, saved_key_variants, unwrap_model
-
-# The buffer that carries the left-out weights' identities in a checkpoint (one 16-byte row per weight).
-FROZEN_WEIGHTS_BUFFER = "qrlora_frozen_weights"
-# Heads that transformers initialises at random when a base checkpoint lacks them: kept in checkpoints even frozen.
-_FRESH_HEADS = frozenset(head for heads in TASK_HEADS.values() for head in heads)
-
-
-class _FrozenWeightsLeftOut:
-    """Leaves ``owner``'s frozen parameters out of its Hugging Face checkpoints until ``undo``: their names go in
-    ``_keys_to_ignore_on_save``, a buffer records what they were, and when a ``state_dict`` is loaded a pre-hook
-    refuses one whose record differs (naming the first such weight) and a post-hook stops counting them missing."""
-
-    def __init__(self, owner: PreTrainedModel):
-        self.owner = owner
-        self.names = sorted(name for name, p in owner.named_parameters(remove_duplicate=False)
-                            if not p.requires_grad and name.split(".", 1)[0] not in _FRESH_HEADS)
-        digests = [hashlib.blake2b(name.encode() + sample_hash(owner.get_parameter(name)), digest_size=16).digest()
-                   for name in self.names]
-        record = torch.tensor([list(d) for d in digests], dtype=torch.uint8).reshape(len(digests), 16)
-        device = next((p.device for p in owner.parameters()), torch.device("cpu"))
-        owner.register_buffer(FROZEN_WEIGHTS_BUFFER, record.to(device), persistent=True)
-        self.keys = saved_key_variants(self.names)
-        before = set(owner._keys_to_ignore_on_save or ())
-        self.added = self.keys - before
-        owner._keys_to_ignore_on_save = before | self.keys
-        self.not_missing = self.keys | saved_key_variants([FROZEN_WEIGHTS_BUFFER])
-        self.hooks = [owner.register_load_state_dict_pre_hook(self._check),
-                      owner.register_load_state_dict_post_hook(self._not_missing)]
-
-    def _check(self, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        saved = state_dict.pop(prefix + FROZEN_WEIGHTS_BUFFER, None)  # load_state_dict hands us its own copy
-        if saved is None:
-            return  # a checkpoint that holds its frozen weights (or predates this record)
-        ours = getattr(module, FROZEN_WEIGHTS_BUFFER)
-        if saved.shape == ours.shape and torch.equal(saved.to(ours.device), ours):
-            return
-        if saved.shape != ours.shape:
-            problem = (f"it was trained with {saved.shape[0]} frozen weights left out of its checkpoints, this model "
-                       f"has {ours.shape[0]}")
-        else:
-            row = int((saved.to(ours.device) != ours).any(dim=1).nonzero()[0])
-            problem = (f"its frozen weight {self.names[row]!r} differs from this model's (values, dtype or shape; a "
-                       f"weight that from_pretrained initialised at random differs each time unless "
-                       f"transformers.set_seed ran before it)")
-        error_msgs.append(f"this checkpoint was saved by QRLoraCheckpointCallback without the frozen weights, and "
-                          f"{problem}: resume on the base model it was trained on, or train with "
-                          f"QRLoraCheckpointCallback(frozen_weights=True), whose checkpoints hold them")
-
-    def _not_missing(self, module, incompatible_keys):
-        incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k not in self.not_missing]
-
-    def undo(self) -> None:
-        for hook in self.hooks:
-            hook.remove()
-        delattr(self.owner, FROZEN_WEIGHTS_BUFFER)
-        self.owner._keys_to_ignore_on_save = set(self.owner._keys_to_ignore_on_save or ()) - self.added
-
+from . import frozen_weights
+from .adapter_io import CHECKPOINT_ADAPTER_FOLDER, _is_sharded, save_adapter
+from .model import adapter_row, default_adapter_name, parameter_holding_wrapper, unwrap_model
 
 class QRLoraCheckpointCallback(TrainerCallback):
     """Small ``Trainer`` checkpoints: what training changes, plus ``save_adapter``'s files in ``qrlora-adapter``.
@@ -88,13 +29,14 @@ class QRLoraCheckpointCallback(TrainerCallback):
     ``save_adapter`` (under FSDP2 gathering the shards is a collective) and those that write Trainer's checkpoints
     (``args.should_save``) write it. ``include_basis`` as in ``save_adapter``.
 
-    ``frozen_weights=False`` (the default): from the moment the ``Trainer`` is built until training ends, the model's
-    frozen parameters are left out of what ``save_pretrained`` writes (so of Trainer's checkpoints, not of
-    ``trainer.save_model()`` after training), except the task heads (``classifier``, ``score``, ``qa_outputs``), which
-    transformers may have initialised at random. A ``qrlora_frozen_weights`` buffer in the checkpoint records them,
-    and resuming refuses a base model whose left-out weights differ. ``True`` keeps them in every checkpoint, as do
-    FSDP and DeepSpeed (their own checkpoint formats) and models that are not a ``PreTrainedModel`` (a warning says
-    so). A ``train()`` that stops with an exception never reaches ``on_train_end``: the model then still leaves the
+    ``frozen_weights=False`` (the default): from the moment the ``Trainer`` is built until training ends, the frozen
+    parameters of the model's backbone and LM head are left out of what ``save_pretrained`` writes (so of Trainer's
+    checkpoints, not of ``trainer.save_model()`` after training), and a ``qrlora_frozen_weights`` buffer records
+    them; task heads outside the backbone, which transformers may have initialised at random, are kept (see
+    ``frozen_weights``). Resuming refuses a base model whose left-out weights differ, naming the first; a
+    parameter unfrozen during training is in the checkpoints from then on. ``True`` keeps them in every checkpoint,
+    as do FSDP and DeepSpeed (their own checkpoint formats) and models that are not a ``PreTrainedModel`` (a warning
+    says so). A ``train()`` that stops with an exception never reaches ``on_train_end``: the model then still leaves the
     frozen weights out of ``save_pretrained`` until ``callback.keep_frozen_weights()``.
 
     When training ends, the final adapter also goes to ``output_dir/qrlora-adapter``, which ``trainer.push_to_hub()``
@@ -111,7 +53,7 @@ class QRLoraCheckpointCallback(TrainerCallback):
         self.include_basis = include_basis
         self.frozen_weights = frozen_weights
         self._warned_trial = self._warned_whole = self._warned_push = False
-        self._left_out: Optional[_FrozenWeightsLeftOut] = None
+        self._left_out: Optional[frozen_weights.LeftOut] = None
 
     def _leave_out_frozen_weights(self, args, model: Optional[nn.Module]) -> None:
         """(Again) from the model's parameters as they are now: which are frozen may have changed since."""
@@ -132,7 +74,7 @@ class QRLoraCheckpointCallback(TrainerCallback):
                               UserWarning, stacklevel=3)
                 self._warned_whole = True
             return
-        self._left_out = _FrozenWeightsLeftOut(owner)
+        self._left_out = frozen_weights.leave_out(owner)
 
     def keep_frozen_weights(self) -> None:
         """Undo what this callback did to the model (at the end of training; by hand after a ``train()`` that
@@ -140,6 +82,21 @@ class QRLoraCheckpointCallback(TrainerCallback):
         if self._left_out is not None:
             self._left_out.undo()
             self._left_out = None
+
+    def _before_a_save(self, args, control, model) -> None:
+        # A parameter unfrozen (or frozen) since: what the checkpoint leaves out follows.
+        left = self._left_out
+        if control.should_save and left is not None and left.active and model is not None \
+                and left.names != frozen_weights.left_out_names(left.owner):
+            self._leave_out_frozen_weights(args, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._before_a_save(args, control, model)
+        return control
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self._before_a_save(args, control, model)
+        return control
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         # Before train(resume_from_checkpoint=...) loads a checkpoint, which happens before on_train_begin.
@@ -193,9 +150,9 @@ class QRLoraCheckpointCallback(TrainerCallback):
             return control
         if any(map(_is_sharded, unwrap_model(model).parameters())):
             if not self._warned_push:
-                warnings.warn("QRLoraCheckpointCallback: under FSDP2 the main process alone cannot gather the adapter, "
-                              "so Trainer's pushes to the Hub go without it (push_adapter_to_hub, called on every rank, "
-                              "uploads it)", UserWarning, stacklevel=2)
+                warnings.warn("QRLoraCheckpointCallback: under FSDP2 the main process alone cannot gather the "
+                              "adapter, so Trainer's pushes to the Hub go without it (push_adapter_to_hub, called on "
+                              "every rank, uploads it)", UserWarning, stacklevel=2)
                 self._warned_push = True
             return control
         self._save_adapter(model, os.path.join(args.output_dir, CHECKPOINT_ADAPTER_FOLDER), True)

@@ -241,7 +241,7 @@ def test_checkpoint_callback_leaves_out_the_frozen_weights_and_resumes_onto_the_
     from safetensors import safe_open
     from transformers import Trainer, TrainingArguments
     from qrlora_kernels import QRLoraCheckpointCallback, load_adapter
-    from qrlora_kernels.trainer_callback import FROZEN_WEIGHTS_BUFFER
+    from qrlora_kernels.frozen_weights import RECORD_BUFFER as FROZEN_WEIGHTS_BUFFER
     base = _roberta()
     untouched = set(base._keys_to_ignore_on_save or ())
     config = QRLoraConfig(target_modules=["query", "value"], task_type="SEQ_CLS")
@@ -301,13 +301,88 @@ def test_checkpoint_callback_leaves_out_the_frozen_weights_and_resumes_onto_the_
         trainer(other).train(resume_from_checkpoint=checkpoint)
 
 
+def test_frozen_weights_left_out_are_the_backbones_and_the_lm_heads():
+    """Task heads outside the backbone (transformers may initialise them at random) stay in checkpoints even
+    frozen; the backbone's frozen weights and the LM head (pretrained, often tied) are left out, by every name."""
+    from transformers import (DistilBertConfig, DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
+                              LlamaConfig, LlamaForCausalLM)
+    from qrlora_kernels.frozen_weights import left_out_names
+    distil = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2,
+                                                                  hidden_dim=64)).requires_grad_(False)
+    names = left_out_names(distil)
+    assert names and all(n.startswith("distilbert.") for n in names)  # pre_classifier and classifier are kept
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).requires_grad_(False)
+    assert "lm_head.weight" in left_out_names(llama)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2)).requires_grad_(False)
+    assert {"lm_head.weight", "transformer.wte.weight"} <= set(left_out_names(gpt2))  # one tensor, two names
+    gpt2.transformer.h[0].attn.c_attn.weight.requires_grad_(True)
+    assert "transformer.h.0.attn.c_attn.weight" not in left_out_names(gpt2)
+
+
+def test_checkpoint_callback_with_rebuilt_trainers_unfrozen_weights_and_plain_loads(tmp_path, caplog):
+    """Two Trainers on one model (a re-run notebook cell) leave it whole after training; a weight unfrozen during
+    training is saved from then on and resumes; the record is checked by any load_state_dict of an adapted model,
+    with no callback at all; a state_dict without the frozen weights and without a record is still incomplete."""
+    from safetensors.torch import load_file
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from qrlora_kernels import QRLoraCheckpointCallback
+    from qrlora_kernels.frozen_weights import RECORD_BUFFER
+    base = _roberta()
+    config = QRLoraConfig(target_modules=["query", "value"], task_type="SEQ_CLS")
+    data = [{"input_ids": torch.randint(3, 120, (10,)), "attention_mask": torch.ones(10, dtype=torch.long),
+             "labels": torch.tensor(i % 3)} for i in range(8)]
+    unfrozen = "roberta.encoder.layer.1.output.dense.weight"
+
+    class Unfreeze(TrainerCallback):  # and changes it, as an optimizer given every parameter would
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:
+                with torch.no_grad():
+                    model.get_parameter(unfrozen).requires_grad_(True).add_(0.01)
+
+    def trainer(model, *callbacks, out="run"):
+        args = TrainingArguments(output_dir=str(tmp_path / out), max_steps=2, save_steps=1, learning_rate=5e-2,
+                                 per_device_train_batch_size=4, report_to=[], use_cpu=True, disable_tqdm=True)
+        return Trainer(model=model, args=args, train_dataset=data, callbacks=[QRLoraCheckpointCallback(), *callbacks])
+
+    model = copy.deepcopy(base)
+    apply_qrlora(model, config, progress=False)
+    ignored_before = set(model._keys_to_ignore_on_save)
+    first = trainer(model, out="first")
+    second = trainer(model, Unfreeze())
+    second.train()
+    assert model._keys_to_ignore_on_save == ignored_before and not hasattr(model, RECORD_BUFFER)
+    checkpoint_1, checkpoint_2 = (load_file(tmp_path / "run" / f"checkpoint-{i}" / "model.safetensors")
+                                  for i in (1, 2))
+    assert unfrozen not in checkpoint_1 and unfrozen in checkpoint_2 and RECORD_BUFFER in checkpoint_2
+    assert not torch.equal(checkpoint_2[unfrozen], base.get_parameter(unfrozen))
+    first.train()  # the first Trainer still works, and leaves the model whole too
+    assert model._keys_to_ignore_on_save == ignored_before and not hasattr(model, RECORD_BUFFER)
+
+    resumed = copy.deepcopy(base)
+    apply_qrlora(resumed, config, progress=False)  # no Trainer, no callback: the record is checked all the same
+    result = resumed.load_state_dict(checkpoint_2, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(resumed.get_parameter(unfrozen), checkpoint_2[unfrozen])
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        other.roberta.encoder.layer[0].output.dense.weight[0, 0] += 1.0
+    apply_qrlora(other, config, progress=False)
+    with pytest.raises(RuntimeError, match=r"frozen weight 'roberta\.encoder\.layer\.0\.output\.dense\.weight' "
+                                           r"differs"):
+        other.load_state_dict(checkpoint_2, strict=False)
+    without_record = {k: v for k, v in checkpoint_2.items() if k != RECORD_BUFFER}
+    with pytest.raises(RuntimeError, match="Missing key"):  # nothing vouches for the absent weights
+        copy.deepcopy(resumed).load_state_dict(without_record, strict=True)
+
+
 def test_checkpoint_callback_keeps_the_frozen_weights_of_a_model_trainer_saves_whole(tmp_path):
     """A model that is not a PreTrainedModel: Trainer writes its state_dict itself, so nothing can be left out; the
     callback says so once, and its checkpoints still resume. keep_frozen_weights() undoes the callback by hand."""
     from safetensors import safe_open
     from transformers import Trainer, TrainingArguments
     from qrlora_kernels import QRLoraCheckpointCallback
-    from qrlora_kernels.trainer_callback import FROZEN_WEIGHTS_BUFFER
+    from qrlora_kernels.frozen_weights import RECORD_BUFFER as FROZEN_WEIGHTS_BUFFER
 
     class Regressor(nn.Module):
         def __init__(self):
