@@ -7,10 +7,11 @@ dtype, shape and a sample of its values). Task heads outside the backbone (``cla
 ``qa_outputs``, DistilBERT's ``pre_classifier``, ...), which transformers initialises at random when it loads a
 base checkpoint, are kept even when frozen.
 
-Every adapted ``PreTrainedModel`` carries ``check_records_on_load``'s hooks (installed with the bases' ignore list,
-``model.skip_bases_in_hf_checkpoints``). They act only on a ``state_dict`` that holds such a record: it must match
-the model's own frozen weights, else the load is refused naming the first weight that differs; when it matches,
-those weights are not missing (a resume loads what trained onto the rebuilt base model).
+Every adapted ``PreTrainedModel`` carries ``install_hooks``' hooks (installed with the bases' ignore list,
+``model.skip_bases_in_hf_checkpoints``). At a load they act only on a ``state_dict`` that holds such a record:
+each weight it stands for must be in the model unchanged, else the load is refused naming the first that differs;
+then those weights are not missing (a resume loads what trained onto the rebuilt base model). Before a
+``state_dict`` is taken, what is left out follows what is frozen then (a weight unfrozen during training is saved).
 """
 from __future__ import annotations
 
@@ -46,26 +47,37 @@ def left_out_names(owner: nn.Module) -> list[str]:
                   if not p.requires_grad and (prefix is None or name.startswith(prefix) or id(p) in lm_head))
 
 
+def _row(name: str, weight: torch.Tensor) -> bytes:
+    return hashlib.blake2b(name.encode() + sample_hash(weight), digest_size=16).digest()
+
+
 def record(owner: nn.Module, names: list[str]) -> torch.Tensor:
     """One 16-byte row per name (on the CPU): a hash of the name and of the weight's ``sample_hash``."""
-    rows = [list(hashlib.blake2b(name.encode() + sample_hash(owner.get_parameter(name)), digest_size=16).digest())
-            for name in names]
+    rows = [list(_row(name, owner.get_parameter(name))) for name in names]
     return torch.tensor(rows, dtype=torch.uint8).reshape(len(rows), 16)
 
 
 class LeftOut:
-    """``leave_out``'s changes to one model, until ``undo`` (idempotent)."""
+    """``leave_out``'s changes to one model, until ``undo`` (idempotent). ``refresh`` runs before every
+    ``state_dict`` of the model, so a checkpoint leaves out (and records) what is frozen when it is written."""
 
     def __init__(self, owner: nn.Module):
-        self.owner = owner
-        self.names = left_out_names(owner)
+        self.owner, self.names, self.added, self.active = owner, None, set(), True
         device = next((p.device for p in owner.parameters()), torch.device("cpu"))
-        owner.register_buffer(RECORD_BUFFER, record(owner, self.names).to(device), persistent=True)
-        keys = saved_key_variants(self.names)
-        before = set(owner._keys_to_ignore_on_save or ())
-        self.added = keys - before
-        owner._keys_to_ignore_on_save = before | keys
-        self.active = True
+        owner.register_buffer(RECORD_BUFFER, torch.empty(0, 16, dtype=torch.uint8, device=device), persistent=True)
+        self.refresh()
+
+    def refresh(self) -> None:
+        names = left_out_names(self.owner)
+        if names == self.names:
+            return
+        keys = saved_key_variants(names)
+        theirs = set(self.owner._keys_to_ignore_on_save or ()) - self.added
+        self.added = keys - theirs
+        self.owner._keys_to_ignore_on_save = theirs | keys
+        device = self.owner._buffers[RECORD_BUFFER].device
+        self.owner._buffers[RECORD_BUFFER] = record(self.owner, names).to(device)
+        self.names = names
 
     def undo(self) -> None:
         if not self.active:
@@ -81,53 +93,61 @@ class LeftOut:
 def leave_out(owner: nn.Module) -> LeftOut:
     """From now until the returned object's ``undo``, ``owner.save_pretrained`` leaves out ``left_out_names`` and
     writes their record. A model has one such state: an earlier one (another callback's) is undone first."""
-    earlier: Optional[LeftOut] = getattr(owner, _ACTIVE_ATTR, None)
+    earlier = active(owner)
     if earlier is not None:
         earlier.undo()
-    check_records_on_load(owner)
+    install_hooks(owner)
     left = LeftOut(owner)
     setattr(owner, _ACTIVE_ATTR, left)
     return left
 
 
 def active(owner: nn.Module) -> Optional[LeftOut]:
+    """The model's active ``LeftOut`` (a copy of a model, deep or pickled, has its own), or None."""
     return getattr(owner, _ACTIVE_ATTR, None)
 
 
-def check_records_on_load(owner: nn.Module) -> None:
-    """Install (once) the load hooks that check a loaded record and forgive the weights it stands for."""
+def install_hooks(owner: nn.Module) -> None:
+    """Install (once) the hooks: before a ``state_dict``, the active ``LeftOut``'s refresh; at a load, the check of
+    a record, which then forgives the weights it stands for."""
     if getattr(owner, _HOOKED_ATTR, False):
         return
+    owner.register_state_dict_pre_hook(_refresh_left_out)
     owner.register_load_state_dict_pre_hook(_check_record)
     owner.register_load_state_dict_post_hook(_forgive_left_out)
     setattr(owner, _HOOKED_ATTR, True)
 
 
 # Module-level functions, not closures: a deepcopy of the model gets hooks that act on the copy.
+def _refresh_left_out(module, prefix, keep_vars):
+    left = active(module)
+    if left is not None and left.active and left.owner is module:
+        left.refresh()
+
+
 def _check_record(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    # Our own record buffer is never missing from a checkpoint that was saved without one.
+    forgiven = {prefix + RECORD_BUFFER} if RECORD_BUFFER in module._buffers else set()
     saved = state_dict.pop(prefix + RECORD_BUFFER, None)  # load_state_dict hands the hooks its own copy
-    if saved is None:
-        return  # a checkpoint that holds its frozen weights
-    # What the checkpoint left out: the weights that are frozen here and absent there (one that was unfrozen
-    # during training, and so saved, is frozen again in a freshly converted model).
-    names = [name for name in left_out_names(module) if prefix + name not in state_dict]
-    ours = record(module, names)
-    saved = saved.to("cpu")
-    if saved.shape == ours.shape and torch.equal(saved, ours):
-        forgiven = {prefix + name for name in names} | {prefix + RECORD_BUFFER}
+    if saved is not None:
+        rows = {_row(name, p): name for name, p in module.named_parameters(remove_duplicate=False)}
+        wanted = [bytes(row) for row in saved.to("cpu").tolist()]
+        if any(row not in rows for row in wanted):
+            found = set(wanted)
+            differing = [name for name in left_out_names(module) if prefix + name not in state_dict
+                         and _row(name, module.get_parameter(name)) not in found]
+            problem = (f"its frozen weight {differing[0]!r} differs from this model's (values, dtype or shape; a "
+                       f"weight that from_pretrained initialised at random differs each time unless "
+                       f"transformers.set_seed ran before it)" if differing else
+                       f"{sum(row not in rows for row in wanted)} of the weights it left out are not in this model")
+            error_msgs.append(f"this checkpoint was saved by QRLoraCheckpointCallback without the frozen weights, "
+                              f"and {problem}: resume on the base model it was trained on, converted with the same "
+                              f"config, or train with QRLoraCheckpointCallback(frozen_weights=True), whose "
+                              f"checkpoints hold them")
+            return
+        forgiven |= {prefix + rows[row] for row in wanted}
+    if forgiven:
         setattr(module, _FORGIVEN_ATTR, getattr(module, _FORGIVEN_ATTR, set()) | forgiven)
-        return
-    if saved.shape != ours.shape:
-        problem = (f"it left out {saved.shape[0]} frozen weights where this model would leave out {ours.shape[0]} "
-                   f"(other frozen parameters, or another model)")
-    else:
-        row = int((saved != ours).any(dim=1).nonzero()[0])
-        problem = (f"its frozen weight {names[row]!r} differs from this model's (values, dtype or shape; a weight "
-                   f"that from_pretrained initialised at random differs each time unless transformers.set_seed ran "
-                   f"before it)")
-    error_msgs.append(f"this checkpoint was saved by QRLoraCheckpointCallback without the frozen weights, and "
-                      f"{problem}: resume on the base model it was trained on, converted with the same config, or "
-                      f"train with QRLoraCheckpointCallback(frozen_weights=True), whose checkpoints hold them")
 
 
 def _forgive_left_out(module, incompatible_keys):

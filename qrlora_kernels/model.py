@@ -214,14 +214,14 @@ def skip_bases_in_hf_checkpoints(model: nn.Module) -> None:
     ``PreTrainedModel`` in ``model`` gets its own layers' keys in ``_keys_to_ignore_on_save`` (transformers' list of
     keys ``save_pretrained`` drops; ``Trainer`` reads it too when it resumes); keys added here before are taken back
     first, so this is called after every change of the model's layers. Keys are listed in both
-    ``saved_key_variants``. Each also gets ``frozen_weights.check_records_on_load``'s hooks, for checkpoints that
+    ``saved_key_variants``. Each also gets ``frozen_weights.install_hooks``' hooks, for checkpoints that
     ``QRLoraCheckpointCallback`` wrote without the frozen weights.
     """
     transformers = sys.modules.get("transformers")  # no transformers imported: no PreTrainedModel to mark
     pretrained = getattr(transformers, "PreTrainedModel", None)
     if pretrained is None:
         return
-    from .frozen_weights import check_records_on_load
+    from .frozen_weights import install_hooks
     QRLoraLinear = _layer_class()
     for owner in model.modules():
         if not isinstance(owner, pretrained):
@@ -231,7 +231,7 @@ def skip_bases_in_hf_checkpoints(model: nn.Module) -> None:
         theirs = set(owner._keys_to_ignore_on_save or ()) - getattr(owner, _SKIPPED_ON_SAVE_ATTR, set())
         owner._keys_to_ignore_on_save = theirs | ours
         setattr(owner, _SKIPPED_ON_SAVE_ATTR, ours)
-        check_records_on_load(owner)
+        install_hooks(owner)
 
 
 # ---------------------------------------------------------------------------------------- bases

@@ -36,12 +36,14 @@ class QRLoraCheckpointCallback(TrainerCallback):
     ``frozen_weights``). Resuming refuses a base model whose left-out weights differ, naming the first; a
     parameter unfrozen during training is in the checkpoints from then on. ``True`` keeps them in every checkpoint,
     as do FSDP and DeepSpeed (their own checkpoint formats) and models that are not a ``PreTrainedModel`` (a warning
-    says so). A ``train()`` that stops with an exception never reaches ``on_train_end``: the model then still leaves the
-    frozen weights out of ``save_pretrained`` until ``callback.keep_frozen_weights()``.
+    says so). A ``train()`` that stops with an exception never reaches ``on_train_end``: the model then still leaves
+    the frozen weights out of ``save_pretrained`` until ``callback.keep_frozen_weights()`` (a copy of the model made
+    meanwhile: ``callback.keep_frozen_weights(copy)``).
 
     When training ends, the final adapter also goes to ``output_dir/qrlora-adapter``, which ``trainer.push_to_hub()``
-    uploads; with ``push_to_hub=True`` each push during training carries that folder too (written just before it), so
-    ``load_adapter(base_model, repo_id)`` serves the Hub repository (not under FSDP2: a warning says so).
+    uploads; with ``push_to_hub=True`` each push during training carries that folder too, and the checkpoint folders
+    Trainer pushes carry theirs (both written just before the push), so ``load_adapter(base_model, repo_id)`` serves
+    the Hub repository (not under FSDP2: a warning says so).
 
     Not covered: ``hyperparameter_search`` trials (their checkpoints live in folders of their own: skipped, with a
     warning) and FSDP1 (flattened parameters, which ``save_adapter`` refuses at the first checkpoint, after
@@ -76,27 +78,18 @@ class QRLoraCheckpointCallback(TrainerCallback):
             return
         self._left_out = frozen_weights.leave_out(owner)
 
-    def keep_frozen_weights(self) -> None:
-        """Undo what this callback did to the model (at the end of training; by hand after a ``train()`` that
-        raised): ``save_pretrained`` writes the frozen weights again."""
+    def keep_frozen_weights(self, model: Optional[nn.Module] = None) -> None:
+        """Undo what this callback did to the model (done at the end of training; by hand after a ``train()`` that
+        raised): ``save_pretrained`` writes the frozen weights again. ``model``: a copy of the model made while the
+        callback was active (``deepcopy``, pickle), which carries the same state, to undo it there."""
+        if model is not None:
+            left = frozen_weights.active(unwrap_model(model))
+            if left is not None:
+                left.undo()
+            return
         if self._left_out is not None:
             self._left_out.undo()
             self._left_out = None
-
-    def _before_a_save(self, args, control, model) -> None:
-        # A parameter unfrozen (or frozen) since: what the checkpoint leaves out follows.
-        left = self._left_out
-        if control.should_save and left is not None and left.active and model is not None \
-                and left.names != frozen_weights.left_out_names(left.owner):
-            self._leave_out_frozen_weights(args, model)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self._before_a_save(args, control, model)
-        return control
-
-    def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        self._before_a_save(args, control, model)
-        return control
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         # Before train(resume_from_checkpoint=...) loads a checkpoint, which happens before on_train_begin.
@@ -139,9 +132,12 @@ class QRLoraCheckpointCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         if self._in_trial(state):
             return control
-        self._save_adapter(model, os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}",
-                                               CHECKPOINT_ADAPTER_FOLDER), args.should_save)
+        self._save_adapter(model, self._checkpoint_adapter_folder(args, state), args.should_save)
         return control
+
+    @staticmethod
+    def _checkpoint_adapter_folder(args, state) -> str:
+        return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", CHECKPOINT_ADAPTER_FOLDER)
 
     def on_push_begin(self, args, state, control, model=None, **kwargs):
         # Trainer(push_to_hub=True) at each checkpoint, on the main process only, before it uploads output_dir (and
@@ -155,5 +151,7 @@ class QRLoraCheckpointCallback(TrainerCallback):
                               "every rank, uploads it)", UserWarning, stacklevel=2)
                 self._warned_push = True
             return control
+        # The output_dir upload, and the checkpoint's own (hub_strategy "checkpoint" / "all_checkpoints").
         self._save_adapter(model, os.path.join(args.output_dir, CHECKPOINT_ADAPTER_FOLDER), True)
+        self._save_adapter(model, self._checkpoint_adapter_folder(args, state), True)
         return control

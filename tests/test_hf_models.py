@@ -376,6 +376,32 @@ def test_checkpoint_callback_with_rebuilt_trainers_unfrozen_weights_and_plain_lo
         copy.deepcopy(resumed).load_state_dict(without_record, strict=True)
 
 
+def test_frozen_weights_record_follows_the_model_and_accepts_whole_state_dicts():
+    """While a model leaves its frozen weights out: each state_dict leaves out what is frozen then (a weight unfrozen
+    since is kept, whatever triggered the save), a whole state_dict with its record loads back strictly, one
+    without the record too, and a deepcopy carries the state until keep_frozen_weights(copy) undoes it there."""
+    from qrlora_kernels import QRLoraCheckpointCallback
+    from qrlora_kernels.frozen_weights import RECORD_BUFFER, leave_out
+    model = _roberta()
+    apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"], task_type="SEQ_CLS"), progress=False)
+    ignored_before = set(model._keys_to_ignore_on_save)
+    left = leave_out(model)
+    whole = model.state_dict()
+    rows = whole[RECORD_BUFFER].shape[0]
+    name = "roberta.encoder.layer.1.output.dense.weight"
+    assert name in model._keys_to_ignore_on_save
+    model.load_state_dict(whole)  # strict: the record stands for weights that are all there
+    model.load_state_dict({k: v for k, v in whole.items() if k != RECORD_BUFFER})  # a checkpoint without a record
+    model.get_parameter(name).requires_grad_(True)
+    assert model.state_dict()[RECORD_BUFFER].shape[0] == rows - 1 and name not in model._keys_to_ignore_on_save
+    copy_ = copy.deepcopy(model)
+    left.undo()
+    assert model._keys_to_ignore_on_save == ignored_before and RECORD_BUFFER not in model.state_dict()
+    assert RECORD_BUFFER in copy_.state_dict()  # the copy keeps leaving them out...
+    QRLoraCheckpointCallback().keep_frozen_weights(copy_)  # ...until undone there
+    assert copy_._keys_to_ignore_on_save == ignored_before and RECORD_BUFFER not in copy_.state_dict()
+
+
 def test_checkpoint_callback_keeps_the_frozen_weights_of_a_model_trainer_saves_whole(tmp_path):
     """A model that is not a PreTrainedModel: Trainer writes its state_dict itself, so nothing can be left out; the
     callback says so once, and its checkpoints still resume. keep_frozen_weights() undoes the callback by hand."""
@@ -436,7 +462,7 @@ def test_checkpoint_callback_puts_the_adapter_in_trainers_hub_pushes(tmp_path, m
              "labels": torch.tensor(i % 3)} for i in range(12)]
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=3, save_steps=2, learning_rate=5e-2,
                              per_device_train_batch_size=4, report_to=[], use_cpu=True, disable_tqdm=True,
-                             push_to_hub=True, hub_model_id="me/run")
+                             push_to_hub=True, hub_model_id="me/run", hub_strategy="checkpoint")
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[QRLoraCheckpointCallback()])
     trainer.train()  # a checkpoint (and a push) at step 2; training ends at step 3
 
@@ -444,7 +470,10 @@ def test_checkpoint_callback_puts_the_adapter_in_trainers_hub_pushes(tmp_path, m
         weights = load_safetensors(files["qrlora-adapter/adapter.safetensors"])
         return {k: v for k, v in weights.items() if k.endswith(".lam")}
 
-    (at_step_2,) = [files for _, message, files in hub.uploads if "step 2" in (message or "")]
+    (at_step_2,) = [files for _, message, files in hub.uploads if (message or "").endswith("step 2")]
+    (last_checkpoint,) = [files for _, message, files in hub.uploads if "step 2, checkpoint" in (message or "")]
+    assert last_checkpoint["last-checkpoint/qrlora-adapter/adapter.safetensors"] == \
+        at_step_2["qrlora-adapter/adapter.safetensors"]  # the pushed checkpoint folder carries it too
     checkpoint_2 = lam_of({"qrlora-adapter/adapter.safetensors": (
         tmp_path / "run" / "checkpoint-2" / "qrlora-adapter" / "adapter.safetensors").read_bytes()})
     assert checkpoint_2.keys() == lam_of(at_step_2).keys() and len(checkpoint_2) == 4
