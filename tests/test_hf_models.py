@@ -392,6 +392,8 @@ def test_frozen_weights_record_follows_the_model_and_accepts_whole_state_dicts()
     assert name in model._keys_to_ignore_on_save
     model.load_state_dict(whole)  # strict: the record stands for weights that are all there
     model.load_state_dict({k: v for k, v in whole.items() if k != RECORD_BUFFER})  # a checkpoint without a record
+    shard = {k: whole[k] for k in (RECORD_BUFFER, "classifier.dense.weight")}  # one shard of a sharded checkpoint
+    assert not model.load_state_dict(shard, strict=False).unexpected_keys
     model.get_parameter(name).requires_grad_(True)
     assert model.state_dict()[RECORD_BUFFER].shape[0] == rows - 1 and name not in model._keys_to_ignore_on_save
     copy_ = copy.deepcopy(model)
