@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .adapter_io import sample_hash
-from .model import saved_key_variants
+from .model import output_embeddings, saved_key_variants
 
 RECORD_BUFFER = "qrlora_frozen_weights"
 _ACTIVE_ATTR = "_qrlora_frozen_weights_left_out"  # the model's one active LeftOut
@@ -35,14 +35,8 @@ def left_out_names(owner: nn.Module) -> list[str]:
     model that is its own backbone) and of the output embeddings (the LM head), every name of a tied one."""
     backbone = getattr(owner, "base_model", owner)
     prefix = None if backbone is owner else f"{owner.base_model_prefix}."
-    head = None
-    get_output = getattr(owner, "get_output_embeddings", None)
-    if callable(get_output):
-        try:
-            head = get_output()
-        except (NotImplementedError, AttributeError):
-            head = None
-    lm_head = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    head = output_embeddings(owner)
+    lm_head = {id(p) for p in head.parameters()} if head is not None else set()
     return sorted(name for name, p in owner.named_parameters(remove_duplicate=False)
                   if not p.requires_grad and (prefix is None or name.startswith(prefix) or id(p) in lm_head))
 

@@ -108,17 +108,24 @@ class QRLoraReport:
 
 
 # ---------------------------------------------------------------------------------------- selection
+def output_embeddings(model: nn.Module) -> Optional[nn.Module]:
+    """A transformers model's LM head (``get_output_embeddings()``), or None."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    if not callable(get_out):
+        return None
+    try:
+        head = get_out()
+    except (NotImplementedError, AttributeError):
+        return None
+    return head if isinstance(head, nn.Module) else None
+
+
 def _output_head_names(model: nn.Module) -> set[str]:
     """Linear modules that ``"all-linear"`` leaves alone: the LM head and classification heads."""
     heads: list[nn.Module] = []
-    get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        try:
-            emb = get_out()
-        except (NotImplementedError, AttributeError):
-            emb = None
-        if isinstance(emb, nn.Module):
-            heads.append(emb)
+    emb = output_embeddings(model)
+    if emb is not None:
+        heads.append(emb)
     for attr in SEQ_CLS_HEAD_NAMES:
         head = getattr(model, attr, None)
         if isinstance(head, nn.Module):
