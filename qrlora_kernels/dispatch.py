@@ -112,7 +112,8 @@ def strategy_costs(T: int, N: int, K: int, r: int, *, training: bool, elem_bytes
     merged += implied_r
     if training:
         lowrank += lowrank_backward
-        merged += implied_r + min(dlam_costs(T, N, K, r, elem_bytes=e, model=model).values())
+        merged += implied_r
+        merged += min(dlam_costs(T, N, K, r, elem_bytes=e, model=model).values())
     return {"lowrank": lowrank, "merged": merged}
 
 
