@@ -87,7 +87,7 @@ class LeftOut:
 def leave_out(owner: nn.Module) -> LeftOut:
     """From now until the returned object's ``undo``, ``owner.save_pretrained`` leaves out ``left_out_names`` and
     writes their record. A model has one such state: an earlier one (another callback's) is undone first."""
-    earlier = active(owner)
+    earlier = active_left_out(owner)
     if earlier is not None:
         earlier.undo()
     install_hooks(owner)
@@ -96,7 +96,7 @@ def leave_out(owner: nn.Module) -> LeftOut:
     return left
 
 
-def active(owner: nn.Module) -> Optional[LeftOut]:
+def active_left_out(owner: nn.Module) -> Optional[LeftOut]:
     """The model's active ``LeftOut`` (a copy of a model, deep or pickled, has its own), or None."""
     return getattr(owner, _ACTIVE_ATTR, None)
 
@@ -114,7 +114,7 @@ def install_hooks(owner: nn.Module) -> None:
 
 # Module-level functions, not closures: a deepcopy of the model gets hooks that act on the copy.
 def _refresh_left_out(module, prefix, keep_vars):
-    left = active(module)
+    left = active_left_out(module)
     if left is not None and left.active and left.owner is module:
         left.refresh()
 

@@ -17,8 +17,8 @@ from torch import nn
 from transformers import PreTrainedModel, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from . import frozen_weights
 from .adapter_io import CHECKPOINT_ADAPTER_FOLDER, _is_sharded, save_adapter
+from .frozen_weights import LeftOut, active_left_out, leave_out
 from .model import adapter_row, default_adapter_name, parameter_holding_wrapper, unwrap_model
 
 class QRLoraCheckpointCallback(TrainerCallback):
@@ -29,7 +29,7 @@ class QRLoraCheckpointCallback(TrainerCallback):
     ``save_adapter`` (under FSDP2 gathering the shards is a collective) and those that write Trainer's checkpoints
     (``args.should_save``) write it. ``include_basis`` as in ``save_adapter``.
 
-    ``frozen_weights=False`` (the default): from the moment the ``Trainer`` is built until training ends, the frozen
+    ``frozen_weights=False`` (the default): from the moment training begins until it ends, the frozen
     parameters of the model's backbone and LM head are left out of what ``save_pretrained`` writes (so of Trainer's
     checkpoints, not of ``trainer.save_model()`` after training), and a ``qrlora_frozen_weights`` buffer records
     them; task heads outside the backbone, which transformers may have initialised at random, are kept (see
@@ -55,7 +55,7 @@ class QRLoraCheckpointCallback(TrainerCallback):
         self.include_basis = include_basis
         self.frozen_weights = frozen_weights
         self._warned_trial = self._warned_whole = self._warned_push = False
-        self._left_out: Optional[frozen_weights.LeftOut] = None
+        self._left_out: Optional[LeftOut] = None
 
     def _leave_out_frozen_weights(self, args, model: Optional[nn.Module]) -> None:
         """(Again) from the model's parameters as they are now: which are frozen may have changed since."""
@@ -76,25 +76,20 @@ class QRLoraCheckpointCallback(TrainerCallback):
                               UserWarning, stacklevel=3)
                 self._warned_whole = True
             return
-        self._left_out = frozen_weights.leave_out(owner)
+        self._left_out = leave_out(owner)
 
     def keep_frozen_weights(self, model: Optional[nn.Module] = None) -> None:
         """Undo what this callback did to the model (done at the end of training; by hand after a ``train()`` that
         raised): ``save_pretrained`` writes the frozen weights again. ``model``: a copy of the model made while the
         callback was active (``deepcopy``, pickle), which carries the same state, to undo it there."""
         if model is not None:
-            left = frozen_weights.active(unwrap_model(model))
+            left = active_left_out(unwrap_model(model))
             if left is not None:
                 left.undo()
             return
         if self._left_out is not None:
             self._left_out.undo()
             self._left_out = None
-
-    def on_init_end(self, args, state, control, model=None, **kwargs):
-        # Before train(resume_from_checkpoint=...) loads a checkpoint, which happens before on_train_begin.
-        self._leave_out_frozen_weights(args, model)
-        return control
 
     def _name(self, model) -> str:
         return self.adapter_name if self.adapter_name is not None else default_adapter_name(model)
@@ -113,7 +108,8 @@ class QRLoraCheckpointCallback(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.keep_frozen_weights()  # trainer.save_model() after training writes the whole model
         if model is not None and not self._in_trial(state):  # the final adapter, which trainer.push_to_hub() uploads
-            self._save_adapter(model, os.path.join(args.output_dir, CHECKPOINT_ADAPTER_FOLDER), args.should_save)
+            self._save_adapter_or_warn(model, os.path.join(args.output_dir, CHECKPOINT_ADAPTER_FOLDER),
+                                       args.should_save)
         return control
 
     def _in_trial(self, state) -> bool:
@@ -128,6 +124,14 @@ class QRLoraCheckpointCallback(TrainerCallback):
     def _save_adapter(self, model, folder, is_main_process: bool) -> None:
         save_adapter(model, folder, include_basis=self.include_basis, adapter_name=self._name(model),
                      is_main_process=is_main_process)
+
+    def _save_adapter_or_warn(self, model, folder, is_main_process: bool) -> None:
+        """For the writes beside Trainer's own (the end of training, a push): a model that cannot give its adapter
+        then (merged and unloaded, merged layers, FSDP1's flattened parameters) is not an error of training."""
+        try:
+            self._save_adapter(model, folder, is_main_process)
+        except ValueError as err:
+            warnings.warn(f"QRLoraCheckpointCallback: no adapter written to {folder}: {err}", UserWarning, stacklevel=3)
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if self._in_trial(state):
@@ -151,7 +155,10 @@ class QRLoraCheckpointCallback(TrainerCallback):
                               "every rank, uploads it)", UserWarning, stacklevel=2)
                 self._warned_push = True
             return control
-        # The output_dir upload, and the checkpoint's own (hub_strategy "checkpoint" / "all_checkpoints").
-        self._save_adapter(model, os.path.join(args.output_dir, CHECKPOINT_ADAPTER_FOLDER), True)
-        self._save_adapter(model, self._checkpoint_adapter_folder(args, state), True)
+        # The output_dir upload, and the checkpoint's own (hub_strategy "checkpoint" / "all_checkpoints") when this
+        # push is a checkpoint's: trainer.push_to_hub() and save_model() push too, with no checkpoint folder.
+        self._save_adapter_or_warn(model, os.path.join(args.output_dir, CHECKPOINT_ADAPTER_FOLDER), True)
+        checkpoint_adapter = self._checkpoint_adapter_folder(args, state)
+        if os.path.isdir(os.path.dirname(checkpoint_adapter)):
+            self._save_adapter_or_warn(model, checkpoint_adapter, True)
         return control

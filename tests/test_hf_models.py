@@ -349,6 +349,10 @@ def test_checkpoint_callback_with_rebuilt_trainers_unfrozen_weights_and_plain_lo
     apply_qrlora(model, config, progress=False)
     ignored_before = set(model._keys_to_ignore_on_save)
     first = trainer(model, out="first")
+    first.save_model(str(tmp_path / "untrained"))  # a Trainer that has not trained changes nothing
+    assert model._keys_to_ignore_on_save == ignored_before
+    assert {n for n, _ in model.named_parameters()} - ignored_before <= set(
+        load_file(tmp_path / "untrained" / "model.safetensors"))
     second = trainer(model, Unfreeze())
     second.train()
     assert model._keys_to_ignore_on_save == ignored_before and not hasattr(model, RECORD_BUFFER)
@@ -438,7 +442,7 @@ def test_checkpoint_callback_keeps_the_frozen_weights_of_a_model_trainer_saves_w
         apply_qrlora(bert, QRLoraConfig(target_modules=["query"], rank=4), progress=False)
     assert not any(p.requires_grad for p in bert.classifier.parameters())
     callback = QRLoraCheckpointCallback()
-    callback.on_init_end(args, None, None, model=bert)
+    callback.on_train_begin(args, None, None, model=bert)
     assert hasattr(bert, FROZEN_WEIGHTS_BUFFER)
     assert "roberta.embeddings.word_embeddings.weight" in bert._keys_to_ignore_on_save
     assert not [k for k in bert._keys_to_ignore_on_save if k.startswith("classifier.")]  # a frozen task head: kept
@@ -455,7 +459,7 @@ def test_checkpoint_callback_puts_the_adapter_in_trainers_hub_pushes(tmp_path, m
     from safetensors.torch import load as load_safetensors
     from transformers import Trainer, TrainingArguments
     from fake_hub import FakeHub
-    from qrlora_kernels import QRLoraCheckpointCallback, load_adapter
+    from qrlora_kernels import QRLoraCheckpointCallback, load_adapter, merge_and_unload
     hub = FakeHub(tmp_path, monkeypatch)
     base = _roberta()
     model = copy.deepcopy(base)
@@ -482,7 +486,6 @@ def test_checkpoint_callback_puts_the_adapter_in_trainers_hub_pushes(tmp_path, m
     assert all(torch.equal(checkpoint_2[k], v) for k, v in lam_of(at_step_2).items())
     trainer.push_to_hub()
     final = hub.repos["me/run"]["main"]
-    assert not [k for k in final if k.startswith("checkpoint-")]
     assert "roberta.embeddings.word_embeddings.weight" in load_safetensors(final["model.safetensors"])  # whole
     served = copy.deepcopy(base)
     load_adapter(served, "me/run")  # the repository's qrlora-adapter folder: the model after step 3
@@ -491,6 +494,18 @@ def test_checkpoint_callback_puts_the_adapter_in_trainers_hub_pushes(tmp_path, m
         assert_rel_close(served.eval()(**batch).logits, model.eval()(**batch).logits, 1e-5,
                          name="the adapter Trainer pushed, served from the Hub")
         assert not all(torch.equal(v, lam_of(final)[k]) for k, v in lam_of(at_step_2).items())  # step 3 changed it
+    # Without checkpoints, a push (here after training) writes no checkpoint folder, which would pass for one.
+    args = TrainingArguments(output_dir=str(tmp_path / "nosave"), max_steps=1, save_strategy="no", report_to=[],
+                             use_cpu=True, disable_tqdm=True, per_device_train_batch_size=4, push_to_hub=True,
+                             hub_model_id="me/nosave")
+    unsaved = Trainer(model=model, args=args, train_dataset=data, callbacks=[QRLoraCheckpointCallback()])
+    unsaved.train()
+    unsaved.push_to_hub()
+    assert not list((tmp_path / "nosave").glob("checkpoint-*"))
+    assert "qrlora-adapter/adapter.safetensors" in hub.repos["me/nosave"]["main"]
+    merge_and_unload(model)  # for serving; a push now has no adapter to write, which is no error
+    with pytest.warns(UserWarning, match=r"no adapter written to .*qrlora-adapter: the model has no QR-LoRA layers"):
+        unsaved.push_to_hub()
 
 
 def test_trainer_checkpoints_of_a_compiled_model_leave_out_the_basis(tmp_path):
