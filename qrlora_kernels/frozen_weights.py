@@ -2,10 +2,11 @@
 
 ``QRLoraCheckpointCallback`` (``trainer_callback``) calls ``leave_out`` while ``Trainer`` trains: ``save_pretrained``
 then writes what training changes, without the frozen weights of the backbone (``model.base_model``) and of the LM
-head, plus a record of them, the buffer ``qrlora_frozen_weights``: one 16-byte hash per left-out weight (its name,
-dtype, shape and a sample of its values). Task heads outside the backbone (``classifier``, ``score``,
-``qa_outputs``, DistilBERT's ``pre_classifier``, ...), which transformers initialises at random when it loads a
-base checkpoint, are kept even when frozen.
+head, plus a record of them, the buffer ``qrlora_frozen_weights``: per left-out weight, a hash of its name and its
+``weight_fingerprint`` (dtype, shape, a hash of a sample of its values, and float64 sums that catch a change
+anywhere in it). Task heads outside the backbone (``classifier``, ``score``, ``qa_outputs``, DistilBERT's
+``pre_classifier``, ...), which transformers initialises at random when it loads a base checkpoint, are kept even
+when frozen.
 
 Every adapted ``PreTrainedModel`` carries ``install_hooks``' hooks (installed with the bases' ignore list,
 ``model.skip_bases_in_hf_checkpoints``). At a load they act only on a ``state_dict`` that holds such a record:
@@ -16,12 +17,13 @@ then those weights are not missing (a resume loads what trained onto the rebuilt
 from __future__ import annotations
 
 import hashlib
+import struct
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .adapter_io import sample_hash
+from .adapter_io import _same_fingerprint, weight_fingerprint
 from .model import output_embeddings, saved_key_variants
 
 RECORD_BUFFER = "qrlora_frozen_weights"
@@ -41,14 +43,31 @@ def left_out_names(owner: nn.Module) -> list[str]:
                   if not p.requires_grad and (prefix is None or name.startswith(prefix) or id(p) in lm_head))
 
 
+# A record row: blake2b(name) (8 bytes), the weight's sample_hash (16), its float64 sum and sum of squares (8 + 8):
+# ``weight_fingerprint``'s identity of the weight (the sums catch a change anywhere in it), found again by name.
+_NAME_BYTES, _ROW_BYTES = 8, 40
+
+
+def _name_hash(name: str) -> bytes:
+    return hashlib.blake2b(name.encode(), digest_size=_NAME_BYTES).digest()
+
+
 def _row(name: str, weight: torch.Tensor) -> bytes:
-    return hashlib.blake2b(name.encode() + sample_hash(weight), digest_size=16).digest()
+    fingerprint = weight_fingerprint(weight)
+    return (_name_hash(name) + bytes.fromhex(fingerprint["sample_hash"])
+            + struct.pack("<dd", fingerprint["sum"], fingerprint["sum_sq"]))
+
+
+def _same_weight(row: bytes, weight: torch.Tensor) -> bool:
+    total, total_sq = struct.unpack("<dd", row[24:_ROW_BYTES])
+    saved = {"sample_hash": row[_NAME_BYTES:24].hex(), "sum": total, "sum_sq": total_sq}
+    return _same_fingerprint(weight_fingerprint(weight), saved, weight.numel())
 
 
 def record(owner: nn.Module, names: list[str]) -> torch.Tensor:
-    """One 16-byte row per name (on the CPU): a hash of the name and of the weight's ``sample_hash``."""
+    """One row per name (on the CPU), ``_ROW_BYTES`` bytes each: the weight's name and ``weight_fingerprint``."""
     rows = [list(_row(name, owner.get_parameter(name))) for name in names]
-    return torch.tensor(rows, dtype=torch.uint8).reshape(len(rows), 16)
+    return torch.tensor(rows, dtype=torch.uint8).reshape(len(rows), _ROW_BYTES)
 
 
 class LeftOut:
@@ -58,7 +77,8 @@ class LeftOut:
     def __init__(self, owner: nn.Module):
         self.owner, self.names, self.added, self.active = owner, None, set(), True
         device = next((p.device for p in owner.parameters()), torch.device("cpu"))
-        owner.register_buffer(RECORD_BUFFER, torch.empty(0, 16, dtype=torch.uint8, device=device), persistent=True)
+        owner.register_buffer(RECORD_BUFFER, torch.empty(0, _ROW_BYTES, dtype=torch.uint8, device=device),
+                              persistent=True)
         self.refresh()
 
     def refresh(self) -> None:
@@ -124,22 +144,30 @@ def _check_record(module, state_dict, prefix, local_metadata, strict, missing_ke
     forgiven = {prefix + RECORD_BUFFER} if RECORD_BUFFER in module._buffers else set()
     saved = state_dict.pop(prefix + RECORD_BUFFER, None)  # load_state_dict hands the hooks its own copy
     if saved is not None:
-        rows = {_row(name, p): name for name, p in module.named_parameters(remove_duplicate=False)}
-        wanted = [bytes(row) for row in saved.to("cpu").tolist()]
-        if any(row not in rows for row in wanted):
-            found = set(wanted)
-            differing = [name for name in left_out_names(module) if prefix + name not in state_dict
-                         and _row(name, module.get_parameter(name)) not in found]
+        names = {_name_hash(name): name for name, _ in module.named_parameters(remove_duplicate=False)}
+        rows = [bytes(row) for row in saved.to("cpu").reshape(-1, _ROW_BYTES).tolist()] \
+            if saved.numel() % _ROW_BYTES == 0 else None
+        unknown, differing = 0, []
+        for row in rows or ():
+            name = names.get(row[:_NAME_BYTES])
+            if name is None:
+                unknown += 1
+            elif prefix + name not in state_dict:  # a weight the checkpoint holds needs no record
+                if _same_weight(row, module.get_parameter(name)):
+                    forgiven.add(prefix + name)
+                else:
+                    differing.append(name)
+        if rows is None or unknown or differing:
             problem = (f"its frozen weight {differing[0]!r} differs from this model's (values, dtype or shape; a "
                        f"weight that from_pretrained initialised at random differs each time unless "
                        f"transformers.set_seed ran before it)" if differing else
-                       f"{sum(row not in rows for row in wanted)} of the weights it left out are not in this model")
+                       f"{unknown} of the weights it left out are not in this model" if rows is not None else
+                       f"its record {RECORD_BUFFER} has shape {tuple(saved.shape)}, not (n, {_ROW_BYTES})")
             error_msgs.append(f"this checkpoint was saved by QRLoraCheckpointCallback without the frozen weights, "
                               f"and {problem}: resume on the base model it was trained on, converted with the same "
                               f"config, or train with QRLoraCheckpointCallback(frozen_weights=True), whose "
                               f"checkpoints hold them")
             return
-        forgiven |= {prefix + rows[row] for row in wanted}
     if forgiven:
         setattr(module, _FORGIVEN_ATTR, getattr(module, _FORGIVEN_ATTR, set()) | forgiven)
 

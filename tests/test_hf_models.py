@@ -327,6 +327,7 @@ def test_checkpoint_callback_with_rebuilt_trainers_unfrozen_weights_and_plain_lo
     from safetensors.torch import load_file
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from qrlora_kernels import QRLoraCheckpointCallback
+    from qrlora_kernels.adapter_io import FINGERPRINT_SAMPLES
     from qrlora_kernels.frozen_weights import RECORD_BUFFER
     base = _roberta()
     config = QRLoraConfig(target_modules=["query", "value"], task_type="SEQ_CLS")
@@ -375,6 +376,15 @@ def test_checkpoint_callback_with_rebuilt_trainers_unfrozen_weights_and_plain_lo
     with pytest.raises(RuntimeError, match=r"frozen weight 'roberta\.encoder\.layer\.0\.output\.dense\.weight' "
                                            r"differs"):
         other.load_state_dict(checkpoint_2, strict=False)
+    sparse = copy.deepcopy(base)  # one value changed, at a position the fingerprint's sample does not read
+    embedding = sparse.roberta.embeddings.word_embeddings.weight
+    sampled = set(((torch.arange(FINGERPRINT_SAMPLES) * embedding.numel()) // FINGERPRINT_SAMPLES).tolist())
+    assert embedding.numel() > FINGERPRINT_SAMPLES
+    with torch.no_grad():
+        embedding.view(-1)[min(set(range(embedding.numel())) - sampled)] += 0.5
+    apply_qrlora(sparse, config, progress=False)
+    with pytest.raises(RuntimeError, match=r"frozen weight 'roberta\.embeddings\.word_embeddings\.weight' differs"):
+        sparse.load_state_dict(checkpoint_2, strict=False)
     without_record = {k: v for k, v in checkpoint_2.items() if k != RECORD_BUFFER}
     with pytest.raises(RuntimeError, match="Missing key"):  # nothing vouches for the absent weights
         copy.deepcopy(resumed).load_state_dict(without_record, strict=True)
