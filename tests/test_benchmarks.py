@@ -327,8 +327,9 @@ def test_qr_section_through_benchmarks_qr(tmp_path, monkeypatch):
 
 
 def test_checkpoint_size_benchmark_measures_both_callback_modes(tmp_path):
-    """On a small BERT saved locally: four rows (two target sets x frozen weights left out or kept), exact byte
-    counts, and leaving the frozen weights out shrinks model.safetensors by at least their size."""
+    """On a small BERT saved locally: four rows (two target sets x frozen weights left out or kept); every trainable
+    value is in each checkpoint, and leaving the frozen weights out shrinks model.safetensors by at least their
+    size."""
     import benchmarks.checkpoint_size as CS
     from transformers import BertConfig, BertForMaskedLM
     torch.manual_seed(0)
@@ -345,6 +346,7 @@ def test_checkpoint_size_benchmark_measures_both_callback_modes(tmp_path):
         small, whole = rows[targets, False], rows[targets, True]
         assert whole["model_safetensors_bytes"] - small["model_safetensors_bytes"] >= frozen_bytes * 0.9
         assert small["adapter_bytes"] == whole["adapter_bytes"] > 0
+        assert small["trainable_values_saved"] == whole["trainable_values_saved"] == small["trainable_params"]
         assert small["checkpoint_bytes"] > small["model_safetensors_bytes"] + small["adapter_bytes"]
     assert stored["meta"]["transformers"] and stored["meta"]["command"]
 
