@@ -1,4 +1,6 @@
-"""The README's set-up commands and code blocks, run as written, so that what a new user copies keeps working."""
+"""The README's set-up commands and its three Python sections (Quick start, the pivoted QR, fine-tuning), run as
+written, so that what a new user copies keeps working. Not run: the snippet indented inside a list (many adapters in
+one batch, which needs trained adapters and a generative model) and the shell commands of the benchmark sections."""
 import re
 import shlex
 from pathlib import Path
