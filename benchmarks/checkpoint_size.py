@@ -6,9 +6,12 @@ Converts a sequence-classification model (default: the real all-MiniLM-L6-v2 wei
 ``checkpoint-2`` folder, file by file, for each target set and for ``QRLoraCheckpointCallback()`` (frozen weights
 left out) and ``QRLoraCheckpointCallback(frozen_weights=True)``, and counts the trainable values in its
 model.safetensors (all of them must be there). Sizes are exact byte counts: they depend on the model and the
-versions of transformers and safetensors, not on the machine. Run::
+versions of transformers and safetensors, not on the machine. ``--record-cost`` instead times the record of the
+frozen weights that such checkpoints carry (``qrlora_kernels.frozen_weights``), made when training begins and
+checked at a resume, on a TinyLlama-shaped model (1.1B parameters, bf16, random weights). Run::
 
-    python -m benchmarks.checkpoint_size            # -> benchmarks/results/cpu/checkpoint_size.{json,csv}
+    python -m benchmarks.checkpoint_size                 # -> benchmarks/results/cpu/checkpoint_size.{json,csv}
+    python -m benchmarks.checkpoint_size --record-cost   # -> .../checkpoint_record_cost.{json,csv}
 """
 from __future__ import annotations
 
@@ -66,11 +69,48 @@ def measure_checkpoint(model_path: str, targets, frozen_weights: bool, workdir: 
             "adapter_bytes": _folder_bytes(checkpoint / CHECKPOINT_ADAPTER_FOLDER)}
 
 
+# TinyLlama-1.1B's shapes (random weights): what --record-cost times.
+RECORD_COST_SHAPE = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                     "num_attention_heads": 32, "num_key_value_heads": 4}
+
+
+def measure_record_cost(shape: dict, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Seconds to make the frozen-weights record of a frozen Llama-shaped model (when training begins), and to
+    check it when a checkpoint without those weights is loaded (a resume): one float64 pass over them each."""
+    import time
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from qrlora_kernels.frozen_weights import RECORD_BUFFER, install_hooks, leave_out
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False)).to(dtype).requires_grad_(False)
+    install_hooks(model)
+    start = time.perf_counter()
+    left = leave_out(model)
+    record_s = time.perf_counter() - start
+    state = model.state_dict()
+    small = {k: v for k, v in state.items() if k not in model._keys_to_ignore_on_save}
+    start = time.perf_counter()
+    model.load_state_dict(small, strict=True)  # strict: the record vouches for every left-out weight
+    check_s = time.perf_counter() - start
+    left.undo()
+    return {"params": sum(p.numel() for p in model.parameters()), "dtype": str(dtype).replace("torch.", ""),
+            "weights_left_out": len(left.names), "record_bytes": state[RECORD_BUFFER].numel(),
+            "record_s": record_s, "load_check_s": check_s}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="local model folder (default: all-MiniLM-L6-v2's package)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR / "cpu")
+    parser.add_argument("--record-cost", action="store_true",
+                        help="instead: time the frozen-weights record on a TinyLlama-shaped (1.1B) bf16 model")
     args = parser.parse_args(argv)
+    if args.record_cost:
+        row = measure_record_cost(RECORD_COST_SHAPE)
+        paths = write_results("checkpoint_record_cost", [row], {**environment("cpu"), "shape": RECORD_COST_SHAPE},
+                              out_dir=args.out_dir)
+        print(format_table([row], list(row)))
+        print(f"wrote {paths['json']} and {paths['csv']}")
+        return
     model_path = args.model or _default_model()
     rows = []
     for name, targets in TARGETS.items():

@@ -351,6 +351,16 @@ def test_checkpoint_size_benchmark_measures_both_callback_modes(tmp_path):
     assert stored["meta"]["transformers"] and stored["meta"]["command"]
 
 
+def test_checkpoint_record_cost_on_a_small_llama():
+    import benchmarks.checkpoint_size as CS
+    shape = dict(CS.RECORD_COST_SHAPE, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2)
+    row = CS.measure_record_cost(shape, torch.float32)
+    frozen = 3 + 2 * 9  # embeddings, final norm, LM head; per layer 7 projections and 2 norms
+    assert row["weights_left_out"] == frozen and row["record_bytes"] == 40 * frozen
+    assert row["record_s"] > 0 and row["load_check_s"] > 0 and row["dtype"] == "float32"
+
+
 def test_init_time_benchmark_times_each_rule_and_writes_its_table(tmp_path, monkeypatch, capsys):
     import benchmarks.init_time as IT
     monkeypatch.setattr(IT, "RESULTS_DIR", tmp_path / "default")
