@@ -95,29 +95,23 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def sample_hash(weight: torch.Tensor) -> bytes:
-    """16 bytes that identify a tensor without a pass over it: its dtype, shape and a strided sample of its values
-    (any other model's weight, or another random initialisation, differs)."""
-    w = weight.detach()
-    flat = w.reshape(-1)
-    n = flat.numel()
-    k = min(n, FINGERPRINT_SAMPLES)
-    positions = (torch.arange(k, device=w.device, dtype=torch.int64) * n) // max(k, 1)
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{_dtype_name(w.dtype)}{tuple(w.shape)}".encode())
-    h.update(_tensor_bytes(flat.index_select(0, positions)))
-    return h.digest()
-
-
 def weight_fingerprint(weight: torch.Tensor) -> dict:
-    """A cheap identity of a weight: shape, dtype, ``sample_hash``, float64 sums.
+    """A cheap identity of a weight: shape, dtype, a hash of a strided byte sample, float64 sums.
 
     The sample hash catches any different model; the two sums catch a change anywhere in the
     weight (fine-tuned or perturbed weights), at the cost of one pass over it.
     """
     w = weight.detach()
+    flat = w.reshape(-1)
+    n = flat.numel()
+    k = min(n, FINGERPRINT_SAMPLES)
+    positions = (torch.arange(k, device=w.device, dtype=torch.int64) * n) // max(k, 1)
+    sample = flat.index_select(0, positions)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{_dtype_name(w.dtype)}{tuple(w.shape)}".encode())
+    h.update(_tensor_bytes(sample))
     w64 = w.to(torch.float64)
-    return {"shape": list(w.shape), "dtype": _dtype_name(w.dtype), "sample_hash": sample_hash(w).hex(),
+    return {"shape": list(w.shape), "dtype": _dtype_name(w.dtype), "sample_hash": h.hexdigest(),
             "sum": float(w64.sum()), "sum_sq": float(w64.square().sum())}
 
 

@@ -45,7 +45,7 @@ def left_out_names(owner: nn.Module) -> list[str]:
 
 # A record row: blake2b(name) (8 bytes), the weight's sample_hash (16), its float64 sum and sum of squares (8 + 8):
 # ``weight_fingerprint``'s identity of the weight (the sums catch a change anywhere in it), found again by name.
-_NAME_BYTES, _ROW_BYTES = 8, 40
+_NAME_BYTES, _SAMPLE_END, _ROW_BYTES = 8, 24, 40
 
 
 def _name_hash(name: str) -> bytes:
@@ -59,8 +59,8 @@ def _row(name: str, weight: torch.Tensor) -> bytes:
 
 
 def _same_weight(row: bytes, weight: torch.Tensor) -> bool:
-    total, total_sq = struct.unpack("<dd", row[24:_ROW_BYTES])
-    saved = {"sample_hash": row[_NAME_BYTES:24].hex(), "sum": total, "sum_sq": total_sq}
+    total, total_sq = struct.unpack("<dd", row[_SAMPLE_END:_ROW_BYTES])
+    saved = {"sample_hash": row[_NAME_BYTES:_SAMPLE_END].hex(), "sum": total, "sum_sq": total_sq}
     return _same_fingerprint(weight_fingerprint(weight), saved, weight.numel())
 
 

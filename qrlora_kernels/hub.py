@@ -21,6 +21,15 @@ ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 MODEL_CARD = "README.md"
 
 
+def _adapter_in(folder: Path) -> Path:
+    """``folder``, or its ``qrlora-adapter`` subfolder when only that holds an adapter (a Trainer checkpoint, or a
+    Hub repository that Trainer pushed to, with ``QRLoraCheckpointCallback``)."""
+    inner = folder / CHECKPOINT_ADAPTER_FOLDER
+    if not (folder / ADAPTER_CONFIG).exists() and (inner / ADAPTER_CONFIG).is_file():
+        return inner
+    return folder
+
+
 def resolve_adapter_folder(path: Union[str, os.PathLike], *, revision: Optional[str] = None,
                            token: Union[str, bool, None] = None) -> Path:
     """The local folder of an adapter: ``path`` itself when it exists (or its ``qrlora-adapter`` subfolder, for a
@@ -32,10 +41,7 @@ def resolve_adapter_folder(path: Union[str, os.PathLike], *, revision: Optional[
         if revision is not None:
             raise ValueError(f"revision={revision!r} selects a version of a Hub repository, but {os.fspath(path)!r} "
                              f"is a local path")
-        inner = folder / CHECKPOINT_ADAPTER_FOLDER  # a Trainer checkpoint that QRLoraCheckpointCallback wrote into
-        if not (folder / ADAPTER_CONFIG).exists() and (inner / ADAPTER_CONFIG).is_file():
-            return inner
-        return folder
+        return _adapter_in(folder)
     repo_id = os.fspath(path)
     try:
         import huggingface_hub
@@ -56,9 +62,7 @@ def resolve_adapter_folder(path: Union[str, os.PathLike], *, revision: Optional[
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise FileNotFoundError(f"{repo_id}: not a local folder, and not found on the Hugging Face Hub{at} "
                                 f"({type(err).__name__}: {first_line})") from err
-    inner = snapshot / CHECKPOINT_ADAPTER_FOLDER
-    if not (snapshot / ADAPTER_CONFIG).is_file() and (inner / ADAPTER_CONFIG).is_file():
-        snapshot = inner
+    snapshot = _adapter_in(snapshot)
     missing = [name for name in ADAPTER_FILES if not (snapshot / name).is_file()]
     if missing and huggingface_hub.constants.HF_HUB_OFFLINE:
         raise FileNotFoundError(f"Hub repository {repo_id}{at}: {' and '.join(missing)} not in the local cache, "
