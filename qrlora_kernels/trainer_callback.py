@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from typing import Optional
 
 from torch import nn
@@ -18,8 +19,10 @@ from transformers import PreTrainedModel, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .adapter_io import CHECKPOINT_ADAPTER_FOLDER, _is_sharded, save_adapter
+from .atomic_file import atomic_write_bytes
 from .frozen_weights import LeftOut, active_left_out, leave_out
 from .model import adapter_row, default_adapter_name, parameter_holding_wrapper, unwrap_model
+
 
 class QRLoraCheckpointCallback(TrainerCallback):
     """Small ``Trainer`` checkpoints: what training changes, plus ``save_adapter``'s files in ``qrlora-adapter``.
@@ -58,7 +61,8 @@ class QRLoraCheckpointCallback(TrainerCallback):
         self._left_out: Optional[LeftOut] = None
 
     def _leave_out_frozen_weights(self, args, model: Optional[nn.Module]) -> None:
-        """(Again) from the model's parameters as they are now: which are frozen may have changed since."""
+        """At the start of training (again, for another train()): what to leave out follows the frozen parameters
+        from then on (``frozen_weights.LeftOut.refresh``)."""
         self.keep_frozen_weights()
         if self.frozen_weights or model is None:
             return
@@ -121,17 +125,18 @@ class QRLoraCheckpointCallback(TrainerCallback):
             self._warned_trial = True
         return True
 
-    def _save_adapter(self, model, folder, is_main_process: bool) -> None:
-        save_adapter(model, folder, include_basis=self.include_basis, adapter_name=self._name(model),
-                     is_main_process=is_main_process)
+    def _save_adapter(self, model, folder, is_main_process: bool) -> dict[str, Path]:
+        return save_adapter(model, folder, include_basis=self.include_basis, adapter_name=self._name(model),
+                            is_main_process=is_main_process)
 
-    def _save_adapter_or_warn(self, model, folder, is_main_process: bool) -> None:
+    def _save_adapter_or_warn(self, model, folder, is_main_process: bool) -> Optional[dict[str, Path]]:
         """For the writes beside Trainer's own (the end of training, a push): a model that cannot give its adapter
         then (merged and unloaded, merged layers, FSDP1's flattened parameters) is not an error of training."""
         try:
-            self._save_adapter(model, folder, is_main_process)
+            return self._save_adapter(model, folder, is_main_process)
         except ValueError as err:
             warnings.warn(f"QRLoraCheckpointCallback: no adapter written to {folder}: {err}", UserWarning, stacklevel=3)
+            return None
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if self._in_trial(state):
@@ -157,8 +162,9 @@ class QRLoraCheckpointCallback(TrainerCallback):
             return control
         # The output_dir upload, and the checkpoint's own (hub_strategy "checkpoint" / "all_checkpoints") when this
         # push is a checkpoint's: trainer.push_to_hub() and save_model() push too, with no checkpoint folder.
-        self._save_adapter_or_warn(model, os.path.join(args.output_dir, CHECKPOINT_ADAPTER_FOLDER), True)
-        checkpoint_adapter = self._checkpoint_adapter_folder(args, state)
-        if os.path.isdir(os.path.dirname(checkpoint_adapter)):
-            self._save_adapter_or_warn(model, checkpoint_adapter, True)
+        written = self._save_adapter_or_warn(model, os.path.join(args.output_dir, CHECKPOINT_ADAPTER_FOLDER), True)
+        checkpoint_adapter = Path(self._checkpoint_adapter_folder(args, state))
+        if written is not None and checkpoint_adapter.parent.is_dir():
+            for path in written.values():  # the same files: copied, not computed again
+                atomic_write_bytes(checkpoint_adapter / path.name, path.read_bytes())
         return control
