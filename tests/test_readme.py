@@ -1,7 +1,9 @@
-"""The README's set-up commands and its three Python sections (Quick start, the pivoted QR, fine-tuning), run as
-written, so that what a new user copies keeps working. Not run: the snippet indented inside a list (many adapters in
-one batch, which needs trained adapters and a generative model) and the shell commands of the benchmark sections."""
+"""The README's set-up commands and its Python code (Quick start, the pivoted QR, fine-tuning, and the many-adapters
+snippet in the fine-tuning list), run as written, so that what a new user copies keeps working. Not run: the shell
+commands of the benchmark sections."""
+import copy
 import re
+import textwrap
 import shlex
 from pathlib import Path
 
@@ -118,3 +120,46 @@ def test_fine_tuning_section_runs_as_written(tmp_path, monkeypatch):
         assert_rel_close(base.eval()(input_ids=ids).logits, adapted, 1e-5, name="loaded from a folder, merged")
         assert_rel_close(other.eval()(input_ids=ids).logits, adapted, 1e-5, name="loaded from the Hub")
     assert all(type(m) is not QRLoraLinear for m in base.modules())  # merge_and_unload: plain layers again
+
+
+@pytest.mark.filterwarnings("ignore:Using the model-agnostic default `max_length`")  # the snippet, as written
+def test_many_adapters_snippet_runs_as_written(tmp_path, monkeypatch):
+    """The indented snippet under "Many adapters in one batch", on a small Llama-style decoder with two adapters
+    saved where the snippet loads them: each sequence's logits, and its beams, are those of the model that has
+    only that sequence's adapter."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from qrlora_kernels import QRLoraConfig, adapter_batch, apply_qrlora, load_adapter, save_adapter
+    from qrlora_kernels.model import qrlora_layers
+    _, found, rest = README.partition("* **Many adapters in one batch**")
+    assert found, "README has no 'Many adapters in one batch' item"
+    code = textwrap.dedent(re.search(r"^ *```python\n(.*?)^ *```", rest, flags=re.S | re.M).group(1))
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    monkeypatch.chdir(tmp_path)
+    tuned = {}
+    for task in ("sst2", "mnli"):
+        tuned[task] = copy.deepcopy(base)
+        apply_qrlora(tuned[task], QRLoraConfig(target_modules=["q_proj", "v_proj"], rank=6), progress=False)
+        with torch.no_grad():
+            for _, layer in qrlora_layers(tuned[task]):
+                layer.lam.normal_(0.0, 3.0)
+        save_adapter(tuned[task], f"adapters/{task}")
+    batch = {"input_ids": torch.randint(3, 96, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        ns = _run(code, "Many adapters in one batch", {"model": model, "batch": batch, "load_adapter": load_adapter,
+                                                      "adapter_batch": adapter_batch})
+    assert "generate" not in vars(model)  # the block's generate wrapper is gone afterwards
+    logits, out = ns["logits"], ns["out"]
+    assert out.shape[0] == 3 and out.shape[1] > 7
+    with torch.no_grad():
+        for i, task in enumerate(["sst2", "mnli", "sst2"]):
+            row = {k: v[i:i + 1] for k, v in batch.items()}
+            alone = tuned[task](**row).logits
+            assert rel_error(alone, base(**row).logits) > 1e-3  # the adapter changes this sequence's output
+            assert_rel_close(logits[i:i + 1], alone, 1e-5, name=f"sequence {i} ({task}) logits")
+            generated = tuned[task].generate(**row, num_beams=4)
+            assert torch.equal(out[i:i + 1, :generated.shape[1]], generated), f"sequence {i} ({task}) beams"
+            assert (out[i, generated.shape[1]:] == base.config.pad_token_id).all()  # a shorter one is padded
