@@ -161,6 +161,17 @@ def test_fingerprint_sees_a_change_anywhere():
     assert "shape (100, 99)" in _fingerprint_problem(weight[:, :99], saved)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_fingerprints_written_by_earlier_versions_still_match(dtype):
+    """Files from before the sum of squares became a dot product (one float64 copy less) hold
+    ``w.double().square().sum()``: another reduction order, so the last bits differ, within the tolerance."""
+    weight = (torch.randn(300, 257, dtype=torch.float64) * 3 + 0.5).to(dtype).t()  # non-contiguous too
+    now = weight_fingerprint(weight)
+    earlier = dict(now, sum=float(weight.double().sum()), sum_sq=float(weight.double().square().sum()))
+    assert _fingerprint_problem(weight, earlier) is None
+    assert _fingerprint_problem(weight, dict(earlier, sum_sq=earlier["sum_sq"] * (1 + 1e-6))) is not None
+
+
 def test_load_errors_name_the_module(base, tmp_path):
     model = _adapted(base)
     save_adapter(model, tmp_path)
