@@ -40,7 +40,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .atomic_file import atomic_write_bytes
+from .atomic_file import atomic_write_files
 from .config import QRLoraConfig
 from .functional import acc_dtype, implied_r
 from .model import (ADAPTER_IDS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER, MODULES_TO_SAVE_ATTR, _layer_class,
@@ -285,8 +285,9 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
                       f"folder will take {ADAPTER_CONFIG} for a PEFT adapter and fail; save the adapter in a folder of "
                       f"its own (QRLoraCheckpointCallback uses a qrlora-adapter subfolder)", UserWarning, stacklevel=2)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(weights_path, safetensors_save(tensors, metadata={"format": FORMAT}))
-    atomic_write_bytes(config_path, (json.dumps(meta, indent=1) + "\n").encode())
+    # One write of the pair: an error or an interrupt between the two files leaves the previous adapter whole.
+    atomic_write_files({weights_path: safetensors_save(tensors, metadata={"format": FORMAT}),
+                        config_path: (json.dumps(meta, indent=1) + "\n").encode()})
     return {"weights": weights_path, "config": config_path}
 
 

@@ -4,26 +4,32 @@ A crash or a full disk mid-write leaves the previous file intact and no temporar
 the permissions a plain ``open(path, "wb")`` would give it: an existing file's mode is kept, a new file gets
 0o666 less the umask (``tempfile.mkstemp`` would make every result 0o600, unreadable to other users and to
 serving containers). Used by adapter files, benchmark results and the example's results alike.
+
+Files that only make sense together (an adapter's weights and its config) go through ``atomic_write_files``: every
+new file is on disk before the first rename, and a failure between two renames puts the earlier ones back, so an
+error or an interrupt leaves the old set (a crash of the machine between two renames can still mix them; the
+adapter's loader then refuses the pair by its checksums).
 """
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import uuid
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (creating its folder); returns the path.
+def _sibling(path: Path, suffix: str) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.{suffix}")
 
-    A symbolic link is written through, as ``open()`` would (Hugging Face's cache links files), not replaced.
-    """
-    path = Path(os.path.realpath(path))
+
+def _write_temporary(path: Path, data: bytes) -> Path:
+    """``data`` in a new file beside ``path``, flushed to disk, with the mode ``open(path, "wb")`` would give."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = _sibling(path, "tmp")
     # O_EXCL: never write through a file someone else created; mode 0o666 is then cut by the umask, as open() does.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
@@ -35,12 +41,71 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
             os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         except FileNotFoundError:
             pass
-        os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _unlink_quietly(tmp)
         raise
-    return path
+    return tmp
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (creating its folder); returns the path.
+
+    A symbolic link is written through, as ``open()`` would (Hugging Face's cache links files), not replaced.
+    """
+    return atomic_write_files({path: data})[0]
+
+
+def atomic_write_files(files: dict[PathLike, bytes]) -> list[Path]:
+    """Write several files as one: either all of them are replaced, or (on an error or an interrupt) none is.
+
+    Each file is written as ``atomic_write_bytes`` writes it; only then are they renamed into place, one after
+    another. If a rename fails, the files already replaced get their previous contents back (kept as hard links
+    until the last rename) and the ones that did not exist are removed. Returns the paths written.
+    """
+    paths = [Path(os.path.realpath(p)) for p in files]
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"atomic_write_files: the same file twice in {[str(p) for p in files]}")
+    temporaries: list[Path] = []
+    backups: list[Path] = []
+    replaced: dict[Path, Optional[Path]] = {}  # path -> its previous contents (None: it did not exist)
+    try:
+        for path, data in zip(paths, files.values()):
+            temporaries.append(_write_temporary(path, data))
+        for path, tmp in zip(paths, temporaries):
+            previous = None
+            if len(paths) > 1 and os.path.exists(path):
+                previous = _sibling(path, "previous")
+                backups.append(previous)
+                _link_or_copy(path, previous)
+            os.replace(tmp, path)
+            replaced[path] = previous
+    except BaseException:
+        for path, previous in replaced.items():  # back to the previous set
+            if previous is None:
+                _unlink_quietly(path)
+            else:
+                os.replace(previous, path)
+        for leftover in temporaries + backups:
+            _unlink_quietly(leftover)
+        raise
+    for previous in backups:
+        _unlink_quietly(previous)
+    return paths
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` holds what ``source`` holds now (a hard link where the file system has them)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .adapter_io import CHECKPOINT_ADAPTER_FOLDER, _is_sharded, save_adapter
-from .atomic_file import atomic_write_bytes
+from .atomic_file import atomic_write_files
 from .frozen_weights import LeftOut, active_left_out, leave_out
 from .model import adapter_row, default_adapter_name, parameter_holding_wrapper, unwrap_model
 
@@ -165,6 +165,6 @@ class QRLoraCheckpointCallback(TrainerCallback):
         written = self._save_adapter_or_warn(model, os.path.join(args.output_dir, CHECKPOINT_ADAPTER_FOLDER), True)
         checkpoint_adapter = Path(self._checkpoint_adapter_folder(args, state))
         if written is not None and checkpoint_adapter.parent.is_dir():
-            for path in written.values():  # the same files: copied, not computed again
-                atomic_write_bytes(checkpoint_adapter / path.name, path.read_bytes())
+            # The same files, copied (not computed again), as one write like save_adapter's.
+            atomic_write_files({checkpoint_adapter / path.name: path.read_bytes() for path in written.values()})
         return control

@@ -137,6 +137,54 @@ def test_writes_are_atomic(base, tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old files intact, no temp files left
 
 
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk-full", "ctrl-c"])
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
+def test_a_save_failing_between_its_two_files_keeps_the_previous_adapter(base, tmp_path, monkeypatch, failure, links):
+    """The weights and the config are one write: a failure at the second rename puts the first file back, so the
+    folder still holds the previous adapter, whole and loadable; into an empty folder it leaves nothing."""
+    import qrlora_kernels.atomic_file as atomic_file
+    model = _adapted(base)
+    save_adapter(model, tmp_path / "kept")
+    expected = copy.deepcopy(base)
+    load_adapter(expected, tmp_path / "kept")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "kept").iterdir()}
+    replace, renames = os.replace, []
+
+    def second_rename_fails(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:
+            raise failure
+        return replace(src, dst)
+    monkeypatch.setattr(atomic_file.os, "replace", second_rename_fails)
+    if not links:
+        def no_links(*_):
+            raise OSError("hard links not supported")
+        monkeypatch.setattr(atomic_file.os, "link", no_links)
+    with torch.no_grad():
+        model.layers[0].query.lam.add_(1.0)
+    for folder in ("kept", "new"):
+        renames.clear()
+        with pytest.raises(type(failure)):
+            save_adapter(model, tmp_path / folder)
+        assert len(renames) >= 2
+    assert {p.name: p.read_bytes() for p in (tmp_path / "kept").iterdir()} == before  # nothing else left behind
+    assert list((tmp_path / "new").iterdir()) == []
+    monkeypatch.undo()
+    reloaded = copy.deepcopy(base)
+    load_adapter(reloaded, tmp_path / "kept")
+    x = torch.randn(2, 5, HIDDEN)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), expected(x))
+
+
+def test_atomic_write_files_refuses_one_file_twice(tmp_path):
+    from qrlora_kernels.atomic_file import atomic_write_files
+    with pytest.raises(ValueError, match="the same file twice"):
+        atomic_write_files({str(tmp_path / "a"): b"1", f"{tmp_path}/./a": b"2"})
+    assert not list(tmp_path.iterdir())
+
+
 def test_budget_601_on_roberta_base_dims_gives_a_file_under_16kb(tmp_path):
     # True roberta-base query/value shapes (768x768, 12 layers); a small vocabulary keeps the build fast.
     from transformers import RobertaConfig, RobertaModel
