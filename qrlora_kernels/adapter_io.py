@@ -233,6 +233,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
     config = getattr(model, CONFIG_ATTR, None)
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
+    diverged: list[str] = []
     for module_path, layer in layers:
         name = canonical_name(module_path)
         if getattr(layer, "merged", False):
@@ -245,6 +246,8 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
                              f"save inside FullyShardedDataParallel.summon_full_params(model) on every rank, before "
                              f"wrapping, or use FSDP2's fully_shard")
         lam = lam_rows[row].to("cpu").clone()
+        if not torch.isfinite(lam).all():
+            diverged.append(name)
         pivots = layer.perm[:r].to("cpu", torch.int32).clone()
         own = {"lam": lam, "pivots": pivots}
         if include_basis:
@@ -276,6 +279,10 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
         "include_basis": bool(include_basis), "modules": modules, "modules_to_save": saved_modules,
         "base_model_name_or_path": base_model_name(model),
     }
+    if diverged:  # written all the same (a diverged run is worth keeping to look at); load_adapter refuses it
+        warnings.warn(f"adapter {adapter_name!r}: lam holds NaN or Inf in {len(diverged)} module(s) "
+                      f"({', '.join(diverged[:3])}{', ...' if len(diverged) > 3 else ''}): training diverged; "
+                      f"load_adapter will refuse this adapter", UserWarning, stacklevel=2)
     out = Path(path)
     weights_path, config_path = out / ADAPTER_WEIGHTS, out / ADAPTER_CONFIG
     if not is_main_process:
@@ -304,6 +311,12 @@ def _read_config(config_path: Path) -> dict:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{config_path} has format_version {meta.get('format_version')}; "
                          f"this qrlora_kernels reads version {FORMAT_VERSION}")
+    if not meta["modules"]:  # save_adapter never writes one: a model without QR-LoRA layers is refused there
+        raise ValueError(f"{config_path} is corrupt: it lists no adapted modules")
+    if not isinstance(meta.get("include_basis", False), bool):
+        raise ValueError(f"{config_path} is corrupt: 'include_basis' is not true or false")
+    if not isinstance(meta.get("adapter_name") or DEFAULT_ADAPTER, str):
+        raise ValueError(f"{config_path} is corrupt: 'adapter_name' is not a string")
     for name, info in meta["modules"].items():
         _check_module_info(name, info, config_path)
     if not isinstance(meta.get("modules_to_save") or {}, dict):
@@ -346,8 +359,21 @@ def _check_module_info(name: str, info, config_path: Path) -> None:
     rounded = info["fingerprint"].get("rounded", {})
     if not isinstance(rounded, dict) or any(_bad_field(fp, _FINGERPRINT_FIELDS) for fp in rounded.values()):
         raise ValueError(f"{name}: {config_path} is corrupt: 'fingerprint.rounded' is damaged")
+    for fingerprint in [info["fingerprint"], *rounded.values()]:
+        if not isinstance(getattr(torch, fingerprint["dtype"], None), torch.dtype):
+            raise ValueError(f"{name}: {config_path} is corrupt: its fingerprint names an unknown dtype "
+                             f"{fingerprint['dtype']!r}")
     if not isinstance(info.get("store_r", True), bool):
         raise ValueError(f"{name}: {config_path} is corrupt: 'store_r' is not true or false")
+    # Shown by the layer's repr and report (tau, energy_captured) and choosing its rank rule's name (energy).
+    for key, kinds in (("tau", (int, float)), ("energy_captured", (int, float)), ("energy", str)):
+        value = info.get(key)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+            raise ValueError(f"{name}: {config_path} is corrupt: {key!r} is {value!r}, not a "
+                             f"{'number' if kinds != str else 'string'} or null")
+    if info.get("energy") not in (None, "diag", "frobenius"):
+        raise ValueError(f"{name}: {config_path} is corrupt: 'energy' is {info['energy']!r}, not 'diag' or "
+                         f"'frobenius'")
 
 
 def _diagnose_safetensors(path: Path) -> str:
@@ -363,8 +389,16 @@ def _diagnose_safetensors(path: Path) -> str:
         except (json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError):
             return "its header is unreadable"
     available = size - 8 - header_len
-    lost = sorted({key.rsplit(".", 1)[0] for key, info in header.items()
-                   if key != "__metadata__" and info["data_offsets"][1] > available})
+
+    def end_offset(entry) -> Optional[int]:
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        ok = isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+        return offsets[1] if ok else None
+    if not isinstance(header, dict) or any(end_offset(entry) is None for key, entry in header.items()
+                                           if key != "__metadata__"):
+        return "its header is not a safetensors header"
+    lost = sorted({key.rsplit(".", 1)[0] for key, entry in header.items()
+                   if key != "__metadata__" and end_offset(entry) > available})
     lost = [name[len(SAVED_PREFIX):].rsplit(".", 1)[0] if name.startswith(SAVED_PREFIX) else name for name in lost]
     if lost:
         return f"data missing for module(s) {', '.join(sorted(set(lost)))}"
@@ -406,6 +440,15 @@ def _module_tensors(tensors: dict, name: str, info: dict, include_basis: bool, p
                          f"expected ({r},)")
     if not own["lam"].is_floating_point():
         raise ValueError(f"{name}: lam is stored as {own['lam'].dtype}, which cannot be honoured as coefficients")
+    if not torch.isfinite(own["lam"]).all():
+        i = int((~torch.isfinite(own["lam"])).nonzero()[0])
+        raise ValueError(f"{name}: lam[{i}] is {own['lam'][i].item()} in {path}: the adapter was saved from a "
+                         f"diverged training run, and would make every output of the layer NaN")
+    expected = {"Q": (int(info["out_features"]), r), "R": (r, int(info["in_features"]))}
+    for key in set(expected) & set(own):
+        if tuple(own[key].shape) != expected[key] or not own[key].is_floating_point():
+            raise ValueError(f"{name}: its stored basis {key} is {tuple(own[key].shape)} {own[key].dtype}, "
+                             f"expected a floating-point {expected[key]} for rank {r} ({path} is inconsistent)")
     return own
 
 
@@ -455,6 +498,12 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
         raise ValueError(f"load adapters before wrapping the model in {wrapper}: it keeps the parameters it was "
                          f"given, and the new lam parameters would not be synchronised (only an adapter already "
                          f"loaded under this name can be overwritten in place)")
+    # Every QR-LoRA layer's lam changes (a new row, or the row overwritten), and a merged layer's weight holds its
+    # lam: refused before anything changes, not only where the file has the module.
+    for merged_path, merged_layer in qrlora_layers(model):
+        if getattr(merged_layer, "merged", False):
+            raise ValueError(f"{canonical_name(merged_path)}: layer is merged; unmerge() it before loading "
+                             f"another adapter")
     if name_to_load not in ids:
         ids[name_to_load] = len(ids)
     row, num_adapters = ids[name_to_load], len(ids)
@@ -479,8 +528,6 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
             if (module.out_features, module.in_features) != (info["out_features"], info["in_features"]):
                 raise ValueError(f"{name}: the model's layer is {module.out_features}x{module.in_features}, "
                                  f"the adapter's {info['out_features']}x{info['in_features']}")
-            if getattr(module, "merged", False):
-                raise ValueError(f"{name}: layer is merged; unmerge() it before loading another adapter")
             if any(_is_sharded(t) for t in module.parameters()):
                 raise ValueError(f"{name}: its parameters are sharded (FSDP2 fully_shard); load the adapter into the "
                                  f"model before sharding it")

@@ -249,6 +249,80 @@ def test_load_errors_name_the_module(base, tmp_path):
         load_adapter(copy.deepcopy(base), tmp_path)
 
 
+@pytest.mark.parametrize("where, key, value, message", [
+    (None, "adapter_name", 5, "'adapter_name' is not a string"),
+    (None, "include_basis", "false", "'include_basis' is not true or false"),
+    (None, "modules", {}, "it lists no adapted modules"),
+    ("module", "tau", "0.9", r"layers\.0\.query: .*'tau' is '0\.9', not a number or null"),
+    ("module", "energy_captured", [0.9], r"layers\.0\.query: .*'energy_captured' is \[0\.9\], not a number"),
+    ("module", "energy", "bogus", r"layers\.0\.query: .*'energy' is 'bogus', not 'diag' or 'frobenius'"),
+    ("fingerprint", "dtype", "bogus", r"layers\.0\.query: .*its fingerprint names an unknown dtype 'bogus'"),
+    ("fingerprint", "dtype", "Tensor", r"layers\.0\.query: .*its fingerprint names an unknown dtype 'Tensor'"),
+])
+def test_damaged_config_fields_name_the_field_and_change_nothing(base, tmp_path, where, key, value, message):
+    """Fields the loader reads later (the layer's repr, the rank rule's name, the adapter's name, the fingerprint's
+    dtype) are checked with the others, before the model changes."""
+    save_adapter(_adapted(base), tmp_path)
+    meta = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    entry = {None: meta, "module": meta["modules"]["layers.0.query"],
+             "fingerprint": meta["modules"]["layers.0.query"]["fingerprint"]}[where]
+    entry[key] = value
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(meta))
+    fresh = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=message):
+        load_adapter(fresh, tmp_path)
+    assert not qrlora_layers(fresh) and all(p.requires_grad for p in fresh.parameters())
+
+
+def test_an_adapter_from_a_diverged_run_is_saved_with_a_warning_and_refused_at_load(base, tmp_path):
+    model = _adapted(base)
+    with torch.no_grad():
+        model.layers[1].value.lam[3] = float("nan")
+    with pytest.warns(UserWarning, match=r"lam holds NaN or Inf in 1 module\(s\) \(layers\.1\.value\): training "
+                                         r"diverged"):
+        save_adapter(model, tmp_path)  # kept to look at
+    fresh = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=r"layers\.1\.value: lam\[3\] is nan .*diverged"):
+        load_adapter(fresh, tmp_path)
+    assert not qrlora_layers(fresh)
+
+
+def test_an_include_basis_file_whose_basis_has_another_rank_is_refused_before_anything_changes(base, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from qrlora_kernels.adapter_io import _checksum
+    save_adapter(_adapted(base), tmp_path, include_basis=True)
+    meta = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    name = "layers.2.value"  # the last module: every other one would already be converted
+    good = load_file(tmp_path / ADAPTER_WEIGHTS)
+    r = meta["modules"][name]["rank"]
+    for cut in ("Q", "R"):
+        tensors = dict(good)
+        tensors[f"{name}.{cut}"] = (good[f"{name}.Q"][:, :r - 2] if cut == "Q" else good[f"{name}.R"][:r - 2]).clone()
+        meta["modules"][name]["checksum"] = _checksum({k: tensors[f"{name}.{k}"] for k in ("lam", "pivots", "Q", "R")})
+        save_file(tensors, tmp_path / ADAPTER_WEIGHTS, metadata={"format": "qrlora-adapter"})
+        (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(meta))
+        fresh = copy.deepcopy(base)
+        with pytest.raises(ValueError, match=rf"{name}: its stored basis {cut} is .* expected a floating-point "
+                                             rf"\({32 if cut == 'Q' else r}, {r if cut == 'Q' else 32}\)"):
+            load_adapter(fresh, tmp_path)
+        assert not qrlora_layers(fresh) and all(p.requires_grad for p in fresh.parameters())
+
+
+def test_a_merged_layer_the_adapter_does_not_cover_is_refused_before_any_lam_changes(base, tmp_path):
+    """Loading touches every layer's lam (a new row, or the overwritten row cleared where the file has no
+    coefficients); a merged layer holds its lam in its weight, so it is refused first, by name."""
+    save_adapter(_adapted(base, QRLoraConfig(target_modules=["query"])), tmp_path / "query-only")
+    model = _adapted(base)
+    model.layers[2].value.merge()
+    lams = {name: (layer.lam, layer.lam.detach().clone()) for name, layer in qrlora_layers(model)}
+    for name in ("other", "default"):  # a new row, and an overwrite that clears the value layers' rows
+        with pytest.raises(ValueError, match=r"layers\.2\.value: layer is merged; unmerge\(\) it"):
+            load_adapter(model, tmp_path / "query-only", adapter_name=name)
+        for layer_name, layer in qrlora_layers(model):
+            assert layer.lam is lams[layer_name][0] and torch.equal(layer.lam, lams[layer_name][1]), layer_name
+        assert model.qrlora_adapter_ids == {"default": 0}
+
+
 def test_dtype_mismatch_is_honoured_when_the_weights_round_to_the_saved_ones(tmp_path):
     base = TinyModel().eval()
     with torch.no_grad():
@@ -432,6 +506,12 @@ def test_truncated_and_corrupt_files(base, tmp_path):
     weights.write_bytes(good[:5])
     with pytest.raises(ValueError, match="truncated or corrupt"):
         load_adapter(copy.deepcopy(base), tmp_path)
+    # A header that is JSON but not a safetensors header: still the file's error (the diagnosis itself survives it).
+    for header in ([1, 2], {"layers.0.query.lam": {"dtype": "F32"}}, {"x": {"data_offsets": "ab"}}):
+        data = json.dumps(header).encode()
+        weights.write_bytes(struct.pack("<Q", len(data)) + data)
+        with pytest.raises(ValueError, match=r"truncated or corrupt \(its header is not a safetensors header"):
+            load_adapter(copy.deepcopy(base), tmp_path)
     weights.write_bytes(good)
     (tmp_path / ADAPTER_CONFIG).write_text('{"format": "qrlora-adapter", "modu')
     with pytest.raises(ValueError, match="adapter_config.json is truncated or corrupt"):
