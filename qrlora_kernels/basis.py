@@ -35,6 +35,7 @@ Factorisations run in float32 (float64 for float64 weights); Q_r and R_r are ret
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -102,6 +103,9 @@ def _check_weight(weight: torch.Tensor) -> None:
                         f"loaded unquantised, e.g. in bfloat16)")
     if weight.numel() == 0:
         raise ValueError(f"weight is empty (shape {tuple(weight.shape)}); there is no basis to build")
+    if weight.is_meta:
+        raise ValueError("weight is on the meta device: it has no values to factorise (load the model's weights "
+                         "first)")
 
 
 def _check_method(method) -> None:
@@ -148,17 +152,21 @@ def _stopping_rule(tau, rank, energy, defer=False, method="geqp3") -> dict:
     return dict(kwargs, tau=tau)
 
 
-def _basis_from_factorisation(weight: torch.Tensor, weight_energy: torch.Tensor, result, tau, rank,
+def _basis_from_factorisation(weight: torch.Tensor, weight_energy: _Energy, result, tau, rank,
                               energy, defer=False) -> QRLoraBasis | DeferredBasis:
     """Choose r, form Q_r and R_r with the sign convention, from ``qrcp(w, **_stopping_rule(...))``."""
     if rank is None and energy == "diag":
         R, perm = result.R if defer else result.r(), result.perm
-        d = torch.diagonal(R).square()
+        # Squared in float64 after dividing by a power of two near the largest |R_ii| (see _Energy): in R's
+        # own float32 the squares overflow from |W| ~ 1e18 and vanish below ~1e-23, which changed the rank.
+        diagonal = torch.diagonal(R).to(torch.float64)
+        d = (diagonal / _power_of_two_near(float(diagonal.abs().max()))).square()
         cumulative = torch.cumsum(d, 0)
         # Smallest r with cumsum[r-1] >= tau * total; clamped because rounding can leave cumsum[-1] a hair below.
         r = min(int((cumulative < tau * cumulative[-1]).sum().item()) + 1, d.numel())
-        diag_energy = d / cumulative[-1]
-        energy_captured = float(diag_energy[:r].sum())
+        diag_energy = (d / cumulative[-1]).to(R.dtype)
+        # Summed as truncate() sums them, so that truncating this basis to r reports the same energy.
+        energy_captured = float(diag_energy[:r].to(torch.float64).sum())
         if defer:
             return DeferredBasis(weight, perm.to(device=weight.device, dtype=torch.int64), r, energy_captured,
                                  diag_energy)
@@ -168,8 +176,10 @@ def _basis_from_factorisation(weight: torch.Tensor, weight_energy: torch.Tensor,
         r = Q.shape[1]
         Q_r = Q
         R_rows = R[:r]
-        diag_energy = torch.diagonal(R_rows[:, :r]).square() / weight_energy
-        energy_captured = float(torch.linalg.vector_norm(R_rows).square() / weight_energy)
+        scale = weight_energy.scale
+        diag_energy = ((torch.diagonal(R_rows[:, :r]).to(torch.float64) / scale).square()
+                       / weight_energy.energy).to(R.dtype)
+        energy_captured = _square_sum(R_rows, scale) / weight_energy.energy
 
     Q_r, R_r_pivoted = _normalise_signs(Q_r, R[:r])
     perm = perm.to(device=weight.device, dtype=torch.int64)
@@ -177,13 +187,55 @@ def _basis_from_factorisation(weight: torch.Tensor, weight_energy: torch.Tensor,
     return QRLoraBasis(Q_r.to(weight.dtype), R_r.to(weight.dtype), perm, r, energy_captured, diag_energy)
 
 
-def _weight_energy(weight: torch.Tensor) -> torch.Tensor:
-    """``||W||_F^2`` in the compute dtype, without a converted copy of W; refuses an all-zero weight."""
-    # NaN/Inf is refused by qrcp itself (naming the first bad column): no second pass over W here.
-    energy = torch.linalg.vector_norm(weight.detach(), dtype=_compute_dtype(weight.dtype)).square()
-    if energy == 0:
+class _Energy(NamedTuple):
+    """``||W||_F^2 = energy * scale**2`` (energy None where the rank rule does not use it).
+
+    Energies are ratios of sums of squares, which in float32 overflow from |W| ~ 1e18 (1e19 squared exceeds
+    3.4e38) and vanish below |W| ~ 1e-23; float64 alone would only move the limits (1e154). So every sum of
+    squares is taken in float64 of the values divided by ``scale``, a power of two near the largest |entry|
+    (an exact division): the ratios, and so the ranks, are then the same at any scale of W that its dtype
+    represents."""
+    scale: float
+    energy: float | None
+
+
+def _power_of_two_near(amax: float) -> float:
+    """2**(e-1) for ``amax = m * 2**e`` (m in [0.5, 1)): ``amax`` divided by it lies in [1, 2), and dividing by it
+    is exact. It is representable for every finite positive float64 (2**-1074 to 2**1023); 1 for 0, NaN or Inf."""
+    if not (0.0 < amax < math.inf):
+        return 1.0
+    return math.ldexp(0.5, math.frexp(amax)[1])
+
+
+# Elements converted to float64 at a time by _square_sum: no float64 copy of a whole large weight.
+_SQUARE_SUM_CHUNK = 1 << 22
+
+
+def _square_sum(t: torch.Tensor, scale: float) -> float:
+    """``sum((t / scale)**2)`` in float64 (see ``_Energy``). Row sums within blocks of rows, then ``math.fsum`` of
+    them on the host: the result does not depend on the thread count (a whole-tensor reduction splits its
+    work by the thread count)."""
+    t = t.detach()
+    t = t.reshape(-1, 1) if t.dim() == 1 else t
+    rows = max(1, _SQUARE_SUM_CHUNK // max(1, t.shape[1]))
+    sums = [block.to(torch.float64, copy=True).div_(scale).square_().sum(dim=1) for block in t.split(rows)]
+    return math.fsum(torch.cat(sums).tolist()) if sums else 0.0
+
+
+_AMINMAX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _weight_energy(weight: torch.Tensor, needed: bool = True) -> _Energy:
+    """``||W||_F^2`` (as an ``_Energy``), scale-free; refuses an all-zero weight. The diag rule with tau reads
+    only R's diagonal: ``needed=False`` then skips the pass over W in float64."""
+    low, high = torch.aminmax(weight.detach() if weight.dtype in _AMINMAX_DTYPES else weight.detach().float())
+    amax = float(torch.maximum(-low, high))
+    # An exact test: float32 squares of a weight at 1e-25 underflow to zero, but the weight is not zero.
+    if amax == 0:
         raise ValueError("weight is all zeros: it has no energy to capture and no basis")
-    return energy
+    # NaN/Inf (amax not finite) is refused by qrcp itself, naming the first bad column.
+    scale = _power_of_two_near(amax)
+    return _Energy(scale, _square_sum(weight, scale) if needed else None)
 
 
 def _for_qrcp(weight: torch.Tensor) -> torch.Tensor:
@@ -203,7 +255,7 @@ def build_basis(weight: torch.Tensor, *, tau: float | None = None, rank: int | N
     _check_weight(weight)
     _check_rule(tau, rank, energy, min(weight.shape))
     _check_method(method)
-    weight_energy = _weight_energy(weight)
+    weight_energy = _weight_energy(weight, rank is not None or energy != "diag")
     result = qrcp(_for_qrcp(weight), **_stopping_rule(tau, rank, energy, method=method))
     return _basis_from_factorisation(weight, weight_energy, result, tau, rank, energy)
 
@@ -246,7 +298,7 @@ def build_bases(weights: Sequence[torch.Tensor], *, tau: float | None = None, ra
             _check_weight(weight)
             r = None if rank is None else min(rank, min(weight.shape))
             _check_rule(tau, r, energy, min(weight.shape))
-            energies.append(_weight_energy(weight))
+            energies.append(_weight_energy(weight, rank is not None or energy != "diag"))
         except (TypeError, ValueError) as err:
             raise type(err)(f"{name}: {err}") from None
         groups.setdefault((tuple(weight.shape), weight.dtype, weight.device, r), []).append(i)
@@ -311,10 +363,9 @@ def truncate(basis: QRLoraBasis | DeferredBasis, rank: int, *, energy: str = "di
         energy_captured = float(basis.diag_energy[:rank].to(torch.float64).sum())
         diag_energy = basis.diag_energy
     else:
-        acc = _compute_dtype(basis.R.dtype)
-        kept = torch.linalg.vector_norm(R.to(acc)).square()
-        total = torch.linalg.vector_norm(basis.R.to(acc)).square()
-        energy_captured = float(basis.energy_captured * kept / total)
+        # Scale-free float64 sums (see _Energy): float32 squares overflow from |R| ~ 1e19.
+        scale = _power_of_two_near(float(basis.R.detach().abs().max()))
+        energy_captured = basis.energy_captured * _square_sum(R, scale) / _square_sum(basis.R, scale)
         diag_energy = basis.diag_energy[:rank]
     return QRLoraBasis(Q.contiguous(), R.contiguous(), basis.perm, rank, energy_captured, diag_energy)
 

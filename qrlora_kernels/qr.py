@@ -36,8 +36,9 @@ Output (``mode``, named as in ``torch.linalg.qr`` and ``numpy.linalg.qr``):
   its columns, or none, should ask for ``"raw"`` or ``"r"``.
 
 float32/float64 inputs are factored in their own precision; float16/bfloat16 are factored in
-float32 and the results are float32. Results live on the input's device. ``qrcp`` is not
-differentiable.
+float32 and the results are float32. A matrix at a subnormal scale (largest |entry| below the square root of
+the smallest normal number) is factored times a power of two, which is exact, and R scaled back. Results live
+on the input's device (CPU or CUDA; meta tensors are refused). ``qrcp`` is not differentiable.
 """
 from __future__ import annotations
 
@@ -117,6 +118,7 @@ def _check_number(name, value, *, integer=False):
 
 
 def _validate(A, rank, tau, abstol, reltol, method, mode, *, batched=False):
+    """Refuses what qrcp cannot factor; returns each matrix's largest |entry| (a list, one value for a 2-D A)."""
     if not isinstance(A, torch.Tensor):
         raise TypeError(f"qrcp: A must be a torch.Tensor, got {type(A).__name__}")
     if batched and A.dim() != 3:
@@ -149,18 +151,27 @@ def _validate(A, rank, tau, abstol, reltol, method, mode, *, batched=False):
             _check_number(name, value)
             if value < 0:
                 raise ValueError(f"qrcp: {name} must be >= 0, got {value}")
-    # One reduction, no m x n mask: NaN and Inf always reach the sum (a finite matrix whose sum
-    # overflows only costs the exact check below, which then finds nothing).
-    if A.numel() and not bool(torch.isfinite(A.sum(dtype=torch.float64 if A.dtype == torch.float64
-                                                     else torch.float32))):
+    if A.device.type not in ("cpu", "cuda"):
+        # The op has CPU and CUDA kernels only; a meta tensor has no values to factor (and k, under the
+        # tolerance and energy rules, depends on them).
+        raise ValueError(f"qrcp: A is on the {A.device} device; qrcp factors matrices on the CPU or a CUDA "
+                         f"device")
+    if not A.numel():
+        return [0.0] * (A.shape[0] if batched else 1)
+    # One reduction pass, no m x n mask or copy, one read-back: the largest |entry| of each matrix (NaN and Inf
+    # reach it), which also tells a subnormal-scale matrix (see _rescaling).
+    values = A if A.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else A.float()  # float8
+    low, high = torch.aminmax(values.reshape(A.shape[0], -1), dim=1) if batched else torch.aminmax(values)
+    amax = torch.maximum(-low, high).reshape(-1).tolist()
+    if not all(math.isfinite(a) for a in amax):
         finite = torch.isfinite(A)
-        if not bool(finite.all()):
-            if batched:
-                b = int((~finite).flatten(1).any(1).nonzero()[0, 0])
-                col = int((~finite[b]).any(dim=0).nonzero()[0, 0])
-                raise ValueError(f"qrcp_batched: matrix {b} contains NaN or Inf (first in column {col})")
-            col = int((~finite).any(dim=0).nonzero()[0, 0])
-            raise ValueError(f"qrcp: A contains NaN or Inf (first in column {col})")
+        if batched:
+            b = int((~finite).flatten(1).any(1).nonzero()[0, 0])
+            col = int((~finite[b]).any(dim=0).nonzero()[0, 0])
+            raise ValueError(f"qrcp_batched: matrix {b} contains NaN or Inf (first in column {col})")
+        col = int((~finite).any(dim=0).nonzero()[0, 0])
+        raise ValueError(f"qrcp: A contains NaN or Inf (first in column {col})")
+    return amax
 
 
 def _prepare(A, rank, tau, abstol, reltol, method, mode, block_size, seed):
@@ -236,12 +247,69 @@ def _nvtx(name: str, work: torch.Tensor):
     return torch.cuda.nvtx.range(name) if work.is_cuda else contextlib.nullcontext()
 
 
-def _result(mode: str, device, first, second, perm, *, what="qrcp: A"):
-    """The op's three outputs as the mode's named tuple, on the input's device.
+def _rescaling(amax: list[float], dtype: torch.dtype) -> list[int]:
+    """Per matrix, the power of two that a subnormal-scale matrix is factored at, or 0 (factored as it is).
+
+    The factorisation divides by column norms and Householder pivots. When a matrix's entries lie near or
+    below its dtype's smallest normal number (float32: 1.2e-38) those reciprocals overflow and subnormals
+    keep few bits, so its R came out inf/NaN. A matrix whose largest |entry| is below sqrt(tiny) (float32:
+    1.1e-19, float64: 1.5e-154) is factored times 2**e, which brings that entry into [0.5, 1) and is exact;
+    QR commutes with the scaling (Q, the pivots, tau unchanged, R scaled), so R is scaled back after.
+    Larger matrices are left alone: their factorisation is unchanged, to the bit."""
+    small = math.sqrt(torch.finfo(dtype).tiny)
+    return [-math.frexp(a)[1] if 0.0 < a < small else 0 for a in amax]
+
+
+def _times_power_of_two(t: torch.Tensor, exponent: int) -> torch.Tensor:
+    """``t * 2**exponent`` (a new tensor), exact unless the result is subnormal. 2**exponent itself need not be
+    representable in t's dtype (2**146 for a float32 matrix at 1e-44), so float32 is scaled in float64 (one
+    rounding) and float64 in steps of at most 2**1000."""
+    if t.dtype != torch.float64:
+        return (t.to(torch.float64) * 2.0 ** exponent).to(t.dtype)
+    while exponent:
+        step = max(-1000, min(1000, exponent))
+        t = t * 2.0 ** step
+        exponent -= step
+    return t
+
+
+def _ldexp(x: float, exponent: int) -> float:
+    try:
+        return math.ldexp(x, exponent)
+    except OverflowError:  # an abstol beyond the range: it stops at k = 0 either way
+        return math.inf
+
+
+def _rescaled_args(args: tuple, exponent: int) -> tuple:
+    """The op's arguments for the matrix times 2**exponent: abstol is absolute and scales with it (the other
+    rules are scale-free)."""
+    abstol = args[2]
+    return args[:2] + ((abstol if abstol < 0 else _ldexp(abstol, exponent)),) + args[3:]
+
+
+def _scaled_back(mode: str, first, second, exponent: int):
+    """The op's (first, second) outputs of a matrix factored times 2**exponent, for the matrix itself."""
+    if not exponent:
+        return first, second
+    if mode != "raw":
+        return first, _times_power_of_two(second, -exponent)  # (Q, R): R scales, Q does not
+    # (H, tau): everything in H but the reflectors (below the diagonal of its first k columns) is R or
+    # the trailing block, and scales.
+    k = second.shape[0]
+    rows = torch.arange(first.shape[0], device=first.device).unsqueeze(1)
+    cols = torch.arange(first.shape[1], device=first.device)
+    reflector = (rows > cols) & (cols < k)
+    return torch.where(reflector, first, _times_power_of_two(first, -exponent)), second
+
+
+def _result(mode: str, device, first, second, perm, *, what="qrcp: A", exponent=0):
+    """The op's three outputs as the mode's named tuple, on the input's device (for a matrix factored times
+    2**exponent, scaled back: see ``_rescaling``).
 
     A finite matrix whose column norms exceed its dtype's range (float32 entries near 3e38) factors into
     inf/NaN; R's diagonal shows it (O(k) to check), and the caller is told instead of handed NaNs."""
     result = QRCPRawResult if mode == "raw" else QRCPResult
+    first, second = _scaled_back(mode, first, second, exponent)
     out = result(first.to(device), second.to(device), perm.to(device))
     diagonal = out.H.diagonal()[:out.rank] if mode == "raw" else out.R.diagonal()
     if not bool(torch.isfinite(diagonal).all()):
@@ -258,15 +326,18 @@ def qrcp(A: torch.Tensor, *, rank: int | None = None, tau: float | None = None, 
     ``_block_size`` (panel width) and ``_seed`` (randomized sketch; drawn from torch's global
     generator when omitted) are for tests and benchmarks.
     """
-    _validate(A, rank, tau, abstol, reltol, method, mode)
+    amax = _validate(A, rank, tau, abstol, reltol, method, mode)
     work, args = _prepare(A, rank, tau, abstol, reltol, method, mode, _block_size, _seed)
     device = A.device
+    exponent = _rescaling(amax, work.dtype)[0]
+    if exponent:
+        work, args = _times_power_of_two(work, exponent), _rescaled_args(args, exponent)
     with _nvtx(f"qrcp/{method}", work), _full_float32(work.device):
         if work.requires_grad and torch.is_grad_enabled():
             out = _NotDifferentiable.apply(work, args)
         else:
             out = torch.ops.qrlora.qrcp(work, *args)
-    return _result(mode, device, *out)
+    return _result(mode, device, *out, exponent=exponent)
 
 
 def qrcp_batched(A: torch.Tensor, *, rank: int | None = None, tau: float | None = None,
@@ -283,9 +354,23 @@ def qrcp_batched(A: torch.Tensor, *, rank: int | None = None, tau: float | None 
     (on the CPU nothing in it, forming Q included, depends on the thread count); randomized results
     agree to rounding. Not differentiable (inputs are detached).
     """
-    _validate(A, rank, tau, abstol, reltol, method, mode, batched=True)
+    amax = _validate(A, rank, tau, abstol, reltol, method, mode, batched=True)
     work, args = _prepare(A, rank, tau, abstol, reltol, method, mode, _block_size, _seed)
+    exponents = _rescaling(amax, work.dtype)
+    work = work.detach()
     with _nvtx(f"qrcp_batched/{method}", work), _full_float32(work.device):
-        firsts, seconds, perms = torch.ops.qrlora.qrcp_batched(work.detach(), *args)
-    return [_result(mode, A.device, *out, what=f"qrcp_batched: matrix {b}")
-            for b, out in enumerate(zip(firsts, seconds, perms))]
+        if not any(exponents):
+            outs = zip(*torch.ops.qrlora.qrcp_batched(work, *args))
+        elif abstol is None or len(set(exponents)) == 1:
+            # Subnormal-scale matrices (see _rescaling), each at its own scale: the other rules are scale-free.
+            work = torch.stack([_times_power_of_two(w, e) if e else w for w, e in zip(work, exponents)])
+            outs = zip(*torch.ops.qrlora.qrcp_batched(work, *_rescaled_args(args, exponents[0])))
+        else:
+            # abstol is one absolute threshold for the whole batch: matrices at different scales are factored
+            # one at a time, matrix b with the seed it has in the batch (_seed + b, modulo 2**64).
+            seed = args[6]
+            outs = [torch.ops.qrlora.qrcp(_times_power_of_two(w, e) if e else w, *_rescaled_args(
+                        args[:6] + ((seed + b + 2**63) % 2**64 - 2**63,) + args[7:], e))
+                    for b, (w, e) in enumerate(zip(work, exponents))]
+    return [_result(mode, A.device, *out, what=f"qrcp_batched: matrix {b}", exponent=e)
+            for b, (out, e) in enumerate(zip(outs, exponents))]

@@ -110,6 +110,35 @@ def test_truncate_equals_smaller_factorisation():
     assert from_rank.energy_captured == pytest.approx(direct.energy_captured, rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype, scales", [
+    (torch.float32, [1e-30, 1e-25, 1e-20, 1e-10, 1e10, 1e18, 1e19, 1e20, 1e30]),
+    (torch.float64, [1e-300, 1e-160, 1e160, 1e300]),
+], ids=["float32", "float64"])
+@pytest.mark.parametrize("rule", [{"tau": 0.9}, {"tau": 0.9, "energy": "frobenius"}, {"rank": 6}],
+                         ids=["diag", "frobenius", "rank"])
+def test_ranks_and_energies_do_not_depend_on_the_weight_scale(rule, dtype, scales):
+    """c * W gets W's rank, energies and pivots (and c * R) for every c its dtype represents. Squared in float32,
+    R's diagonal overflowed from |W| ~ 1e18 (tau=0.9 gave rank 8 and energy 0, from 1e19 rank 1 and NaN) and
+    vanished below ~1e-23 (a weight at 1e-25 was refused as "all zeros")."""
+    w = _weight(40, 32, torch.float64)
+    ref = build_basis(w.to(dtype), **rule)
+    for c in scales:
+        got = build_basis((w * c).to(dtype), **rule)
+        assert got.rank == ref.rank, f"c={c:g}"
+        assert torch.equal(got.perm[:got.rank], ref.perm[:ref.rank]), f"c={c:g}"
+        assert got.energy_captured == pytest.approx(ref.energy_captured, rel=1e-5), f"c={c:g}"
+        assert got.diag_energy.dtype == ref.diag_energy.dtype
+        assert_rel_close(got.diag_energy, ref.diag_energy, 1e-5, name=f"diag_energy at c={c:g}")
+        assert_rel_close(got.R.double() / c, ref.R.double(), 1e-5, name=f"R / c at c={c:g}")
+        assert torch.isfinite(got.Q).all()
+        if "rank" in rule:  # truncating a rank-k basis under the frobenius rule: its energies again
+            small, ref_small = truncate(got, 3, energy="frobenius"), truncate(ref, 3, energy="frobenius")
+            assert small.energy_captured == pytest.approx(ref_small.energy_captured, rel=1e-5), f"c={c:g}"
+        if "energy" not in rule and "rank" not in rule:  # the normalised energies a global budget compares
+            deferred, ref_deferred = build_bases([(w * c).to(dtype), w.to(dtype)], tau=1.0, defer=True)
+            assert_rel_close(deferred.diag_energy, ref_deferred.diag_energy, 1e-5, name=f"budget energies c={c:g}")
+
+
 def test_bad_inputs():
     w = _weight(8, 6)
     with pytest.raises(TypeError, match="exactly one of tau"):
@@ -130,6 +159,10 @@ def test_bad_inputs():
         build_basis(torch.zeros(4, 4), rank=1)
     with pytest.raises(ValueError, match="NaN or Inf"):
         build_basis(torch.full((4, 4), float("nan")), rank=1)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        build_basis(torch.full((4, 4), float("inf")), tau=0.9, energy="frobenius")
+    with pytest.raises(ValueError, match="weight is on the meta device"):
+        build_basis(torch.empty(4, 4, device="meta"), tau=0.9)
     with pytest.raises(ValueError, match="repeated"):
         basis_from_pivots(w, torch.tensor([1, 1]))
     with pytest.raises(ValueError, match=r"pivots must lie in \[0, 6\)"):

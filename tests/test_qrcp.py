@@ -266,6 +266,7 @@ def test_backward_raises():
     (lambda: qrcp(torch.randn(4, 3), method="svd"), ValueError, "unknown method 'svd'"),
     (lambda: qrcp(torch.randn(4, 3), mode="complete"), ValueError, "unknown mode 'complete'"),
     (lambda: qrcp(torch.randn(4, 3), mode="raw").q(4), ValueError, r"columns must be an int in \[0, 3\], got 4"),
+    (lambda: qrcp(torch.randn(4, 3, device="meta")), ValueError, "qrcp: A is on the meta device; qrcp factors"),
 ])
 def test_bad_inputs(call, error, match):
     with pytest.raises(error, match=match):
@@ -292,6 +293,62 @@ def test_overflowing_norms_are_a_clear_error(mode):
     with pytest.raises(ValueError, match=r"qrcp_batched: matrix 1 overflows torch.float32"):
         qrcp_batched(torch.stack([torch.randn(2, 2), A]), mode=mode)
     check_structure(A.double(), qrcp(A.double()))
+
+
+def _normalised(shape, dtype):
+    """A random matrix whose largest |entry| lies in [0.5, 1) (the scale qrcp factors a tiny matrix at)."""
+    A = torch.randn(*shape, dtype=torch.float64)
+    return (A / 2.0 ** math.frexp(float(A.abs().max()))[1]).to(dtype)
+
+
+def _times(A, exponent):
+    """A * 2**exponent (two steps in float64: 2**1060 is out of its range)."""
+    half = exponent // 2
+    return (A.double() * 2.0 ** half * 2.0 ** (exponent - half)).to(A.dtype)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype, exponent", [(torch.float32, -140), (torch.float32, -90), (torch.float64, -1060),
+                                             (torch.float64, -700)])
+def test_subnormal_scale_matrices_are_factored(mode, method, dtype, exponent):
+    """Entries near or below the smallest normal number (float32 1.2e-38): the factorisation's reciprocals
+    overflowed and qrcp said "A overflows torch.float32", which was false. Such a matrix is factored at a
+    normal scale (times a power of two, exact): Q, the pivots and tau are those of the normal-scale matrix,
+    and R is its R scaled back (to the rounding of the subnormal range)."""
+    tiny = _times(_normalised((12, 9), dtype), exponent)  # float32 at 2**-140: subnormal, ~9 bits left
+    A = _times(tiny, -exponent)  # exact: the same values at a normal scale
+    assert torch.equal(_times(A, exponent), tiny)
+    got, ref = qrcp(tiny, method=method, mode=mode, _seed=3), qrcp(A, method=method, mode=mode, _seed=3)
+    grid = 2 * torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # two steps of the subnormal grid
+    assert torch.equal(got[2], ref[2])
+    if mode == "raw":
+        assert torch.equal(got.tau, ref.tau) and torch.equal(got.q(), ref.q())
+        assert torch.equal(torch.tril(got.H[:, :got.rank], -1), torch.tril(ref.H[:, :ref.rank], -1))
+        torch.testing.assert_close(got.r().double(), ref.r().double() * 2.0 ** exponent, rtol=1e-15, atol=grid)
+    else:
+        assert torch.equal(got.Q, ref.Q) and got.R.dtype == dtype
+        torch.testing.assert_close(got.R.double(), ref.R.double() * 2.0 ** exponent, rtol=1e-15, atol=grid)
+    # The stopping rules: tau and reltol are scale-free, abstol scales with the matrix.
+    for rule, scaled in ((dict(tau=0.8), dict(tau=0.8)), (dict(reltol=0.3), dict(reltol=0.3)),
+                         (dict(abstol=0.5), dict(abstol=0.5 * 2.0 ** exponent))):
+        assert torch.equal(qrcp(tiny, mode=mode, **scaled)[2], qrcp(A, mode=mode, **rule)[2]), rule
+        assert qrcp(tiny, mode="raw", **scaled).rank == qrcp(A, mode="raw", **rule).rank, rule
+
+
+@pytest.mark.parametrize("kw", [{}, dict(abstol=0.0), dict(abstol=1e-30, method="randomized", _seed=2**63 - 2),
+                                dict(tau=0.9, mode="raw")])
+def test_batched_subnormal_scale_matrices_equal_one_at_a_time(kw):
+    """Each matrix of a batch at its own scale (a shared abstol then factors them one at a time, each with its
+    seed in the batch)."""
+    from qrlora_kernels import qrcp_batched
+
+    A = torch.stack([_normalised((10, 7), torch.float32), _times(_normalised((10, 7), torch.float32), -140),
+                     _times(_normalised((10, 7), torch.float32), -120), _normalised((10, 7), torch.float32) * 3])
+    seed = kw.pop("_seed", 0)
+    for b, got in enumerate(qrcp_batched(A, _seed=seed, **kw)):
+        alone = qrcp(A[b], _seed=(seed + b + 2**63) % 2**64 - 2**63, **kw)
+        assert all(torch.equal(x, y) for x, y in zip(got, alone)), f"matrix {b}"
 
 
 def test_op_is_registered_with_its_schema():
@@ -585,6 +642,7 @@ def test_batched_seeds_wrap_around_at_int64():
     (lambda f: f(torch.ones(2, 4, 3, dtype=torch.int32)), TypeError, "floating point"),
     (lambda f: f(torch.randn(2, 4, 3), mode="q"), ValueError, "unknown mode 'q'"),
     (lambda f: f(torch.randn(2, 4, 3), method="randomized", _seed=2**63), ValueError, "_seed must be an int64"),
+    (lambda f: f(torch.randn(2, 4, 3, device="meta")), ValueError, "A is on the meta device"),
 ])
 def test_batched_bad_inputs(call, error, match):
     from qrlora_kernels import qrcp_batched
