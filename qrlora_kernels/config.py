@@ -42,16 +42,25 @@ LORA_ONLY_FIELDS = {
 }
 
 
-def _as_name_list(value, field: str) -> Optional[Union[str, list[str]]]:
-    """None, a regex string, or a list of name suffixes; anything else is a clear TypeError."""
-    if value is None or isinstance(value, str):
+def _as_name_list(value, field: str, *, regex: bool = True) -> Optional[Union[str, list[str]]]:
+    """None, a regex string (a name when not ``regex``), or a list of name suffixes; anything else is a clear
+    TypeError, and a regex that does not compile a ValueError."""
+    if value is None:
+        return value
+    if isinstance(value, str):
+        if regex and value != ALL_LINEAR:
+            # Compiled now, so that a typo is named here rather than raised as re.error by apply_qrlora.
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"{field} is not a valid regular expression: {value!r} ({err})") from None
         return value
     if isinstance(value, (list, tuple, set, frozenset)):
-        names = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
-        bad = [n for n in names if not isinstance(n, str) or not n]
+        # Checked before a set is sorted: sorting str with anything else fails without naming the field.
+        bad = [n for n in value if not isinstance(n, str) or not n]
         if bad:
             raise TypeError(f"{field} must contain non-empty module names (str), got {bad!r}")
-        return names
+        return sorted(value) if isinstance(value, (set, frozenset)) else list(value)
     raise TypeError(f"{field} must be None, a regex string or a list of module names, got {type(value).__name__}")
 
 
@@ -131,7 +140,7 @@ class QRLoraConfig:
         if self.exclude_modules == ALL_LINEAR:
             raise ValueError("exclude_modules cannot be 'all-linear'")
         if self.modules_to_save is not None:
-            saved = _as_name_list(self.modules_to_save, "modules_to_save")
+            saved = _as_name_list(self.modules_to_save, "modules_to_save", regex=False)
             if isinstance(saved, str):
                 saved = [saved]
             self.modules_to_save = saved
@@ -144,8 +153,12 @@ class QRLoraConfig:
                 raise ValueError(f"layers must be non-negative layer indices, got {list(layers)}")
             self.layers = sorted(set(layers))
         if self.layers_pattern is not None:
+            # Container names (matched literally, not regexes): one name or a list of them.
             pattern = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern
-            self.layers_pattern = _as_name_list(list(pattern), "layers_pattern")
+            if not isinstance(pattern, (list, tuple, set, frozenset)):
+                raise TypeError(f"layers_pattern must be a container name (str) or a list of them, got "
+                                f"{type(self.layers_pattern).__name__} {self.layers_pattern!r}")
+            self.layers_pattern = _as_name_list(pattern, "layers_pattern")
         if self.energy not in ENERGY_RULES:
             raise ValueError(f"energy must be one of {ENERGY_RULES}, got {self.energy!r}")
         chosen = [k for k in ("tau", "rank", "budget") if getattr(self, k) is not None]

@@ -109,9 +109,15 @@ def implied_r(weight: torch.Tensor, Q: torch.Tensor, dtype: torch.dtype | None =
     return Q.to(dtype).t() @ weight.to(dtype)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    # torch.is_autocast_enabled raises for a device type autocast does not know (meta tensors, which the torch
+    # backend otherwise computes shapes for like any other op).
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _no_autocast(device: torch.device):
     """Autocast off for what follows (the inputs are already cast); a free no-op when it is off already."""
-    if torch.is_autocast_enabled(device.type):
+    if _autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -119,7 +125,7 @@ def _no_autocast(device: torch.device):
 def _autocast(x, weight, bias, Q, R):
     """Cast to the autocast dtype when autocast is on for x's device, as F.linear would."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not _autocast_enabled(device_type):
         return x, weight, bias, Q, R
     dtype = torch.get_autocast_dtype(device_type)
 
@@ -163,8 +169,9 @@ def _lam_index(adapter_ids, x, num_adapters):
         raise ValueError(f"adapter_ids has shape {tuple(adapter_ids.shape)}; expected per-sequence ids of shape "
                          f"{tuple(x.shape[:-2])} or per-token ids of shape {tuple(x.shape[:-1])} for x of shape "
                          f"{tuple(x.shape)}")
-    # A data-dependent check: skipped while compiling (it would break the graph; the ids are then trusted).
-    if not torch.compiler.is_compiling() and index.numel() > 0:
+    # A data-dependent check: skipped while compiling (it would break the graph; the ids are then trusted) and
+    # for meta tensors (no values).
+    if not torch.compiler.is_compiling() and index.numel() > 0 and not index.is_meta:
         low, high = _id_range(adapter_ids)
         if low < 0 or high >= num_adapters:
             bad = low if low < 0 else high
@@ -174,6 +181,9 @@ def _lam_index(adapter_ids, x, num_adapters):
 
 
 def _check_triton_available(x):
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"backend='triton' runs on CUDA tensors (or CPU tensors under Triton's interpreter), but x "
+                         f"is on {x.device}; use backend='torch' (or None)")
     if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("backend='triton' on CPU tensors runs the kernels under Triton's interpreter: set "
                            "TRITON_INTERPRET=1 before importing qrlora_kernels (or use backend='torch')")

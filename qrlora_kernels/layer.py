@@ -20,12 +20,14 @@ layer to rounding. Such a layer undoes a merge by solving for W0 (``unmerge``), 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .basis import ENERGY_RULES, QRLoraBasis, build_basis
+from .dispatch import STRATEGIES
 from .functional import BACKENDS, acc_dtype, implied_r, qrlora_linear
 
 
@@ -68,6 +70,28 @@ def as_linear(module: nn.Module, caller: str = "as_linear") -> nn.Linear:
     return linear
 
 
+def _check_basis_values(Q: torch.Tensor, R: torch.Tensor | None, perm: torch.Tensor, in_features: int) -> None:
+    """``from_basis``'s checks of the values (its shapes are checked already): distinct pivots in
+    [0, in_features) (a permutation of range(in_features) when all are given), and a finite Q and R. Pivots
+    that repeat or lie outside gave a layer whose ``perm`` was no permutation (longer than in_features, or with
+    -1 in it), which save_adapter wrote and load_adapter then refused. Meta tensors have no values to check."""
+    if not perm.is_meta and perm.numel():
+        low, high = int(perm.min()), int(perm.max())
+        if low < 0 or high >= in_features:
+            bad = low if low < 0 else high
+            raise ValueError(f"perm holds column index {bad}, outside [0, in_features) = [0, {in_features}): "
+                             f"it must hold distinct column indices (a permutation of range({in_features}) when "
+                             f"it has in_features entries)")
+        if torch.unique(perm).numel() != perm.numel():
+            values, counts = torch.unique(perm, return_counts=True)
+            raise ValueError(f"perm repeats column index {int(values[counts > 1][0])}: it must hold distinct column "
+                             f"indices (a permutation of range({in_features}) when it has in_features entries)")
+    for name, t in (("Q", Q), ("R", R)):
+        if t is not None and not t.is_meta and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"the basis's {name} contains NaN or Inf; the layer's outputs would be NaN "
+                             f"(rebuild the basis from a finite weight)")
+
+
 class QRLoraLinear(nn.Module):
     """``nn.Linear`` plus a frozen pivoted-QR basis and trainable coefficients ``lam``.
 
@@ -95,6 +119,9 @@ class QRLoraLinear(nn.Module):
             raise ValueError(f"energy must be one of {ENERGY_RULES}, got {energy!r}")
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        if strategy is not None and strategy not in STRATEGIES + ("auto",):
+            # Checked here, not first at the forward (qrlora_linear checks it again, with $QRLORA_STRATEGY).
+            raise ValueError(f"strategy must be one of {STRATEGIES + ('auto',)} or None, got {strategy!r}")
         if not isinstance(store_r, bool):
             raise TypeError(f"store_r must be a bool, got {store_r!r}")
         factory = {"device": device, "dtype": dtype}
@@ -163,10 +190,14 @@ class QRLoraLinear(nn.Module):
             raise ValueError(f"basis shapes Q {tuple(Q.shape)}, R {r_shape} do not fit a linear layer of "
                              f"weight shape {tuple(linear.weight.shape)} (need Q (out, r) and R (r, in))")
         rank = Q.shape[1]
+        if isinstance(perm, torch.Tensor) and (perm.is_floating_point() or perm.is_complex()
+                                               or perm.dtype == torch.bool):
+            raise TypeError(f"perm must hold integer column indices, got dtype {perm.dtype}")
         perm = torch.as_tensor(perm, dtype=torch.int64)
         if perm.dim() != 1 or not rank <= perm.numel() <= in_features:
             raise ValueError(f"perm must be 1-D with between rank={rank} and in_features={in_features} entries, "
                              f"got shape {tuple(perm.shape)}")
+        _check_basis_values(Q, None if R is None or not kwargs.get("store_r", True) else R, perm, in_features)
         weight = linear.weight
         layer = cls(in_features, out_features, rank, bias=linear.bias is not None, num_adapters=num_adapters,
                     tau=tau, energy=energy, energy_captured=energy_captured, device="meta", dtype=weight.dtype,
@@ -232,6 +263,10 @@ class QRLoraLinear(nn.Module):
             self.active_adapter = 0
 
     def _adapter_lam(self, adapter: int | None) -> torch.Tensor:
+        # A bool (or a tensor) would index lam as a mask or a new axis, and fail later as a broadcasting error.
+        if adapter is not None and (isinstance(adapter, bool) or not isinstance(adapter, numbers.Integral)):
+            raise TypeError(f"adapter must be an adapter index (int) or None, got {type(adapter).__name__} "
+                            f"{adapter!r}")
         if self.lam.dim() == 1:
             if adapter not in (None, 0):
                 raise ValueError(f"adapter {adapter} is out of range: this layer has 1 adapter")

@@ -208,6 +208,24 @@ def test_bad_inputs(monkeypatch):
         qrlora_linear(x, weight, bias, Q, R, lam, backend="triton")
 
 
+@pytest.mark.parametrize("with_r", [True, False], ids=["R", "no-R"])
+@pytest.mark.parametrize("strategy", ["lowrank", "merged"])
+def test_meta_tensors_give_meta_outputs(strategy, with_r):
+    """Meta tensors (shapes without values, e.g. a QRLoraLinear built on the meta device) go through the torch
+    backend like any op: they used to fail inside the autocast check ("unknown device type for autocast")."""
+    x, weight, bias, Q, R, lam = (t.to("meta") for t in _problem(T=None, K=16, N=12, r=3, leading=(2, 5)))
+    lam.requires_grad_()
+    y = qrlora_linear(x, weight, bias, Q, R if with_r else None, lam, strategy=strategy)
+    assert y.device.type == "meta" and y.shape == (2, 5, 12) and y.dtype == torch.float32
+    y.sum().backward()
+    assert lam.grad.device.type == "meta" and lam.grad.shape == (3,)
+    lam3 = torch.empty(4, 3, device="meta")
+    y = qrlora_linear(x, weight, bias, Q, R, lam3, adapter_ids=torch.empty(2, dtype=torch.int64, device="meta"))
+    assert y.device.type == "meta" and y.shape == (2, 5, 12)
+    with pytest.raises(ValueError, match="backend='triton' runs on CUDA tensors .* x is on meta"):
+        qrlora_linear(x, weight, bias, Q, R, lam, backend="triton")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("with_r", [True, False], ids=["R", "no-R"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

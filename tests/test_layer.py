@@ -83,6 +83,37 @@ def test_from_basis_with_truncated_and_stored_pivots():
         QRLoraLinear.from_basis(lin, (layer.Q.t(), layer.R, layer.perm))
 
 
+@pytest.mark.parametrize("pivots, match", [
+    ([3, 3, 5, 7], "perm repeats column index 3"),
+    (list(range(31)) + [0], "perm repeats column index 0"),
+    ([-1, 0, 1, 2], r"perm holds column index -1, outside \[0, in_features\) = \[0, 32\)"),
+    ([99, 0, 1, 2], r"perm holds column index 99, outside \[0, in_features\) = \[0, 32\)"),
+], ids=["repeated", "repeated-full-length", "negative", "beyond-in_features"])
+def test_from_basis_refuses_pivots_that_are_not_distinct_columns(pivots, match):
+    """perm must hold distinct column indices (a permutation when it has in_features entries): a repeated pivot
+    used to give a layer whose perm had 35 entries for 32 columns (saved, then refused on loading), a -1 was
+    kept as it was, and an index beyond in_features was a bare IndexError."""
+    lin = _linear(32, 24)
+    basis = build_basis(lin.weight, rank=4)
+    with pytest.raises(ValueError, match=match):
+        QRLoraLinear.from_basis(lin, (basis.Q, basis.R, torch.tensor(pivots)))
+    with pytest.raises(TypeError, match="perm must hold integer column indices, got dtype torch.float32"):
+        QRLoraLinear.from_basis(lin, (basis.Q, basis.R, basis.perm.float()))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("which", ["Q", "R"])
+def test_from_basis_refuses_a_non_finite_basis(which, bad):
+    lin = _linear(32, 24)
+    Q, R, perm = build_basis(lin.weight, rank=4)[:3]
+    Q, R = Q.clone(), R.clone()
+    (Q if which == "Q" else R)[1, 2] = bad
+    with pytest.raises(ValueError, match=f"the basis's {which} contains NaN or Inf"):
+        QRLoraLinear.from_basis(lin, (Q, R, perm))
+    if which == "R":  # a layer that keeps Q only drops R: nothing of it reaches the layer
+        assert QRLoraLinear.from_basis(lin, (Q, R, perm), store_r=False).R is None
+
+
 def test_merge_unmerge_round_trip_and_to_linear():
     lin = _linear(40, 24)
     layer = QRLoraLinear.from_linear(lin, tau=0.95)
@@ -269,6 +300,13 @@ def test_bad_arguments():
         QRLoraLinear(8, 6, 7)
     with pytest.raises(ValueError, match="backend must be one of"):
         QRLoraLinear(8, 6, 2, backend="cuda")
+    # Checked at construction (it used to fail only at the first forward), naming the valid strategies.
+    with pytest.raises(ValueError, match=r"strategy must be one of \('lowrank', 'merged', 'auto'\) or None, "
+                                         r"got 'bogus'"):
+        QRLoraLinear(8, 6, 2, strategy="bogus")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        QRLoraLinear.from_linear(lin, rank=2, strategy="fast")
+    assert QRLoraLinear(8, 6, 2, strategy="auto").strategy == "auto"
     layer = QRLoraLinear.from_linear(lin, rank=2)
     with pytest.raises(ValueError, match="x has last dimension 9 but weight has in_features 8"):
         layer(torch.randn(3, 9))
@@ -393,3 +431,13 @@ def test_store_r_false_state_dict_without_q_needs_the_same_pivots():
     assert torch.equal(full.R, full_r) and torch.equal(full.lam, layer.lam)
     with pytest.raises(RuntimeError, match=r"has no R \(it comes from a layer built with store_r=False.* differ"):
         QRLoraLinear.from_linear(_linear(24, 20), rank=5).load_state_dict(layer.state_dict())
+
+
+@pytest.mark.parametrize("adapter", [True, False, 1.0, torch.tensor(1)], ids=["True", "False", "float", "tensor"])
+def test_an_adapter_index_must_be_an_int(adapter):
+    """to_linear(True) indexed lam with a bool (a new axis) and failed as a broadcasting RuntimeError."""
+    for num_adapters in (1, 3):
+        layer = QRLoraLinear.from_linear(_linear(8, 6), rank=2, num_adapters=num_adapters)
+        for call in (layer.to_linear, layer.delta_weight):
+            with pytest.raises(TypeError, match="adapter must be an adapter index \\(int\\) or None, got"):
+                call(adapter)

@@ -96,10 +96,27 @@ def test_config_defaults_and_json_round_trip():
     ({"target_modules": ["q"], "qr_method": "svd"}, ValueError, "qr_method must be one of"),
     ({"target_modules": ["q"], "budget": 10, "qr_method": "randomized"}, ValueError, "budget needs qr_method='geqp3'"),
     ({"target_modules": ["q"], "store_r": "no"}, TypeError, "store_r must be a bool"),
+    # Regexes are compiled here: apply_qrlora used to raise re.error (no ValueError) without naming the field.
+    ({"target_modules": "(("}, ValueError, r"target_modules is not a valid regular expression: '\(\(' \(missing \)"),
+    ({"target_modules": r"layer\.[0-9.*query"}, ValueError, "target_modules is not a valid regular expression"),
+    ({"target_modules": ["q"], "exclude_modules": "(("}, ValueError, "exclude_modules is not a valid regular expression"),
+    # The field and the bad element are named (they were "'int' object is not iterable" and a failed sort).
+    ({"target_modules": ["q"], "layers_pattern": 5}, TypeError, "layers_pattern must be a container name .* got int 5"),
+    ({"target_modules": ["q"], "layers_pattern": ["h", 5]}, TypeError, r"layers_pattern must contain .* got \[5\]"),
+    ({"target_modules": {"query", 3}}, TypeError, r"target_modules must contain non-empty module names \(str\), got \[3\]"),
+    ({"target_modules": ["q"], "exclude_modules": {"k", None}}, TypeError, r"exclude_modules must contain .* \[None\]"),
 ])
 def test_config_rejects_bad_fields(kwargs, error, match):
     with pytest.raises(error, match=match):
         QRLoraConfig(**kwargs)
+
+
+def test_config_names_are_not_read_as_regexes():
+    """Only target_modules and exclude_modules take a regex: a modules_to_save name or a layers_pattern container
+    is matched literally, so a character special to regexes in one is no error."""
+    cfg = QRLoraConfig(target_modules=["q"], modules_to_save="head(", layers_pattern={"h(", "blocks"})
+    assert cfg.modules_to_save == ["head("] and cfg.layers_pattern == ["blocks", "h("]
+    assert cfg.layer_index("model.h(.3.q") == 3
 
 
 def test_from_dict_rejects_unknown_fields():
