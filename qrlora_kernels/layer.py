@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .basis import ENERGY_RULES, QRLoraBasis, build_basis
@@ -90,6 +92,32 @@ def _check_basis_values(Q: torch.Tensor, R: torch.Tensor | None, perm: torch.Ten
         if t is not None and not t.is_meta and not bool(torch.isfinite(t).all()):
             raise ValueError(f"the basis's {name} contains NaN or Inf; the layer's outputs would be NaN "
                              f"(rebuild the basis from a finite weight)")
+
+
+def _reentrant_checkpoint_forward():
+    """The code of reentrant ``torch.utils.checkpoint``'s first forward, or None where torch has no such function."""
+    function = getattr(getattr(torch.utils.checkpoint, "CheckpointFunction", None), "forward", None)
+    return getattr(function, "__code__", None)
+
+
+_REENTRANT_CHECKPOINT_FORWARD = _reentrant_checkpoint_forward()
+
+
+def _in_recorded_reentrant_checkpoint() -> bool:
+    """Whether this no_grad forward runs inside the first forward of a reentrant ``torch.utils.checkpoint`` whose
+    node the autograd graph recorded (its function runs again in backward). Called under no_grad inside an
+    adapter_batch / disable_adapters block only. A checkpoint applied under no_grad (a reference pass of a model
+    that checkpoints in training mode) records nothing: its node has no next functions."""
+    code = _REENTRANT_CHECKPOINT_FORWARD
+    if code is None:
+        return True  # cannot tell: assume it may be recomputed
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            ctx = frame.f_locals.get("ctx")
+            return ctx is None or bool(getattr(ctx, "next_functions", True))
+        frame = frame.f_back
+    return False
 
 
 class QRLoraLinear(nn.Module):
@@ -295,10 +323,13 @@ class QRLoraLinear(nn.Module):
         ``adapter_batch`` (or ``disable_adapters``) block that set up the original forward, the recomputation
         would silently compute something else and the lam gradients would be wrong: refuse it. Backward inside
         the block, or no checkpointing, are exact. Any forward outside a block clears the mark (reentrant
-        checkpointing runs its first forward under no_grad, so a no_grad forward may start a new graph). Not
-        caught: another forward of the layer between the block and the checkpointed backward."""
+        checkpointing runs its first forward under no_grad, so a no_grad forward may start a new graph). A
+        forward in a block that records no graph (a reference pass under ``torch.no_grad()``, as for DPO or a KL
+        term, before or after the policy's forward) is never recomputed, so it marks nothing. Not caught:
+        another forward of the layer between the block and the checkpointed backward."""
         if self.adapter_ids is not None or self.adapters_disabled:
-            self._context_pending = True
+            if torch.is_grad_enabled() or _in_recorded_reentrant_checkpoint():
+                self._context_pending = True
         elif self._context_pending:
             if torch._C._current_graph_task_id() != -1:  # running inside a backward pass: a recomputation
                 raise RuntimeError(

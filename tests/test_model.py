@@ -481,10 +481,11 @@ class CheckpointedModel(nn.Module):
     def __init__(self):
         super().__init__()
         self.blocks = nn.ModuleList(Block() for _ in range(2))
+        self.use_reentrant = True
 
     def forward(self, h):
         for block in self.blocks:
-            h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=True)
+            h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=self.use_reentrant)
         return h
 
 
@@ -509,6 +510,44 @@ def test_a_recomputation_after_the_block_raises_instead_of_giving_wrong_gradient
     with pytest.raises(RuntimeError, match="adapter_batch / disable_adapters block"):
         loss.backward()
     model(x).square().sum().backward()  # a plain checkpointed step afterwards is not refused
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("order", ["reference-first", "policy-first"])
+def test_a_no_grad_reference_pass_in_a_block_leaves_a_checkpointed_backward_alone(use_reentrant, order):
+    """DPO / KL-to-base: the policy's forward outside any block, the reference's under no_grad inside
+    disable_adapters (or adapter_batch), then backward. The reference records no graph, so nothing of it is
+    recomputed: the backward runs and gives the gradients of a step without the reference pass."""
+    torch.manual_seed(0)
+    model = CheckpointedModel().eval()
+    model.use_reentrant = use_reentrant
+    apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"], rank=4), progress=False)
+    for _, layer in qrlora_layers(model):
+        layer.set_num_adapters(2)
+        with torch.no_grad():
+            layer.lam.normal_()
+    model.qrlora_adapter_ids = {"a": 0, "b": 1}
+    x = torch.randn(2, 3, HIDDEN, requires_grad=True)
+    lams = [layer.lam for _, layer in qrlora_layers(model)]
+
+    def lam_grads(loss):  # backward(), not autograd.grad: reentrant checkpointing supports only the former
+        for lam in lams:
+            lam.grad = None
+        loss.backward()
+        return [lam.grad for lam in lams]
+    expected = lam_grads(model(x).square().sum())
+    for block in (lambda: disable_adapters(model), lambda: adapter_batch(model, ["b", "a"])):
+        if order == "reference-first":
+            with torch.no_grad(), block():
+                reference = model(x)
+            loss = model(x).square().sum()
+        else:
+            loss = model(x).square().sum()
+            with torch.no_grad(), block():
+                reference = model(x)
+        assert not reference.requires_grad
+        for g, e in zip(lam_grads(loss), expected):
+            assert_rel_close(g, e, 1e-6, name=f"lam grad ({order}, reentrant={use_reentrant})")
 
 
 def test_an_embedding_model_called_sequence_first_is_not_taken_for_beams():
