@@ -31,6 +31,7 @@ _EXPORTS = {
     "merge_and_unload": ".model",
     "adapter_batch": ".model",
     "disable_adapters": ".model",
+    "set_adapter": ".model",
     "save_adapter": ".adapter_io",
     "load_adapter": ".adapter_io",
     "push_adapter_to_hub": ".hub",

@@ -30,6 +30,7 @@ from . import distributed as _dist
 ADAPTER_IDS_ATTR = "qrlora_adapter_ids"
 CONFIG_ATTR = "qrlora_config"
 MODULES_TO_SAVE_ATTR = "qrlora_modules_to_save"
+ACTIVE_ADAPTER_ATTR = "qrlora_active_adapter"
 DEFAULT_ADAPTER = "default"
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
 _SKIPPED_ON_SAVE_ATTR = "_qrlora_keys_skipped_on_save"
@@ -402,21 +403,51 @@ def adapter_row(model: nn.Module, adapter_name: str) -> int:
 
 
 def default_adapter_name(model: nn.Module) -> str:
-    """The adapter a save writes when none is named: the only one loaded, else "default"."""
-    loaded = getattr(unwrap_model(model), ADAPTER_IDS_ATTR, None) or {DEFAULT_ADAPTER: 0}
-    return next(iter(loaded)) if len(loaded) == 1 else DEFAULT_ADAPTER
+    """The adapter a save writes when none is named: the only one loaded, else the one ``set_adapter`` chose,
+    else "default"."""
+    root = unwrap_model(model)
+    loaded = getattr(root, ADAPTER_IDS_ATTR, None) or {DEFAULT_ADAPTER: 0}
+    if len(loaded) == 1:
+        return next(iter(loaded))
+    active = getattr(root, ACTIVE_ADAPTER_ATTR, None)
+    return active if active in loaded else DEFAULT_ADAPTER
+
+
+def set_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Compute with, and train, the adapter ``adapter_name`` outside ``adapter_batch`` (PEFT's ``set_adapter``).
+
+    Until then a model with several adapters loaded computes with the first ("default", or the first loaded).
+    ``save_adapter``, ``merge_and_unload`` and ``QRLoraCheckpointCallback`` then take this adapter when none is
+    named. Training reaches only its coefficients (the others get zero gradients), but every layer keeps all
+    adapters as rows of one ``lam`` parameter: an optimizer with weight decay (AdamW with ``weight_decay`` > 0)
+    shrinks the other adapters' rows too. Train with ``weight_decay=0`` (``Trainer``'s default), or load the
+    other adapters after training.
+    """
+    root = unwrap_model(model)
+    layers = qrlora_layers(root)
+    if not layers:
+        raise ValueError("the model has no QR-LoRA layers (call apply_qrlora or load_adapter first)")
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"adapter_name must be an adapter's name (str), got {type(adapter_name).__name__}")
+    row = adapter_row(root, adapter_name)
+    for _, layer in layers:
+        layer.active_adapter = row
+    setattr(root, ACTIVE_ADAPTER_ATTR, adapter_name)
 
 
 def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) -> nn.Module:
     """Turn every ``QRLoraLinear`` back into a plain ``nn.Linear`` with W0 + Q diag(lam) R merged in.
 
-    With several adapters loaded, ``adapter_name`` picks the one to merge. Returns ``model``
-    (changed in place), without QR-LoRA bookkeeping; its outputs equal the adapted model's.
+    With several adapters loaded, ``adapter_name`` picks the one to merge (default: the one ``set_adapter``
+    chose). Returns ``model`` (changed in place), without QR-LoRA bookkeeping; its outputs equal the adapted
+    model's.
     """
     model = unwrap_model(model)
     layers = qrlora_layers(model)
     if not layers:
         raise ValueError("the model has no QR-LoRA layers to merge")
+    if adapter_name is None:
+        adapter_name = getattr(model, ACTIVE_ADAPTER_ATTR, None)
     row = None if adapter_name is None else adapter_row(model, adapter_name)
     for name, layer in layers:
         try:
@@ -424,7 +455,7 @@ def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) ->
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
         _set_submodule(model, name, merged)
-    for attr in (CONFIG_ATTR, ADAPTER_IDS_ATTR, MODULES_TO_SAVE_ATTR):
+    for attr in (CONFIG_ATTR, ADAPTER_IDS_ATTR, MODULES_TO_SAVE_ATTR, ACTIVE_ADAPTER_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
     skip_bases_in_hf_checkpoints(model)

@@ -736,3 +736,43 @@ def test_load_adapter_store_r_chooses_the_kind_of_layer(base, tmp_path):
     assert_rel_close(full(x), expected, 1e-5, name="layers with R from a Q-only file")
     with pytest.raises(TypeError, match="store_r must be True, False or None, got 'no'"):
         load_adapter(copy.deepcopy(base), tmp_path / "full", store_r="no")
+
+
+def test_set_adapter_picks_the_adapter_outside_adapter_batch_and_for_saves_and_merges(base, tmp_path):
+    """PEFT's set_adapter: the model computes with the chosen adapter, training reaches only its row, and
+    save_adapter / merge_and_unload take it when no name is given."""
+    from qrlora_kernels import merge_and_unload, set_adapter
+    config = QRLoraConfig(target_modules=["query", "value"])
+    tuned = {name: _adapted(base, config) for name in ("a", "b")}
+    for name, model in tuned.items():
+        save_adapter(model, tmp_path / name)
+    served = copy.deepcopy(base)
+    for name in ("a", "b"):
+        load_adapter(served, tmp_path / name, adapter_name=name)
+    x = torch.randn(2, 5, HIDDEN)
+    with torch.no_grad():
+        assert_rel_close(served(x), tuned["a"](x), 1e-5, name="before set_adapter: the first loaded")
+        set_adapter(served, "b")
+        assert_rel_close(served(x), tuned["b"](x), 1e-5, name="set_adapter('b')")
+        assert rel_error(served(x), tuned["a"](x)) > 1e-2
+    rows = {name: layer.lam.detach().clone() for name, layer in qrlora_layers(served)}
+    optimizer = torch.optim.SGD([p for p in served.parameters() if p.requires_grad], lr=0.1)
+    served(x).square().sum().backward()
+    optimizer.step()
+    for name, layer in qrlora_layers(served):
+        assert torch.equal(layer.lam[0], rows[name][0]), f"{name}: adapter 'a' changed while 'b' trained"
+        assert not torch.equal(layer.lam[1], rows[name][1]), f"{name}: adapter 'b' did not train"
+    save_adapter(served, tmp_path / "saved")  # no name: the active adapter
+    assert json.loads((tmp_path / "saved" / ADAPTER_CONFIG).read_text())["adapter_name"] == "b"
+    reloaded = copy.deepcopy(base)
+    load_adapter(reloaded, tmp_path / "saved")
+    merged = merge_and_unload(copy.deepcopy(served))  # no name: the active adapter
+    with torch.no_grad():
+        assert_rel_close(reloaded(x), served(x), 1e-5, name="the active adapter, saved and reloaded")
+        assert_rel_close(merged(x), served(x), 1e-5, name="the active adapter, merged")
+    with pytest.raises(ValueError, match=r"unknown adapter 'c'; loaded adapters: \['a', 'b'\]"):
+        set_adapter(served, "c")
+    with pytest.raises(TypeError, match="adapter_name must be an adapter's name"):
+        set_adapter(served, 0)
+    with pytest.raises(ValueError, match="no QR-LoRA layers"):
+        set_adapter(copy.deepcopy(base), "a")
