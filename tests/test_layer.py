@@ -49,6 +49,25 @@ def test_drop_in_attributes_and_exact_equality_at_zero():
     assert lin.weight.requires_grad
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("strategy", ["lowrank", "merged"])
+def test_half_precision_at_zero_is_the_linear_within_one_rounding(dtype, strategy):
+    """The README's claim: in half precision a layer at lam = 0 gives nn.Linear's product up to the rounding of
+    another GEMM (the merged path computes in float32 and rounds once): about one unit in the last place, within
+    torch.testing.assert_close's default tolerance for the dtype."""
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 80).to(dtype)
+    layer = QRLoraLinear.from_linear(lin, tau=0.9)
+    layer.backend, layer.strategy = "torch", strategy
+    x = torch.randn(4, 16, 96, dtype=dtype)
+    with torch.no_grad():
+        y, expected = layer(x), lin(x)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, expected)
+    ulp = torch.finfo(dtype).eps * expected.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert ((y - expected).abs() <= ulp).all()
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_forward_matches_float64_reference(backend):
     layer = QRLoraLinear.from_linear(_linear(33, 17), rank=9)
