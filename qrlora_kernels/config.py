@@ -26,8 +26,9 @@ ENERGY_RULES = ("diag", "frobenius")
 DEFAULT_LAYERS_PATTERN = ("layer", "layers", "h", "blocks", "block")
 # PEFT's task types whose model carries a freshly initialised head, and that head's usual names (PEFT adds
 # the same ones to modules_to_save). Other task types (CAUSAL_LM, SEQ_2_SEQ_LM, ...) add nothing.
-TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
-              "QUESTION_ANS": ("qa_outputs",)}
+# PEFT's own list is classifier and score; classification_head is BART's, T5's and other encoder-decoders'.
+SEQ_CLS_HEADS = ("classifier", "score", "classification_head")
+TASK_HEADS = {"SEQ_CLS": SEQ_CLS_HEADS, "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
 # PEFT LoraConfig fields that QR-LoRA has no use for: refused with what replaces them here.
 LORA_ONLY_FIELDS = {

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .basis import QRLoraBasis, build_bases
-from .config import ALL_LINEAR, QRLoraConfig
+from .config import ALL_LINEAR, SEQ_CLS_HEADS, TASK_HEADS, QRLoraConfig
 from . import distributed as _dist
 
 ADAPTER_IDS_ATTR = "qrlora_adapter_ids"
@@ -32,7 +32,6 @@ CONFIG_ATTR = "qrlora_config"
 MODULES_TO_SAVE_ATTR = "qrlora_modules_to_save"
 ACTIVE_ADAPTER_ATTR = "qrlora_active_adapter"
 DEFAULT_ADAPTER = "default"
-SEQ_CLS_HEAD_NAMES = ("classifier", "score")
 _SKIPPED_ON_SAVE_ATTR = "_qrlora_keys_skipped_on_save"
 _COMPILED_ATTR = "_orig_mod"  # where torch.compile's OptimizedModule holds the module it wraps
 
@@ -127,7 +126,7 @@ def _output_head_names(model: nn.Module) -> set[str]:
     emb = output_embeddings(model)
     if emb is not None:
         heads.append(emb)
-    for attr in SEQ_CLS_HEAD_NAMES:
+    for attr in SEQ_CLS_HEADS:
         head = getattr(model, attr, None)
         if isinstance(head, nn.Module):
             heads.append(head)
@@ -380,7 +379,7 @@ def _warn_if_a_fresh_head_stays_frozen(model: nn.Module, config: QRLoraConfig, s
     if config.task_type is not None or not type(model).__name__.endswith(
             ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")):
         return
-    heads = [h for h in ("classifier", "score", "qa_outputs") if isinstance(getattr(model, h, None), nn.Module)]
+    heads = [h for h in dict.fromkeys(sum(TASK_HEADS.values(), ())) if isinstance(getattr(model, h, None), nn.Module)]
     frozen = [h for h in heads if h not in saved and not any(p.requires_grad for p in getattr(model, h).parameters())]
     if frozen:
         warnings.warn(f"{type(model).__name__}'s head {frozen[0]!r} is frozen, and such heads are usually freshly "

@@ -190,6 +190,26 @@ def test_task_type_trains_the_fresh_head_and_a_frozen_one_is_warned_about():
                         progress=False).modules_to_save == []
 
 
+def test_an_encoder_decoder_classification_head_is_trained_by_task_type_and_left_alone_by_all_linear():
+    """BART's (and T5's) fresh head is a module called classification_head, with linears inside."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=48,
+                                     decoder_ffn_dim=48, max_position_embeddings=32, num_labels=3)
+    torch.manual_seed(0)
+    base = transformers.BartForSequenceClassification(config)
+    model = copy.deepcopy(base)
+    report = apply_qrlora(model, QRLoraConfig(target_modules="all-linear", rank=2, task_type="SEQ_CLS"),
+                          progress=False)
+    assert report.modules_to_save == ["classification_head"]
+    assert not [m.name for m in report.modules if m.name.startswith("classification_head")]
+    assert {n for n, p in model.named_parameters() if p.requires_grad and not n.endswith("lam")} == {
+        f"classification_head.{n}" for n, _ in base.classification_head.named_parameters()}
+    with pytest.warns(UserWarning, match="head 'classification_head' is frozen.*"
+                                         "modules_to_save=\\['classification_head'\\]"):
+        apply_qrlora(copy.deepcopy(base), QRLoraConfig(target_modules=["q_proj", "v_proj"], rank=2), progress=False)
+
+
 @pytest.mark.parametrize("rule", [dict(tau=0.9), dict(rank=3), dict(budget=40)], ids=["tau", "rank", "budget"])
 def test_a_zero_weight_stays_linear_instead_of_failing_the_conversion(rule):
     base, model = _pair(2)
