@@ -458,8 +458,45 @@ class QRLoraLinear(nn.Module):
         conv.bias = nn.Parameter(bias.detach().clone(), requires_grad=self.bias is not None and self.bias.requires_grad)
         return conv
 
+    # A merged layer's state_dict says so (its weight is W0 + dW, not W0); an unmerged layer's has no such key, as
+    # before it existed. Loading sets the layer's state from it, so the weight and the forward agree.
+    MERGED_KEY = "merged"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            destination[prefix + self.MERGED_KEY] = torch.ones((), dtype=torch.bool, device=self.weight.device)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        merged_key, weight_key, lam_key = prefix + self.MERGED_KEY, prefix + "weight", prefix + "lam"
+        merged = bool(state_dict[merged_key]) if merged_key in state_dict else False
+        name = prefix.rstrip(".") or type(self).__name__
+        if weight_key not in state_dict and (lam_key in state_dict or merged_key in state_dict):
+            # Without a weight the layer keeps its own, and with it its merged state: a merged layer's weight
+            # holds the dW of its lam, so that lam must not change (nor a merged one arrive at an unmerged layer).
+            lam = state_dict.get(lam_key)
+            problem = None
+            if merged != self.merged:
+                problem = (f"the layer is {'merged' if self.merged else 'not merged'} and the state_dict comes from "
+                           f"a {'merged' if merged else 'not merged'} one")
+            elif self.merged and isinstance(lam, torch.Tensor) and (lam.shape != self.lam.shape or not torch.equal(
+                    lam.to(self.lam.device, self.lam.dtype), self.lam.detach())):
+                problem = "the layer is merged and the state_dict holds another lam"
+            if problem:
+                error_msgs.append(f"{name}: {problem}, without a weight to match (a merged layer's weight holds the "
+                                  f"update of its lam): {'unmerge()' if self.merged else 'merge()'} the layer first")
+                return
+        errors_before = len(error_msgs)
+        self._load_basis_and_weights(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                     error_msgs)
+        if merged_key in unexpected_keys:
+            unexpected_keys.remove(merged_key)
+        if weight_key in state_dict and len(error_msgs) == errors_before:
+            self.merged = merged
+
+    def _load_basis_and_weights(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                error_msgs):
         # A state_dict without the basis (a Hugging Face checkpoint: see skip_bases_in_hf_checkpoints) keeps this
         # layer's Q and R, so its lam fits only if it was trained on the same basis: the same leading pivots. When
         # they are, the basis is not missing (a strict load passes); when they are not, the load is refused.

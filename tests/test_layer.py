@@ -460,3 +460,40 @@ def test_an_adapter_index_must_be_an_int(adapter):
         for call in (layer.to_linear, layer.delta_weight):
             with pytest.raises(TypeError, match="adapter must be an adapter index \\(int\\) or None, got"):
                 call(adapter)
+
+
+def test_a_state_dict_carries_the_merged_state_so_a_load_never_applies_the_update_twice():
+    """A merged layer's weight is W0 + dW: its state_dict says so ("merged"), and loading it makes the receiving
+    layer merged (and an unmerged one's, unmerged), so the forward adds dW exactly once either way."""
+    torch.manual_seed(0)
+    source = QRLoraLinear.from_linear(_linear(), rank=9)
+    _randomise_lam(source)
+    x = torch.randn(3, 40)
+    expected = _expected_output(source, x)
+    unmerged_state = {k: v.clone() for k, v in source.state_dict().items()}
+    assert "merged" not in unmerged_state  # as before the key existed: older state_dicts mean "not merged"
+    source.merge()
+    merged_state = source.state_dict()
+    assert merged_state["merged"].dtype == torch.bool and bool(merged_state["merged"])
+    target = QRLoraLinear.from_linear(_linear(), rank=9)  # another W0: the whole state comes from the state_dict
+    assert not target.load_state_dict(merged_state).unexpected_keys
+    assert target.merged
+    assert_rel_close(target(x), expected, 1e-5, name="a merged state_dict into an unmerged layer")
+    target.unmerge()
+    assert_rel_close(target.weight, unmerged_state["weight"], 1e-5, name="W0 back after unmerge")
+    assert_rel_close(target(x), expected, 1e-5, name="unmerged again")
+    merged = copy.deepcopy(source)
+    assert not merged.load_state_dict(unmerged_state).missing_keys
+    assert not merged.merged
+    assert_rel_close(merged(x), expected, 1e-5, name="an unmerged state_dict into a merged layer")
+    # Without a weight a merged layer keeps its own, which holds the update of its lam: another lam, or an
+    # unmerged layer's state, is refused and changes nothing.
+    for partial in ({"lam": torch.randn(9)}, {"lam": source.lam.detach().clone()}):
+        before = copy.deepcopy(source.state_dict())
+        with pytest.raises(RuntimeError, match="the layer is merged and the state_dict (holds another lam|comes "
+                                               "from a not merged one), without a weight to match"):
+            source.load_state_dict(partial, strict=False)
+        assert source.merged and all(torch.equal(v, before[k]) for k, v in source.state_dict().items())
+    source.load_state_dict({"lam": source.lam.detach().clone(), "merged": torch.tensor(True)}, strict=False)
+    source.load_state_dict({}, strict=False)  # nothing of this layer: nothing to check
+    assert source.merged
