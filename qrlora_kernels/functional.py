@@ -111,7 +111,10 @@ def implied_r(weight: torch.Tensor, Q: torch.Tensor, dtype: torch.dtype | None =
 
 def _autocast_enabled(device_type: str) -> bool:
     # torch.is_autocast_enabled raises for a device type autocast does not know (meta tensors, which the torch
-    # backend otherwise computes shapes for like any other op).
+    # backend otherwise computes shapes for like any other op). CPU and CUDA skip the availability check, which
+    # torch.compile cannot trace on torch 2.11 (a graph break under fullgraph=True).
+    if device_type in ("cpu", "cuda"):
+        return torch.is_autocast_enabled(device_type)
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
