@@ -157,16 +157,15 @@ def _basis_from_factorisation(weight: torch.Tensor, weight_energy: _Energy, resu
     """Choose r, form Q_r and R_r with the sign convention, from ``qrcp(w, **_stopping_rule(...))``."""
     if rank is None and energy == "diag":
         R, perm = result.R if defer else result.r(), result.perm
-        # Squared in float64 after dividing by a power of two near the largest |R_ii| (see _Energy): in R's
-        # own float32 the squares overflow from |W| ~ 1e18 and vanish below ~1e-23, which changed the rank.
-        diagonal = torch.diagonal(R).to(torch.float64)
-        d = (diagonal / _power_of_two_near(float(diagonal.abs().max()))).square()
+        # In R's dtype, as ever (the ranks decide the shapes of lam in saved checkpoints), after an exact power-of-two
+        # scaling where the squares would overflow or vanish (see _energy_scale).
+        diagonal = torch.diagonal(R)
+        d = _scaled(diagonal, _energy_scale(float(diagonal.abs().max())), diagonal.dtype).square()
         cumulative = torch.cumsum(d, 0)
         # Smallest r with cumsum[r-1] >= tau * total; clamped because rounding can leave cumsum[-1] a hair below.
         r = min(int((cumulative < tau * cumulative[-1]).sum().item()) + 1, d.numel())
-        diag_energy = (d / cumulative[-1]).to(R.dtype)
-        # Summed as truncate() sums them, so that truncating this basis to r reports the same energy.
-        energy_captured = float(diag_energy[:r].to(torch.float64).sum())
+        diag_energy = d / cumulative[-1]
+        energy_captured = float(diag_energy[:r].sum())
         if defer:
             return DeferredBasis(weight, perm.to(device=weight.device, dtype=torch.int64), r, energy_captured,
                                  diag_energy)
@@ -177,9 +176,9 @@ def _basis_from_factorisation(weight: torch.Tensor, weight_energy: _Energy, resu
         Q_r = Q
         R_rows = R[:r]
         scale = weight_energy.scale
-        diag_energy = ((torch.diagonal(R_rows[:, :r]).to(torch.float64) / scale).square()
-                       / weight_energy.energy).to(R.dtype)
-        energy_captured = _square_sum(R_rows, scale) / weight_energy.energy
+        diag_energy = _scaled(torch.diagonal(R_rows[:, :r]), scale, R.dtype).square() / weight_energy.energy
+        energy_captured = float(torch.linalg.vector_norm(_scaled(R_rows, scale, R.dtype)).square()
+                                / weight_energy.energy)
 
     Q_r, R_r_pivoted = _normalise_signs(Q_r, R[:r])
     perm = perm.to(device=weight.device, dtype=torch.int64)
@@ -188,54 +187,56 @@ def _basis_from_factorisation(weight: torch.Tensor, weight_energy: _Energy, resu
 
 
 class _Energy(NamedTuple):
-    """``||W||_F^2 = energy * scale**2`` (energy None where the rank rule does not use it).
-
-    Energies are ratios of sums of squares, which in float32 overflow from |W| ~ 1e18 (1e19 squared exceeds
-    3.4e38) and vanish below |W| ~ 1e-23; float64 alone would only move the limits (1e154). So every sum of
-    squares is taken in float64 of the values divided by ``scale``, a power of two near the largest |entry|
-    (an exact division): the ratios, and so the ranks, are then the same at any scale of W that its dtype
-    represents."""
+    """``||W||_F^2 = energy * scale**2``: energy a 0-dim tensor in the compute dtype (None where the rank rule
+    does not use it), scale from ``_energy_scale``."""
     scale: float
-    energy: float | None
+    energy: torch.Tensor | None
 
 
-def _power_of_two_near(amax: float) -> float:
-    """2**(e-1) for ``amax = m * 2**e`` (m in [0.5, 1)): ``amax`` divided by it lies in [1, 2), and dividing by it
-    is exact. It is representable for every finite positive float64 (2**-1074 to 2**1023); 1 for 0, NaN or Inf."""
-    if not (0.0 < amax < math.inf):
+# Sums of squares are taken in the compute dtype, as they always were, but of values divided by a power of two
+# (an exact division) when the largest |entry| lies outside this range: float32 squares overflow from |W| ~ 1e18
+# and vanish below ~1e-23, which gave rank 1 and energy NaN, or called a weight all zeros. Inside the range
+# nothing is divided, so ranks and energies are those of earlier versions to the bit (a Trainer checkpoint's lam
+# shapes come from the ranks); outside it they are those of the weight scaled into the range.
+_UNSCALED = (2.0 ** -40, 2.0 ** 40)
+
+
+def _energy_scale(amax: float) -> float:
+    """1, or for ``amax`` outside ``_UNSCALED`` the power of two 2**(e-1) with ``amax = m * 2**e``, m in [0.5, 1):
+    ``amax`` divided by it lies in [1, 2)."""
+    if not (0.0 < amax < math.inf) or _UNSCALED[0] <= amax <= _UNSCALED[1]:
         return 1.0
     return math.ldexp(0.5, math.frexp(amax)[1])
 
 
-# Elements converted to float64 at a time by _square_sum: no float64 copy of a whole large weight.
-_SQUARE_SUM_CHUNK = 1 << 22
-
-
-def _square_sum(t: torch.Tensor, scale: float) -> float:
-    """``sum((t / scale)**2)`` in float64 (see ``_Energy``). Row sums within blocks of rows, then ``math.fsum`` of
-    them on the host: the result does not depend on the thread count (a whole-tensor reduction splits its
-    work by the thread count)."""
+def _scaled(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``t / scale`` in ``dtype``; ``t`` itself (detached) when scale is 1. The division runs in float64, where
+    every such power of two is representable (not in float32: 2**-140 for a weight at 1e-42), and is exact."""
     t = t.detach()
-    t = t.reshape(-1, 1) if t.dim() == 1 else t
-    rows = max(1, _SQUARE_SUM_CHUNK // max(1, t.shape[1]))
-    sums = [block.to(torch.float64, copy=True).div_(scale).square_().sum(dim=1) for block in t.split(rows)]
-    return math.fsum(torch.cat(sums).tolist()) if sums else 0.0
+    if scale == 1.0:
+        return t if t.dtype == dtype else t.to(dtype)
+    return (t.to(torch.float64) / scale).to(dtype)
 
 
 _AMINMAX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _weight_energy(weight: torch.Tensor, needed: bool = True) -> _Energy:
-    """``||W||_F^2`` (as an ``_Energy``), scale-free; refuses an all-zero weight. The diag rule with tau reads
-    only R's diagonal: ``needed=False`` then skips the pass over W in float64."""
+    """``||W||_F^2`` (as an ``_Energy``), without a converted copy of a weight in range; refuses an all-zero weight.
+    The diag rule with tau reads only R's diagonal: ``needed=False`` skips the sum."""
     low, high = torch.aminmax(weight.detach() if weight.dtype in _AMINMAX_DTYPES else weight.detach().float())
     amax = float(torch.maximum(-low, high))
     # An exact test: float32 squares of a weight at 1e-25 underflow to zero, but the weight is not zero.
     if amax == 0:
         raise ValueError("weight is all zeros: it has no energy to capture and no basis")
     # NaN/Inf (amax not finite) is refused by qrcp itself, naming the first bad column.
-    scale = _power_of_two_near(amax)
-    return _Energy(scale, _square_sum(weight, scale) if needed else None)
+    scale = _energy_scale(amax)
+    if not needed:
+        return _Energy(scale, None)
+    compute = _compute_dtype(weight.dtype)
+    if scale == 1.0:
+        return _Energy(scale, torch.linalg.vector_norm(weight.detach(), dtype=compute).square())
+    return _Energy(scale, torch.linalg.vector_norm(_scaled(weight, scale, compute)).square())
 
 
 def _for_qrcp(weight: torch.Tensor) -> torch.Tensor:
@@ -363,9 +364,11 @@ def truncate(basis: QRLoraBasis | DeferredBasis, rank: int, *, energy: str = "di
         energy_captured = float(basis.diag_energy[:rank].to(torch.float64).sum())
         diag_energy = basis.diag_energy
     else:
-        # Scale-free float64 sums (see _Energy): float32 squares overflow from |R| ~ 1e19.
-        scale = _power_of_two_near(float(basis.R.detach().abs().max()))
-        energy_captured = basis.energy_captured * _square_sum(R, scale) / _square_sum(basis.R, scale)
+        acc = _compute_dtype(basis.R.dtype)
+        scale = _energy_scale(float(basis.R.detach().abs().max()))  # see _energy_scale
+        kept = torch.linalg.vector_norm(_scaled(R, scale, acc)).square()
+        total = torch.linalg.vector_norm(_scaled(basis.R, scale, acc)).square()
+        energy_captured = float(basis.energy_captured * kept / total)
         diag_energy = basis.diag_energy[:rank]
     return QRLoraBasis(Q.contiguous(), R.contiguous(), basis.perm, rank, energy_captured, diag_energy)
 

@@ -139,6 +139,24 @@ def test_ranks_and_energies_do_not_depend_on_the_weight_scale(rule, dtype, scale
             assert_rel_close(deferred.diag_energy, ref_deferred.diag_energy, 1e-5, name=f"budget energies c={c:g}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_diag_ranks_follow_the_documented_rule_in_the_factorisation_dtype(dtype):
+    """The diag rule's r is the smallest with cumsum(R_ii^2)[r-1] >= tau * sum(R_ii^2), evaluated in the dtype R
+    is computed in (float32 for float32 and half weights), as every earlier version did: a Trainer checkpoint's lam
+    shapes come from these ranks, so near-ties and tau = 1 must not move when the weights are in range."""
+    from qrlora_kernels import qrcp
+    torch.manual_seed(3)
+    for shape in [(96, 80), (64, 160)]:
+        w = (torch.randn(*shape, dtype=torch.float64)
+             * torch.logspace(0, -3, shape[1], dtype=torch.float64)[torch.randperm(shape[1])]).to(dtype)
+        d = qrcp(w.to(torch.float64 if dtype == torch.float64 else torch.float32), mode="r").R.diagonal().square()
+        cumulative = torch.cumsum(d, 0)
+        taus = [0.5, 0.9, 0.99, 0.999999, 1.0] + [float(cumulative[i] / cumulative[-1]) for i in (3, 17, 40)]
+        for tau in taus:
+            expected = min(int((cumulative < tau * cumulative[-1]).sum()) + 1, d.numel())
+            assert build_basis(w, tau=tau).rank == expected, (shape, tau)
+
+
 def test_bad_inputs():
     w = _weight(8, 6)
     with pytest.raises(TypeError, match="exactly one of tau"):
