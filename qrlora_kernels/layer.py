@@ -25,7 +25,6 @@ import sys
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
 from .basis import ENERGY_RULES, QRLoraBasis, build_basis
@@ -94,28 +93,20 @@ def _check_basis_values(Q: torch.Tensor, R: torch.Tensor | None, perm: torch.Ten
                              f"(rebuild the basis from a finite weight)")
 
 
-def _reentrant_checkpoint_forward():
-    """The code of reentrant ``torch.utils.checkpoint``'s first forward, or None where torch has no such function."""
-    function = getattr(getattr(torch.utils.checkpoint, "CheckpointFunction", None), "forward", None)
-    return getattr(function, "__code__", None)
-
-
-_REENTRANT_CHECKPOINT_FORWARD = _reentrant_checkpoint_forward()
-
-
-def _in_recorded_reentrant_checkpoint() -> bool:
-    """Whether this no_grad forward runs inside the first forward of a reentrant ``torch.utils.checkpoint`` whose
-    node the autograd graph recorded (its function runs again in backward). Called under no_grad inside an
-    adapter_batch / disable_adapters block only. A checkpoint applied under no_grad (a reference pass of a model
-    that checkpoints in training mode) records nothing: its node has no next functions."""
-    code = _REENTRANT_CHECKPOINT_FORWARD
-    if code is None:
-        return True  # cannot tell: assume it may be recomputed
+def _in_recorded_function_forward() -> bool:
+    """Whether this no_grad forward runs inside the forward of an autograd Function that the graph recorded, such
+    as reentrant ``torch.utils.checkpoint`` (or DeepSpeed's), whose backward runs the forward again. Called under
+    no_grad inside an adapter_batch / disable_adapters block only. A Function applied under no_grad (the
+    checkpoints of a reference pass, which models that checkpoint in training mode still go through) records
+    nothing: its ctx has no next functions. Every frame is looked at, so a checkpoint nested in a recorded one
+    counts too."""
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code is code:
-            ctx = frame.f_locals.get("ctx")
-            return ctx is None or bool(getattr(ctx, "next_functions", True))
+        code = frame.f_code
+        if code.co_name == "forward" and code.co_argcount:
+            ctx = frame.f_locals.get(code.co_varnames[0])
+            if isinstance(ctx, torch.autograd.function.FunctionCtx) and getattr(ctx, "next_functions", True):
+                return True
         frame = frame.f_back
     return False
 
@@ -328,7 +319,7 @@ class QRLoraLinear(nn.Module):
         term, before or after the policy's forward) is never recomputed, so it marks nothing. Not caught:
         another forward of the layer between the block and the checkpointed backward."""
         if self.adapter_ids is not None or self.adapters_disabled:
-            if torch.is_grad_enabled() or _in_recorded_reentrant_checkpoint():
+            if torch.is_grad_enabled() or _in_recorded_function_forward():
                 self._context_pending = True
         elif self._context_pending:
             if torch._C._current_graph_task_id() != -1:  # running inside a backward pass: a recomputation

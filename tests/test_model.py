@@ -532,6 +532,56 @@ def test_a_recomputation_after_the_block_raises_instead_of_giving_wrong_gradient
     model(x).square().sum().backward()  # a plain checkpointed step afterwards is not refused
 
 
+class _ForeignCheckpoint(torch.autograd.Function):
+    """A reentrant checkpoint that is not torch's (DeepSpeed's and fairscale's are built this way): forward under
+    no_grad, the function run again in backward."""
+
+    @staticmethod
+    def forward(ctx, run_function, h):
+        ctx.run_function = run_function
+        ctx.save_for_backward(h)
+        with torch.no_grad():
+            return run_function(h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h,) = ctx.saved_tensors
+        h = h.detach().requires_grad_(True)
+        with torch.enable_grad():
+            torch.autograd.backward(ctx.run_function(h), grad)
+        return None, h.grad
+
+
+@pytest.mark.parametrize("wrap", ["nested", "foreign"])
+def test_a_recomputation_after_the_block_raises_for_nested_and_foreign_checkpoints(wrap):
+    """The forward of a checkpoint nested in a recorded one runs under an unrecorded inner Function, and another
+    library's checkpoint is not torch's CheckpointFunction: either way the layer is marked, and a backward
+    after the block raises instead of giving the other adapter's rows zero gradients."""
+    torch.manual_seed(0)
+    model = CheckpointedModel().eval()
+    apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"], rank=4), progress=False)
+    for _, layer in qrlora_layers(model):
+        layer.set_num_adapters(2)
+        with torch.no_grad():
+            layer.lam.normal_()
+    model.qrlora_adapter_ids = {"a": 0, "b": 1}
+    checkpoint = torch.utils.checkpoint.checkpoint
+    if wrap == "nested":
+        def run(h):
+            return checkpoint(lambda t: checkpoint(model, t, use_reentrant=True), h, use_reentrant=True)
+    else:
+        model.use_reentrant = False  # the blocks' own checkpoints off the path: only the foreign one
+        def run(h):
+            return _ForeignCheckpoint.apply(model, h)
+    x = torch.randn(2, 3, HIDDEN, requires_grad=True)
+    with adapter_batch(model, ["a", "b"]):
+        run(x).square().sum().backward()  # inside the block: exact
+    with adapter_batch(model, ["a", "b"]):
+        loss = run(x).square().sum()
+    with pytest.raises(RuntimeError, match="recomputed during backward"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 @pytest.mark.parametrize("order", ["reference-first", "policy-first"])
 def test_a_no_grad_reference_pass_in_a_block_leaves_a_checkpointed_backward_alone(use_reentrant, order):
