@@ -79,13 +79,16 @@ def atomic_write_files(files: dict[PathLike, bytes]) -> list[Path]:
         for path, data in zip(paths, files.values()):
             temporaries.append(_write_temporary(path, data))
         for path, tmp in zip(paths, temporaries):
-            previous = None
-            if len(paths) > 1 and os.path.exists(path):
-                previous = _sibling(path, "previous")
-                backups.append(previous)
-                _link_or_copy(path, previous)
+            if len(paths) > 1:  # one file needs no undo: its rename is the whole write
+                previous = None
+                if os.path.exists(path):
+                    previous = _sibling(path, "previous")
+                    backups.append(previous)
+                    _link_or_copy(path, previous)
+                # Recorded before the rename: an interrupt raised as the rename returns must still undo it (and
+                # putting the previous contents back is harmless when the rename did not happen).
+                replaced[path] = previous
             os.replace(tmp, path)
-            replaced[path] = previous
     except BaseException:
         for path, previous in replaced.items():  # back to the previous set
             if previous is None:

@@ -156,6 +156,12 @@ def test_a_save_failing_between_its_two_files_keeps_the_previous_adapter(base, t
         if len(renames) == 2:
             raise failure
         return replace(src, dst)
+
+    def interrupted_as_a_rename_returns(src, dst):  # where CPython raises a Ctrl-C that came during the call
+        renames.append(dst)
+        replace(src, dst)
+        if len(renames) == when:
+            raise failure
     monkeypatch.setattr(atomic_file.os, "replace", second_rename_fails)
     if not links:
         def no_links(*_):
@@ -168,6 +174,12 @@ def test_a_save_failing_between_its_two_files_keeps_the_previous_adapter(base, t
         with pytest.raises(type(failure)):
             save_adapter(model, tmp_path / folder)
         assert len(renames) >= 2
+    monkeypatch.setattr(atomic_file.os, "replace", interrupted_as_a_rename_returns)
+    for when in (1, 2):  # after the first file's rename, and after the second's
+        for folder in ("kept", "new"):
+            renames.clear()
+            with pytest.raises(type(failure)):
+                save_adapter(model, tmp_path / folder)
     assert {p.name: p.read_bytes() for p in (tmp_path / "kept").iterdir()} == before  # nothing else left behind
     assert list((tmp_path / "new").iterdir()) == []
     monkeypatch.undo()
