@@ -373,8 +373,8 @@ class QRLoraLinear(nn.Module):
         acc = self._acc_dtype()
         return ((self.Q.to(acc) * lam.to(acc)) @ self.basis_r(acc)).to(self.weight.dtype)
 
-    def _merged_weight(self, sign: float) -> torch.Tensor:
-        lam = self._adapter_lam(None).detach() * sign
+    def _merged_weight(self, sign: float, lam: torch.Tensor | None = None) -> torch.Tensor:
+        lam = (self._adapter_lam(None) if lam is None else lam).detach() * sign
         if self.weight.device.type == "cuda" and self.backend != "torch":
             from . import ops
             return ops.merged_weight(self.weight.detach(), self.Q, self.basis_r(), lam)
@@ -486,6 +486,22 @@ class QRLoraLinear(nn.Module):
         if weight_key in state_dict and len(error_msgs) == errors_before:
             self.merged = merged
 
+    @torch.no_grad()
+    def _same_weight_as_state(self, state_dict, prefix: str, weight: torch.Tensor) -> bool:
+        """Whether a state_dict's weight is this layer's, merged as the state_dict says: a merged layer's weight is
+        W0 + dW of its own lam (formed here from this layer's W0 and basis, as merge() forms it)."""
+        lam = state_dict.get(prefix + "lam")
+        if not bool(state_dict.get(prefix + self.MERGED_KEY, False)):
+            return not self.merged and _same_weight(weight, self.weight)
+        if not isinstance(lam, torch.Tensor) or lam.shape != self.lam.shape:
+            return False
+        lam = lam.to(self.lam.device, self.lam.dtype)
+        if self.merged:
+            return torch.equal(lam, self.lam.detach()) and _same_weight(weight, self.weight)
+        if lam.dim() == 2:  # only a single-adapter layer merges: a merged state has one row
+            return False
+        return _same_weight(weight, self._merged_weight(1.0, lam))
+
     def _load_basis_and_weights(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                 error_msgs):
         # A state_dict without the basis (a Hugging Face checkpoint: see skip_bases_in_hf_checkpoints) keeps this
@@ -500,8 +516,10 @@ class QRLoraLinear(nn.Module):
             problem = None
             if perm.shape != self.perm.shape or not torch.equal(perm[:r].to(self.perm.device), self.perm[:r]):
                 problem = f"its pivots perm[:{r}] differ from this layer's, so its lam belongs to another basis"
-            elif isinstance(weight, torch.Tensor) and not _same_weight(weight, self.weight):
-                problem = "its weight differs from this layer's, from which the layer's basis was built"
+            elif isinstance(weight, torch.Tensor) and not self._same_weight_as_state(state_dict, prefix, weight):
+                problem = ("this layer is merged (its weight holds its own update): unmerge() it first"
+                           if self.merged and prefix + self.MERGED_KEY not in state_dict else
+                           "its weight differs from this layer's, from which the layer's basis was built")
             if problem:
                 absent = [k[len(prefix):] for k in basis_keys if k not in state_dict]
                 why = ("it comes from a layer built with store_r=False, which keeps Q only" if absent == ["R"] else

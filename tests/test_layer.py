@@ -497,3 +497,31 @@ def test_a_state_dict_carries_the_merged_state_so_a_load_never_applies_the_updat
     source.load_state_dict({"lam": source.lam.detach().clone(), "merged": torch.tensor(True)}, strict=False)
     source.load_state_dict({}, strict=False)  # nothing of this layer: nothing to check
     assert source.merged
+
+
+def test_a_merged_state_dict_without_the_basis_loads_into_a_layer_built_on_the_same_weight():
+    """A Hugging Face checkpoint of a merged model leaves Q and R out: its weight is then checked as this layer's
+    W0 merged with the state_dict's lam (as merge() forms it), not compared with W0 itself."""
+    torch.manual_seed(0)
+    lin = _linear()
+    source = QRLoraLinear.from_linear(copy.deepcopy(lin), rank=9)
+    _randomise_lam(source)
+    x = torch.randn(3, 40)
+    expected = _expected_output(source, x)
+    source.merge()
+    state = {k: v for k, v in source.state_dict().items() if k not in ("Q", "R")}
+    target = QRLoraLinear.from_linear(copy.deepcopy(lin), rank=9)
+    assert not target.load_state_dict(state).missing_keys and target.merged
+    assert_rel_close(target(x), expected, 1e-5, name="merged, loaded without the basis")
+    target.unmerge()
+    assert_rel_close(target.weight, lin.weight, 1e-5, name="W0 after unmerge")
+    other = QRLoraLinear.from_linear(copy.deepcopy(lin), rank=9)
+    with torch.no_grad():
+        other.weight[0, 0] += 1e-3  # another base weight with the same pivots
+    with pytest.raises(RuntimeError, match="its weight differs from this layer's"):
+        other.load_state_dict(state)
+    assert not other.merged
+    merged_target = QRLoraLinear.from_linear(copy.deepcopy(lin), rank=9)
+    merged_target.merge()
+    with pytest.raises(RuntimeError, match="this layer is merged .*: unmerge\\(\\) it first"):
+        merged_target.load_state_dict({k: v for k, v in target.state_dict().items() if k not in ("Q", "R")})
