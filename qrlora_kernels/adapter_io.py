@@ -39,6 +39,7 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .atomic_file import atomic_write_files
 from .config import QRLoraConfig
@@ -95,25 +96,44 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def weight_fingerprint(weight: torch.Tensor) -> dict:
-    """A cheap identity of a weight: shape, dtype, a hash of a strided byte sample, float64 sums.
+def weight_fingerprint(weight: torch.Tensor, dtype: Optional[torch.dtype] = None, *, cache: bool = False) -> dict:
+    """A cheap identity of a weight (rounded to ``dtype``, default its own): shape, dtype, a hash of a strided byte
+    sample, float64 sums.
 
     The sample hash catches any different model; the two sums catch a change anywhere in the
-    weight (fine-tuned or perturbed weights), at the cost of one pass over it.
+    weight (fine-tuned or perturbed weights), at the cost of one pass over it. ``cache=True`` keeps the sums per
+    weight tensor, dtype and version (``load_adapter`` checks the same base weight once per adapter, and a server
+    loads many adapters): an in-place change bumps the version, and one that bypasses it (through ``.data``)
+    is still seen by the sample hash, computed every time, where it touches a sampled position.
     """
     w = weight.detach()
+    dtype = w.dtype if dtype is None else dtype
     flat = w.reshape(-1)
     n = flat.numel()
     k = min(n, FINGERPRINT_SAMPLES)
     positions = (torch.arange(k, device=w.device, dtype=torch.int64) * n) // max(k, 1)
-    sample = flat.index_select(0, positions)
+    sample = flat.index_select(0, positions).to(dtype)  # elementwise: the sample of the rounded weight
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{_dtype_name(w.dtype)}{tuple(w.shape)}".encode())
+    h.update(f"{_dtype_name(dtype)}{tuple(w.shape)}".encode())
     h.update(_tensor_bytes(sample))
-    w64 = w.to(torch.float64).reshape(-1)
-    # dot, not square().sum(): no second float64 copy (both sums agree far within FINGERPRINT_SUM_RTOL).
-    return {"shape": list(w.shape), "dtype": _dtype_name(w.dtype), "sample_hash": h.hexdigest(),
-            "sum": float(w64.sum()), "sum_sq": float(torch.dot(w64, w64))}
+    key = (dtype, w._version, w.data_ptr(), str(w.device), tuple(w.shape), w.dtype)
+    sums = _FINGERPRINT_SUMS.get(weight, {}).get(key) if cache and _cacheable(weight) else None
+    if sums is None:
+        w64 = w.to(dtype).to(torch.float64).reshape(-1)
+        # dot, not square().sum(): no second float64 copy (both sums agree far within FINGERPRINT_SUM_RTOL).
+        sums = (float(w64.sum()), float(torch.dot(w64, w64)))
+        if cache and _cacheable(weight):
+            _FINGERPRINT_SUMS.setdefault(weight, {})[key] = sums
+    return {"shape": list(w.shape), "dtype": _dtype_name(dtype), "sample_hash": h.hexdigest(),
+            "sum": sums[0], "sum_sq": sums[1]}
+
+
+# weight tensor -> {(dtype, version, data_ptr, device, shape, own dtype): (sum, sum_sq)}; entries go with the tensor.
+_FINGERPRINT_SUMS = WeakIdKeyDictionary()
+
+
+def _cacheable(weight: torch.Tensor) -> bool:
+    return not (weight.is_meta or _is_sharded(weight))
 
 
 # Half-precision copies of a wider base (the usual inference set-up: an adapter trained on a float32 base, served
@@ -144,7 +164,7 @@ def _fingerprint_problem(weight: torch.Tensor, saved: dict) -> Optional[str]:
         return f"its weight has shape {tuple(weight.shape)}, the adapter was made for {tuple(saved['shape'])}"
     saved_dtype = _dtype_from_name(saved["dtype"])
     # A weight held in another dtype is the same weight when it rounds to the saved values exactly.
-    if _same_fingerprint(weight_fingerprint(weight.detach().to(saved_dtype)), saved, weight.numel()):
+    if _same_fingerprint(weight_fingerprint(weight, saved_dtype, cache=True), saved, weight.numel()):
         return None
     if weight.dtype == saved_dtype:
         return ("its base weight differs from the one the adapter was made for (different base model or changed "
@@ -154,7 +174,7 @@ def _fingerprint_problem(weight: torch.Tensor, saved: dict) -> Optional[str]:
         return (f"dtype mismatch that cannot be honoured: the adapter was made on a {saved['dtype']} base weight and "
                 f"this one is {_dtype_name(weight.dtype)} and does not round to the same values; load the base model "
                 f"in {saved['dtype']}")
-    if _same_fingerprint(weight_fingerprint(weight), rounded, weight.numel()):
+    if _same_fingerprint(weight_fingerprint(weight, cache=True), rounded, weight.numel()):
         return None
     return (f"its base weight differs from the one the adapter was made for, also after rounding that "
             f"{saved['dtype']} weight to {_dtype_name(weight.dtype)} (different base model or changed weights)")

@@ -232,6 +232,43 @@ def test_fingerprints_written_by_earlier_versions_still_match(dtype):
     assert _fingerprint_problem(weight, dict(earlier, sum_sq=earlier["sum_sq"] * (1 + 1e-6))) is not None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_fingerprint_in_another_dtype_is_that_of_the_converted_weight(dtype):
+    """weight_fingerprint(w, dtype) samples, then rounds (no converted copy for the hash): the same bytes as
+    fingerprinting w.to(dtype), which is what adapter files hold."""
+    weight = torch.randn(70, 90, dtype=torch.float64).t()
+    assert weight_fingerprint(weight, dtype) == weight_fingerprint(weight.to(dtype))
+    assert weight_fingerprint(weight, dtype, cache=True) == weight_fingerprint(weight.to(dtype))
+
+
+def test_repeated_loads_reuse_the_fingerprint_sums_but_still_see_a_changed_weight(base, tmp_path, monkeypatch):
+    """A server loads many adapters onto one base: each load checks every base weight, and the float64 sums (a
+    pass over the weight) are kept per tensor and version. An in-place change bumps the version; a change through
+    .data does not, and is seen by the sample hash, recomputed every time, at a sampled position."""
+    import qrlora_kernels.adapter_io as adapter_io
+    save_adapter(_adapted(base, QRLoraConfig(target_modules=["query", "value"])), tmp_path / "a")
+    served = copy.deepcopy(base)
+    load_adapter(served, tmp_path / "a", adapter_name="a")
+    passes = []
+    dot = torch.dot
+    monkeypatch.setattr(adapter_io.torch, "dot", lambda a, b: passes.append(a.numel()) or dot(a, b))
+    load_adapter(served, tmp_path / "a", adapter_name="b")
+    after_b = len(passes)
+    load_adapter(served, tmp_path / "a", adapter_name="c")
+    assert len(passes) == after_b  # the third load made no pass over any weight
+    value = served.layers[1].value
+    with torch.no_grad():
+        value.weight[5, 7] += 1e-3  # not a sampled position: only the sums see it
+    with pytest.raises(ValueError, match=r"layers\.1\.value: its base weight differs"):
+        load_adapter(served, tmp_path / "a", adapter_name="d")
+    with torch.no_grad():
+        value.weight[5, 7] -= 1e-3
+    load_adapter(served, tmp_path / "a", adapter_name="d")
+    value.weight.data[0, 0] += 1.0  # position 0 is sampled
+    with pytest.raises(ValueError, match=r"layers\.1\.value: its base weight differs"):
+        load_adapter(served, tmp_path / "a", adapter_name="e")
+
+
 def test_load_errors_name_the_module(base, tmp_path):
     model = _adapted(base)
     save_adapter(model, tmp_path)
