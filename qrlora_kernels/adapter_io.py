@@ -116,13 +116,14 @@ def weight_fingerprint(weight: torch.Tensor, dtype: Optional[torch.dtype] = None
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{_dtype_name(dtype)}{tuple(w.shape)}".encode())
     h.update(_tensor_bytes(sample))
-    key = (dtype, w._version, w.data_ptr(), str(w.device), tuple(w.shape), w.dtype)
-    sums = _FINGERPRINT_SUMS.get(weight, {}).get(key) if cache and _cacheable(weight) else None
+    cache = cache and _cacheable(weight)
+    key = (dtype, w._version, w.data_ptr(), str(w.device), tuple(w.shape), w.dtype) if cache else None
+    sums = _FINGERPRINT_SUMS.get(weight, {}).get(key) if cache else None
     if sums is None:
         w64 = w.to(dtype).to(torch.float64).reshape(-1)
         # dot, not square().sum(): no second float64 copy (both sums agree far within FINGERPRINT_SUM_RTOL).
         sums = (float(w64.sum()), float(torch.dot(w64, w64)))
-        if cache and _cacheable(weight):
+        if cache:
             _FINGERPRINT_SUMS.setdefault(weight, {})[key] = sums
     return {"shape": list(w.shape), "dtype": _dtype_name(dtype), "sample_hash": h.hexdigest(),
             "sum": sums[0], "sum_sq": sums[1]}
@@ -133,7 +134,9 @@ _FINGERPRINT_SUMS = WeakIdKeyDictionary()
 
 
 def _cacheable(weight: torch.Tensor) -> bool:
-    return not (weight.is_meta or _is_sharded(weight))
+    # An inference tensor has no version counter (reading it raises inside inference_mode; outside, a detached
+    # one reads 0 whatever was changed in place), so its sums are never kept.
+    return not (weight.is_meta or _is_sharded(weight) or weight.is_inference())
 
 
 # Half-precision copies of a wider base (the usual inference set-up: an adapter trained on a float32 base, served

@@ -269,6 +269,25 @@ def test_repeated_loads_reuse_the_fingerprint_sums_but_still_see_a_changed_weigh
         load_adapter(served, tmp_path / "a", adapter_name="e")
 
 
+def test_a_server_under_inference_mode_loads_and_saves_and_still_sees_a_changed_weight(base, tmp_path):
+    """Inference tensors have no version counter: their fingerprint sums are never kept (reading the version
+    raised inside inference_mode, and outside it an in-place change left the cached sums in place)."""
+    save_adapter(_adapted(base, QRLoraConfig(target_modules=["query", "value"])), tmp_path / "a")
+    with torch.inference_mode():
+        served = copy.deepcopy(base)
+        for p in served.parameters():
+            p.data = p.data.clone()  # inference tensors, as a model loaded under inference_mode holds
+        assert served.layers[1].value.weight.is_inference()
+        load_adapter(served, tmp_path / "a", adapter_name="a")
+        load_adapter(served, tmp_path / "a", adapter_name="b")
+        save_adapter(served, tmp_path / "saved", adapter_name="b")
+        served.layers[1].value.weight[5, 7] += 1e-3  # not a sampled position: only the sums see it
+    with pytest.raises(ValueError, match=r"layers\.1\.value: its base weight differs"):
+        load_adapter(served, tmp_path / "a", adapter_name="c")
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"layers\.1\.value: its base weight differs"):
+        load_adapter(served, tmp_path / "a", adapter_name="c")
+
+
 def test_load_errors_name_the_module(base, tmp_path):
     model = _adapted(base)
     save_adapter(model, tmp_path)
