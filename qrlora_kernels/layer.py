@@ -487,20 +487,34 @@ class QRLoraLinear(nn.Module):
             self.merged = merged
 
     @torch.no_grad()
-    def _same_weight_as_state(self, state_dict, prefix: str, weight: torch.Tensor) -> bool:
-        """Whether a state_dict's weight is this layer's, merged as the state_dict says: a merged layer's weight is
-        W0 + dW of its own lam (formed here from this layer's W0 and basis, as merge() forms it)."""
+    def _state_weight_problem(self, state_dict, prefix: str, weight: torch.Tensor) -> str | None:
+        """Why a basis-less state_dict's weight is not this layer's (merged as the state_dict says), or None.
+
+        Unmerged: its weight must be this layer's W0 once copied into its dtype. Merged: W0 + dW of its lam, formed
+        elsewhere (another GEMM order, a Triton config picked by the autotuner, another dtype), so it is compared
+        in float64 with the rounding that forming it allows, which a different base weight exceeds."""
+        if prefix + self.MERGED_KEY not in state_dict:
+            if self.merged:
+                return "this layer is merged (its weight holds its own update): unmerge() it first"
+            return None if _same_weight(weight, self.weight) else "its weight differs from this layer's"
         lam = state_dict.get(prefix + "lam")
-        if not bool(state_dict.get(prefix + self.MERGED_KEY, False)):
-            return not self.merged and _same_weight(weight, self.weight)
-        if not isinstance(lam, torch.Tensor) or lam.shape != self.lam.shape:
-            return False
-        lam = lam.to(self.lam.device, self.lam.dtype)
         if self.merged:
-            return torch.equal(lam, self.lam.detach()) and _same_weight(weight, self.weight)
-        if lam.dim() == 2:  # only a single-adapter layer merges: a merged state has one row
-            return False
-        return _same_weight(weight, self._merged_weight(1.0, lam))
+            return "this layer is merged already: unmerge() it first"
+        if not isinstance(lam, torch.Tensor) or lam.shape != self.lam.shape:
+            return None  # torch's own size-mismatch error names lam
+        if weight.shape != self.weight.shape or self.weight.is_meta or not weight.is_floating_point():
+            return None if weight.shape == self.weight.shape else "its weight differs from this layer's"
+        f64 = torch.float64
+        Q, R = self.Q.to(f64), self.basis_r(f64)
+        lam = lam.to(self.weight.device, f64)
+        got, w0 = weight.to(self.weight.device, f64), self.weight.to(f64)
+        # The weights' roundings, and dW's: the basis held in its dtype, summed over r terms in the accumulator's.
+        rounding = max(torch.finfo(weight.dtype).eps, torch.finfo(self.weight.dtype).eps)
+        update = torch.finfo(self.Q.dtype).eps + torch.finfo(acc_dtype(self.weight.dtype)).eps * self.rank
+        tolerance = 2 * rounding * (got.abs() + w0.abs()) + 2 * update * ((Q.abs() * lam.abs()) @ R.abs())
+        if bool(((got - w0 - (Q * lam) @ R).abs() <= tolerance).all()):
+            return None
+        return "its weight is not this layer's W0 merged with its lam (another base weight)"
 
     def _load_basis_and_weights(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                 error_msgs):
@@ -516,10 +530,10 @@ class QRLoraLinear(nn.Module):
             problem = None
             if perm.shape != self.perm.shape or not torch.equal(perm[:r].to(self.perm.device), self.perm[:r]):
                 problem = f"its pivots perm[:{r}] differ from this layer's, so its lam belongs to another basis"
-            elif isinstance(weight, torch.Tensor) and not self._same_weight_as_state(state_dict, prefix, weight):
-                problem = ("this layer is merged (its weight holds its own update): unmerge() it first"
-                           if self.merged and prefix + self.MERGED_KEY not in state_dict else
-                           "its weight differs from this layer's, from which the layer's basis was built")
+            elif isinstance(weight, torch.Tensor):
+                problem = self._state_weight_problem(state_dict, prefix, weight)
+                if problem == "its weight differs from this layer's":
+                    problem += ", from which the layer's basis was built"
             if problem:
                 absent = [k[len(prefix):] for k in basis_keys if k not in state_dict]
                 why = ("it comes from a layer built with store_r=False, which keeps Q only" if absent == ["R"] else

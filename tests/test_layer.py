@@ -518,10 +518,25 @@ def test_a_merged_state_dict_without_the_basis_loads_into_a_layer_built_on_the_s
     other = QRLoraLinear.from_linear(copy.deepcopy(lin), rank=9)
     with torch.no_grad():
         other.weight[0, 0] += 1e-3  # another base weight with the same pivots
-    with pytest.raises(RuntimeError, match="its weight differs from this layer's"):
+    with pytest.raises(RuntimeError, match="its weight is not this layer's W0 merged with its lam"):
         other.load_state_dict(state)
     assert not other.merged
     merged_target = QRLoraLinear.from_linear(copy.deepcopy(lin), rank=9)
     merged_target.merge()
     with pytest.raises(RuntimeError, match="this layer is merged .*: unmerge\\(\\) it first"):
         merged_target.load_state_dict({k: v for k, v in target.state_dict().items() if k not in ("Q", "R")})
+    with pytest.raises(RuntimeError, match="this layer is merged already: unmerge\\(\\) it first"):
+        merged_target.load_state_dict(state)
+    two = QRLoraLinear.from_linear(copy.deepcopy(lin), rank=9)
+    two.add_adapter()
+    with pytest.raises(RuntimeError, match="size mismatch for lam"):
+        two.load_state_dict(state)
+    # A merged weight formed another way (another GEMM order or Triton config: last-bit differences) loads, and so
+    # does one merged in float32 onto the same base held in bfloat16; a different base weight does not.
+    jittered = dict(state, weight=state["weight"] * (1 + torch.finfo(torch.float32).eps * torch.randint_like(
+        state["weight"], -1, 2)))
+    assert not torch.equal(jittered["weight"], state["weight"])
+    QRLoraLinear.from_linear(copy.deepcopy(lin), rank=9).load_state_dict(jittered)
+    half = QRLoraLinear.from_linear(copy.deepcopy(lin), rank=9).to(torch.bfloat16)  # the same pivots
+    half.load_state_dict(state)
+    assert half.merged and half.weight.dtype == torch.bfloat16
