@@ -509,24 +509,36 @@ class CheckpointedModel(nn.Module):
         return h
 
 
-def test_a_recomputation_after_the_block_raises_instead_of_giving_wrong_gradients():
-    torch.manual_seed(0)
-    model = CheckpointedModel().eval()  # eval mode: dropout off, still checkpointed
+def _checkpointed_two_adapter_model(use_reentrant=True):
+    """A CheckpointedModel (eval mode: dropout off, still checkpointed) with adapters "a" and "b" (random lam)."""
+    model = CheckpointedModel().eval()
+    model.use_reentrant = use_reentrant
     apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"], rank=4), progress=False)
     for _, layer in qrlora_layers(model):
         layer.set_num_adapters(2)
         with torch.no_grad():
             layer.lam.normal_()
     model.qrlora_adapter_ids = {"a": 0, "b": 1}
-    x = torch.randn(2, 3, HIDDEN, requires_grad=True)
+    return model
+
+
+def _backward_after_the_block_raises(model, run, x):
+    """Backward inside an adapter_batch block is exact; one after the block that set up the forward raises."""
     with adapter_batch(model, ["a", "b"]):
-        model(x).square().sum().backward()  # inside the block: exact
+        run(x).square().sum().backward()
     with torch.no_grad():
-        model(x)  # a forward outside any block clears what the backward's recomputations inside the block marked
+        run(x)  # a forward outside any block clears what the backward's recomputations inside the block marked
     with adapter_batch(model, ["a", "b"]):
-        loss = model(x).square().sum()
+        loss = run(x).square().sum()
     with pytest.raises(RuntimeError, match="recomputed during backward"):
         loss.backward()
+
+
+def test_a_recomputation_after_the_block_raises_instead_of_giving_wrong_gradients():
+    torch.manual_seed(0)
+    model = _checkpointed_two_adapter_model()
+    x = torch.randn(2, 3, HIDDEN, requires_grad=True)
+    _backward_after_the_block_raises(model, model, x)
     with disable_adapters(model):
         loss = model(x).square().sum()
     with pytest.raises(RuntimeError, match="adapter_batch / disable_adapters block"):
@@ -560,13 +572,7 @@ def test_a_recomputation_after_the_block_raises_for_nested_and_foreign_checkpoin
     library's checkpoint is not torch's CheckpointFunction: either way the layer is marked, and a backward
     after the block raises instead of giving the other adapter's rows zero gradients."""
     torch.manual_seed(0)
-    model = CheckpointedModel().eval()
-    apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"], rank=4), progress=False)
-    for _, layer in qrlora_layers(model):
-        layer.set_num_adapters(2)
-        with torch.no_grad():
-            layer.lam.normal_()
-    model.qrlora_adapter_ids = {"a": 0, "b": 1}
+    model = _checkpointed_two_adapter_model()
     checkpoint = torch.utils.checkpoint.checkpoint
     if wrap == "nested":
         def run(h):
@@ -576,14 +582,7 @@ def test_a_recomputation_after_the_block_raises_for_nested_and_foreign_checkpoin
         def run(h):
             return _ForeignCheckpoint.apply(model, h)
     x = torch.randn(2, 3, HIDDEN, requires_grad=True)
-    with adapter_batch(model, ["a", "b"]):
-        run(x).square().sum().backward()  # inside the block: exact
-    with torch.no_grad():
-        run(x)  # a forward outside any block clears what the backward's recomputations inside the block marked
-    with adapter_batch(model, ["a", "b"]):
-        loss = run(x).square().sum()
-    with pytest.raises(RuntimeError, match="recomputed during backward"):
-        loss.backward()
+    _backward_after_the_block_raises(model, run, x)
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
@@ -593,14 +592,7 @@ def test_a_no_grad_reference_pass_in_a_block_leaves_a_checkpointed_backward_alon
     disable_adapters (or adapter_batch), then backward. The reference records no graph, so nothing of it is
     recomputed: the backward runs and gives the gradients of a step without the reference pass."""
     torch.manual_seed(0)
-    model = CheckpointedModel().eval()
-    model.use_reentrant = use_reentrant
-    apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"], rank=4), progress=False)
-    for _, layer in qrlora_layers(model):
-        layer.set_num_adapters(2)
-        with torch.no_grad():
-            layer.lam.normal_()
-    model.qrlora_adapter_ids = {"a": 0, "b": 1}
+    model = _checkpointed_two_adapter_model(use_reentrant)
     x = torch.randn(2, 3, HIDDEN, requires_grad=True)
     lams = [layer.lam for _, layer in qrlora_layers(model)]
 
