@@ -247,8 +247,8 @@ def qrlora_linear(x, weight, bias, Q, R, lam, *, backend=None, adapter_ids=None,
     lam_index = None
     if adapter_ids is not None:
         lam_index = _lam_index(adapter_ids, x, num_adapters)
-        if lam.dim() == 1:
-            lam_index = None  # one adapter: the ids are all 0 (checked above) and select nothing
+        if num_adapters == 1:
+            lam_index = None  # one adapter, (r,) or (1, r): the ids are all 0 (checked above) and select nothing
     elif num_adapters > 1:
         raise ValueError(f"lam holds {num_adapters} adapters (shape {tuple(lam.shape)}); pass adapter_ids to pick "
                          "one per sequence or token")

@@ -111,11 +111,16 @@ def test_multi_adapter_batch(backend):
     assert_rel_close(y_tokens, y_ref, name="y (per-token ids)")
 
 
-def test_single_row_lam_keeps_its_shape():
-    x, weight, bias, Q, R, lam = _problem(T=6, K=16, N=16, r=4, num_adapters=1)
-    y, dx, dlam, dy = _run(x, weight, bias, Q, R, lam, backend="torch")
+@pytest.mark.parametrize("strategy", ["lowrank", "merged"])
+@pytest.mark.parametrize("with_ids", [False, True], ids=["no-ids", "ids"])
+def test_single_row_lam_keeps_its_shape(strategy, with_ids):
+    """lam of shape (1, r) is one adapter: with adapter_ids (all 0) too, so the merged strategy serves it."""
+    x, weight, bias, Q, R, lam = _problem(T=None, K=16, N=16, r=4, num_adapters=1, leading=(3, 2))
+    ids = torch.zeros(3, dtype=torch.int64) if with_ids else None
+    y, dx, dlam, dy = _run(x, weight, bias, Q, R, lam, backend="torch", strategy=strategy, adapter_ids=ids)
     assert dlam.shape == (1, 4)
-    _, _, dlam_ref = _reference(x, weight, bias, Q, R, lam[0], dy)
+    y_ref, _, dlam_ref = _reference(x, weight, bias, Q, R, lam[0], dy)
+    assert_rel_close(y, y_ref, name="y")
     assert_rel_close(dlam[0], dlam_ref, name="dlam")
 
 
