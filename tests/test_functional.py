@@ -385,3 +385,20 @@ def test_merged_path_under_autocast_keeps_one_weight_sized_tensor(with_r):
     y_ref, dx_ref, dlam_ref = _reference(x, weight, bias, Q, R if with_r else _implied_r(Q, weight), lam, dy)
     for name, got, want in (("y", y, y_ref), ("dx", x.grad, dx_ref), ("dlam", lam.grad, dlam_ref)):
         assert_rel_close(got, want, REL_TOL[torch.float16], name=name)
+
+
+@pytest.mark.parametrize("with_r", [True, False], ids=["R", "Q-only"])
+def test_torch_lowrank_half_precision_does_not_overflow_where_y_fits(with_r):
+    """A large component of y that lam mostly cancels: S = x R^T (1e5) and S * lam leave float16's range although
+    y (1.8e3) does not. The torch path forms the low-rank correction in float32."""
+    n = 32
+    q = torch.full((n, 1), n ** -0.5, dtype=torch.float64)
+    weight, Q, R = torch.eye(n, dtype=torch.float64), q, q.t()  # R = Q^T W0
+    lam = torch.tensor([-0.9], dtype=torch.float64)
+    x = (1e5 * q.t()).repeat(3, 1) + torch.randn(3, n, dtype=torch.float64)
+    expected = x @ (weight + (Q * lam) @ R).t()
+    half = [t.to(torch.float16) for t in (x, weight, Q, R)]
+    y = qrlora_linear(half[0], half[1], None, half[2], half[3] if with_r else None, lam.float(), backend="torch",
+                      strategy="lowrank")
+    assert torch.isfinite(y).all()
+    assert_rel_close(y, expected, 1e-2, name="fp16 lowrank with a cancelled large component")
