@@ -218,14 +218,11 @@ def _scaled(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     return (t.to(torch.float64) / scale).to(dtype)
 
 
-_AMINMAX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def _weight_energy(weight: torch.Tensor, needed: bool = True) -> _Energy:
     """``||W||_F^2`` (as an ``_Energy``), without a converted copy of a weight in range; refuses an all-zero weight.
     The diag rule with tau reads only R's diagonal: ``needed=False`` skips the sum."""
-    low, high = torch.aminmax(weight.detach() if weight.dtype in _AMINMAX_DTYPES else weight.detach().float())
-    amax = float(torch.maximum(-low, high))
+    from .qr import largest_magnitudes
+    (amax,) = largest_magnitudes(weight)
     # An exact test: float32 squares of a weight at 1e-25 underflow to zero, but the weight is not zero.
     if amax == 0:
         raise ValueError("weight is all zeros: it has no energy to capture and no basis")

@@ -117,6 +117,17 @@ def _check_number(name, value, *, integer=False):
         raise ValueError(f"qrcp: {name} is NaN")
 
 
+_AMINMAX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def largest_magnitudes(A: torch.Tensor, *, batched: bool = False) -> list[float]:
+    """max |entry| of ``A``, or of each matrix of a batch (a list either way): one reduction pass, no mask or
+    copy, one read-back; NaN and Inf reach it. Other floating dtypes (float8) are read through float32."""
+    values = A.detach() if A.dtype in _AMINMAX_DTYPES else A.detach().float()
+    low, high = torch.aminmax(values.reshape(A.shape[0], -1), dim=1) if batched else torch.aminmax(values)
+    return torch.maximum(-low, high).reshape(-1).tolist()
+
+
 def _validate(A, rank, tau, abstol, reltol, method, mode, *, batched=False):
     """Refuses what qrcp cannot factor; returns each matrix's largest |entry| (a list, one value for a 2-D A)."""
     if not isinstance(A, torch.Tensor):
@@ -158,11 +169,9 @@ def _validate(A, rank, tau, abstol, reltol, method, mode, *, batched=False):
                          f"device")
     if not A.numel():
         return [0.0] * (A.shape[0] if batched else 1)
-    # One reduction pass, no m x n mask or copy, one read-back: the largest |entry| of each matrix (NaN and Inf
-    # reach it), which also tells a subnormal-scale matrix (see _rescaling).
-    values = A if A.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else A.float()  # float8
-    low, high = torch.aminmax(values.reshape(A.shape[0], -1), dim=1) if batched else torch.aminmax(values)
-    amax = torch.maximum(-low, high).reshape(-1).tolist()
+    # The largest |entry| of each matrix (NaN and Inf reach it), which also tells a subnormal-scale matrix (see
+    # _rescaling).
+    amax = largest_magnitudes(A, batched=batched)
     if not all(math.isfinite(a) for a in amax):
         finite = torch.isfinite(A)
         if batched:
