@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .atomic_file import atomic_write_files
-from .config import QRLoraConfig
+from .config import ENERGY_RULES, QRLoraConfig
 from .functional import acc_dtype, implied_r
 from .model import (ADAPTER_IDS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER, MODULES_TO_SAVE_ATTR, _layer_class,
                     _read_by_parent, _refuse_unloaded_weight, _set_submodule, adapter_row, canonical_name,
@@ -383,20 +383,21 @@ def _check_module_info(name: str, info, config_path: Path) -> None:
     if not isinstance(rounded, dict) or any(_bad_field(fp, _FINGERPRINT_FIELDS) for fp in rounded.values()):
         raise ValueError(f"{name}: {config_path} is corrupt: 'fingerprint.rounded' is damaged")
     for fingerprint in [info["fingerprint"], *rounded.values()]:
-        if not isinstance(getattr(torch, fingerprint["dtype"], None), torch.dtype):
+        try:
+            _dtype_from_name(fingerprint["dtype"])
+        except ValueError:
             raise ValueError(f"{name}: {config_path} is corrupt: its fingerprint names an unknown dtype "
-                             f"{fingerprint['dtype']!r}")
+                             f"{fingerprint['dtype']!r}") from None
     if not isinstance(info.get("store_r", True), bool):
         raise ValueError(f"{name}: {config_path} is corrupt: 'store_r' is not true or false")
-    # Shown by the layer's repr and report (tau, energy_captured) and choosing its rank rule's name (energy).
-    for key, kinds in (("tau", (int, float)), ("energy_captured", (int, float)), ("energy", str)):
+    # Shown by the layer's repr and report (tau, energy_captured) and naming its rank rule (energy).
+    for key in ("tau", "energy_captured"):
         value = info.get(key)
-        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
-            raise ValueError(f"{name}: {config_path} is corrupt: {key!r} is {value!r}, not a "
-                             f"{'number' if kinds != str else 'string'} or null")
-    if info.get("energy") not in (None, "diag", "frobenius"):
-        raise ValueError(f"{name}: {config_path} is corrupt: 'energy' is {info['energy']!r}, not 'diag' or "
-                         f"'frobenius'")
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise ValueError(f"{name}: {config_path} is corrupt: {key!r} is {value!r}, not a number or null")
+    if info.get("energy") not in (None, *ENERGY_RULES):
+        raise ValueError(f"{name}: {config_path} is corrupt: 'energy' is {info['energy']!r}, not "
+                         f"{' or '.join(map(repr, ENERGY_RULES))}")
 
 
 def _diagnose_safetensors(path: Path) -> str:
