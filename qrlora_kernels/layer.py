@@ -493,17 +493,18 @@ class QRLoraLinear(nn.Module):
         Unmerged: its weight must be this layer's W0 once copied into its dtype. Merged: W0 + dW of its lam, formed
         elsewhere (another GEMM order, a Triton config picked by the autotuner, another dtype), so it is compared
         in float64 with the rounding that forming it allows, which a different base weight exceeds."""
+        differs = "its weight differs from this layer's, from which the layer's basis was built"
         if prefix + self.MERGED_KEY not in state_dict:
             if self.merged:
                 return "this layer is merged (its weight holds its own update): unmerge() it first"
-            return None if _same_weight(weight, self.weight) else "its weight differs from this layer's"
+            return None if _same_weight(weight, self.weight) else differs
         lam = state_dict.get(prefix + "lam")
         if self.merged:
             return "this layer is merged already: unmerge() it first"
         if not isinstance(lam, torch.Tensor) or lam.shape != self.lam.shape:
             return None  # torch's own size-mismatch error names lam
         if weight.shape != self.weight.shape or self.weight.is_meta or not weight.is_floating_point():
-            return None if weight.shape == self.weight.shape else "its weight differs from this layer's"
+            return None if weight.shape == self.weight.shape else differs
         f64 = torch.float64
         Q, R = self.Q.to(f64), self.basis_r(f64)
         lam = lam.to(self.weight.device, f64)
@@ -532,8 +533,6 @@ class QRLoraLinear(nn.Module):
                 problem = f"its pivots perm[:{r}] differ from this layer's, so its lam belongs to another basis"
             elif isinstance(weight, torch.Tensor):
                 problem = self._state_weight_problem(state_dict, prefix, weight)
-                if problem == "its weight differs from this layer's":
-                    problem += ", from which the layer's basis was built"
             if problem:
                 absent = [k[len(prefix):] for k in basis_keys if k not in state_dict]
                 why = ("it comes from a layer built with store_r=False, which keeps Q only" if absent == ["R"] else
