@@ -199,9 +199,10 @@ def _check_triton_available(x):
 def _torch_path(x2, weight, bias, Q, R, lam, lam_index, strategy):
     # What carries lam is kept in float32 (float64 for float64 inputs), like the kernels' accumulators: dlam
     # reduces over every token and loses too much in half precision. Lowrank: the (T, r) projections, lam
-    # and the correction are computed in float32, the frozen GEMM in the input dtype. Merged: plain autograd gets dlam from the gradient of
-    # W_eff, dY^T x, whose half-precision rounding cancellation can amplify past the fp16 band; so for half
-    # inputs this reference path runs that GEMM in float32 (slow on GPUs: use backend="triton" for speed).
+    # and the correction are computed in float32, the frozen GEMM in the input dtype. Merged: plain autograd
+    # gets dlam from the gradient of W_eff, dY^T x, whose half-precision rounding cancellation can amplify past
+    # the fp16 band; so for half inputs this reference path runs that GEMM in float32 (slow on GPUs: use
+    # backend="triton" for speed).
     # With R, at lam = 0 the lowrank result is exactly F.linear's, because the correction is an exact zero.
     acc = acc_dtype(x2.dtype)
     lam_rows = lam.to(acc)
@@ -217,9 +218,9 @@ def _torch_path(x2, weight, bias, Q, R, lam, lam_index, strategy):
     # The low-rank products run in the accumulator dtype too: in half precision S = x R^T (or Y0 Q) and S * lam
     # can exceed float16's range where y does not (a large component of y that lam mostly cancels).
     if R is None:
-        y0 = F.linear(x2, weight)
-        scaled = (y0.to(acc) @ Q.to(acc)) * lam_rows
-        y = (y0.to(acc) + scaled @ Q.t().to(acc)).to(x2.dtype)
+        y0 = F.linear(x2, weight).to(acc)
+        Q_acc = Q.to(acc)
+        y = (y0 + ((y0 @ Q_acc) * lam_rows) @ Q_acc.t()).to(x2.dtype)
         return y if bias is None else y + bias
     scaled = (x2.to(acc) @ R.t().to(acc)) * lam_rows
     return (F.linear(x2, weight, bias).to(acc) + scaled @ Q.t().to(acc)).to(x2.dtype)
