@@ -325,6 +325,37 @@ def test_without_r_a_large_bias_does_not_swamp_the_update_in_half_precision(back
     assert_rel_close(dx, dx_ref, REL_TOL[torch.float16], name="dx")
 
 
+# In place over Y0 (the Q-only forward), the last row tile's wrapped rows (masked, never stored) re-read rows that
+# the first tile has already updated, and the interpreter warns when their doubled values are cast to float16.
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+@pytest.mark.parametrize("with_r", [True, False], ids=["R", "no-R"])
+@pytest.mark.parametrize("strategy", ["lowrank", "merged"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_half_precision_projections_past_float16_range(backend, strategy, with_r):
+    """float16 with large activations and gradients (outliers, a loss scale): S * lam and G * lam pass 65504 while
+    y and dx fit, because an orthonormal Q spreads each row over the outputs. No path may overflow on the way."""
+    T, K, N, r = 40, 320, 320, 20
+    x = (torch.randn(T, K) * 3e3).half()
+    weight = (torch.randn(N, K) / K ** 0.5).half()
+    Q = torch.linalg.qr(torch.randn(N, r, dtype=torch.float64))[0].half()
+    R = torch.linalg.qr(torch.randn(K, r, dtype=torch.float64))[0].t().half() if with_r else None
+    lam = torch.randn(r) * 10  # float32 (dlam ~ 1e8 would not fit float16)
+    dy = (torch.randn(T, N) * 3e3).half()
+    R_ref = R if with_r else _implied_r(Q, weight)
+    y_ref, dx_ref, dlam_ref = _reference(x, weight, None, Q, R_ref, lam, dy)
+    s_lam = (x.double() @ R_ref.double().t()) * lam.double()
+    g_lam = (dy.double() @ Q.double()) * lam.double()
+    assert s_lam.abs().max() > 65504 and g_lam.abs().max() > 65504
+    assert y_ref.abs().max() < 60000 and dx_ref.abs().max() < 60000, "the test's y and dx must fit float16"
+
+    x_, lam_ = x.clone().requires_grad_(), lam.clone().requires_grad_()
+    y = qrlora_linear(x_, weight, None, Q, R, lam_, backend=backend, strategy=strategy)
+    y.backward(dy)
+    assert_rel_close(y, y_ref, REL_TOL[torch.float16], name="y")
+    assert_rel_close(x_.grad, dx_ref, REL_TOL[torch.float16], name="dx")
+    assert_rel_close(lam_.grad, dlam_ref, REL_TOL[torch.float16], name="dlam")
+
+
 @pytest.mark.parametrize("strategy", ["lowrank", "merged"])
 def test_without_r_the_backward_holds_no_r(strategy, monkeypatch):
     """The point of R=None is memory: nothing of R's shape may be saved from the forward for the backward (it

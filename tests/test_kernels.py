@@ -198,6 +198,60 @@ def test_backward_chain(case, dtype, num_adapters, device):
     assert_rel_close(dx, dx_ref, _band(dtype), name="dx")
 
 
+def _wide_half_rows(T, r, lam, lam_index, device, big=(7e4, 1e5)):
+    """float32 p whose rows alternate: ordinary (|p lam| ~ 1), and one entry per row with |p lam| past float16's
+    65504 (the rest ~ 1e3). Spread by an orthonormal Q over many columns such a row's output still fits float16."""
+    p = torch.randn(T, r, dtype=torch.float64)
+    lam_rows = (lam if lam_index is None else lam[lam_index]).double().cpu()
+    lam_rows = lam_rows.expand(T, r)
+    wide = torch.arange(T) % 3 == 1
+    for i in wide.nonzero().flatten().tolist():
+        p[i] *= 1e3 / lam_rows[i].abs().clamp_min(0.1)
+        j = i % r
+        p[i, j] = (big[i % 2] if i % 4 == 1 else -big[i % 2]) / lam_rows[i, j]
+    return p.float().to(device), wide
+
+
+@pytest.mark.parametrize("bad_value", [None, float("nan"), float("inf")], ids=["finite", "nan-row", "inf-row"])
+@pytest.mark.parametrize("num_adapters", [None, 3])
+@pytest.mark.parametrize("kernel", ["lowrank_matmul", "lowrank_update"])
+def test_half_precision_rows_past_float16_range_do_not_overflow(kernel, num_adapters, bad_value, device):
+    """float16: p * lam (float32) is cast to float16 before its dot, and some rows pass 65504. The kernels scale
+    such tiles by an exact power of two; the result must match float64 row by row (the ordinary rows, which
+    share their tiles with wide ones, as tightly as the wide rows) and every element must be written (an
+    overflow gives inf there). A NaN or inf in one row of p spoils that row only, as it would in nn.Linear."""
+    dtype = torch.float16
+    _skip_unrunnable(device, dtype)
+    T, K, N, r = 40, 24, 320, 20  # two r chunks (one partial), several row and column tiles
+    lam, lam_index = _lam(r, num_adapters, device, T)
+    p, wide = _wide_half_rows(T, r, lam, lam_index, device)
+    bad_row = 3  # an ordinary row in the first row tile, with wide rows
+    if bad_value is not None:
+        p[bad_row, 2] = bad_value
+    Q = torch.linalg.qr(torch.randn(N, r, dtype=torch.float64))[0].to(device=device, dtype=dtype)
+    x, weight = _tensor((T, K), dtype, device), _tensor((N, K), dtype, device, scale=K ** -0.5)
+    c, bias = _tensor((T, N), dtype, device), _tensor((N,), dtype, device)
+    out = poisoned((T, N), dtype=dtype, device=device)
+    if kernel == "lowrank_matmul":
+        y = kernels.lowrank_matmul(x, weight.t(), p, lam, Q.t(), bias, lam_index=lam_index, out=out,
+                                   input_precision="ieee")
+        expected = reference.lowrank_matmul(_f64(x), _f64(weight).t(), _f64(p), _f64(lam), _f64(Q).t(), _f64(bias),
+                                            lam_index=lam_index)
+    else:
+        y = kernels.lowrank_update(c, p, lam, Q.t(), bias, lam_index=lam_index, out=out, input_precision="ieee")
+        expected = reference.lowrank_update(_f64(c), _f64(p), _f64(lam), _f64(Q).t(), _f64(bias),
+                                            lam_index=lam_index)
+    good = torch.ones(T, dtype=torch.bool)
+    if bad_value is not None:
+        good[bad_row] = False
+        assert not torch.isfinite(y[bad_row]).all()
+    assert (_f64(p) * _f64(lam if lam_index is None else lam[lam_index])).abs().amax(1)[wide].min() > 65504
+    assert expected[good].abs().max() < 60000, "the test's outputs must fit float16"
+    assert_all_written(out[good], "y")
+    for i in good.nonzero().flatten().tolist():
+        assert_rel_close(y[i], expected[i], REL_TOL[dtype], name=f"y row {i} ({'wide' if wide[i] else 'ordinary'})")
+
+
 # T, K, N, r for the TMA variant: K and N not multiples of the tiles (TMA pads with zeros past the edges), row
 # strides 16-byte aligned in fp16 and fp32, and more output tiles than the persistent grid has programs.
 TMA_CASE = (45, 40, 72, 9)

@@ -11,7 +11,8 @@ space: forward ``c = Y0 = x W0^T``, ``p = S = Y0 Q``, ``u = Q^T``, plus the bias
 The kernel is Triton tutorial 03's grouped GEMM: a K-loop over a/b tiles into one float32 accumulator, then an
 r-loop that adds ``tl.dot((p*lam) tile, u tile)`` into the same accumulator, then the bias epilogue. The
 correction therefore costs ``2*T*r*N`` flops and no extra pass over the output. ``lam`` is applied in float32
-and the scaled tile is cast to the input dtype so the second dot also runs on tensor cores.
+and the scaled tile is cast to the input dtype so the second dot also runs on tensor cores; in float16, a tile
+of ``p * lam`` that would pass its range is first scaled by an exact power of two (``add_lowrank_tile``).
 
 On sm_90 the autotuner also times tutorial 09's persistent TMA variant (``USE_TMA``/``PERSISTENT`` configs: one
 program per SM loops over the tiles, and the K-loop's tiles arrive by TMA), offered only when the operands
@@ -69,7 +70,8 @@ def _output_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, p_ptr, lam_ptr, lam_
     if HAS_LOWRANK:
         acc = add_lowrank_tile(acc, p_ptr, lam_ptr, lam_index_ptr, u_ptr, rows, cols, R,
                                stride_pm, stride_pr, stride_la, stride_lr, stride_ur, stride_un,
-                               PER_TOKEN_LAM, INPUT_PRECISION, ACC_DTYPE, _R_CHUNK)
+                               PER_TOKEN_LAM, u_ptr.dtype.element_ty == tl.float16, INPUT_PRECISION, ACC_DTYPE,
+                               _R_CHUNK)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols * stride_bias)
