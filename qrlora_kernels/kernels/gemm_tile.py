@@ -76,13 +76,16 @@ def _p_lam_chunk(p_ptr, lam_ptr, adapter, rows, offs_r, in_rank, stride_pm, stri
 
 
 @triton.jit
-def _half_range_scale(largest):
-    """The power of two that brings ``largest`` (>= 0, float32) under 2^14, or 1 when it is under already.
-    Built from the float32 exponent bits: exact, and so is its reciprocal (a normal float too)."""
+def _half_range_scales(largest):
+    """Powers of two ``(down, up)``, ``down * up == 1``, with ``largest * down`` under 2^14; (1, 1) when
+    ``largest`` (0 <= largest < 2^24, float32) is under 2^14 already. Both are built from exponent bits (a GPU's
+    float division need not be exact, even by a power of two)."""
     # largest lies in [2^e, 2^(e+1)) with e = biased exponent - 127; scaling by 2^-(e-13) puts it in [2^13, 2^14).
     biased = (largest.to(tl.int32, bitcast=True) >> 23) & 0xFF
-    shift = tl.maximum(biased - (127 + 13), 0)  # at most 255 - 140 = 115, so 2^-shift and 2^shift are normal
-    return ((127 - shift) << 23).to(tl.float32, bitcast=True)
+    shift = tl.maximum(biased - (127 + 13), 0)  # 0..10 for largest < 2^24
+    down = ((127 - shift) << 23).to(tl.float32, bitcast=True)
+    up = ((127 + shift) << 23).to(tl.float32, bitcast=True)
+    return down, up
 
 
 @triton.jit
@@ -97,12 +100,16 @@ def add_lowrank_tile(acc, p_ptr, lam_ptr, lam_index_ptr, u_ptr, rows, cols, R,
 
     GUARD_HALF_RANGE (for float16 u): ``p * lam`` can pass float16's 65504 while the output fits (each row is
     spread over the output's columns by the orthonormal Q), and the cast would make it inf. A first pass over
-    the chunks takes the tile's largest finite ``|p lam|``; at or above 2^14 the tile is computed as
-    ``((down * acc) + (down * p lam) @ u) / down`` with ``down`` an exact power of two, which changes no
-    rounding except for elements over 2^27 times smaller than that largest (they reach float16's subnormals). Under
-    2^14 (every tile of ordinary data) nothing changes, bit for bit; the cost is one more read of the p chunks.
-    One scale per tile, not per row: per-row scales held 2 x BLOCK_M more values through the loop, and ptxas
-    then spilled in 5 more sm_90 fp16 configs (benchmarks/NOTES.md section 8).
+    the chunks takes the tile's largest ``|p lam|`` under 2^24; at 2^14 or more the tile is computed as
+    ``up * ((down * acc) + (down * p lam) @ u)`` with exact powers of two ``down * up == 1``, down >= 2^-10.
+    That changes no rounding except for elements under 2^-14 / down <= 2^-4, which reach float16's subnormals:
+    an absolute error of at most 2^-15 each, the size of float16's rounding of 2^-4. Under 2^14 (every tile of
+    ordinary data) nothing changes, bit for bit. Values of 2^24 or more, inf and NaN are left out of the
+    maximum and overflow in their own rows only, as before, instead of scaling the whole tile into float16's
+    subnormals (in the forward such a row's update has an element of at least 2^24 / sqrt(N): past 65504 for
+    N <= 2^16). The cost is one more read of the p chunks. One scale per tile, not per row: per-row scales held
+    2 x BLOCK_M more values through the loop, and ptxas then spilled in 5 more sm_90 fp16 builds
+    (benchmarks/NOTES.md section 8).
     """
     offs_k = tl.arange(0, BLOCK_K)
     if PER_TOKEN_LAM:
@@ -115,12 +122,11 @@ def add_lowrank_tile(acc, p_ptr, lam_ptr, lam_index_ptr, u_ptr, rows, cols, R,
             offs_r = j * BLOCK_K + offs_k
             chunk = _p_lam_chunk(p_ptr, lam_ptr, adapter, rows, offs_r, offs_r < R, stride_pm, stride_pr,
                                  stride_la, stride_lr, PER_TOKEN_LAM, ACC_DTYPE)
-            # NaN and inf left out: a token that brings them spoils its own row only, as in nn.Linear, not its
-            # tile's scale (2^-115 would flush every other row's update to zero).
+            # Not counted: 2^24 or more, inf and NaN (false in the comparison), which spoil their own rows only.
             magnitude = tl.abs(chunk)
-            magnitude = tl.where(magnitude < float("inf"), magnitude, 0.0)
+            magnitude = tl.where(magnitude < 16777216.0, magnitude, 0.0)
             tile_max = tl.maximum(tile_max, tl.max(magnitude).to(tl.float32))
-        down = _half_range_scale(tile_max)
+        down, up = _half_range_scales(tile_max)
         acc = acc * down
     for j in range(0, tl.cdiv(R, BLOCK_K)):
         offs_r = j * BLOCK_K + offs_k
@@ -134,5 +140,5 @@ def add_lowrank_tile(acc, p_ptr, lam_ptr, lam_index_ptr, u_ptr, rows, cols, R,
                     mask=in_rank[:, None], other=0.0)
         acc = tl.dot(scaled, u, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     if GUARD_HALF_RANGE:
-        acc = acc * (1.0 / down)  # exact: down is a power of two
+        acc = acc * up
     return acc
