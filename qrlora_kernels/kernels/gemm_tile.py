@@ -1,8 +1,8 @@
 """Tile-level pieces shared by the Triton kernels: the program -> tile order, the K-loop of a GEMM tile (pointer
-loads, or TMA descriptors on sm_90) and the lam-scaled low-rank update. Triton inlines ``@triton.jit`` helpers
-into their callers, so sharing them costs nothing at run time. Row and column indices come in already wrapped
-(``offs % size``): the loads then need a mask only along the reduction dimension, and the callers mask their
-stores.
+loads, or TMA descriptors on sm_90), the lam-scaled low-rank update and its float16 range guard. Triton inlines
+``@triton.jit`` helpers into their callers, so sharing them costs nothing at run time. Row and column indices
+come in already wrapped (``offs % size``): the loads then need a mask only along the reduction dimension, and
+the callers mask their stores.
 """
 # No `from __future__ import annotations`: the tl.constexpr annotations stay real objects, which every
 # Triton release (3.6 on the GPU image, 3.8 here) reads the same way.
@@ -77,7 +77,7 @@ def _p_lam_chunk(p_ptr, lam_ptr, adapter, rows, offs_r, in_rank, stride_pm, stri
 
 @triton.jit
 def _half_range_scales(largest):
-    """Powers of two ``(down, up)``, ``down * up == 1``, with ``largest * down`` under 2^14; (1, 1) when
+    """Powers of two ``(down, up)``, ``down * up == 1``, with ``largest * down`` in [2^13, 2^14); (1, 1) when
     ``largest`` (0 <= largest < 2^24, float32) is under 2^14 already. Both are built from exponent bits (a GPU's
     float division need not be exact, even by a power of two)."""
     # largest lies in [2^e, 2^(e+1)) with e = biased exponent - 127; scaling by 2^-(e-13) puts it in [2^13, 2^14).
@@ -89,27 +89,53 @@ def _half_range_scales(largest):
 
 
 @triton.jit
+def half_range_scales(p_ptr, lam_ptr, lam_index_ptr, rows, R, stride_pm, stride_pr, stride_la, stride_lr,
+                      PER_TOKEN_LAM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The float16 range guard of one output tile: powers of two ``(down, up)`` for ``add_lowrank_tile``.
+
+    ``p * lam`` (float32) is cast to float16 before its dot, and it can pass 65504 while the output fits (each
+    row is spread over the output's columns by the orthonormal Q): the cast would make it inf. This takes the
+    tile's largest ``|p lam|`` under 2^24 (an element-wise running maximum over the r-chunks, then one
+    reduction); at 2^14 or more it returns the scales that bring it into [2^13, 2^14), else (1, 1), so ordinary
+    tiles keep their bits. Scaling changes no rounding except for elements under 2^-14 / down <= 2^-4, which
+    reach float16's subnormals: an absolute error of at most 2^-15 each, the size of float16's rounding of
+    2^-4. Values of 2^24 or more, inf and NaN are left out of the maximum and overflow in their own rows only,
+    as without the guard, instead of scaling the whole tile into float16's subnormals (in the forward such a
+    row's update has an element of at least 2^24 / sqrt(N): past 65504 for N <= 2^16).
+
+    Called before the tile's K-loop, while no accumulator is live; the cost is one more read of the tile's p
+    chunks. One scale per tile, not per row: per-row scales kept 2 x BLOCK_M more values through the r-loop,
+    and ptxas spilled in more sm_90 fp16 builds (benchmarks/NOTES.md section 8).
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    if PER_TOKEN_LAM:
+        adapter = tl.load(lam_index_ptr + rows).to(tl.int64)
+    else:
+        adapter = rows  # not read
+    running = tl.zeros((rows.shape[0], BLOCK_K), dtype=tl.float32)
+    for j in range(0, tl.cdiv(R, BLOCK_K)):
+        offs_r = j * BLOCK_K + offs_k
+        chunk = _p_lam_chunk(p_ptr, lam_ptr, adapter, rows, offs_r, offs_r < R, stride_pm, stride_pr,
+                             stride_la, stride_lr, PER_TOKEN_LAM, ACC_DTYPE)
+        magnitude = tl.abs(chunk).to(tl.float32)
+        # Not counted: 2^24 or more, inf and NaN (false in the comparison).
+        running = tl.maximum(running, tl.where(magnitude < 16777216.0, magnitude, 0.0))
+    return _half_range_scales(tl.max(running))
+
+
+@triton.jit
 def add_lowrank_tile(acc, p_ptr, lam_ptr, lam_index_ptr, u_ptr, rows, cols, R,
                      stride_pm, stride_pr, stride_la, stride_lr, stride_ur, stride_un,
-                     PER_TOKEN_LAM: tl.constexpr, GUARD_HALF_RANGE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                     ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
+                     PER_TOKEN_LAM: tl.constexpr, GUARD_HALF_RANGE: tl.constexpr, down, up,
+                     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
     """``acc + (p[rows, :R] * lam) @ u[:R, cols]``, R in chunks of BLOCK_K.
 
     ``lam`` is (R,), or with PER_TOKEN_LAM (A, R) indexed per row by ``lam_index``. It is applied in float32
     and the scaled tile is cast to u's dtype, so the dot runs on tensor cores like the main GEMM.
 
-    GUARD_HALF_RANGE (for float16 u): ``p * lam`` can pass float16's 65504 while the output fits (each row is
-    spread over the output's columns by the orthonormal Q), and the cast would make it inf. A first pass over
-    the chunks takes the tile's largest ``|p lam|`` under 2^24; at 2^14 or more the tile is computed as
-    ``up * ((down * acc) + (down * p lam) @ u)`` with exact powers of two ``down * up == 1``, down >= 2^-10.
-    That changes no rounding except for elements under 2^-14 / down <= 2^-4, which reach float16's subnormals:
-    an absolute error of at most 2^-15 each, the size of float16's rounding of 2^-4. Under 2^14 (every tile of
-    ordinary data) nothing changes, bit for bit. Values of 2^24 or more, inf and NaN are left out of the
-    maximum and overflow in their own rows only, as before, instead of scaling the whole tile into float16's
-    subnormals (in the forward such a row's update has an element of at least 2^24 / sqrt(N): past 65504 for
-    N <= 2^16). The cost is one more read of the p chunks. One scale per tile, not per row: per-row scales held
-    2 x BLOCK_M more values through the loop, and ptxas then spilled in 5 more sm_90 fp16 builds
-    (benchmarks/NOTES.md section 8).
+    GUARD_HALF_RANGE (float16 u): the tile is computed as ``up * ((down * acc) + (down * p lam) @ u)`` with the
+    exact powers of two ``(down, up)`` of ``half_range_scales`` (both 1 for ordinary tiles: the same bits as
+    without the guard); otherwise ``down`` and ``up`` are not read.
     """
     offs_k = tl.arange(0, BLOCK_K)
     if PER_TOKEN_LAM:
@@ -117,16 +143,6 @@ def add_lowrank_tile(acc, p_ptr, lam_ptr, lam_index_ptr, u_ptr, rows, cols, R,
     else:
         adapter = rows  # not read
     if GUARD_HALF_RANGE:
-        tile_max = 0.0
-        for j in range(0, tl.cdiv(R, BLOCK_K)):
-            offs_r = j * BLOCK_K + offs_k
-            chunk = _p_lam_chunk(p_ptr, lam_ptr, adapter, rows, offs_r, offs_r < R, stride_pm, stride_pr,
-                                 stride_la, stride_lr, PER_TOKEN_LAM, ACC_DTYPE)
-            # Not counted: 2^24 or more, inf and NaN (false in the comparison), which spoil their own rows only.
-            magnitude = tl.abs(chunk)
-            magnitude = tl.where(magnitude < 16777216.0, magnitude, 0.0)
-            tile_max = tl.maximum(tile_max, tl.max(magnitude).to(tl.float32))
-        down, up = _half_range_scales(tile_max)
         acc = acc * down
     for j in range(0, tl.cdiv(R, BLOCK_K)):
         offs_r = j * BLOCK_K + offs_k

@@ -12,7 +12,7 @@ The kernel is Triton tutorial 03's grouped GEMM: a K-loop over a/b tiles into on
 r-loop that adds ``tl.dot((p*lam) tile, u tile)`` into the same accumulator, then the bias epilogue. The
 correction therefore costs ``2*T*r*N`` flops and no extra pass over the output. ``lam`` is applied in float32
 and the scaled tile is cast to the input dtype so the second dot also runs on tensor cores; in float16, a tile
-of ``p * lam`` that would pass its range is first scaled by an exact power of two (``add_lowrank_tile``).
+of ``p * lam`` that would pass its range is first scaled by an exact power of two (``half_range_scales``).
 
 On sm_90 the autotuner also times tutorial 09's persistent TMA variant (``USE_TMA``/``PERSISTENT`` configs: one
 program per SM loops over the tiles, and the K-loop's tiles arrive by TMA), offered only when the operands
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import utils
-from .gemm_tile import add_lowrank_tile, grouped_tile, matmul_tile, matmul_tile_tma
+from .gemm_tile import add_lowrank_tile, grouped_tile, half_range_scales, matmul_tile, matmul_tile_tma
 
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -59,6 +59,13 @@ def _output_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, p_ptr, lam_ptr, lam_
     # int64 so that row * stride cannot overflow for large token counts.
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
+    # float16's range guard for the low-rank tile, taken before the K-loop (no accumulator live yet).
+    down = 1.0
+    up = 1.0
+    if HAS_LOWRANK:
+        if u_ptr.dtype.element_ty == tl.float16:
+            down, up = half_range_scales(p_ptr, lam_ptr, lam_index_ptr, rows, R, stride_pm, stride_pr, stride_la,
+                                         stride_lr, PER_TOKEN_LAM, ACC_DTYPE, _R_CHUNK)
     if not HAS_MATMUL:  # lowrank_update: the accumulator starts from c's tile
         acc = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn).to(ACC_DTYPE)
     elif USE_TMA:
@@ -70,8 +77,8 @@ def _output_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, p_ptr, lam_ptr, lam_
     if HAS_LOWRANK:
         acc = add_lowrank_tile(acc, p_ptr, lam_ptr, lam_index_ptr, u_ptr, rows, cols, R,
                                stride_pm, stride_pr, stride_la, stride_lr, stride_ur, stride_un,
-                               PER_TOKEN_LAM, u_ptr.dtype.element_ty == tl.float16, INPUT_PRECISION, ACC_DTYPE,
-                               _R_CHUNK)
+                               PER_TOKEN_LAM, u_ptr.dtype.element_ty == tl.float16, down, up, INPUT_PRECISION,
+                               ACC_DTYPE, _R_CHUNK)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols * stride_bias)

@@ -44,7 +44,7 @@ def _merged_weight_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     acc = add_lowrank_tile(acc, q_ptr, lam_ptr, lam_ptr, r_ptr, rows, cols, R,
                            stride_qn, stride_qr, 0, stride_lr, stride_rr, stride_rk,
-                           False, False, INPUT_PRECISION, ACC_DTYPE, BLOCK_K)
+                           False, False, 1.0, 1.0, INPUT_PRECISION, ACC_DTYPE, BLOCK_K)
 
     mask = (offs_m[:, None] < N) & (offs_n[None, :] < K)
     out_rows = offs_m.to(tl.int64)
