@@ -105,7 +105,8 @@ def half_range_scales(p_ptr, lam_ptr, lam_index_ptr, rows, R, stride_pm, stride_
 
     Called before the tile's K-loop, while no accumulator is live; the cost is one more read of the tile's p
     chunks. One scale per tile, not per row: per-row scales kept 2 x BLOCK_M more values through the r-loop,
-    and ptxas spilled in more sm_90 fp16 builds (benchmarks/NOTES.md section 8).
+    and ptxas spilled in more sm_90 fp16 builds (measured with the scale taken after the K-loop; placing it
+    before the K-loop spilled less again: benchmarks/NOTES.md section 8).
     """
     offs_k = tl.arange(0, BLOCK_K)
     if PER_TOKEN_LAM:

@@ -12,7 +12,8 @@ The kernel is Triton tutorial 03's grouped GEMM: a K-loop over a/b tiles into on
 r-loop that adds ``tl.dot((p*lam) tile, u tile)`` into the same accumulator, then the bias epilogue. The
 correction therefore costs ``2*T*r*N`` flops and no extra pass over the output. ``lam`` is applied in float32
 and the scaled tile is cast to the input dtype so the second dot also runs on tensor cores; in float16, a tile
-of ``p * lam`` that would pass its range is first scaled by an exact power of two (``half_range_scales``).
+of ``p * lam`` that would pass its range is first scaled by an exact power of two (from ``half_range_scales``,
+applied in ``add_lowrank_tile``).
 
 On sm_90 the autotuner also times tutorial 09's persistent TMA variant (``USE_TMA``/``PERSISTENT`` configs: one
 program per SM loops over the tiles, and the K-loop's tiles arrive by TMA), offered only when the operands
