@@ -61,12 +61,12 @@ def _output_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, p_ptr, lam_ptr, lam_
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
     # float16's range guard for the low-rank tile, taken before the K-loop (no accumulator live yet).
+    guard_half_range: tl.constexpr = HAS_LOWRANK and u_ptr.dtype.element_ty == tl.float16
     down = 1.0
     up = 1.0
-    if HAS_LOWRANK:
-        if u_ptr.dtype.element_ty == tl.float16:
-            down, up = half_range_scales(p_ptr, lam_ptr, lam_index_ptr, rows, R, stride_pm, stride_pr, stride_la,
-                                         stride_lr, PER_TOKEN_LAM, ACC_DTYPE, _R_CHUNK)
+    if guard_half_range:
+        down, up = half_range_scales(p_ptr, lam_ptr, lam_index_ptr, rows, R, stride_pm, stride_pr, stride_la,
+                                     stride_lr, PER_TOKEN_LAM, ACC_DTYPE, _R_CHUNK)
     if not HAS_MATMUL:  # lowrank_update: the accumulator starts from c's tile
         acc = tl.load(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn).to(ACC_DTYPE)
     elif USE_TMA:
@@ -78,8 +78,7 @@ def _output_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, p_ptr, lam_ptr, lam_
     if HAS_LOWRANK:
         acc = add_lowrank_tile(acc, p_ptr, lam_ptr, lam_index_ptr, u_ptr, rows, cols, R,
                                stride_pm, stride_pr, stride_la, stride_lr, stride_ur, stride_un,
-                               PER_TOKEN_LAM, u_ptr.dtype.element_ty == tl.float16, down, up, INPUT_PRECISION,
-                               ACC_DTYPE, _R_CHUNK)
+                               PER_TOKEN_LAM, guard_half_range, down, up, INPUT_PRECISION, ACC_DTYPE, _R_CHUNK)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols * stride_bias)
