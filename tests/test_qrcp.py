@@ -2,6 +2,11 @@
 stopping rules against their definitions, the randomized mode's rank-revealing quality,
 and the input checks."""
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +17,8 @@ from qrlora_kernels import qrcp
 from qrlora_kernels.qr import MODES, QRCPRawResult, QRCPResult
 from qrlora_kernels.testing import rel_error
 from qr_checks import THRESHOLD, check_structure, lapack_ratios, matrix_types, with_spectrum
+
+REPO = Path(__file__).resolve().parents[1]
 
 SIZES = [0, 1, 2, 3, 5, 10, 50]
 METHODS = ["geqp3", "randomized"]
@@ -422,14 +429,17 @@ def _with_threads(n, fn):
 THREADED = (384, 320)
 
 
-@pytest.mark.parametrize("shape, threads", [(THREADED, 2), ((129, 1500), 3), ((129, 1500), 5)])
+@pytest.mark.parametrize("shape, threads", [(THREADED, 2), ((129, 1500), 3), ((129, 1500), 5),
+                                            ((1500, 129), 2), ((1500, 129), 3)])
 @pytest.mark.parametrize("kw", [{}, {"rank": 40}, {"tau": 0.9}])
 def test_factorisation_does_not_depend_on_the_thread_count(kw, shape, threads):
     """The CPU geqp3 results (pivots, R, the Householder vectors and Q) are bit-identical at 1 and more
     threads: neither the panel's split over threads nor the trailing GEMMs nor forming Q may change any
     sum (at 129 x 1500 a single threaded MKL GEMM of the update changed the last bits at 3+ threads;
-    LAPACK's threaded orgqr changes Q's from 2 threads on). The randomized method is BLAS throughout,
-    sketch and panels, so it is only equal to rounding."""
+    LAPACK's threaded orgqr changes Q's from 2 threads on; at 1500 x 129 forming Q's 32 x 1500 x 64
+    products changed them at 2 and 3 threads on an AVX-512 Xeon even inside a parallel region, until
+    each chunk set MKL to one thread). The randomized method is BLAS throughout, sketch and panels, so
+    it is only equal to rounding."""
     A = torch.randn(*shape)
     one, two = (_with_threads(t, lambda: qrcp(A, mode="raw", **kw)) for t in (1, threads))
     assert torch.equal(one.perm, two.perm)
@@ -582,12 +592,41 @@ def test_householder_q_bad_inputs(H, tau, match):
         _householder_q(H, tau)
 
 
-@pytest.mark.parametrize("shape, threads", [((384, 320), 2), ((1500, 129), 3), ((700, 200), 5)])
+@pytest.mark.parametrize("threads", [2, 3, 5])
+@pytest.mark.parametrize("shape", [(384, 320), (1500, 129), (1500, 64), (700, 200)])
 def test_householder_q_does_not_depend_on_the_thread_count(shape, threads):
-    """LAPACK's threaded orgqr rounds Q differently from 2 threads on; ours may not."""
+    """LAPACK's threaded orgqr rounds Q differently from 2 threads on; ours may not. The tall shapes'
+    long sums (V^T C over 1,400+ rows) are where MKL's kernels follow its thread setting."""
     H, tau = torch.geqrf(torch.randn(*shape))
     one, more = (_with_threads(t, lambda: _householder_q(H, tau)) for t in (1, threads))
     assert torch.equal(one, more)
+
+
+def test_thread_count_independence_survives_nested_openmp():
+    """With nested OpenMP parallelism on (OMP_MAX_ACTIVE_LEVELS=2) MKL may open its own threads inside
+    the chunks' region; each chunk sets MKL to one thread, so Q and the factorisation keep their bits.
+    A subprocess, since OpenMP reads the variable once per process."""
+    script = textwrap.dedent("""
+        import torch
+        from qrlora_kernels import _extension, qrcp
+        _extension.load()
+        torch.manual_seed(0)
+        A = torch.randn(1500, 129)
+        H, tau = torch.geqrf(A)
+        q = torch.ops.qrlora.householder_q
+        def at(threads, fn):
+            torch.set_num_threads(threads)
+            return fn()
+        one = at(1, lambda: (q(H, tau), *qrcp(A)))
+        for threads in (2, 3):
+            more = at(threads, lambda: (q(H, tau), *qrcp(A)))
+            assert all(torch.equal(x, y) for x, y in zip(one, more)), threads
+        print("same bits")
+    """)
+    env = {**os.environ, "OMP_MAX_ACTIVE_LEVELS": "2"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "same bits" in done.stdout, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("mode", MODES)

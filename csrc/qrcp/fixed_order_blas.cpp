@@ -3,8 +3,35 @@
 
 #include <algorithm>
 
+// MKL's C entry point for its thread-local thread count (mkl_service.h maps mkl_set_num_threads_local
+// to it; the lower-case symbol PyTorch's libtorch_cpu exports is the Fortran one, which takes a
+// pointer). Weak: it resolves against libtorch_cpu where PyTorch was built with MKL, and is null
+// otherwise, so the extension loads on any build.
+#if defined(__GNUC__)
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+#endif
+
 namespace qrlora::qrcp {
 namespace {
+
+// MKL's thread count for the calling thread set to 1 for the scope, then given back (0, MKL's
+// "use the global setting", is given back as itself). A no-op without MKL.
+class SerialBlasScope {
+ public:
+  SerialBlasScope() : previous_(set_local(1)) {}
+  ~SerialBlasScope() { set_local(previous_); }
+  SerialBlasScope(const SerialBlasScope&) = delete;
+  SerialBlasScope& operator=(const SerialBlasScope&) = delete;
+
+ private:
+  static int set_local(int threads) {
+#if defined(__GNUC__)
+    if (MKL_Set_Num_Threads_Local != nullptr) return MKL_Set_Num_Threads_Local(threads);
+#endif
+    return 0;
+  }
+  int previous_;
+};
 
 // Chunk sizes: fixed, never derived from the thread count. Rows: 256 cost ~7% at 4096^2 on 2
 // threads against one threaded MKL call in the QRCP's trailing update. Columns: 64 kept forming
@@ -14,14 +41,16 @@ constexpr int64_t kRowChunk = 256;
 constexpr int64_t kColumnChunk = 64;
 
 // fn(begin, end) for each fixed chunk of [0, total), spread over ATen's threads from inside one
-// parallel region. The region always opens (at least two iterations; a spare one does nothing)
-// so that the BLAS calls inside run single-threaded; with one thread it runs inline, and BLAS is
-// serial anyway. Nested inside another parallel region (qrcp_batched) it runs inline too.
+// parallel region, each call with MKL set to one thread (SerialBlasScope). With one thread or one
+// chunk it runs inline, and nested inside another parallel region (qrcp_batched) too.
 template <class Fn>
 void for_each_chunk(int64_t total, int64_t chunk, const Fn& fn) {
   const int64_t chunks = (total + chunk - 1) / chunk;
-  parallel_for_keeping_tls(0, std::max<int64_t>(chunks, 2), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < std::min(end, chunks); ++c) fn(c * chunk, std::min(total, (c + 1) * chunk));
+  parallel_for_keeping_tls(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const SerialBlasScope serial;
+      fn(c * chunk, std::min(total, (c + 1) * chunk));
+    }
   });
 }
 
@@ -50,9 +79,8 @@ void apply_block_reflector(at::Tensor C, const at::Tensor& V, const at::Tensor& 
 
 at::Tensor gram(const at::Tensor& V) {
   if (!V.is_cpu()) return V.t().mm(V);
-  at::Tensor out;
-  for_each_chunk(1, 1, [&](int64_t, int64_t) { out = V.t().mm(V); });
-  return out;
+  const SerialBlasScope serial;
+  return V.t().mm(V);
 }
 
 }  // namespace qrlora::qrcp

@@ -2,13 +2,18 @@
 //
 // MKL's own threading picks kernels and splits sums by the number of threads, so one threaded
 // GEMM can round differently with 1, 2 or 3 threads (seen on a 1404 x 33 x 32 update). These
-// helpers cut each product into fixed chunks, never derived from the thread count, and run every
-// chunk as one single-threaded BLAS call: MKL runs serially inside an active parallel region, so
-// the chunks are spread over ATen's threads from inside one. The same calls on the same shapes
-// happen at any thread count, hence the same bits. On CUDA tensors they are single cuBLAS calls.
-// Assumes MKL's default behaviour inside a parallel region (serial); with nested OpenMP parallelism
-// enabled (OMP_NESTED=true / OMP_MAX_ACTIVE_LEVELS > 1) MKL may thread inside a chunk, and the bits can
-// again depend on the thread count (seen at 4 threads). Verified with MKL only.
+// helpers cut each product into fixed chunks, never derived from the thread count, spread the
+// chunks over ATen's threads from inside one parallel region, and run every chunk as one BLAS
+// call with MKL's thread-local thread count set to 1 for its duration (SerialBlasScope in the .cpp).
+// The same calls on the same shapes run serially at any thread count, hence the same bits. On
+// CUDA tensors they are single cuBLAS calls.
+//
+// Being inside a parallel region is not enough by itself: MKL 2024.2 (PyTorch 2.14's wheels) on an
+// AVX-512 Xeon ran a 32 x 1500 x 129 product serially there but still split its long sum by the
+// thread count it was set to (2 and 3 threads gave other bits than 1), so the 1-thread setting is
+// what makes the bits fixed; it also keeps MKL serial under nested OpenMP. Without MKL (PyTorch
+// builds on OpenBLAS or another BLAS) the scope does nothing and the bits are as that BLAS gives
+// them: verified with MKL only.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -37,7 +42,7 @@ void sub_product_by_rows(at::Tensor C, const at::Tensor& F, const at::Tensor& V)
 // sums run over all r rows in one call), so no partial sums are ever combined.
 void apply_block_reflector(at::Tensor C, const at::Tensor& V, const at::Tensor& T);
 
-// V^T V for a thin V (r x b), as one single-threaded BLAS call.
+// V^T V for a thin V (r x b), as one BLAS call with MKL set to one thread.
 at::Tensor gram(const at::Tensor& V);
 
 }  // namespace qrlora::qrcp
