@@ -34,6 +34,8 @@ def _env_without_interpreter():
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    # The shell scripts take $PYTHON (default python3, which need not be the interpreter running the tests).
+    env["PYTHON"] = sys.executable
     # One thread: on this shared 2-core machine, OpenMP threads waiting for descheduled siblings made the tiny
     # cases several times slower than running them on one core.
     env["OMP_NUM_THREADS"] = "1"

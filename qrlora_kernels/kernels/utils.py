@@ -13,10 +13,13 @@ import torch
 import triton
 
 from ..functional import acc_dtype
+from . import interpreter_compat
 
 INTERPRET_ENV_VAR = "TRITON_INTERPRET"
 # Fixed when this module (hence every kernel) is imported; see the module docstring.
 INTERPRETED = os.environ.get(INTERPRET_ENV_VAR) == "1"
+if INTERPRETED:
+    interpreter_compat.apply()  # older Triton interpreters on NumPy >= 2.4 (see interpreter_compat)
 
 DOT_PRECISIONS = ("ieee", "tf32")
 
