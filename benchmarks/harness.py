@@ -94,6 +94,23 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The CPU's model name and vector extensions where Linux tells them (CPU results and bit patterns depend on
+    them: MKL picks its kernels by both), else None."""
+    try:
+        info = cpuinfo.read_text()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    name = fields.get("model name")
+    if name is None:
+        return None
+    flags = set(fields.get("flags", "").split())
+    vector = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile") if f in flags]
+    return f"{name} ({', '.join(vector)})" if vector else name
+
+
 def environment(device: str | torch.device = "cpu") -> dict:
     """Everything needed to say how and where a result was measured."""
     try:
@@ -115,6 +132,7 @@ def environment(device: str | torch.device = "cpu") -> dict:
         "gpu": gpu,
         "compute_capability": cc,
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,

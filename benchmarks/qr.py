@@ -27,9 +27,10 @@ On CUDA (``sequential``) each routine is timed on its own: every sample is ONE c
 ``--routine-budget`` seconds of samples per routine (at least 3), the baselines (``torch.linalg.qr``,
 ``torch.geqrf``, the SVD, cupy) first, so that a CUDA error in ``qrcp`` that poisons the context cannot take
 them out; a routine that raises gives an error row; the result files are rewritten after every routine,
-so a run killed part-way keeps what it measured. The issue's GPU bars (``BARS``: full QRCP <= 3x
-``torch.linalg.qr``, randomized <= 1.5x, both >= 20x faster than the SVD) are checked from the rows, printed,
-and stored in the JSON's meta as ``bars``.
+so a run killed part-way keeps what it measured. The issue's bars for the device measured are checked from the
+rows, printed (labelled CPU or GPU) and stored in the JSON's meta as ``bars``: on a GPU ``GPU_BARS`` (full
+QRCP <= 3x ``torch.linalg.qr``, randomized <= 1.5x, both >= 20x faster than the SVD), on the CPU ``CPU_BARS``
+(full QRCP <= scipy's geqp3, rank 64 <= 0.1x scipy's full geqp3, randomized compact <= 1.5x ``torch.geqrf``).
 """
 from __future__ import annotations
 
@@ -51,9 +52,12 @@ POOL_PAUSE_S = 0.5
 # Timed first when routines run one after another (CUDA): the floor and the references the bars need.
 BASELINES = ("linalg_qr", "geqrf", "svd", "cupy_qr", "scipy_geqp3")
 MIN_SAMPLES = 3
-# The issue's GPU bars: (routine, reference, the largest allowed time ratio routine / reference).
-BARS = (("qrcp_geqp3", "linalg_qr", 3.0), ("qrcp_randomized", "linalg_qr", 1.5),
-        ("qrcp_geqp3", "svd", 1 / 20), ("qrcp_randomized", "svd", 1 / 20))
+# The issue's bars: (routine, reference, the largest allowed time ratio routine / reference). On a GPU:
+GPU_BARS = (("qrcp_geqp3", "linalg_qr", 3.0), ("qrcp_randomized", "linalg_qr", 1.5),
+            ("qrcp_geqp3", "svd", 1 / 20), ("qrcp_randomized", "svd", 1 / 20))
+# On the CPU (randomized "full QRCP" against geqrf: both compact, neither forms Q):
+CPU_BARS = (("qrcp_geqp3", "scipy_geqp3", 1.0), ("qrcp_geqp3_rank64", "scipy_geqp3", 0.1),
+            ("qrcp_randomized_raw", "geqrf", 1.5))
 TABLE_COLUMNS = ["m", "n", "routine", "status", "median_ms", "p20_ms", "p80_ms", "reps", "cpu_ms", "vs_scipy_geqp3",
                  "vs_geqrf", "vs_linalg_qr", "vs_svd", "cpu_vs_scipy_geqp3", "cpu_vs_geqrf"]
 
@@ -150,24 +154,26 @@ def add_ratios(rows: list[dict]) -> None:
                 row[f"cpu_vs_{ref}"] = row["cpu_ms"] / same[ref]["cpu_ms"] if both else None
 
 
-def bar_checks(rows: list[dict]) -> list[dict]:
-    """The issue's bars, per size where both routines were measured: ratio, bar, met."""
+def bar_checks(rows: list[dict], *, on_gpu: bool) -> list[dict]:
+    """The issue's bars for rows measured on a GPU or on the CPU, per size where both routines were measured:
+    kind ("GPU" or "CPU"), ratio, bar, met."""
+    bars, kind = (GPU_BARS, "GPU") if on_gpu else (CPU_BARS, "CPU")
     checks = []
     for m, n in dict.fromkeys((r["m"], r["n"]) for r in rows):
         same = {r["routine"]: r for r in rows if (r["m"], r["n"]) == (m, n) and r.get("median_ms") is not None}
-        for routine, ref, limit in BARS:
+        for routine, ref, limit in bars:
             if routine in same and ref in same:
                 ratio = same[routine]["median_ms"] / same[ref]["median_ms"]
-                bar = f"<= {limit:g}x" if limit >= 1 else f">= {1 / limit:g}x faster"
-                checks.append({"size": f"{m}x{n}", "check": f"{routine} / {ref}", "ratio": ratio, "bar": bar,
-                               "met": ratio <= limit})
+                bar = f">= {1 / limit:g}x faster" if ref == "svd" else f"<= {limit:g}x"
+                checks.append({"kind": kind, "size": f"{m}x{n}", "check": f"{routine} / {ref}", "ratio": ratio,
+                               "bar": bar, "met": ratio <= limit})
     return checks
 
 
 def format_bars(checks: list[dict]) -> str:
     if not checks:
-        return "issue's GPU bars: not checkable (a routine or its reference was not measured)"
-    return "\n".join(f"GPU bar {c['size']}: {c['check']} = {c['ratio']:.3g} ({c['bar']}): "
+        return "issue's bars: not checkable (a routine or its reference was not measured)"
+    return "\n".join(f"{c['kind']} bar {c['size']}: {c['check']} = {c['ratio']:.3g} ({c['bar']}): "
                      f"{'MET' if c['met'] else 'NOT MET'}" for c in checks)
 
 
@@ -264,7 +270,7 @@ def run(sizes, *, device: str = "cpu", dtype=torch.float32, reps: int = 3, warmu
 def results_writer(out_dir: Path, name: str, meta: dict) -> Callable[[list], None]:
     """``on_rows`` for ``run``: rewrite ``<name>.{json,csv}`` (atomically) with the bars in the meta."""
     def write(rows):
-        write_results(name, rows, meta | {"bars": bar_checks(rows)}, out_dir)
+        write_results(name, rows, meta | {"bars": bar_checks(rows, on_gpu=bool(meta.get("gpu")))}, out_dir)
     return write
 
 
@@ -311,7 +317,7 @@ def main(argv=None):
                    time_budget_s=args.time_budget, on_rows=writer, progress=not cuda)
     writer(rows)
     print(format_table(rows, TABLE_COLUMNS))
-    print(format_bars(bar_checks(rows)))
+    print(format_bars(bar_checks(rows, on_gpu=cuda)))
     print(f"wrote {out_dir / (args.out + '.json')} and {out_dir / (args.out + '.csv')}")
     return rows
 

@@ -653,7 +653,8 @@ def summarize(out_dir: Path) -> str:
                                                         "vs_geqrf", "vs_svd", "note")
                                             if any(c in r for r in qr_rows)]))
         from .qr import bar_checks, format_bars
-        parts.append(format_bars(qr_meta.get("bars") or bar_checks(qr_rows)))
+        # From the rows (files written before the CPU bars existed stored the GPU bars for CPU runs too).
+        parts.append(format_bars(bar_checks(qr_rows, on_gpu=bool(qr_meta.get("gpu")))))
     for path in sorted(out_dir.glob("init_time*.json")):
         init_meta, init_rows = _load_rows(path)
         if not init_rows:

@@ -476,6 +476,37 @@ def test_summary_covers_qr_bars_and_initialisation(tmp_path):
     assert "init_time_llama7b" in text and "3.2e+04" in text and "EXTRAPOLATED from 2 of 32 layers" in text
 
 
+def test_results_name_the_cpu_model_and_its_vector_extensions(tmp_path):
+    from benchmarks.harness import cpu_model
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Example Xeon 9000\nflags\t\t: fpu sse2 avx2 avx512f amx_tile\n\n"
+                    "processor\t: 1\nmodel name\t: Example Xeon 9000\nflags\t\t: fpu sse2 avx2 avx512f amx_tile\n")
+    assert cpu_model(info) == "Example Xeon 9000 (avx2, avx512f, amx_tile)"
+    info.write_text("processor\t: 0\nmodel name\t: Old Core\nflags\t\t: fpu sse2\n")
+    assert cpu_model(info) == "Old Core"
+    assert cpu_model(tmp_path / "missing") is None
+    info.write_text("processor\t: 0\n")
+    assert cpu_model(info) is None
+
+
+def test_cpu_rows_are_checked_against_the_cpu_bars_only():
+    """A CPU run must not print the GPU bars as met or not: it is checked against the issue's CPU bars."""
+    import benchmarks.qr as qr_bench
+    rows = [{"m": 64, "n": 64, "routine": name, "status": "ok", "median_ms": ms}
+            for name, ms in (("linalg_qr", 2.0), ("svd", 100.0), ("geqrf", 1.0), ("scipy_geqp3", 10.0),
+                             ("qrcp_geqp3", 9.0), ("qrcp_geqp3_rank64", 1.5), ("qrcp_randomized", 4.0),
+                             ("qrcp_randomized_raw", 1.2))]
+    cpu = qr_bench.bar_checks(rows, on_gpu=False)
+    assert [(c["kind"], c["check"], c["met"]) for c in cpu] == [
+        ("CPU", "qrcp_geqp3 / scipy_geqp3", True), ("CPU", "qrcp_geqp3_rank64 / scipy_geqp3", False),
+        ("CPU", "qrcp_randomized_raw / geqrf", True)]
+    text = qr_bench.format_bars(cpu)
+    assert "CPU bar 64x64: qrcp_geqp3_rank64 / scipy_geqp3 = 0.15 (<= 0.1x): NOT MET" in text
+    assert "GPU" not in text and "linalg_qr" not in text
+    gpu = qr_bench.bar_checks(rows, on_gpu=True)
+    assert {c["kind"] for c in gpu} == {"GPU"} and len(gpu) == 4
+
+
 def _script(path, *args, env=None):
     return subprocess.run(["bash", str(REPO / path), *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120, env=env or _env_without_interpreter())
@@ -678,7 +709,7 @@ def test_qr_sequential_mode_puts_baselines_first_survives_a_failing_routine_and_
     snapshots = []
 
     def on_rows(rows):
-        qr_bench.results_writer(tmp_path, "qr", {"gpu": None})(rows)
+        qr_bench.results_writer(tmp_path, "qr", {"gpu": "stand-in GPU"})(rows)
         snapshots.append([r["routine"] for r in json.loads((tmp_path / "qr.json").read_text())["rows"]])
 
     rows = qr_bench.run([(24, 24)], reps=4, warmup=1, sequential=True, progress=False, on_rows=on_rows)
