@@ -86,3 +86,20 @@ def test_apply_leaves_triton_alone_when_not_needed_or_not_recognised(monkeypatch
 
     monkeypatch.delattr(interpreter, "_patch_lang_tensor")
     assert not interpreter_compat.apply()
+
+
+def test_the_numpy_probe_survives_warnings_as_errors(monkeypatch):
+    """NumPy 1.25-2.3 convert a one-element array with a DeprecationWarning: under -W error that must still
+    read as "NumPy allows it", not escape from the import of the kernels."""
+    import types
+    import warnings
+
+    class _Deprecated:
+        def __int__(self):
+            warnings.warn("Conversion of an array with ndim > 0 to a scalar is deprecated", DeprecationWarning)
+            return 1
+
+    monkeypatch.setattr(interpreter_compat, "np", types.SimpleNamespace(array=lambda _: _Deprecated()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert interpreter_compat._numpy_refuses_array_to_scalar() is False

@@ -41,13 +41,15 @@ constexpr int64_t kRowChunk = 256;
 constexpr int64_t kColumnChunk = 64;
 
 // fn(begin, end) for each fixed chunk of [0, total), spread over ATen's threads from inside one
-// parallel region, each call with MKL set to one thread (SerialBlasScope). With one thread or one
-// chunk it runs inline, and nested inside another parallel region (qrcp_batched) too.
+// parallel region, each call with MKL set to one thread (SerialBlasScope). The region always opens
+// (at least two iterations; a spare one does nothing), so that a BLAS without that setting but
+// serial inside an active region (OpenBLAS built with OpenMP) stays serial too. With one thread it
+// runs inline, and nested inside another parallel region (qrcp_batched) too.
 template <class Fn>
 void for_each_chunk(int64_t total, int64_t chunk, const Fn& fn) {
   const int64_t chunks = (total + chunk - 1) / chunk;
-  parallel_for_keeping_tls(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
+  parallel_for_keeping_tls(0, std::max<int64_t>(chunks, 2), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < std::min(end, chunks); ++c) {
       const SerialBlasScope serial;
       fn(c * chunk, std::min(total, (c + 1) * chunk));
     }
@@ -79,8 +81,9 @@ void apply_block_reflector(at::Tensor C, const at::Tensor& V, const at::Tensor& 
 
 at::Tensor gram(const at::Tensor& V) {
   if (!V.is_cpu()) return V.t().mm(V);
-  const SerialBlasScope serial;
-  return V.t().mm(V);
+  at::Tensor out;
+  for_each_chunk(1, 1, [&](int64_t, int64_t) { out = V.t().mm(V); });
+  return out;
 }
 
 }  // namespace qrlora::qrcp

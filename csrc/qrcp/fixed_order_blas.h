@@ -12,8 +12,10 @@
 // AVX-512 Xeon ran a 32 x 1500 x 129 product serially there but still split its long sum by the
 // thread count it was set to (2 and 3 threads gave other bits than 1), so the 1-thread setting is
 // what makes the bits fixed; it also keeps MKL serial under nested OpenMP. Without MKL (PyTorch
-// builds on OpenBLAS or another BLAS) the scope does nothing and the bits are as that BLAS gives
-// them: verified with MKL only.
+// builds on OpenBLAS or another BLAS), or built by a compiler without GCC's weak symbols, the scope
+// does nothing and only the active region keeps the BLAS serial: verified with MKL only. The
+// weak reference binds to the first MKL_Set_Num_Threads_Local in the lookup order, normally
+// libtorch_cpu's; another MKL runtime preloaded ahead of it would take the call instead.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -15,6 +15,7 @@ never go through the interpreter and are not affected.
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import numpy as np
 
@@ -22,10 +23,13 @@ _MARK = "_qrlora_index_squeezes"
 
 
 def _numpy_refuses_array_to_scalar() -> bool:
-    try:
-        int(np.array([1]))
-    except TypeError:
-        return True
+    # NumPy 1.25-2.3 allow it with a DeprecationWarning, which must not become an error at import under -W error.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            int(np.array([1]))
+        except TypeError:
+            return True
     return False
 
 
