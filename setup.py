@@ -1,7 +1,8 @@
 """Build qrlora-kernels and its one extension, ``qrlora_kernels._C``.
 
 The extension is built with the CUDA sources when nvcc and a CUDA build of
-torch are both present, and CPU-only otherwise. Environment variables:
+torch are both present and share a CUDA major version (torch refuses to build
+across majors), and CPU-only otherwise, saying why. Environment variables:
 
 * ``QRLORA_CUDA_ARCHS``  -- semicolon list of compute capabilities (default ``80;90``).
 * ``QRLORA_FORCE_CPU=1`` -- skip the CUDA sources even where they could build.
@@ -62,6 +63,26 @@ def find_cuda_home() -> str | None:
     return None
 
 
+def toolkit_version(cuda_home: str) -> str | None:
+    """The toolkit's CUDA release ("13.0") from its nvcc, as torch's own check reads it; None if unreadable."""
+    try:
+        out = subprocess.run([str(Path(cuda_home) / "bin" / "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
+def cuda_mismatch(toolkit: str | None, torch_cuda: str | None) -> str | None:
+    """Why the toolkit cannot build against this torch (their CUDA major versions differ, which torch's
+    cpp_extension refuses), or None. An unreadable toolkit version is left to torch's own check."""
+    if toolkit is None or torch_cuda is None or toolkit.split(".")[0] == torch_cuda.split(".")[0]:
+        return None
+    return (f"the CUDA toolkit is {toolkit} but torch was built with CUDA {torch_cuda} (their major versions must "
+            f"match); set CUDA_HOME to a CUDA {torch_cuda.split('.')[0]}.x toolkit to build the CUDA sources")
+
+
 def _pip_cuda_include_dirs() -> list[str]:
     """Headers of the CUDA libraries that pip wheels install (nvidia/*/include): a minimal
     toolkit (nvcc + cudart only) lacks cuBLAS/cuSPARSE headers that ATen's CUDA headers include."""
@@ -87,6 +108,8 @@ def make_extension():
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp"))
     cu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
     use_cuda = bool(cuda_home) and torch.version.cuda is not None and bool(cu_sources)
+    mismatch = cuda_mismatch(toolkit_version(cuda_home), torch.version.cuda) if use_cuda else None
+    use_cuda = use_cuda and mismatch is None
     # No -std flag: torch's BuildExtension adds the standard its headers need (C++17, or C++20
     # from torch 2.10 on), and a fixed one breaks one of the two supported stacks.
     cxx_flags = ["-O3"]
@@ -99,7 +122,8 @@ def make_extension():
         link_flags.append("-fopenmp")
     if not use_cuda:
         print("qrlora_kernels: building the CPU-only extension "
-              f"(nvcc found: {bool(cuda_home)}, CUDA build of torch: {torch.version.cuda is not None})")
+              f"(nvcc found: {bool(cuda_home)}, CUDA build of torch: {torch.version.cuda is not None}"
+              + (f"; {mismatch}" if mismatch else "") + ")")
         return cpp_extension.CppExtension(
             "qrlora_kernels._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     archs = [a.strip() for a in os.environ.get("QRLORA_CUDA_ARCHS", DEFAULT_ARCHS).split(";") if a.strip()]

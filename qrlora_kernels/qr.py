@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -188,7 +189,12 @@ def _prepare(A, rank, tau, abstol, reltol, method, mode, block_size, seed):
     _extension.load()
     work = A if A.dtype in (torch.float32, torch.float64) else A.to(torch.float32)
     if work.is_cuda and _extension.build_info()["kind"] != "cuda":
-        work = work.cpu()  # a CPU-only build still answers, on the CPU
+        # A CPU-only build still answers, on the CPU (warned: shown once per call site by the default filter).
+        warnings.warn("qrlora_kernels was built without its CUDA sources (see qrlora_kernels.build_info() and "
+                      "the install log for why): qrcp factors CUDA tensors on the CPU and returns the results on "
+                      "the GPU. Reinstall with a CUDA toolkit of torch's CUDA major version for the GPU QR.",
+                      RuntimeWarning, stacklevel=3)
+        work = work.cpu()
     if seed is None:
         seed = int(torch.randint(0, 2**61, ())) if method == "randomized" else 0
     elif isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63:

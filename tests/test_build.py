@@ -72,6 +72,28 @@ def test_no_nvcc_anywhere_means_no_toolkit(setup_module_, tmp_path, monkeypatch)
     assert setup_module_.find_cuda_home() is None
 
 
+def test_toolkit_version_is_read_from_its_nvcc(setup_module_, tmp_path):
+    toolkit = fake_toolkit(tmp_path / "cuda-12")
+    nvcc = toolkit / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\n"
+                    "echo 'Cuda compilation tools, release 12.4, V12.4.131'\n")
+    nvcc.chmod(nvcc.stat().st_mode | stat.S_IEXEC)
+    assert setup_module_.toolkit_version(str(toolkit)) == "12.4"
+    nvcc.write_text("#!/bin/sh\necho 'something else'\n")
+    assert setup_module_.toolkit_version(str(toolkit)) is None
+    assert setup_module_.toolkit_version(str(tmp_path / "nowhere")) is None
+
+
+def test_a_toolkit_of_another_cuda_major_than_torch_builds_cpu_only_and_says_why(setup_module_):
+    """torch's cpp_extension refuses to build across CUDA majors (nvcc 13 against a torch built with 12.4 failed
+    the install outright): the build falls back to CPU-only and names both versions and the way out."""
+    why = setup_module_.cuda_mismatch("13.0", "12.4")
+    assert "13.0" in why and "12.4" in why and "CUDA_HOME" in why and "12.x" in why
+    assert setup_module_.cuda_mismatch("12.8", "12.4") is None  # a minor difference torch only warns about
+    assert setup_module_.cuda_mismatch(None, "12.4") is None    # unreadable: torch's own check decides
+    assert setup_module_.cuda_mismatch("13.0", None) is None
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
 def test_real_toolkit_on_this_machine(setup_module_, monkeypatch):
     monkeypatch.delenv("CUDA_HOME", raising=False)

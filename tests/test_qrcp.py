@@ -571,6 +571,21 @@ def test_raw_q_of_a_matrix_that_requires_grad():
     assert not q.requires_grad and torch.equal(q, reduced.Q.detach())
 
 
+@pytest.mark.gpu
+def test_a_cpu_only_build_factors_gpu_tensors_on_the_cpu_and_says_so(monkeypatch):
+    """A CPU-only build (e.g. nvcc of another CUDA major than torch's) still answers for CUDA tensors, on the
+    CPU, with a warning naming the cause, and the results come back on the GPU."""
+    from qrlora_kernels import _extension
+    _extension.load()
+    monkeypatch.setattr(_extension, "build_info", lambda: {"kind": "cpu", "archs": []})
+    A = torch.randn(40, 30, device="cuda")
+    with pytest.warns(RuntimeWarning, match="built without its CUDA sources"):
+        got = qrcp(A, rank=10)
+    assert got.Q.device.type == "cuda" and got.R.device.type == "cuda"
+    ref = qrcp(A.cpu(), rank=10)
+    assert torch.equal(got.perm.cpu(), ref.perm) and torch.equal(got.R.cpu(), ref.R)
+
+
 def test_raw_q_off_the_cpu_uses_torch():
     """.q() of a result that lives off the CPU (CUDA results of a CPU-only build, meta) forms Q with torch."""
     raw = qrcp(torch.randn(12, 7, dtype=torch.float64), mode="raw")
