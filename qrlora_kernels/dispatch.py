@@ -113,7 +113,8 @@ def strategy_costs(T: int, N: int, K: int, r: int, *, training: bool, elem_bytes
     if training:
         lowrank += lowrank_backward
         merged += implied_r
-        merged += min(dlam_costs(T, N, K, r, elem_bytes=e, model=model).values())
+        # A list: torch 2.6's dynamo cannot take min() of a dict's values (fullgraph compile broke there).
+        merged += min(list(dlam_costs(T, N, K, r, elem_bytes=e, model=model).values()))
     return {"lowrank": lowrank, "merged": merged}
 
 

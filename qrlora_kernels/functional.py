@@ -46,6 +46,20 @@ import torch.nn.functional as F
 from . import dispatch
 
 BACKENDS = ("triton", "torch")
+
+
+def _triton_release() -> tuple[int, int] | None:
+    """Triton's (major, minor) from its package metadata (without importing it), or None if unknown."""
+    try:
+        from importlib.metadata import version
+        return tuple(int(part) for part in version("triton").split(".")[:2])
+    except Exception:
+        return None
+
+
+# Triton 3.2 (torch 2.6's) has no float64 tl.dot ("Unsupported lhs dtype fp64"); 3.6 and 3.8 have one. Where it is
+# missing, float64 goes to the torch backend when the backend is automatic, and backend="triton" refuses it.
+TRITON_FLOAT64_DOT = (_triton_release() or (99, 0)) > (3, 2)
 _AUTOCASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -190,6 +204,9 @@ def _check_triton_available(x):
     if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("backend='triton' on CPU tensors runs the kernels under Triton's interpreter: set "
                            "TRITON_INTERPRET=1 before importing qrlora_kernels (or use backend='torch')")
+    if x.dtype == torch.float64 and not TRITON_FLOAT64_DOT:
+        raise TypeError(f"backend='triton' cannot take float64 with Triton {'.'.join(map(str, _triton_release()))}, "
+                        f"which has no float64 tl.dot; use backend='torch' (or None, which picks it)")
     if x.device.type == "cpu" and x.dtype == torch.bfloat16:
         # The interpreter computes in numpy, which has no bfloat16: the results would be garbage.
         raise TypeError("backend='triton' on CPU tensors cannot take bfloat16 (Triton's interpreter has no "
@@ -242,7 +259,8 @@ def qrlora_linear(x, weight, bias, Q, R, lam, *, backend=None, adapter_ids=None,
     x, weight, bias, Q, R = _autocast(x, weight, bias, Q, R)
     _validate(x, weight, bias, Q, R, lam)
     if backend is None:
-        backend = "triton" if x.device.type == "cuda" else "torch"
+        backend = ("triton" if x.device.type == "cuda" and (x.dtype != torch.float64 or TRITON_FLOAT64_DOT)
+                   else "torch")
 
     out_features, in_features = weight.shape
     rank = Q.shape[1]

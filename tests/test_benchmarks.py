@@ -646,7 +646,7 @@ out = {"interpreted": utils.INTERPRETED, "autotune": utils.AUTOTUNE,
        "lowrank": [c.kwargs for c in utils.lowrank_gemm_configs()],
        "lowrank_tuned": len(utils.lowrank_gemm_configs(autotune=True)), "shared": {}}
 from triton.backends import backends
-if "nvidia" in backends and sys.argv[1] == "compile":
+if "nvidia" in backends and sys.argv[1] == "compile" and not aot_check.unsupported_reason():
     # The fixed configs are launched without the autotuner's shared-memory check: they must fit float32.
     utils._GPU_GEMM_CONFIGS, utils._GPU_PROJECT_CONFIGS = utils.gemm_configs(), utils.project_configs()
     utils._GPU_TMA_CONFIGS = []

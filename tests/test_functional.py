@@ -438,3 +438,17 @@ def test_torch_lowrank_half_precision_does_not_overflow_where_y_fits(with_r):
                       strategy="lowrank")
     assert torch.isfinite(y).all()
     assert_rel_close(y, expected, 1e-2, name="fp16 lowrank with a cancelled large component")
+
+
+def test_float64_goes_to_torch_where_triton_has_no_float64_dot(monkeypatch):
+    """Triton 3.2 (torch 2.6's) has no float64 tl.dot: backend='triton' refuses float64 with a clear error naming
+    the way out, instead of Triton's "Unsupported lhs dtype fp64" from inside a kernel."""
+    from qrlora_kernels import functional
+    monkeypatch.setattr(functional, "TRITON_FLOAT64_DOT", False)
+    monkeypatch.setattr(functional, "_triton_release", lambda: (3, 2))
+    x, w = torch.randn(5, 16, dtype=torch.float64), torch.randn(24, 16, dtype=torch.float64)
+    Q, R, lam = torch.randn(24, 3, dtype=torch.float64), torch.randn(3, 16, dtype=torch.float64), torch.randn(3)
+    with pytest.raises(TypeError, match=r"float64 with Triton 3\.2, which has no float64 tl\.dot; use backend='torch'"):
+        qrlora_linear(x, w, None, Q, R, lam, backend="triton")
+    expected = x @ (w + Q @ torch.diag(lam.double()) @ R).T
+    assert_rel_close(qrlora_linear(x, w, None, Q, R, lam), expected, 1e-12, name="y")

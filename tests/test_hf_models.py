@@ -518,6 +518,9 @@ def test_checkpoint_callback_puts_the_adapter_in_trainers_hub_pushes(tmp_path, m
         unsaved.push_to_hub()
 
 
+@pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"),
+                    reason=f"torch {torch.__version__} has no torch.compiler.is_exporting, which transformers' masks "
+                           f"call; under torch.compile that fails inside transformers")
 def test_trainer_checkpoints_of_a_compiled_model_leave_out_the_basis(tmp_path):
     """A model handed to Trainer inside torch.compile: Trainer saves the wrapper's state_dict, every key prefixed
     with _orig_mod.; the bases (and, with the callback, the frozen weights) are left out all the same, resuming a

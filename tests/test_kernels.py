@@ -9,6 +9,7 @@ import itertools
 
 import pytest
 import torch
+import triton
 from hypothesis import given, settings, strategies as st
 
 from qrlora_kernels import kernels
@@ -267,6 +268,8 @@ def tma_only(device, monkeypatch):
     """Restrict lowrank_matmul's autotuner to the persistent TMA configs (on the CPU: one such config)."""
     import importlib
     kernel = importlib.import_module("qrlora_kernels.kernels.lowrank_matmul")._lowrank_matmul_kernel
+    if not utils.HAS_TENSOR_DESCRIPTORS:
+        pytest.skip(f"Triton {triton.__version__} has no tensor descriptors (tl.make_tensor_descriptor)")
     if device == "cuda":
         if torch.cuda.get_device_capability()[0] < 9:
             pytest.skip("TMA needs an sm_90 GPU")
@@ -317,8 +320,9 @@ def test_lowrank_matmul_persistent_tma_variant(dtype, num_adapters, device, tma_
 
 def test_tma_is_offered_only_for_operands_that_suit_it(monkeypatch):
     w = torch.randn(72, 40)
-    assert utils.tma_operands(torch.randn(5, 40), w.t()) == (utils.INTERPRETED, True)
-    assert utils.tma_operands(torch.randn(5, 72), w) == (utils.INTERPRETED, False)
+    offered = utils.INTERPRETED and utils.HAS_TENSOR_DESCRIPTORS
+    assert utils.tma_operands(torch.randn(5, 40), w.t()) == (offered, True)
+    assert utils.tma_operands(torch.randn(5, 72), w) == (offered, False)
     # A 33-float row is 132 bytes (not a multiple of 16); a column-strided a; a broadcast a; no columns;
     # float64: no TMA.
     assert not utils.tma_operands(torch.randn(5, 33), torch.randn(72, 33).t())[0]
@@ -326,6 +330,9 @@ def test_tma_is_offered_only_for_operands_that_suit_it(monkeypatch):
     assert not utils.tma_operands(torch.randn(1, 40).expand(5, 40), w.t())[0]
     assert not utils.tma_operands(torch.randn(5, 0), torch.randn(72, 0).t())[0]
     assert not utils.tma_operands(torch.randn(5, 40, dtype=torch.float64), w.double().t())[0]
+    with monkeypatch.context() as m:  # a Triton without tensor descriptors (3.2, torch 2.6's)
+        m.setattr(utils, "HAS_TENSOR_DESCRIPTORS", False)
+        assert utils.tma_operands(torch.randn(5, 40), w.t()) == (False, True)
     monkeypatch.setenv("QRLORA_TMA", "0")
     assert utils.tma_operands(torch.randn(5, 40), w.t()) == (False, True)
     prune = utils.prune_gemm("M", "N")
@@ -381,6 +388,9 @@ def test_dlam_via_weight_grad(case, dtype, device):
 
 def test_float64_inputs_accumulate_in_float64(device):
     _skip_unrunnable(device, torch.float64)
+    from qrlora_kernels import functional
+    if not functional.TRITON_FLOAT64_DOT:
+        pytest.skip(f"Triton {triton.__version__} has no float64 tl.dot")
     p = _problem("rank_above_block", torch.float64, device)
     lam = torch.randn(p["r"], dtype=torch.float64, device=device)
     s = kernels.project(p["x"], p["R"].t())
@@ -533,6 +543,9 @@ def test_kernels_compile_for_sm80_and_sm90():
     from triton.backends import backends
     if "nvidia" not in backends:
         pytest.skip("this Triton build has no NVIDIA backend to compile with")
+    from qrlora_kernels.kernels.aot_check import unsupported_reason
+    if unsupported_reason():
+        pytest.skip(unsupported_reason())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-m", "qrlora_kernels.kernels.aot_check", "--arch", "80,90",
                            "--dtypes", "bf16"], env=env, capture_output=True, text=True, timeout=600)
@@ -558,6 +571,9 @@ def test_aot_check_compiles_each_variant_as_the_layer_launches_it(monkeypatch):
     from triton.backends import backends
     if "nvidia" not in backends:
         pytest.skip("this Triton build has no NVIDIA backend to specialise for")
+    from qrlora_kernels.kernels.aot_check import unsupported_reason
+    if unsupported_reason():
+        pytest.skip(unsupported_reason())
     import importlib
 
     from qrlora_kernels import QRLoraLinear, qrlora_linear

@@ -62,6 +62,17 @@ class Build:
     stack: int | None  # bytes of stack frame per thread: register spills
 
 
+def unsupported_reason() -> str | None:
+    """Why this Triton cannot run the check (it reads the launcher's specialisation from Triton's internals, which
+    Triton 3.6 and 3.8 have and 3.2 has not), or None."""
+    try:
+        from triton._C.libtriton import native_specialize_impl  # noqa: F401
+    except ImportError:
+        return (f"aot_check needs triton._C.libtriton.native_specialize_impl (Triton 3.6 and 3.8 have it), "
+                f"which Triton {triton.__version__} lacks")
+    return None
+
+
 def specialisation(value: int, name: str):
     """How Triton's launcher specialises an integer argument: ("constexpr", 1), (type, "D") when divisible by 16,
     or (type, "")."""
@@ -221,6 +232,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if utils.INTERPRETED:
         parser.error("unset TRITON_INTERPRET: the interpreter never runs the GPU compiler")
+    if unsupported_reason():
+        parser.error(unsupported_reason())
     capabilities = [int(c) for c in args.arch.split(",")]
     failures = spilling = 0
     start = time.perf_counter()

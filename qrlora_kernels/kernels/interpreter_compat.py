@@ -1,16 +1,27 @@
-"""Triton's CPU interpreter on NumPy 2.4 and newer, for Triton releases that predate the fix (3.6 among them).
+"""Triton's CPU interpreter across Triton releases: what our kernels need from it that older releases lack.
 
-The interpreter passes every scalar kernel argument as a one-element NumPy array and gives ``tl.tensor`` an
-``__index__`` of ``int(data)``. NumPy 2.4 made converting an array with ``ndim > 0`` to a Python scalar an error,
-so any ``range`` over a kernel argument (every K-loop here) fails under the interpreter with "only 0-dimensional
-arrays can be converted to Python scalars" (triton-lang/triton#9171; Triton 3.8 reads ``data.squeeze()``).
-Triton 3.6 is the GPU image's release, and a fresh Python 3.12 environment installs NumPy 2.5.
+Three gaps, each closed only where it shows (compiled kernels never go through the interpreter):
 
-``apply()`` makes the interpreter's per-launch patch of ``tl.tensor`` install the squeezing ``__index__`` (what
-Triton 3.8 does) and restore it with everything else after the launch. It changes nothing unless the interpreter
-is on and NumPy refuses the conversion, is idempotent, and leaves Triton alone if the private function it wraps
-is not there in the expected form (the kernels then fail with Triton's own error, as before). Compiled kernels
-never go through the interpreter and are not affected.
+1. NumPy 2.4 and newer (Triton releases before triton-lang/triton#9171's fix; 3.6, the GPU image's, among them).
+   The interpreter passes every scalar kernel argument as a one-element NumPy array and gives ``tl.tensor`` an
+   ``__index__`` of ``int(data)``; NumPy 2.4 made that conversion an error, so any ``range`` over a kernel
+   argument (every K-loop here) fails with "only 0-dimensional arrays can be converted to Python scalars".
+   ``apply()`` makes the interpreter's per-launch patch of ``tl.tensor`` install a squeezing ``__index__`` (what
+   Triton 3.8 does) and restore it with everything else after the launch, when NumPy refuses the conversion and
+   the private hook has its known form.
+2. Triton 3.2 (torch 2.6's) passes every ``triton.Config`` field to the kernel, its warp-specialisation ones
+   (``num_buffers_warp_spec``, ...) included, and its interpreter drops only the fields it lists, so every
+   autotuned kernel failed with "got an unexpected keyword argument 'num_buffers_warp_spec'". ``apply()`` adds
+   the missing Config fields to that list.
+3. Triton 3.2's ``Autotuner`` asks the GPU driver for a benchmarker when a kernel is decorated, which raises
+   "0 active drivers" on a machine without a GPU, so the kernels could not even be imported there.
+   ``autotune()`` (``triton.autotune`` for our kernels) then decorates again with a stand-in driver whose
+   benchmarker returns equal times without running anything: under the interpreter a single config is launched
+   and none is timed, and without it CPU tensors are refused before any launch. Where a GPU driver exists (and
+   on Triton 3.6 and 3.8, which ask only when they time configs) Triton's own is used.
+
+Each is idempotent and leaves Triton alone where the gap is not there or its internals are not in the expected
+form (the kernels then fail with Triton's own error, as before).
 """
 from __future__ import annotations
 
@@ -18,6 +29,7 @@ import inspect
 import warnings
 
 import numpy as np
+import triton
 
 _MARK = "_qrlora_index_squeezes"
 
@@ -38,8 +50,10 @@ def _index(self) -> int:
 
 
 def apply() -> bool:
-    """Install the fix when it is needed and possible; True if the interpreter now uses it."""
+    """Close gaps 1 and 2 where they show; True if the interpreter now uses the squeezing ``__index__``."""
     from triton.runtime import interpreter
+
+    _list_every_config_field(interpreter)
 
     patch = getattr(interpreter, "_patch_lang_tensor", None)
     if patch is None or not _numpy_refuses_array_to_scalar():
@@ -56,3 +70,57 @@ def apply() -> bool:
     setattr(patch_lang_tensor, _MARK, True)
     interpreter._patch_lang_tensor = patch_lang_tensor
     return True
+
+
+def _list_every_config_field(interpreter) -> None:
+    reserved = getattr(interpreter, "RESERVED_KWS", None)
+    if not isinstance(reserved, list):
+        return
+    try:
+        fields = triton.Config({}).all_kwargs()
+    except Exception:  # a Config without all_kwargs or defaults: nothing to add
+        return
+    reserved.extend(name for name in fields if name not in reserved)
+
+
+def _untimed(kernel_call, quantiles=None, **kwargs):
+    return [0.0] * len(quantiles) if quantiles else 0.0
+
+
+class _InterpreterDriver:
+    """Stands in for ``triton.runtime.driver.driver`` while an Autotuner is built under the interpreter."""
+
+    class _Active:
+        @staticmethod
+        def get_benchmarker():
+            return _untimed
+
+    active = _Active()
+
+
+def autotune(**kwargs):
+    """``triton.autotune(**kwargs)``, whose Autotuner falls back to a benchmarker that needs no GPU where Triton
+    asks for the GPU's while decorating and there is none (gap 3). Triton 3.2's ``autotune`` also drops a
+    ``do_bench`` argument, so it cannot be passed in."""
+    decorate = triton.autotune(**kwargs)
+
+    def decorator(fn):
+        try:
+            return decorate(fn)
+        except RuntimeError as err:
+            if "active drivers" not in str(err):
+                raise
+        from triton.runtime import autotuner
+        real = autotuner.driver
+        autotuner.driver = _InterpreterDriver()
+        try:
+            return decorate(fn)
+        finally:
+            autotuner.driver = real
+
+    return decorator
+
+
+def _interpreting() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import utils
+from . import interpreter_compat, utils
 from .gemm_tile import add_lowrank_tile, grouped_tile, half_range_scales, matmul_tile, matmul_tile_tma
 
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -92,7 +92,7 @@ def _output_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, p_ptr, lam_ptr, lam_
 # HAS_MATMUL keys the cache too: a lowrank_update and a zero-width lowrank_matmul would otherwise share a key.
 # restore_value: lowrank_update may write over c (out=c), and the autotuner runs every config on the same
 # arguments (it copies c only while tuning; for lowrank_matmul c is a stand-in, never read).
-@triton.autotune(configs=utils.lowrank_gemm_configs(),
+@interpreter_compat.autotune(configs=utils.lowrank_gemm_configs(),
                  key=["M_BUCKET", "N", "K", "R", "TMA_OK", "B_K_MAJOR", "HAS_MATMUL"], restore_value=["c_ptr"],
                  prune_configs_by={"early_config_prune": utils.prune_gemm("M", "N")})
 @triton.jit(do_not_specialize=["TMA_OK", "NUM_SMS"])

@@ -16,14 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import utils
+from . import interpreter_compat, utils
 from .gemm_tile import add_lowrank_tile, grouped_tile
 from .lowrank_matmul import _TL_ACC, matmul
 
 
 # restore_value: autotuning runs the kernel once per config, which would apply the update repeatedly when out is
 # weight itself (an in-place merge); restoring out between runs keeps that safe.
-@triton.autotune(configs=utils.gemm_configs(), key=["N", "K", "R"], restore_value=["out_ptr"],
+@interpreter_compat.autotune(configs=utils.gemm_configs(), key=["N", "K", "R"], restore_value=["out_ptr"],
                  prune_configs_by={"early_config_prune": utils.prune_by_size("N", "K")})
 @triton.jit
 def _merged_weight_kernel(

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import utils
+from . import interpreter_compat, utils
 from .gemm_tile import grouped_tile, matmul_tile
 from .lowrank_matmul import _TL_ACC, check_lam_index
 
@@ -28,7 +28,7 @@ REDUCE_NONE, REDUCE_BLOCKS, REDUCE_TOKENS = 0, 1, 2
 
 # reset_to_zero: while autotuning, configs with a smaller BLOCK_M write more partial rows than the winner;
 # zeroing before the winner's run keeps their leftovers out of the sum.
-@triton.autotune(configs=utils.project_configs(), key=["M_BUCKET", "R", "K", "REDUCE"],
+@interpreter_compat.autotune(configs=utils.project_configs(), key=["M_BUCKET", "R", "K", "REDUCE"],
                  reset_to_zero=["partial_ptr"], prune_configs_by={"early_config_prune": utils.prune_by_size("M", "R")})
 @triton.jit
 def _project_kernel(

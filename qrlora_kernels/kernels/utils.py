@@ -11,6 +11,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 from ..functional import acc_dtype
 from . import interpreter_compat
@@ -261,6 +262,8 @@ def _tma_matrix(t: torch.Tensor, contiguous_dim: int) -> bool:
             and (t.stride(other) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
 
 
+# Triton releases before device-side tensor descriptors (3.2, torch 2.6's) never take the TMA configs.
+HAS_TENSOR_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor")
 TMA_ENV_VAR = "QRLORA_TMA"  # "0" turns the TMA configs off (e.g. to rule them out when chasing a problem)
 
 @functools.lru_cache(maxsize=None)
@@ -279,10 +282,10 @@ def tma_operands(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, bool]:
     TMA needs a GPU of compute capability 9.0 or newer (or the interpreter, for tests), a 16- or 32-bit float
     dtype, ``a`` row-major and ``b`` either row-major (``dY @ W0``) or K-major (``x @ W0^T``, a transposed view
     of a row-major weight).
-    ``QRLORA_TMA=0`` in the environment turns it off.
+    ``QRLORA_TMA=0`` in the environment turns it off, and so does a Triton without tensor descriptors.
     """
     b_k_major = b.stride(0) == 1 and b.stride(1) != 1
-    if a.dtype not in _TMA_DTYPES or os.environ.get(TMA_ENV_VAR) == "0":
+    if a.dtype not in _TMA_DTYPES or os.environ.get(TMA_ENV_VAR) == "0" or not HAS_TENSOR_DESCRIPTORS:
         return False, b_k_major
     if a.is_cuda:
         if _properties(a.device).major < 9:
