@@ -49,17 +49,22 @@ BACKENDS = ("triton", "torch")
 
 
 def _triton_release() -> tuple[int, int] | None:
-    """Triton's (major, minor) from its package metadata (without importing it), or None if unknown."""
-    try:
-        from importlib.metadata import version
-        return tuple(int(part) for part in version("triton").split(".")[:2])
-    except Exception:
-        return None
+    """Triton's (major, minor) from its package metadata (without importing it: torch's ROCm, XPU and nightly builds
+    ship it under their own names), or None if unknown."""
+    from importlib.metadata import PackageNotFoundError, version
+    for package in ("triton", "pytorch-triton", "pytorch-triton-rocm", "pytorch-triton-xpu"):
+        try:
+            return tuple(int(part) for part in version(package).split(".")[:2])
+        except (PackageNotFoundError, ValueError):
+            continue
+    return None
 
 
-# Triton 3.2 (torch 2.6's) has no float64 tl.dot ("Unsupported lhs dtype fp64"); 3.6 and 3.8 have one. Where it is
-# missing, float64 goes to the torch backend when the backend is automatic, and backend="triton" refuses it.
-TRITON_FLOAT64_DOT = (_triton_release() or (99, 0)) > (3, 2)
+# Triton 3.2 (torch 2.6's) has no float64 tl.dot ("Unsupported lhs dtype fp64"); 3.6 and 3.8 have one (3.3-3.5 are
+# untested and assumed to). Where it is missing, float64 goes to the torch backend when the backend is automatic
+# (here and in QRLoraLinear's merge), and backend="triton" refuses it. Read once, at import: dynamo cannot trace it.
+TRITON_RELEASE = _triton_release()
+TRITON_FLOAT64_DOT = (TRITON_RELEASE or (99, 0)) > (3, 2)
 _AUTOCASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -205,7 +210,7 @@ def _check_triton_available(x):
         raise RuntimeError("backend='triton' on CPU tensors runs the kernels under Triton's interpreter: set "
                            "TRITON_INTERPRET=1 before importing qrlora_kernels (or use backend='torch')")
     if x.dtype == torch.float64 and not TRITON_FLOAT64_DOT:
-        raise TypeError(f"backend='triton' cannot take float64 with Triton {'.'.join(map(str, _triton_release()))}, "
+        raise TypeError(f"backend='triton' cannot take float64 with Triton {'.'.join(map(str, TRITON_RELEASE))}, "
                         f"which has no float64 tl.dot; use backend='torch' (or None, which picks it)")
     if x.device.type == "cpu" and x.dtype == torch.bfloat16:
         # The interpreter computes in numpy, which has no bfloat16: the results would be garbage.

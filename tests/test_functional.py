@@ -445,10 +445,35 @@ def test_float64_goes_to_torch_where_triton_has_no_float64_dot(monkeypatch):
     the way out, instead of Triton's "Unsupported lhs dtype fp64" from inside a kernel."""
     from qrlora_kernels import functional
     monkeypatch.setattr(functional, "TRITON_FLOAT64_DOT", False)
-    monkeypatch.setattr(functional, "_triton_release", lambda: (3, 2))
+    monkeypatch.setattr(functional, "TRITON_RELEASE", (3, 2))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read at call time: the CPU check passes on a GPU machine too
     x, w = torch.randn(5, 16, dtype=torch.float64), torch.randn(24, 16, dtype=torch.float64)
     Q, R, lam = torch.randn(24, 3, dtype=torch.float64), torch.randn(3, 16, dtype=torch.float64), torch.randn(3)
     with pytest.raises(TypeError, match=r"float64 with Triton 3\.2, which has no float64 tl\.dot; use backend='torch'"):
         qrlora_linear(x, w, None, Q, R, lam, backend="triton")
-    expected = x @ (w + Q @ torch.diag(lam.double()) @ R).T
+
+
+@pytest.mark.gpu
+def test_float64_on_cuda_takes_torch_automatically_where_triton_has_no_float64_dot(monkeypatch):
+    """The automatic backend, and QRLoraLinear's merge, keep float64 CUDA tensors off the Triton kernels there."""
+    from qrlora_kernels import QRLoraLinear, functional, ops
+    monkeypatch.setattr(functional, "TRITON_FLOAT64_DOT", False)
+
+    def no_triton(*args, **kwargs):
+        raise AssertionError("a Triton kernel was called for float64")
+
+    monkeypatch.setattr(functional, "_check_triton_available", no_triton)
+    monkeypatch.setattr(ops, "merged_weight", no_triton)
+    x, w = torch.randn(5, 16, dtype=torch.float64, device="cuda"), torch.randn(24, 16, dtype=torch.float64,
+                                                                               device="cuda")
+    Q, R = torch.randn(24, 3, dtype=torch.float64, device="cuda"), torch.randn(3, 16, dtype=torch.float64,
+                                                                               device="cuda")
+    lam = torch.randn(3, dtype=torch.float64, device="cuda")
+    expected = x @ (w + Q @ torch.diag(lam) @ R).T
     assert_rel_close(qrlora_linear(x, w, None, Q, R, lam), expected, 1e-12, name="y")
+    layer = QRLoraLinear.from_linear(torch.nn.Linear(16, 24, dtype=torch.float64, device="cuda"), rank=3)
+    with torch.no_grad():
+        layer.lam.normal_()
+    before = layer(x)
+    layer.merge()
+    assert_rel_close(layer(x), before, 1e-12, name="merged")

@@ -232,8 +232,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if utils.INTERPRETED:
         parser.error("unset TRITON_INTERPRET: the interpreter never runs the GPU compiler")
-    if unsupported_reason():
-        parser.error(unsupported_reason())
+    reason = unsupported_reason()
+    if reason:
+        parser.error(reason)
     capabilities = [int(c) for c in args.arch.split(",")]
     failures = spilling = 0
     start = time.perf_counter()

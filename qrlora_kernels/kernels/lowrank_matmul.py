@@ -93,8 +93,9 @@ def _output_tile(tile, a_ptr, b_ptr, a_desc, b_desc, c_ptr, p_ptr, lam_ptr, lam_
 # restore_value: lowrank_update may write over c (out=c), and the autotuner runs every config on the same
 # arguments (it copies c only while tuning; for lowrank_matmul c is a stand-in, never read).
 @interpreter_compat.autotune(configs=utils.lowrank_gemm_configs(),
-                 key=["M_BUCKET", "N", "K", "R", "TMA_OK", "B_K_MAJOR", "HAS_MATMUL"], restore_value=["c_ptr"],
-                 prune_configs_by={"early_config_prune": utils.prune_gemm("M", "N")})
+                             key=["M_BUCKET", "N", "K", "R", "TMA_OK", "B_K_MAJOR", "HAS_MATMUL"],
+                             restore_value=["c_ptr"],
+                             prune_configs_by={"early_config_prune": utils.prune_gemm("M", "N")})
 @triton.jit(do_not_specialize=["TMA_OK", "NUM_SMS"])
 def _lowrank_matmul_kernel(
     a_ptr, b_ptr, c_ptr, p_ptr, lam_ptr, lam_index_ptr, u_ptr, bias_ptr, out_ptr,

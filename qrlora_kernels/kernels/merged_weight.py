@@ -24,7 +24,7 @@ from .lowrank_matmul import _TL_ACC, matmul
 # restore_value: autotuning runs the kernel once per config, which would apply the update repeatedly when out is
 # weight itself (an in-place merge); restoring out between runs keeps that safe.
 @interpreter_compat.autotune(configs=utils.gemm_configs(), key=["N", "K", "R"], restore_value=["out_ptr"],
-                 prune_configs_by={"early_config_prune": utils.prune_by_size("N", "K")})
+                             prune_configs_by={"early_config_prune": utils.prune_by_size("N", "K")})
 @triton.jit
 def _merged_weight_kernel(
     w_ptr, q_ptr, lam_ptr, r_ptr, out_ptr,

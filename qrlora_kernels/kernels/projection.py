@@ -29,7 +29,8 @@ REDUCE_NONE, REDUCE_BLOCKS, REDUCE_TOKENS = 0, 1, 2
 # reset_to_zero: while autotuning, configs with a smaller BLOCK_M write more partial rows than the winner;
 # zeroing before the winner's run keeps their leftovers out of the sum.
 @interpreter_compat.autotune(configs=utils.project_configs(), key=["M_BUCKET", "R", "K", "REDUCE"],
-                 reset_to_zero=["partial_ptr"], prune_configs_by={"early_config_prune": utils.prune_by_size("M", "R")})
+                             reset_to_zero=["partial_ptr"],
+                             prune_configs_by={"early_config_prune": utils.prune_by_size("M", "R")})
 @triton.jit
 def _project_kernel(
     a_ptr, basis_ptr, s_ptr, g_ptr, partial_ptr,
