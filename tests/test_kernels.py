@@ -399,6 +399,22 @@ def test_float64_inputs_accumulate_in_float64(device):
     assert_rel_close(y, reference.qrlora_linear(p["x"], p["weight"], p["bias"], p["Q"], p["R"], lam), name="y")
 
 
+def test_float64_dot_operands_are_refused_clearly_where_triton_has_no_float64_dot(monkeypatch):
+    """Triton 3.2 (torch 2.6's) has no float64 tl.dot; its own error names no way out. A float64 lam (it only
+    scales a tile) stays allowed."""
+    from qrlora_kernels import functional
+    monkeypatch.setattr(functional, "TRITON_FLOAT64_DOT", False)
+    monkeypatch.setattr(functional, "TRITON_RELEASE", (3, 2))
+    x, basis = torch.randn(20, 16, dtype=torch.float64), torch.randn(16, 16, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"a is float64, but Triton 3\.2 has no float64 tl\.dot; use the pure-torch"):
+        kernels.project(x, basis)
+    for name in ("a", "b", "p", "u"):
+        with pytest.raises(TypeError, match=rf"{name} is float64"):
+            utils.check_float(name, torch.randn(1, dtype=torch.float64))
+    utils.check_float("lam", torch.randn(1, dtype=torch.float64), in_dot=False)
+    utils.check_float("x", torch.randn(1))
+
+
 @settings(max_examples=8, deadline=None, derandomize=True)
 @given(T=st.integers(1, 70), K=st.integers(1, 70), N=st.integers(1, 70), data=st.data())
 def test_layer_forward_random_shapes(T, K, N, data):

@@ -187,7 +187,7 @@ def _launch(a, b, p, lam, lam_index, u, bias, out, input_precision, c=None):
 
 def check_lam(lam: torch.Tensor, r: int, lam_index: torch.Tensor | None, tokens: int) -> torch.Tensor:
     """lam as (r,) for one adapter or (A, r) with a (tokens,) integer lam_index; clear errors otherwise."""
-    utils.check_float("lam", lam)
+    utils.check_float("lam", lam, in_dot=False)  # scales a tile; never a dot operand itself
     if lam.dim() not in (1, 2) or lam.shape[-1] != r:
         raise ValueError(f"lam has shape {tuple(lam.shape)}, expected ({r},) or (num_adapters, {r}) for rank {r}")
     if lam_index is None:

@@ -55,7 +55,7 @@ def _merged_weight_kernel(
 
 
 def _single_lam(lam: torch.Tensor, r: int) -> torch.Tensor:
-    utils.check_float("lam", lam)
+    utils.check_float("lam", lam, in_dot=False)  # scales a tile; never a dot operand itself
     if lam.dim() == 2 and lam.shape[0] == 1:
         lam = lam[0]
     if lam.dim() != 1 or lam.shape[0] != r:

@@ -113,7 +113,7 @@ def project_and_reduce(a: torch.Tensor, basis: torch.Tensor, s: torch.Tensor, *,
     adapter. ``out`` / ``dlam_out``: buffers for G / dlam.
     """
     _check_inputs(a, basis)
-    utils.check_float("s", s)
+    utils.check_float("s", s, in_dot=False)  # multiplies G element-wise for dlam
     utils.check_2d("s", s)
     T, r = a.shape[0], basis.shape[1]
     if tuple(s.shape) != (T, r):

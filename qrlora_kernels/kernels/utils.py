@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import functional
 from ..functional import acc_dtype
 from . import interpreter_compat
 
@@ -68,11 +69,18 @@ def dot_precision(dtype: torch.dtype, requested: str | None = None) -> str:
 accumulator_dtype = acc_dtype
 
 
-def check_float(name: str, t: torch.Tensor, allowed=(torch.float16, torch.bfloat16, torch.float32, torch.float64)):
+def check_float(name: str, t: torch.Tensor, allowed=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+                *, in_dot: bool = True):
+    """A floating tensor of an allowed dtype; one that enters a ``tl.dot`` (``in_dot``) may be float64 only where
+    Triton has a float64 dot (not 3.2, torch 2.6's: its own error, "Unsupported lhs dtype fp64", names no way out)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in allowed:
         raise TypeError(f"{name} has dtype {t.dtype}; expected one of {', '.join(str(d) for d in allowed)}")
+    if in_dot and t.dtype == torch.float64 and not functional.TRITON_FLOAT64_DOT:
+        release = ".".join(map(str, functional.TRITON_RELEASE or ()))
+        raise TypeError(f"{name} is float64, but Triton {release} has no float64 tl.dot; use the pure-torch twins in "
+                        f"qrlora_kernels.kernels.reference (or qrlora_linear with backend='torch')")
 
 
 def check_2d(name: str, t: torch.Tensor) -> None:
