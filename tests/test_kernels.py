@@ -159,8 +159,8 @@ def test_lowrank_update_errors():
         kernels.lowrank_update(c, storage[:32].view(8, 4), torch.randn(4), Q.t(), out=storage[32:].view(8, 20))
     with pytest.raises(ValueError, match="rank"):
         kernels.lowrank_update(c, s, torch.randn(4), Q.t()[:3])
-    with pytest.raises(TypeError, match="mixed dtypes: c is torch.float32 but u is torch.float64"):
-        kernels.lowrank_update(c, s, torch.randn(4), Q.t().double())
+    with pytest.raises(TypeError, match="mixed dtypes: c is torch.float32 but u is torch.float16"):
+        kernels.lowrank_update(c, s, torch.randn(4), Q.t().half())
     with pytest.raises(ValueError, match=r"bias has shape \(19,\), expected \(20,\)"):
         kernels.lowrank_update(c, s, torch.randn(4), Q.t(), torch.randn(19))
     assert kernels.lowrank_update(c[:0], s[:0], torch.randn(4), Q.t()).shape == (0, 20)
