@@ -65,6 +65,11 @@ def _triton_release() -> tuple[int, int] | None:
 # (here and in QRLoraLinear's merge), and backend="triton" refuses it. Read once, at import: dynamo cannot trace it.
 TRITON_RELEASE = _triton_release()
 TRITON_FLOAT64_DOT = (TRITON_RELEASE or (99, 0)) > (3, 2)
+
+
+def triton_dot_takes(dtype: torch.dtype) -> bool:
+    """Whether this Triton's tl.dot takes ``dtype`` (every dtype we use, except float64 on Triton 3.2)."""
+    return dtype != torch.float64 or TRITON_FLOAT64_DOT
 _AUTOCASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -209,7 +214,7 @@ def _check_triton_available(x):
     if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("backend='triton' on CPU tensors runs the kernels under Triton's interpreter: set "
                            "TRITON_INTERPRET=1 before importing qrlora_kernels (or use backend='torch')")
-    if x.dtype == torch.float64 and not TRITON_FLOAT64_DOT:
+    if not triton_dot_takes(x.dtype):
         raise TypeError(f"backend='triton' cannot take float64 with Triton {'.'.join(map(str, TRITON_RELEASE))}, "
                         f"which has no float64 tl.dot; use backend='torch' (or None, which picks it)")
     if x.device.type == "cpu" and x.dtype == torch.bfloat16:
@@ -264,8 +269,7 @@ def qrlora_linear(x, weight, bias, Q, R, lam, *, backend=None, adapter_ids=None,
     x, weight, bias, Q, R = _autocast(x, weight, bias, Q, R)
     _validate(x, weight, bias, Q, R, lam)
     if backend is None:
-        backend = ("triton" if x.device.type == "cuda" and (x.dtype != torch.float64 or TRITON_FLOAT64_DOT)
-                   else "torch")
+        backend = "triton" if x.device.type == "cuda" and triton_dot_takes(x.dtype) else "torch"
 
     out_features, in_features = weight.shape
     rank = Q.shape[1]

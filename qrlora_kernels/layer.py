@@ -376,8 +376,8 @@ class QRLoraLinear(nn.Module):
 
     def _merged_weight(self, sign: float, lam: torch.Tensor | None = None) -> torch.Tensor:
         lam = (self._adapter_lam(None) if lam is None else lam).detach() * sign
-        if self.weight.device.type == "cuda" and self.backend != "torch" and (
-                self.weight.dtype != torch.float64 or functional.TRITON_FLOAT64_DOT):
+        if (self.weight.device.type == "cuda" and self.backend != "torch"
+                and functional.triton_dot_takes(self.weight.dtype)):
             from . import ops
             return ops.merged_weight(self.weight.detach(), self.Q, self.basis_r(), lam)
         acc = self._acc_dtype()

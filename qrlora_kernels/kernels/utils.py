@@ -77,7 +77,7 @@ def check_float(name: str, t: torch.Tensor, allowed=(torch.float16, torch.bfloat
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in allowed:
         raise TypeError(f"{name} has dtype {t.dtype}; expected one of {', '.join(str(d) for d in allowed)}")
-    if in_dot and t.dtype == torch.float64 and not functional.TRITON_FLOAT64_DOT:
+    if in_dot and not functional.triton_dot_takes(t.dtype):
         release = ".".join(map(str, functional.TRITON_RELEASE or ()))
         raise TypeError(f"{name} is float64, but Triton {release} has no float64 tl.dot; use the pure-torch twins in "
                         f"qrlora_kernels.kernels.reference (or qrlora_linear with backend='torch')")
