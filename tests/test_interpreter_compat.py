@@ -1,8 +1,10 @@
-"""interpreter_compat: Triton interpreters older than the fix (3.6, the GPU image's) on NumPy >= 2.4.
+"""interpreter_compat: Triton interpreters older than the fix (3.2 to 3.6; 3.6 is the GPU image's) on NumPy >= 2.4.
 
 The first test is the one that fails there without the fix (every K-loop is a ``range`` over a kernel
 argument); on Triton 3.8 it passes either way. The others check the wrapper itself on stand-ins.
 """
+import inspect
+
 import pytest
 import torch
 import triton
@@ -31,7 +33,8 @@ def test_an_interpreted_kernel_loops_over_a_scalar_argument():
     _sum_rows_kernel[(1,)](x, out, x.shape[0], x.stride(0), BLOCK=16)
     assert not out.isnan().any()
     assert rel_error(out, x.double().sum(0)) <= 1e-6
-    if getattr(interpreter._patch_lang_tensor, interpreter_compat._MARK, False):  # ours in use (else Triton's)
+    ours = getattr(interpreter._patch_lang_tensor, interpreter_compat._MARK, False)  # else Triton's own
+    if ours and hasattr(interpreter, "_LangPatchScope"):  # a per-launch patch (Triton 3.6+) is given back
         assert getattr(tl.core.tensor, "__index__", None) is index_before, "the launch's patch leaked"
 
 
@@ -48,7 +51,8 @@ def test_the_wrapper_adds_a_squeezing_index_for_the_launch_only(monkeypatch):
     import numpy as np
 
     if not hasattr(interpreter, "_LangPatchScope"):
-        pytest.skip(f"Triton {triton.__version__}'s interpreter patches without a scope (the wrapper is not used)")
+        pytest.skip(f"Triton {triton.__version__}'s interpreter patches without a scope (that wrapper is tested "
+                    f"next)")
 
     calls = []
 
@@ -71,6 +75,37 @@ def test_the_wrapper_adds_a_squeezing_index_for_the_launch_only(monkeypatch):
     assert range(value)[-1] == 10
     scope.restore()
     assert not hasattr(_Tensor, "__index__")
+
+
+def test_the_wrapper_of_a_scopeless_patch_sets_a_squeezing_index(monkeypatch):
+    """Triton 3.2 to 3.5 patch ``tl.tensor`` with ``_patch_lang_tensor(tensor)``, once and for good: the
+    wrapper calls it, then replaces its ``__index__`` the same way."""
+    import numpy as np
+
+    calls = []
+
+    def original(tensor):
+        calls.append(tensor)
+        tensor.__index__ = lambda self: int(self.handle.data)
+        tensor.__bool__ = lambda self: True
+
+    class _Scopeless:
+        pass
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", original)
+    monkeypatch.setattr(interpreter_compat, "_numpy_refuses_array_to_scalar", lambda: True)
+    assert interpreter_compat.apply()
+    wrapped = interpreter._patch_lang_tensor
+    assert wrapped is not original and list(inspect.signature(wrapped).parameters) == ["tensor"]
+    assert interpreter_compat.apply() and interpreter._patch_lang_tensor is wrapped, "applied twice"
+
+    wrapped(_Scopeless)
+    assert calls == [_Scopeless] and _Scopeless.__bool__(None) is True, "Triton's own patch did not run"
+    value = _Scopeless()
+    value.handle = _Handle(np.array([11], dtype=np.int32))
+    assert range(value)[-1] == 10
+    value.handle = _Handle(np.array([[3]], dtype=np.int64))
+    assert value.__index__() == 3
 
 
 def test_apply_leaves_triton_alone_when_not_needed_or_not_recognised(monkeypatch):

@@ -2,13 +2,14 @@
 
 Three gaps, each closed only where it shows (compiled kernels never go through the interpreter):
 
-1. NumPy 2.4 and newer (Triton releases before triton-lang/triton#9171's fix; 3.6, the GPU image's, among them).
-   The interpreter passes every scalar kernel argument as a one-element NumPy array and gives ``tl.tensor`` an
-   ``__index__`` of ``int(data)``; NumPy 2.4 made that conversion an error, so any ``range`` over a kernel
-   argument (every K-loop here) fails with "only 0-dimensional arrays can be converted to Python scalars".
-   ``apply()`` makes the interpreter's per-launch patch of ``tl.tensor`` install a squeezing ``__index__`` (what
-   Triton 3.8 does) and restore it with everything else after the launch, when NumPy refuses the conversion and
-   the private hook has its known form.
+1. NumPy 2.4 and newer (Triton releases before triton-lang/triton#9171's fix: 3.2 to 3.6, 3.6 being the GPU
+   image's). The interpreter passes every scalar kernel argument as a one-element NumPy array and gives
+   ``tl.tensor`` an ``__index__`` of ``int(data)``; NumPy 2.4 made that conversion an error, so any ``range`` over
+   a kernel argument (every K-loop here) fails with "only 0-dimensional arrays can be converted to Python
+   scalars". ``apply()`` makes the interpreter's patch of ``tl.tensor`` install a squeezing ``__index__`` (what
+   Triton 3.8 does), when NumPy refuses the conversion and the private hook has one of its two known forms:
+   ``(tensor, scope)`` (3.6 and newer), whose scope restores it with everything else after each launch, or
+   ``(tensor)`` (3.2 to 3.5), which sets the attributes once and for good, as Triton's own did there.
 2. Triton 3.2 (torch 2.6's) passes every ``triton.Config`` field to the kernel, its warp-specialisation ones
    (``num_buffers_warp_spec``, ...) included, and its interpreter drops only the fields it lists, so every
    autotuned kernel failed with "got an unexpected keyword argument 'num_buffers_warp_spec'". ``apply()`` adds
@@ -60,12 +61,17 @@ def apply() -> bool:
         return False
     if getattr(patch, _MARK, False):
         return True
-    if list(inspect.signature(patch).parameters) != ["tensor", "scope"]:
+    form = list(inspect.signature(patch).parameters)
+    if form == ["tensor", "scope"]:
+        def patch_lang_tensor(tensor, scope):
+            patch(tensor, scope)
+            scope.set_attr(tensor, "__index__", _index)
+    elif form == ["tensor"]:
+        def patch_lang_tensor(tensor):
+            patch(tensor)
+            tensor.__index__ = _index
+    else:
         return False
-
-    def patch_lang_tensor(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", _index)
 
     setattr(patch_lang_tensor, _MARK, True)
     interpreter._patch_lang_tensor = patch_lang_tensor
