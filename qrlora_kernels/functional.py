@@ -60,15 +60,15 @@ def _triton_release() -> tuple[int, int] | None:
     return None
 
 
-# Triton 3.2 (torch 2.6's) has no float64 tl.dot ("Unsupported lhs dtype fp64"); 3.6 and 3.8 have one (3.3-3.5 are
-# untested and assumed to). Where it is missing, float64 goes to the torch backend when the backend is automatic
+# Triton 3.2 to 3.4 (torch 2.6 to 2.8) have no float64 tl.dot ("Unsupported lhs dtype fp64"); 3.5 and newer have
+# one. Where it is missing, float64 goes to the torch backend when the backend is automatic
 # (here and in QRLoraLinear's merge), and backend="triton" refuses it. Read once, at import: dynamo cannot trace it.
 TRITON_RELEASE = _triton_release()
-TRITON_FLOAT64_DOT = (TRITON_RELEASE or (99, 0)) > (3, 2)
+TRITON_FLOAT64_DOT = (TRITON_RELEASE or (99, 0)) > (3, 4)
 
 
 def triton_dot_takes(dtype: torch.dtype) -> bool:
-    """Whether this Triton's tl.dot takes ``dtype`` (every dtype we use, except float64 on Triton 3.2)."""
+    """Whether this Triton's tl.dot takes ``dtype`` (every dtype we use, except float64 on Triton 3.2 to 3.4)."""
     return dtype != torch.float64 or TRITON_FLOAT64_DOT
 _AUTOCASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 
