@@ -15,6 +15,7 @@ writes; FSDP2 gathers the shards) and a plain base model loaded with it reproduc
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -183,10 +184,27 @@ def _check_saved_adapter(wrapped, x, label, rank):
         torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-6, msg=f"{label} adapter reloaded on rank {rank}")
 
 
+GLOO_AVG_SUMS = "NOTE gloo's reduce-scatter sums under ReduceOp.AVG"
+
+
+def _gloo_reduce_scatter_averages(world) -> bool:
+    """Whether gloo's reduce-scatter averages under ReduceOp.AVG. torch 2.8's sums instead, silently
+    (pytorch/pytorch#162338), and FSDP2 reduces gradients with it: probed, not assumed from the version."""
+    import torch.distributed as dist
+    out = torch.empty(1)
+    dist.reduce_scatter_tensor(out, torch.ones(world), op=dist.ReduceOp.AVG)
+    return out.item() == 1.0
+
+
 def _check_fsdp2(rank, world):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
     model, x, target, expected = _converted_with_reference_grads(seed=5)
+    if not _gloo_reduce_scatter_averages(world):  # torch's bug, for every model: ours must still give the sum
+        expected = {name: grad * world for name, grad in expected.items()}
+        if rank == 0:
+            print(f"{GLOO_AVG_SUMS} in torch {torch.__version__} (pytorch/pytorch#162338): FSDP2's gradients "
+                  f"are compared with the sum over ranks", flush=True)
     for block in model.layers:
         fully_shard(block)
     fully_shard(model)
@@ -269,6 +287,10 @@ def test_apply_ddp_and_fsdp2_under_torchrun(tmp_path):
             assert f"SKIPPED {name}" in done.stdout, log[-3000:]
             continue
         assert f"PASSED {name}" in done.stdout, log[-3000:]
+    if GLOO_AVG_SUMS in done.stdout:
+        warnings.warn(f"torch {torch.__version__}: gloo's reduce-scatter sums under ReduceOp.AVG "
+                      f"(pytorch/pytorch#162338), so FSDP2 on CPU sums gradients over ranks; the test compared them "
+                      f"with that sum")
     if not FSDP2_ON_CPU:
         pytest.skip(f"the FSDP2 part only: torch {torch.__version__}'s FSDP2 needs a GPU (CPU streams have no "
                     f"record_event); process groups, DDP and FSDP1 passed")
