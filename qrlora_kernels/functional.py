@@ -61,8 +61,8 @@ def _triton_release() -> tuple[int, int] | None:
 
 
 # Triton 3.2 to 3.4 (torch 2.6 to 2.8) have no float64 tl.dot ("Unsupported lhs dtype fp64"); 3.5 and newer have
-# one. Where it is missing, float64 goes to the torch backend when the backend is automatic
-# (here and in QRLoraLinear's merge), and backend="triton" refuses it. Read once, at import: dynamo cannot trace it.
+# one. Where it is missing, float64 goes to the torch backend when the backend is automatic (here and in
+# QRLoraLinear's merge), and backend="triton" refuses it. Read once, at import: dynamo cannot trace it.
 TRITON_RELEASE = _triton_release()
 TRITON_FLOAT64_DOT = (TRITON_RELEASE or (99, 0)) > (3, 4)
 

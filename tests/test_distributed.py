@@ -188,8 +188,8 @@ GLOO_AVG_SUMS = "NOTE gloo's reduce-scatter sums under ReduceOp.AVG"
 
 
 def _gloo_reduce_scatter_averages(world) -> bool:
-    """Whether gloo's reduce-scatter averages under ReduceOp.AVG. torch 2.8's sums instead, silently
-    (pytorch/pytorch#162338), and FSDP2 reduces gradients with it: probed, not assumed from the version."""
+    """Whether gloo's reduce-scatter averages under ReduceOp.AVG. torch 2.7's and 2.8's sum instead,
+    silently (pytorch/pytorch#162338), and FSDP2 reduces gradients with it: probed, not assumed from the version."""
     import torch.distributed as dist
     out = torch.empty(1)
     dist.reduce_scatter_tensor(out, torch.ones(world), op=dist.ReduceOp.AVG)

@@ -72,7 +72,8 @@ accumulator_dtype = acc_dtype
 def check_float(name: str, t: torch.Tensor, allowed=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
                 *, in_dot: bool = True):
     """A floating tensor of an allowed dtype; one that enters a ``tl.dot`` (``in_dot``) may be float64 only where
-    Triton has a float64 dot (not 3.2 to 3.4, torch 2.6 to 2.8: its own error, "Unsupported lhs dtype fp64", names no way out)."""
+    Triton has a float64 dot (not 3.2 to 3.4, torch 2.6 to 2.8: their own error, "Unsupported lhs dtype fp64",
+    names no way out)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in allowed:
