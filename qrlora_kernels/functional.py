@@ -70,6 +70,8 @@ TRITON_FLOAT64_DOT = (TRITON_RELEASE or (99, 0)) > (3, 4)
 def triton_dot_takes(dtype: torch.dtype) -> bool:
     """Whether this Triton's tl.dot takes ``dtype`` (every dtype we use, except float64 on Triton 3.2 to 3.4)."""
     return dtype != torch.float64 or TRITON_FLOAT64_DOT
+
+
 _AUTOCASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -441,7 +441,7 @@ def test_torch_lowrank_half_precision_does_not_overflow_where_y_fits(with_r):
 
 
 def test_float64_goes_to_torch_where_triton_has_no_float64_dot(monkeypatch):
-    """Triton 3.2 (torch 2.6's) has no float64 tl.dot: backend='triton' refuses float64 with a clear error naming
+    """Triton 3.2 to 3.4 (torch 2.6 to 2.8) have no float64 tl.dot: backend='triton' refuses float64 with a clear error naming
     the way out, instead of Triton's "Unsupported lhs dtype fp64" from inside a kernel."""
     from qrlora_kernels import functional
     monkeypatch.setattr(functional, "TRITON_FLOAT64_DOT", False)

@@ -64,7 +64,7 @@ class Build:
 
 def unsupported_reason() -> str | None:
     """Why this Triton cannot run the check (it reads the launcher's specialisation from Triton's internals, which
-    Triton 3.6 and 3.8 have and 3.2 has not), or None."""
+    Triton 3.6 and 3.8 have and 3.2 to 3.5 have not), or None."""
     try:
         from triton._C.libtriton import native_specialize_impl  # noqa: F401
     except ImportError:

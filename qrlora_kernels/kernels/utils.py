@@ -271,7 +271,8 @@ def _tma_matrix(t: torch.Tensor, contiguous_dim: int) -> bool:
             and (t.stride(other) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
 
 
-# Triton releases before device-side tensor descriptors (3.2, torch 2.6's) never take the TMA configs.
+# Triton releases before device-side tensor descriptors (3.2 and 3.3, torch 2.6's and 2.7's) never take the TMA
+# configs.
 HAS_TENSOR_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor")
 TMA_ENV_VAR = "QRLORA_TMA"  # "0" turns the TMA configs off (e.g. to rule them out when chasing a problem)
 
