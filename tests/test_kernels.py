@@ -330,7 +330,7 @@ def test_tma_is_offered_only_for_operands_that_suit_it(monkeypatch):
     assert not utils.tma_operands(torch.randn(1, 40).expand(5, 40), w.t())[0]
     assert not utils.tma_operands(torch.randn(5, 0), torch.randn(72, 0).t())[0]
     assert not utils.tma_operands(torch.randn(5, 40, dtype=torch.float64), w.double().t())[0]
-    with monkeypatch.context() as m:  # a Triton without tensor descriptors (3.2, torch 2.6's)
+    with monkeypatch.context() as m:  # a Triton without tensor descriptors (3.2 and 3.3)
         m.setattr(utils, "HAS_TENSOR_DESCRIPTORS", False)
         assert utils.tma_operands(torch.randn(5, 40), w.t()) == (False, True)
     monkeypatch.setenv("QRLORA_TMA", "0")
@@ -400,7 +400,7 @@ def test_float64_inputs_accumulate_in_float64(device):
 
 
 def test_float64_dot_operands_are_refused_clearly_where_triton_has_no_float64_dot(monkeypatch):
-    """Triton 3.2 (torch 2.6's) has no float64 tl.dot; its own error names no way out. A float64 lam (it only
+    """Triton 3.2 to 3.4 (torch 2.6 to 2.8) have no float64 tl.dot; their own error names no way out. A float64 lam (it only
     scales a tile) stays allowed."""
     from qrlora_kernels import functional
     monkeypatch.setattr(functional, "TRITON_FLOAT64_DOT", False)
@@ -550,18 +550,24 @@ def test_interpreter_uses_exactly_one_config():
     assert min(config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]) >= 16  # tl.dot's minimum
 
 
+def _skip_unless_aot_check_runs():
+    """aot_check needs Triton's NVIDIA backend and the launcher internals it reads (Triton 3.6+)."""
+    from triton.backends import backends
+    if "nvidia" not in backends:
+        pytest.skip("this Triton build has no NVIDIA backend to compile with")
+    from qrlora_kernels.kernels.aot_check import unsupported_reason
+    reason = unsupported_reason()
+    if reason:
+        pytest.skip(reason)
+
+
 def test_kernels_compile_for_sm80_and_sm90():
     """The interpreter never runs the GPU compiler: build the bf16 variants for A100 and H100 ahead of time."""
     import os
     import subprocess
     import sys
 
-    from triton.backends import backends
-    if "nvidia" not in backends:
-        pytest.skip("this Triton build has no NVIDIA backend to compile with")
-    from qrlora_kernels.kernels.aot_check import unsupported_reason
-    if unsupported_reason():
-        pytest.skip(unsupported_reason())
+    _skip_unless_aot_check_runs()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-m", "qrlora_kernels.kernels.aot_check", "--arch", "80,90",
                            "--dtypes", "bf16"], env=env, capture_output=True, text=True, timeout=600)
@@ -584,12 +590,7 @@ def test_aot_check_compiles_each_variant_as_the_layer_launches_it(monkeypatch):
     QRLoraLinear's paths (R kept or not, one adapter with a bias or several without, lowrank and merged) and
     check that each variant's integers specialise exactly as one of them: a launch that changes its strides
     without the table following would make aot_check report on code the GPU never runs."""
-    from triton.backends import backends
-    if "nvidia" not in backends:
-        pytest.skip("this Triton build has no NVIDIA backend to specialise for")
-    from qrlora_kernels.kernels.aot_check import unsupported_reason
-    if unsupported_reason():
-        pytest.skip(unsupported_reason())
+    _skip_unless_aot_check_runs()
     import importlib
 
     from qrlora_kernels import QRLoraLinear, qrlora_linear
