@@ -93,6 +93,17 @@ def _pip_cuda_include_dirs() -> list[str]:
     return sorted(str(p) for root in nvidia.__path__ for p in Path(root).glob("*/include") if p.is_dir())
 
 
+def cuda_include_dirs(cuda_home: str) -> list[str]:
+    """The toolkit's own headers first, then the pip wheels' for what the toolkit lacks.
+
+    The wheels also carry the CUDA runtime's headers of the release torch was built with (torch 2.15's: 13.2),
+    and nvcc's CCCL headers refuse a runtime header of another release ("CUDA compiler and CUDA toolkit headers
+    are incompatible"), so nvcc must find its own toolkit's runtime headers before the wheels' copies.
+    """
+    own = str(Path(cuda_home) / "include")
+    return [own, *(d for d in _pip_cuda_include_dirs() if d != own)]
+
+
 def make_extension():
     cuda_home = None if os.environ.get("QRLORA_FORCE_CPU") == "1" else find_cuda_home()
     if cuda_home:
@@ -135,7 +146,7 @@ def make_extension():
           f"with the toolkit at {cuda_home}")
     return cpp_extension.CUDAExtension(
         "qrlora_kernels._C", sources + cu_sources,
-        include_dirs=_pip_cuda_include_dirs(),
+        include_dirs=cuda_include_dirs(cuda_home),
         # Archs joined by "_": ';' and ',' do not survive the compiler command line intact.
         define_macros=[("QRLORA_WITH_CUDA", "1"),
                        ("QRLORA_CUDA_ARCHS", "_".join(a.replace(".", "") for a in archs))],

@@ -94,6 +94,52 @@ def test_a_toolkit_of_another_cuda_major_than_torch_builds_cpu_only_and_says_why
     assert setup_module_.cuda_mismatch("13.0", None) is None
 
 
+def fake_wheels(monkeypatch, root: Path) -> Path:
+    """An ``nvidia`` namespace package like torch's CUDA wheels: ``cu13/include`` with a CUDA runtime header of
+    another release (here one that refuses to compile) beside a library header that a minimal toolkit lacks."""
+    include = root / "nvidia" / "cu13" / "include"
+    include.mkdir(parents=True)
+    for header in ("cuda_runtime.h", "cuda_runtime_api.h"):  # nvcc pre-includes the first from the search path
+        (include / header).write_text('#error "the wheels\' runtime header was used"\n')
+    (include / "wheel_only_library.h").write_text("#define WHEEL_ONLY_LIBRARY 1\n")
+    package = type(os)("nvidia")
+    package.__path__ = [str(root / "nvidia")]
+    monkeypatch.setitem(__import__("sys").modules, "nvidia", package)
+    return include
+
+
+def test_the_toolkits_own_headers_come_before_the_wheels(setup_module_, tmp_path, monkeypatch):
+    toolkit = fake_toolkit(tmp_path / "cuda")
+    wheel_include = fake_wheels(monkeypatch, tmp_path / "site-packages")
+    assert setup_module_.cuda_include_dirs(str(toolkit)) == [str(toolkit / "include"), str(wheel_include)]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
+def test_nvcc_compiles_with_its_own_runtime_headers_when_the_wheels_carry_another_release(
+        setup_module_, tmp_path, monkeypatch):
+    """torch 2.15's wheels carry CUDA 13.2's runtime headers; with the wheels' folder first, nvcc 13.0's CCCL
+    stopped the build ("CUDA compiler and CUDA toolkit headers are incompatible"). The real nvcc, a source that
+    includes both the runtime and a wheel-only header, and the include order setup.py passes."""
+    import subprocess
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    home = setup_module_.find_cuda_home()
+    fake_wheels(monkeypatch, tmp_path / "site-packages")
+    source = tmp_path / "probe.cu"
+    source.write_text("#include <cuda_runtime.h>\n#include <wheel_only_library.h>\n"
+                      "__global__ void probe(int* out) { *out = WHEEL_ONLY_LIBRARY; }\n")
+    flags = [f"-I{d}" for d in setup_module_.cuda_include_dirs(home)]
+    nvcc = str(Path(home) / "bin" / "nvcc")
+    out = subprocess.run([nvcc, *flags, "-c", str(source), "-o", str(tmp_path / "probe.o")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # The probe can fail: with the wheels' folder first the refusing header is the one found.
+    reversed_flags = list(reversed(flags))
+    out = subprocess.run([nvcc, *reversed_flags, "-c", str(source), "-o", str(tmp_path / "probe.o")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "the wheels' runtime header was used" in out.stderr
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
 def test_real_toolkit_on_this_machine(setup_module_, monkeypatch):
     monkeypatch.delenv("CUDA_HOME", raising=False)
