@@ -39,7 +39,12 @@ LORA_ONLY_FIELDS = {
     "use_dora": "DoRA is another method",
     "init_lora_weights": "lam always starts at 0 (the converted model equals the original)",
     "fan_in_fan_out": "transformers' Conv1D layers (GPT-2) are recognised and handled without it",
-    "bias": "QR-LoRA keeps every bias frozen; put a module in modules_to_save to train it",
+    "bias": "QR-LoRA keeps every bias frozen (bias='none', PEFT's default, is accepted); put a module in "
+            "modules_to_save to train it",
+    "rank_pattern": "per-module ranks come from tau, or from a global budget= across modules",
+    "alpha_pattern": "QR-LoRA has no scaling",
+    "inference_mode": "for inference, merge_and_unload(model) folds the adapter into the weights, or "
+                      "model.requires_grad_(False) freezes lam",
 }
 
 
@@ -255,6 +260,8 @@ def _accept_peft_names(init):
     """Wrap the dataclass ``__init__``: LoRA-only fields get an error that names what replaces them."""
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
+        if kwargs.get("bias") == "none":  # PEFT's default, and what QR-LoRA does: a ported LoraConfig may keep it
+            del kwargs["bias"]
         lora_only = [k for k in kwargs if k in LORA_ONLY_FIELDS]
         if lora_only:
             raise TypeError("QRLoraConfig has no LoRA field " + "; ".join(
