@@ -77,6 +77,15 @@ class QRLoraReport:
     # memory QR-LoRA adds to the model (frozen, not parameters, and left out of Hugging Face checkpoints).
     basis_values: int = 0
 
+    def __getattr__(self, name: str):
+        # Only reached for a missing attribute. PEFT's habit, model = get_peft_model(model, config), written as
+        # model = apply_qrlora(model, config), hands this report to Trainer or to the training loop: say so.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(f"'QRLoraReport' object has no attribute {name!r}: apply_qrlora converts the model in "
+                             f"place and returns this report of what it did, not a model (unlike PEFT's "
+                             f"get_peft_model); keep using the model you passed to it")
+
     @property
     def trainable_percent(self) -> float:
         return 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
