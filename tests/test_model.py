@@ -134,6 +134,13 @@ def test_config_takes_peft_names_and_explains_lora_only_fields():
     assert QRLoraConfig(target_modules=["q"], task_type=peft.TaskType.SEQ_CLS).task_type == "SEQ_CLS"
     with pytest.raises(TypeError, match="no LoRA field 'r' .*tau.*rank.*budget.*'lora_alpha' .*no scaling"):
         QRLoraConfig(target_modules=["q"], r=8, lora_alpha=16)
+    # bias="none" is PEFT's default and QR-LoRA's behaviour: a ported recipe keeps it; anything else is refused.
+    assert QRLoraConfig(target_modules=["q"], bias="none") == QRLoraConfig(target_modules=["q"])
+    assert dataclasses.replace(cfg, bias="none") == cfg
+    with pytest.raises(TypeError, match="no LoRA field 'bias' .*frozen.*modules_to_save"):
+        QRLoraConfig(target_modules=["q"], bias="lora_only")
+    with pytest.raises(TypeError, match="'rank_pattern' .*budget=.*'inference_mode' .*merge_and_unload"):
+        QRLoraConfig(target_modules=["q"], rank_pattern={"q": 4}, inference_mode=True)
     assert dataclasses.replace(cfg, layers_to_transform=[1]).layers == [1]
     assert dataclasses.replace(cfg, tau=0.5).layers == [0, 2]
     assert QRLoraConfig.from_dict({"target_modules": ["q"], "layers_to_transform": 3}).layers == [3]
@@ -301,6 +308,22 @@ def test_apply_keeps_outputs_freezes_and_reports():
     # lam = 0: the converted model is the original model.
     assert_rel_close(model(x), base(x), 1e-6, name="converted output")
     assert model.qrlora_adapter_ids == {"default": 0}
+
+
+def test_the_report_is_not_a_model_and_says_so():
+    """PEFT's habit, model = get_peft_model(model, config), written as model = apply_qrlora(model, config), gives
+    Trainer or a training loop the report: the error says that the model was converted in place."""
+    _, model = _pair()
+    report = apply_qrlora(model, QRLoraConfig(target_modules=["query"], rank=2), progress=False)
+    for use in (lambda r: r.to("cpu"), lambda r: r.parameters(), lambda r: r.train()):
+        with pytest.raises(AttributeError, match="'QRLoraReport' object has no attribute '(to|parameters|train)': "
+                                                 "apply_qrlora converts the model in place .* not a model"):
+            use(report)
+    assert not hasattr(report, "to")
+    # Copies and pickles as a plain dataclass (their protocol lookups of missing dunders are not redirected).
+    import pickle
+    assert copy.deepcopy(report) == report == pickle.loads(pickle.dumps(report))
+    assert report.modules[0].rank == 2 and str(report) == str(copy.copy(report))
 
 
 @pytest.mark.parametrize("rule", [dict(tau=0.9), dict(budget=40)], ids=["tau", "budget"])
