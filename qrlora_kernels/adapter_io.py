@@ -329,6 +329,10 @@ def _read_config(config_path: Path) -> dict:
         meta = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{config_path} is truncated or corrupt: {err}") from None
+    if isinstance(meta, dict) and "peft_type" in meta and meta.get("format") != FORMAT:
+        # The same file name as PEFT's adapters: say which kind this one is and what reads it.
+        raise ValueError(f"{config_path} is a PEFT adapter config (peft_type {meta['peft_type']!r}), not a QR-LoRA "
+                         f"one: load it with peft.PeftModel.from_pretrained")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("modules"), dict):
         raise ValueError(f"{config_path} is not a QR-LoRA adapter config (format {FORMAT!r})")
     if meta.get("format_version") != FORMAT_VERSION:

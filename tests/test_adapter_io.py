@@ -591,6 +591,21 @@ def test_truncated_and_corrupt_files(base, tmp_path):
         load_adapter(copy.deepcopy(base), tmp_path / "empty")
 
 
+def test_a_peft_adapter_folder_is_named_as_such(base, tmp_path):
+    """PEFT's adapters use the same file name, adapter_config.json: load_adapter says the folder holds a PEFT
+    adapter and what reads it, and leaves the model as it was."""
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["query", "value"]))
+    lora.save_pretrained(tmp_path)
+    assert (tmp_path / ADAPTER_CONFIG).is_file()
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="is a PEFT adapter config \\(peft_type 'LORA'\\), not a QR-LoRA one: "
+                                         "load it with peft.PeftModel.from_pretrained"):
+        load_adapter(model, tmp_path)
+    assert not qrlora_layers(model) and all(torch.equal(a, b) for a, b in
+                                            zip(model.state_dict().values(), base.state_dict().values()))
+
+
 def test_save_errors(base, tmp_path):
     with pytest.raises(ValueError, match="no QR-LoRA layers to save"):
         save_adapter(copy.deepcopy(base), tmp_path)
