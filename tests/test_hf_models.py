@@ -277,6 +277,16 @@ def test_checkpoint_callback_leaves_out_the_frozen_weights_and_resumes_onto_the_
     trained.save_model(str(tmp_path / "final"))
     with safe_open(tmp_path / "final" / "model.safetensors", "pt") as f:
         assert frozen <= set(f.keys())
+    # The README's way back to the trained model from that folder: a base converted with the same config, then
+    # load_state_dict (from_pretrained alone would build plain layers and drop the lam keys).
+    from safetensors.torch import load_file
+    reloaded = copy.deepcopy(base)
+    apply_qrlora(reloaded, config, progress=False)
+    reloaded.load_state_dict(load_file(tmp_path / "final" / "model.safetensors"))
+    probe = {"input_ids": torch.randint(3, 120, (2, 10)), "attention_mask": torch.ones(2, 10, dtype=torch.long)}
+    with torch.no_grad():
+        assert rel_error(model.eval()(**probe).logits, base.eval()(**probe).logits) > 1e-3  # it trained
+        assert_rel_close(reloaded.eval()(**probe).logits, model(**probe).logits, 1e-5, name="save_model, reloaded")
 
     checkpoint = str(tmp_path / "run" / "checkpoint-2")
     resumed = copy.deepcopy(base)

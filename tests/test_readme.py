@@ -54,6 +54,7 @@ def test_quick_start_runs_as_written_and_its_comments_hold():
     assert "tau=0.9" in repr(layer) and f"rank={layer.rank}" in repr(layer)  # "shows the rank and tau"
     assert [p for p in layer.parameters() if p.requires_grad] == [layer.lam]  # "the only trainable tensor"
     assert layer.lam.shape[0] == 2 and y.shape == x.shape  # two adapters after add_adapter(), one per sequence
+    assert ns["opt"].param_groups[0]["params"] == [layer.lam]  # built after add_adapter(): it trains the live lam
     with torch.no_grad():  # every lam is still 0: the layer, with either adapter, computes the base layer
         assert_rel_close(y, base(x), 1e-6, name="README quick start at lam = 0")
     Q, R, perm = ns["Q"], ns["R"], ns["perm"]
@@ -139,7 +140,7 @@ def test_many_adapters_snippet_runs_as_written(tmp_path, monkeypatch):
                                         pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
     monkeypatch.chdir(tmp_path)
     tuned = {}
-    for task in ("sst2", "mnli"):
+    for task in ("chat", "code"):
         tuned[task] = copy.deepcopy(base)
         apply_qrlora(tuned[task], QRLoraConfig(target_modules=["q_proj", "v_proj"], rank=6), progress=False)
         with torch.no_grad():
@@ -155,7 +156,7 @@ def test_many_adapters_snippet_runs_as_written(tmp_path, monkeypatch):
     logits, out = ns["logits"], ns["out"]
     assert out.shape[0] == 3 and out.shape[1] > 7
     with torch.no_grad():
-        for i, task in enumerate(["sst2", "mnli", "sst2"]):
+        for i, task in enumerate(["chat", "code", "chat"]):
             row = {k: v[i:i + 1] for k, v in batch.items()}
             alone = tuned[task](**row).logits
             assert rel_error(alone, base(**row).logits) > 1e-3  # the adapter changes this sequence's output
