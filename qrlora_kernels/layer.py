@@ -259,14 +259,23 @@ class QRLoraLinear(nn.Module):
     def add_adapter(self) -> int:
         """Append a zero row to lam for one more adapter (sharing Q and R); returns its index.
 
-        lam is replaced by a new Parameter: build the optimizer after adding adapters.
+        lam stays the same Parameter with a new shape (its gradient is dropped): an optimizer built before keeps
+        training it, but one that has already stepped holds state of the old shape and fails at its next step.
+        Build the optimizer after adding adapters.
         """
         if self.merged:
             raise ValueError("cannot add an adapter to a merged layer; unmerge() first")
         rows = self.lam.detach().reshape(-1, self.rank)
         new = torch.cat([rows, rows.new_zeros(1, self.rank)])
-        self.lam = nn.Parameter(new, requires_grad=self.lam.requires_grad)
+        self._reshape_lam(new)
         return new.shape[0] - 1
+
+    def _reshape_lam(self, values: torch.Tensor) -> None:
+        # In place, so that whoever holds lam (an optimizer built before, a param-group list) sees the new rows
+        # instead of silently keeping a Parameter the layer no longer uses.
+        with torch.no_grad():
+            self.lam.data = values
+        self.lam.grad = None
 
     def set_num_adapters(self, num_adapters: int) -> None:
         """Grow (zero rows) or shrink lam to ``num_adapters`` rows; 1 gives back the (r,) shape."""
@@ -278,7 +287,7 @@ class QRLoraLinear(nn.Module):
         if rows.shape[0] < num_adapters:
             rows = torch.cat([rows, rows.new_zeros(num_adapters - rows.shape[0], self.rank)])
         new = rows.reshape(self.rank) if num_adapters == 1 else rows
-        self.lam = nn.Parameter(new.clone(), requires_grad=self.lam.requires_grad)
+        self._reshape_lam(new.clone())
         if self.active_adapter >= num_adapters:
             self.active_adapter = 0
 

@@ -305,6 +305,28 @@ def test_multi_adapter_rows_and_batches():
     assert layer.merged
 
 
+def test_adding_adapters_keeps_the_lam_parameter_so_an_earlier_optimizer_trains_it():
+    """add_adapter and set_num_adapters reshape lam in place. An optimizer built before adding (the order of an
+    earlier README) trains the live lam; one that has already stepped holds state of the old shape and fails
+    loudly at its next step, instead of stepping a Parameter the layer no longer uses."""
+    layer = QRLoraLinear.from_linear(_linear(24, 20), rank=6)
+    lam = layer.lam
+    opt = torch.optim.Adam([layer.lam], lr=1e-1)
+    layer.add_adapter()
+    layer.set_num_adapters(3)
+    assert layer.lam is lam and lam.shape == (3, 6) and lam.requires_grad and lam.grad is None
+    x = torch.randn(3, 4, 24)
+    layer(x, adapter_ids=torch.tensor([0, 1, 2])).square().mean().backward()
+    opt.step()
+    assert torch.count_nonzero(layer.lam.detach()) == 18  # every adapter's row moved
+    opt.zero_grad()
+    layer.add_adapter()
+    assert layer.lam is lam and lam.grad is None and torch.count_nonzero(lam.detach()[3]) == 0
+    layer(x, adapter_ids=torch.tensor([3, 1, 2])).square().mean().backward()
+    with pytest.raises(RuntimeError, match="size|shape"):
+        opt.step()  # Adam's moments are 3 x 6
+
+
 def test_bad_arguments():
     lin = _linear(8, 6)
     with pytest.raises(TypeError, match="exactly one of tau"):
