@@ -109,7 +109,15 @@ def make_extension():
     if cuda_home:
         # Must be set before torch.utils.cpp_extension is imported: it reads it once.
         os.environ["CUDA_HOME"] = cuda_home
-    import torch
+    try:
+        import torch
+    except ImportError:
+        # pip's default build isolation builds in a bare environment, without the torch the extension must be
+        # compiled against (a torch installed there would be another build, whose ABI the runtime's may not share).
+        raise SystemExit(
+            "qrlora-kernels compiles its extension against the installed torch, which this build environment "
+            "lacks (pip builds in an isolated environment by default): install torch first, then "
+            "`pip install --no-build-isolation .` (or `-e .`); `make test` / `make bench` do both") from None
     from torch.utils import cpp_extension
 
     if cuda_home:

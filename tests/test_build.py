@@ -140,6 +140,16 @@ def test_nvcc_compiles_with_its_own_runtime_headers_when_the_wheels_carry_anothe
     assert out.returncode != 0 and "the wheels' runtime header was used" in out.stderr
 
 
+def test_a_build_without_torch_says_to_turn_off_build_isolation(setup_module_, monkeypatch):
+    """`pip install .` builds in an isolated environment without torch: the build says why it stops and the
+    command that works, instead of "No module named 'torch'"."""
+    monkeypatch.setenv("QRLORA_FORCE_CPU", "1")
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # import torch raises ImportError
+    with pytest.raises(SystemExit, match="compiles its extension against the installed torch.*"
+                                         "pip install --no-build-isolation"):
+        setup_module_.make_extension()
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
 def test_real_toolkit_on_this_machine(setup_module_, monkeypatch):
     monkeypatch.delenv("CUDA_HOME", raising=False)
