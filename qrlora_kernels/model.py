@@ -389,10 +389,16 @@ def _warn_if_a_fresh_head_stays_frozen(model: nn.Module, config: QRLoraConfig, s
             ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")):
         return
     heads = [h for h in dict.fromkeys(sum(TASK_HEADS.values(), ())) if isinstance(getattr(model, h, None), nn.Module)]
-    frozen = [h for h in heads if h not in saved and not any(p.requires_grad for p in getattr(model, h).parameters())]
+    # A head that target_modules adapted trains only its lam, scaling a basis of its random weights: frozen too.
+    frozen = [h for h in heads if h not in saved and not any(
+        p.requires_grad for n, p in getattr(model, h).named_parameters() if n.rpartition(".")[2] != "lam")]
     if frozen:
-        warnings.warn(f"{type(model).__name__}'s head {frozen[0]!r} is frozen, and such heads are usually freshly "
-                      f"initialised: train it with modules_to_save=[{frozen[0]!r}] or task_type='SEQ_CLS' (as in PEFT)",
+        adapted = any(isinstance(m, _layer_class()) for m in getattr(model, frozen[0]).modules())
+        warnings.warn(f"{type(model).__name__}'s head {frozen[0]!r} is frozen"
+                      + (" (target_modules adapted it: only its lam train, on a basis of its weights)" if adapted
+                         else "")
+                      + f", and such heads are usually freshly initialised: train it with "
+                        f"modules_to_save=[{frozen[0]!r}] or task_type='SEQ_CLS' (as in PEFT)",
                       UserWarning, stacklevel=3)
 
 

@@ -191,6 +191,10 @@ def test_task_type_trains_the_fresh_head_and_a_frozen_one_is_warned_about():
     frozen = copy.deepcopy(base)
     with pytest.warns(UserWarning, match="head 'classifier' is frozen.*modules_to_save=\\['classifier'\\]"):
         apply_qrlora(frozen, QRLoraConfig(target_modules=["query", "value"], rank=2), progress=False)
+    # Targeting the head adapts it, but its random weights stay frozen: only lam train on their basis.
+    with pytest.warns(UserWarning, match="head 'classifier' is frozen \\(target_modules adapted it: only its lam "
+                                         "train.*modules_to_save=\\['classifier'\\]"):
+        apply_qrlora(copy.deepcopy(base), QRLoraConfig(target_modules=["query", "dense"], rank=2), progress=False)
     # A task type whose head the model lacks adds nothing and does not fail (PEFT's names are only candidates).
     plain = nn.Sequential(nn.Linear(HIDDEN, HIDDEN))
     assert apply_qrlora(plain, QRLoraConfig(target_modules=["0"], rank=2, task_type="SEQ_CLS"),
