@@ -584,21 +584,15 @@ def test_kernels_compile_for_sm80_and_sm90():
         assert not spilling, "\n".join(spilling)
 
 
-def test_aot_check_compiles_each_variant_as_the_layer_launches_it(monkeypatch):
-    """aot_check compiles each variant as Triton specialises a representative launch (aot_check's
-    integers: 1 becomes a constant, multiples of 16 are marked divisible). Record the kernels' real launches from
-    QRLoraLinear's paths (R kept or not, one adapter with a bias or several without, lowrank and merged) and
-    check that each variant's integers specialise exactly as one of them: a launch that changes its strides
-    without the table following would make aot_check report on code the GPU never runs."""
-    _skip_unless_aot_check_runs()
+def _record_every_launch_of_the_layer(monkeypatch) -> list[tuple[str, dict]]:
+    """Run QRLoraLinear's Triton paths (R kept or not, one adapter with a bias or several without, lowrank and
+    merged; forward and backward) with each kernel wrapped to record its launches: (kernel name, arguments)."""
     import importlib
 
     from qrlora_kernels import QRLoraLinear, qrlora_linear
-    from qrlora_kernels.kernels import aot_check
 
     if not utils.INTERPRETED:
         pytest.skip("records launches under the interpreter")
-    variants = list(aot_check.variants(["fp32"], all_configs=False))  # before the kernels are wrapped below
     launches = []
 
     class Recorder:
@@ -629,6 +623,48 @@ def test_aot_check_compiles_each_variant_as_the_layer_launches_it(monkeypatch):
         y = qrlora_linear(x, layer.weight, layer.bias if adapters == 1 else None, layer.Q,
                           layer.R if keep_r else None, lam, backend="triton", adapter_ids=ids, strategy=strategy)
         y.backward(torch.randn_like(y))  # a contiguous dY, as a loss gives (y.sum()'s is a broadcast view)
+    return launches
+
+
+def test_every_launch_asks_for_fp_fusion(monkeypatch):
+    """Triton 3.9 warns at each compile that leaves fp fusion to its default, which Triton 3.10 turns off: every
+    kernel launch asks for it (as every earlier release compiled the kernels), and so does aot_check."""
+    launches = _record_every_launch_of_the_layer(monkeypatch)
+    kernels = {name for name, _ in launches}
+    assert kernels == {"_lowrank_matmul_kernel", "_merged_weight_kernel", "_project_kernel"}, kernels
+    assert all(args.get("enable_fp_fusion") is True for _, args in launches), [
+        name for name, args in launches if args.get("enable_fp_fusion") is not True]
+
+
+def test_aot_check_compiles_with_the_launch_options(monkeypatch):
+    _skip_unless_aot_check_runs()
+    from qrlora_kernels.kernels import aot_check
+    asked = []
+
+    class Compiled:
+        asm = {"cubin": b""}
+        metadata = type("Metadata", (), {"shared": 0})
+
+    monkeypatch.setattr(aot_check.triton, "compile", lambda source, target, options: asked.append(options) or Compiled)
+    monkeypatch.setattr(aot_check, "resource_usage", lambda cubin: (None, None))
+    variant = next(iter(aot_check.variants(["bf16"], all_configs=False)))
+    aot_check.compile_kernel(variant, variant.configs[0], 90)
+    assert asked and asked[0]["enable_fp_fusion"] is True and asked[0]["num_warps"] == variant.configs[0].num_warps
+
+
+def test_aot_check_compiles_each_variant_as_the_layer_launches_it(monkeypatch):
+    """aot_check compiles each variant as Triton specialises a representative launch (aot_check's
+    integers: 1 becomes a constant, multiples of 16 are marked divisible). Record the kernels' real launches from
+    QRLoraLinear's paths (R kept or not, one adapter with a bias or several without, lowrank and merged) and
+    check that each variant's integers specialise exactly as one of them: a launch that changes its strides
+    without the table following would make aot_check report on code the GPU never runs."""
+    _skip_unless_aot_check_runs()
+    from qrlora_kernels.kernels import aot_check
+
+    if not utils.INTERPRETED:
+        pytest.skip("records launches under the interpreter")
+    variants = list(aot_check.variants(["fp32"], all_configs=False))  # before the kernels are wrapped below
+    launches = _record_every_launch_of_the_layer(monkeypatch)
 
     flags = ("HAS_MATMUL", "HAS_LOWRANK", "HAS_BIAS", "PER_TOKEN_LAM", "B_K_MAJOR", "REDUCE")
     for variant in variants:

@@ -137,7 +137,8 @@ def compile_kernel(variant: Variant, config, capability: int) -> Build:
                                               variant.ints)
     source = ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages,
+                                           **utils.COMPILE_OPTIONS))
     registers, stack = resource_usage(compiled.asm["cubin"])
     return Build(compiled.metadata.shared, registers, stack)
 

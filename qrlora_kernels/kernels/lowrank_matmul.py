@@ -180,7 +180,7 @@ def _launch(a, b, p, lam, lam_index, u, bias, out, input_precision, c=None):
         bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
         HAS_MATMUL=has_matmul, HAS_LOWRANK=has_lowrank, HAS_BIAS=bias is not None,
         PER_TOKEN_LAM=lam_index is not None, INPUT_PRECISION=utils.dot_precision(in_dtype, input_precision),
-        ACC_DTYPE=_TL_ACC[utils.accumulator_dtype(in_dtype)], B_K_MAJOR=b_k_major,
+        ACC_DTYPE=_TL_ACC[utils.accumulator_dtype(in_dtype)], B_K_MAJOR=b_k_major, **utils.COMPILE_OPTIONS,
     )
     return out
 

@@ -97,7 +97,7 @@ def merged_weight(weight: torch.Tensor, Q: torch.Tensor, lam: torch.Tensor, R: t
             weight.stride(0), weight.stride(1), Q.stride(0), Q.stride(1), lam.stride(0),
             R.stride(0), R.stride(1), out.stride(0), out.stride(1),
             INPUT_PRECISION=utils.dot_precision(weight.dtype, input_precision),
-            ACC_DTYPE=_TL_ACC[utils.accumulator_dtype(weight.dtype)],
+            ACC_DTYPE=_TL_ACC[utils.accumulator_dtype(weight.dtype)], **utils.COMPILE_OPTIONS,
         )
     return out
 

@@ -83,7 +83,7 @@ def _launch(a, basis, s, g, partial, reduce, input_precision):
         a.stride(0), a.stride(1), basis.stride(0), basis.stride(1),
         s_.stride(0), s_.stride(1), g.stride(0), g.stride(1), p_.stride(0), p_.stride(1),
         REDUCE=reduce, INPUT_PRECISION=utils.dot_precision(a.dtype, input_precision),
-        ACC_DTYPE=_TL_ACC[utils.accumulator_dtype(a.dtype)],
+        ACC_DTYPE=_TL_ACC[utils.accumulator_dtype(a.dtype)], **utils.COMPILE_OPTIONS,
     )
 
 
