@@ -386,7 +386,8 @@ def _warn_if_a_fresh_head_stays_frozen(model: nn.Module, config: QRLoraConfig, s
     """A ``*ForSequenceClassification`` head starts random: frozen, the model can only guess. PEFT trains it
     through ``task_type``; say so rather than let a run train for hours against a random head."""
     if config.task_type is not None or not type(model).__name__.endswith(
-            ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")):
+            ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+             "ForImageClassification", "ForAudioClassification", "ForAudioFrameClassification")):
         return
     heads = [h for h in dict.fromkeys(sum(TASK_HEADS.values(), ())) if isinstance(getattr(model, h, None), nn.Module)]
     # A head that target_modules adapted trains only its lam, scaling a basis of its random weights: frozen too.

@@ -5,6 +5,7 @@ real ``transformers`` classes.
 """
 import copy
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -195,6 +196,16 @@ def test_task_type_trains_the_fresh_head_and_a_frozen_one_is_warned_about():
     with pytest.warns(UserWarning, match="head 'classifier' is frozen \\(target_modules adapted it: only its lam "
                                          "train.*modules_to_save=\\['classifier'\\]"):
         apply_qrlora(copy.deepcopy(base), QRLoraConfig(target_modules=["query", "dense"], rank=2), progress=False)
+    # An image classifier's head starts random too (ViT's classifier); modules_to_save trains it, quietly.
+    vit = transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, image_size=16,
+        patch_size=8, num_labels=3))
+    with pytest.warns(UserWarning, match="ViTForImageClassification's head 'classifier' is frozen"):
+        apply_qrlora(copy.deepcopy(vit), QRLoraConfig(target_modules="all-linear", rank=2), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_qrlora(vit, QRLoraConfig(target_modules="all-linear", rank=2, modules_to_save=["classifier"]),
+                     progress=False)
     # A task type whose head the model lacks adds nothing and does not fail (PEFT's names are only candidates).
     plain = nn.Sequential(nn.Linear(HIDDEN, HIDDEN))
     assert apply_qrlora(plain, QRLoraConfig(target_modules=["0"], rank=2, task_type="SEQ_CLS"),
