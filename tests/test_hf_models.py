@@ -144,6 +144,17 @@ def test_gpt2_conv1d_layers(tmp_path):
     load_adapter(fresh, tmp_path / "adapter")
     with torch.no_grad():
         assert_rel_close(fresh(ids).logits, adapted, 1e-5, name="GPT-2 adapter reloaded onto Conv1D layers")
+    # The unmerged model's own save_pretrained (trainer.save_model()) holds the adapted layers' weights as out x in:
+    # the README's way back is a base converted with the same config, then load_state_dict.
+    from safetensors.torch import load_file
+    model.save_pretrained(tmp_path / "whole")
+    assert load_file(tmp_path / "whole" / "model.safetensors")["transformer.h.0.attn.c_attn.weight"].shape == (96, 32)
+    converted = copy.deepcopy(base)
+    apply_qrlora(converted, QRLoraConfig(target_modules="all-linear", tau=0.9), progress=False)
+    result = converted.load_state_dict(load_file(tmp_path / "whole" / "model.safetensors"), strict=False)
+    assert result.missing_keys == ["lm_head.weight"] and not result.unexpected_keys  # tied to wte: saved once
+    with torch.no_grad():
+        assert_rel_close(converted(ids).logits, adapted, 1e-5, name="GPT-2 whole model, converted base reloaded")
     merge_and_unload(model)
     assert type(model.transformer.h[1].mlp.c_fc) is Conv1D
     assert model.transformer.h[1].mlp.c_fc.weight.shape == base.transformer.h[1].mlp.c_fc.weight.shape
