@@ -383,8 +383,9 @@ def _refuse_unloaded_weight(name: str, module: nn.Module) -> None:
 
 
 def _warn_if_a_fresh_head_stays_frozen(model: nn.Module, config: QRLoraConfig, saved: list[str]) -> None:
-    """A ``*ForSequenceClassification`` head starts random: frozen, the model can only guess. PEFT trains it
-    through ``task_type``; say so rather than let a run train for hours against a random head."""
+    """A classification head (``*ForSequenceClassification``, token, question answering, image, audio) starts
+    random: frozen, the model can only guess. PEFT trains it through ``task_type`` or ``modules_to_save``; say so
+    rather than let a run train for hours against a random head."""
     if config.task_type is not None or not type(model).__name__.endswith(
             ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
              "ForImageClassification", "ForAudioClassification", "ForAudioFrameClassification")):

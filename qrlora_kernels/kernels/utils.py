@@ -26,8 +26,8 @@ if INTERPRETED:
 DOT_PRECISIONS = ("ieee", "tf32")
 # Passed at every launch (and by aot_check). Triton 3.9 warns when a kernel leaves floating-point fusion (a*b + c
 # contracted into one FMA) to its default, and says Triton 3.10 turns that default off. Every earlier release
-# compiled these kernels with fusion on (the GEMM epilogues: lam's scaling, the bias): ask for it, so that a new
-# Triton changes neither their results nor their speed. TRITON_FORCE_DISABLE_FP_FUSION=1 still turns it off.
+# compiled these kernels with fusion on (the GEMM epilogues: lam's scaling, the bias): ask for it, so that a
+# Triton with the new default compiles them as before. TRITON_FORCE_DISABLE_FP_FUSION=1 still turns it off.
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
