@@ -3,6 +3,7 @@ import importlib.util
 import os
 import shutil
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,7 @@ def fake_wheels(monkeypatch, root: Path) -> Path:
     (include / "wheel_only_library.h").write_text("#define WHEEL_ONLY_LIBRARY 1\n")
     package = type(os)("nvidia")
     package.__path__ = [str(root / "nvidia")]
-    monkeypatch.setitem(__import__("sys").modules, "nvidia", package)
+    monkeypatch.setitem(sys.modules, "nvidia", package)
     return include
 
 
@@ -144,7 +145,7 @@ def test_a_build_without_torch_says_to_turn_off_build_isolation(setup_module_, m
     """`pip install .` builds in an isolated environment without torch: the build says why it stops and the
     command that works, instead of "No module named 'torch'"."""
     monkeypatch.setenv("QRLORA_FORCE_CPU", "1")
-    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # import torch raises ImportError
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
     with pytest.raises(SystemExit, match="compiles its extension against the installed torch.*"
                                          "pip install --no-build-isolation"):
         setup_module_.make_extension()
@@ -178,7 +179,6 @@ def test_star_import_needs_no_optional_package():
     """``from qrlora_kernels import *`` loads every public name; none may need transformers (not a dependency of
     the package: only QRLoraCheckpointCallback does, and it is left out of __all__ but importable by name)."""
     import subprocess
-    import sys
     code = ("import sys; sys.modules['transformers'] = None\n"
             "from qrlora_kernels import *\n"
             "import qrlora_kernels; assert 'QRLoraCheckpointCallback' in dir(qrlora_kernels)\n"
