@@ -48,6 +48,7 @@ from .model import (ADAPTER_IDS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER, MODULES_TO_S
                     _read_by_parent, _refuse_unloaded_weight, _set_submodule, adapter_row, canonical_name,
                     default_adapter_name, modules_by_canonical_name, parameter_holding_wrapper, qrlora_layers,
                     skip_bases_in_hf_checkpoints, unwrap_model)
+from .reentrant_checkpointing import keep_gradients_through_reentrant_checkpoints
 from .distributed import module_progress
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -629,6 +630,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
     setattr(model, MODULES_TO_SAVE_ATTR, sorted(set(getattr(model, MODULES_TO_SAVE_ATTR, [])) | set(saved_meta)))
     setattr(model, ADAPTER_IDS_ATTR, ids)
     skip_bases_in_hf_checkpoints(model)
+    keep_gradients_through_reentrant_checkpoints(model, adapted=True)
     return dict(ids)
 
 

@@ -26,6 +26,7 @@ from torch import nn
 from .basis import QRLoraBasis, build_bases
 from .config import ALL_LINEAR, SEQ_CLS_HEADS, TASK_HEADS, QRLoraConfig
 from . import distributed as _dist
+from .reentrant_checkpointing import keep_gradients_through_reentrant_checkpoints
 
 ADAPTER_IDS_ATTR = "qrlora_adapter_ids"
 CONFIG_ATTR = "qrlora_config"
@@ -358,6 +359,7 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
     setattr(model, ADAPTER_IDS_ATTR, {DEFAULT_ADAPTER: 0})
     setattr(model, MODULES_TO_SAVE_ATTR, saved)
     skip_bases_in_hf_checkpoints(model)
+    keep_gradients_through_reentrant_checkpoints(model, adapted=bool(qrlora_layers(model)))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
@@ -475,6 +477,7 @@ def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) ->
         if hasattr(model, attr):
             delattr(model, attr)
     skip_bases_in_hf_checkpoints(model)
+    keep_gradients_through_reentrant_checkpoints(model, adapted=False)
     return model
 
 
