@@ -107,6 +107,11 @@ class QRLoraCheckpointCallback(TrainerCallback):
             raise ValueError(f"QRLoraCheckpointCallback: {err}; pass adapter_name= to choose the one to write") \
                 from None
         self._leave_out_frozen_weights(args, model)
+        if getattr(args, "push_to_hub", False) and not hasattr(TrainerCallback, "on_push_begin"):
+            warnings.warn("QRLoraCheckpointCallback: this transformers has no on_push_begin event (transformers 4.x), "
+                          "so Trainer's pushes during training go without the adapter; the final adapter is written "
+                          "to output_dir/qrlora-adapter when training ends, which trainer.push_to_hub() then uploads",
+                          UserWarning, stacklevel=2)
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):

@@ -1,5 +1,8 @@
 """``FakeHub``: the Hugging Face Hub's network side, in memory, for tests of pushing and loading adapters."""
 import fnmatch
+import functools
+import sys
+import types
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -69,8 +72,18 @@ class FakeHub:
                     (folder / name).write_bytes(data)
             return str(folder)
 
-        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", create_branch)
-        monkeypatch.setattr(huggingface_hub.HfApi, "file_exists", file_exists)
-        monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+        fakes = {"create_repo": create_repo, "create_branch": create_branch, "file_exists": file_exists,
+                 "upload_folder": upload_folder}
+        for name, fake in fakes.items():
+            monkeypatch.setattr(huggingface_hub.HfApi, name, fake)
+        # huggingface_hub's module-level create_repo, upload_folder, ... are methods bound to one HfApi when it was
+        # imported, and so is whatever imported them by name (transformers 4.x's Trainer): those, too. Read with
+        # vars(), not getattr: transformers' lazy modules import on a missing attribute.
+        modules = [m for n, m in list(sys.modules.items())
+                   if m is not None and (n == "huggingface_hub" or n == "transformers" or n.startswith("transformers."))]
+        for module in modules:
+            for name, fake in fakes.items():
+                bound = vars(module).get(name)
+                if isinstance(bound, types.MethodType) and isinstance(bound.__self__, huggingface_hub.HfApi):
+                    monkeypatch.setattr(module, name, functools.partial(fake, bound.__self__))
         monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import logging
+import warnings
 
 import pytest
 import torch
@@ -488,8 +489,10 @@ def test_checkpoint_callback_puts_the_adapter_in_trainers_hub_pushes(tmp_path, m
     of the repository id serves it. The Hub is a FakeHub."""
     pytest.importorskip("huggingface_hub")
     from safetensors.torch import load as load_safetensors
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
     from fake_hub import FakeHub
+    if not hasattr(TrainerCallback, "on_push_begin"):
+        pytest.skip("this transformers (4.x) has no on_push_begin event: the callback warns instead (tested below)")
     from qrlora_kernels import QRLoraCheckpointCallback, load_adapter, merge_and_unload
     hub = FakeHub(tmp_path, monkeypatch)
     base = _roberta()
@@ -546,9 +549,14 @@ def test_trainer_checkpoints_of_a_compiled_model_leave_out_the_basis(tmp_path):
     """A model handed to Trainer inside torch.compile: Trainer saves the wrapper's state_dict, every key prefixed
     with _orig_mod.; the bases (and, with the callback, the frozen weights) are left out all the same, resuming a
     compiled model restores lam, and the callback's adapter names the modules as the plain model does."""
+    import transformers
     from safetensors import safe_open
     from transformers import Trainer, TrainingArguments
     from qrlora_kernels import QRLoraCheckpointCallback, load_adapter
+    if int(transformers.__version__.split(".")[0]) < 5:
+        # Its Trainer reads torch.compile's wrapper's forward(*args, **kwargs) as taking num_items_in_batch and
+        # passes it on to the model's forward, which refuses it: any compiled model, adapted or not.
+        pytest.skip("transformers 4.x's Trainer cannot train a torch.compile'd RoBERTa (num_items_in_batch)")
     base = _roberta()
     config = QRLoraConfig(target_modules=["query", "value"], task_type="SEQ_CLS")
     data = [{"input_ids": torch.randint(3, 120, (10,)), "attention_mask": torch.ones(10, dtype=torch.long),
@@ -784,3 +792,88 @@ def test_checkpoints_of_q_only_layers_skip_q_and_load_strictly(tmp_path):
     ids = torch.randint(0, 120, (2, 9))
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def _enable_checkpointing(model, reentrant: bool) -> None:
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.24's name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+
+
+@pytest.mark.parametrize("family", ["roberta", "vit"])
+def test_reentrant_checkpointing_still_reaches_the_adapters_in_checkpointed_blocks(family):
+    """Reentrant checkpointing connects a block's backward only through inputs that require grad, and a frozen
+    model's embeddings give none: every lam inside the blocks got no gradient, silently, since the trained head gave
+    the loss one (transformers 4.57 for every model, 5.x for models not fed input_ids, such as ViT). The hook
+    apply_qrlora puts on the input embeddings gives the same lam gradients as without checkpointing, acts only
+    under reentrant checkpointing, follows a deep copy, and goes with merge_and_unload."""
+    import transformers
+    from qrlora_kernels import merge_and_unload
+    from qrlora_kernels.reentrant_checkpointing import InputsRequireGrad
+    torch.manual_seed(0)
+    no_dropout = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2)
+    if family == "roberta":
+        model = transformers.RobertaForSequenceClassification(transformers.RobertaConfig(
+            vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            max_position_embeddings=40, **no_dropout))
+        inputs = {"input_ids": torch.randint(3, 120, (2, 10))}
+    else:
+        model = transformers.ViTForImageClassification(transformers.ViTConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=16,
+            patch_size=8, **no_dropout))
+        inputs = {"pixel_values": torch.randn(2, 3, 16, 16)}
+    targets = ["query", "value", "q_proj", "v_proj"]  # ViT's names from transformers 5 on are the latter
+    apply_qrlora(model, QRLoraConfig(target_modules=targets, rank=3, modules_to_save=["classifier"]), progress=False)
+    with torch.no_grad():
+        for _, layer in qrlora_layers(model):
+            layer.lam.normal_()
+    copied = copy.deepcopy(model)
+    hooks = [h for h in copied.get_input_embeddings()._forward_hooks.values() if isinstance(h, InputsRequireGrad)]
+    assert len(hooks) == 1 and hooks[0].model is copied
+    seen = []
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.append(out.requires_grad))
+    model.train()
+    labels = torch.tensor([0, 1])
+
+    def lam_grads():
+        model.zero_grad()
+        model(**inputs, labels=labels).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if n.endswith(".lam")}
+
+    exact = lam_grads()
+    assert seen[-1] is False and len(exact) == 4 and all(g is not None for g in exact.values())
+    for reentrant in (False, True):
+        _enable_checkpointing(model, reentrant)
+        got = lam_grads()
+        if family == "vit":  # (transformers 5.x hooks a model fed input_ids itself, whatever the checkpointing)
+            assert seen[-1] is reentrant
+        for name, grad in exact.items():
+            assert got[name] is not None, f"{name}: no gradient under checkpointing ({reentrant=})"
+            assert_rel_close(got[name], grad, 1e-5, name=f"{name} under checkpointing ({reentrant=})")
+    merge_and_unload(model)
+    assert not [h for m in model.modules() for h in m._forward_hooks.values() if isinstance(h, InputsRequireGrad)]
+
+
+def test_checkpoint_callback_warns_where_trainer_pushes_without_telling_it(monkeypatch):
+    """transformers 4.x has no on_push_begin, so pushes during training cannot carry the adapter: said when training
+    begins, with what does carry it."""
+    import transformers
+    from transformers import TrainingArguments
+    from qrlora_kernels import QRLoraCheckpointCallback
+    model = _roberta()
+    apply_qrlora(model, QRLoraConfig(target_modules=["query"], rank=2, task_type="SEQ_CLS"), progress=False)
+    args = TrainingArguments(output_dir="unused", push_to_hub=True, hub_model_id="me/run", report_to=[],
+                             use_cpu=True)
+    callback = QRLoraCheckpointCallback()
+    if hasattr(transformers.TrainerCallback, "on_push_begin"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            callback.on_train_begin(args, transformers.TrainerState(), transformers.TrainerControl(), model=model)
+        callback.keep_frozen_weights()
+    monkeypatch.delattr(transformers.TrainerCallback, "on_push_begin", raising=False)
+    with pytest.warns(UserWarning, match="no on_push_begin event .* pushes during training go without the adapter.*"
+                                         "trainer.push_to_hub\\(\\) then uploads"):
+        callback.on_train_begin(args, transformers.TrainerState(), transformers.TrainerControl(), model=model)
+    callback.keep_frozen_weights()
