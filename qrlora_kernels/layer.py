@@ -273,8 +273,7 @@ class QRLoraLinear(nn.Module):
     def _reshape_lam(self, values: torch.Tensor) -> None:
         # In place, so that whoever holds lam (an optimizer built before, a param-group list) sees the new rows
         # instead of silently keeping a Parameter the layer no longer uses.
-        with torch.no_grad():
-            self.lam.data = values
+        self.lam.data = values  # .data: autograd records nothing
         self.lam.grad = None
 
     def set_num_adapters(self, num_adapters: int) -> None:

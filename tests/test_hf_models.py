@@ -752,11 +752,7 @@ def test_llama_mixed_adapter_batch_equals_each_adapter_alone(tmp_path):
             assert_rel_close(layer.lam.grad[rows[task]], reference[name, task], 1e-4, name=f"{name} dlam[{task}]")
     exact = {name: layer.lam.grad.clone() for name, layer in qrlora_layers(served)}
     for reentrant in (False, True):
-        enable = getattr(served, "activation_checkpointing_enable", None)  # transformers >= 5.24's name
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
-        else:
-            served.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        _enable_checkpointing(served, reentrant)
         served.zero_grad()
         with adapter_batch(served, order):
             served(input_ids=ids, labels=ids).loss.backward()

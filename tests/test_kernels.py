@@ -661,8 +661,6 @@ def test_aot_check_compiles_each_variant_as_the_layer_launches_it(monkeypatch):
     _skip_unless_aot_check_runs()
     from qrlora_kernels.kernels import aot_check
 
-    if not utils.INTERPRETED:
-        pytest.skip("records launches under the interpreter")
     variants = list(aot_check.variants(["fp32"], all_configs=False))  # before the kernels are wrapped below
     launches = _record_every_launch_of_the_layer(monkeypatch)
 
