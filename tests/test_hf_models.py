@@ -828,6 +828,9 @@ def test_reentrant_checkpointing_still_reaches_the_adapters_in_checkpointed_bloc
     copied = copy.deepcopy(model)
     hooks = [h for h in copied.get_input_embeddings()._forward_hooks.values() if isinstance(h, InputsRequireGrad)]
     assert len(hooks) == 1 and hooks[0].model is copied
+    # The blocks it watches (not every module: a step's cost) are the copy's own, and include the checkpointed ones.
+    copied_modules = {id(m) for m in copied.modules()}
+    assert hooks[0].blocks and all(id(m) in copied_modules for m in hooks[0].blocks)
     seen = []
     model.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.append(out.requires_grad))
     model.train()
