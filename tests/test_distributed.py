@@ -7,7 +7,8 @@ The test runs this very file under ``torchrun --nproc_per_node 2``; each rank ch
    without a global ``budget``;
 2. DistributedDataParallel trains the converted model: lam gradients equal the
    single-process gradient of the whole batch, frozen tensors stay untouched;
-3. FSDP2 (``torch.distributed.fsdp.fully_shard``) does the same with sharded lam.
+3. FSDP2 (``torch.distributed.fsdp.fully_shard``) does the same with sharded lam, and its
+   ``torch.distributed.checkpoint`` state dicts (sharded and full) restore the model.
 
 After training, each wrapped model saves its adapter (every rank calls ``save_adapter``, rank 0
 writes; FSDP2 gathers the shards) and a plain base model loaded with it reproduces the outputs.
@@ -223,6 +224,49 @@ def _check_fsdp2(rank, world):
     _check_saved_adapter(model, x, "fsdp2", rank)
 
 
+def _check_fsdp2_checkpoints(rank, world):
+    """torch.distributed.checkpoint's ways of saving an FSDP2 model: the full state dict (get_model_state_dict)
+    is the unsharded model's own, and a sharded DCP save or a full state dict broadcast from rank 0
+    (set_model_state_dict fills the parameters directly, not through load_state_dict) restore a model converted
+    from the same base, lam included."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+    from qrlora_kernels import QRLoraConfig, apply_qrlora
+
+    def sharded(with_lam: bool):
+        model = _base_model()
+        apply_qrlora(model, QRLoraConfig(target_modules=["query", "value", "up"], tau=0.8), progress=False)
+        if with_lam:
+            _set_lam(model)
+        unsharded = {k: v.clone() for k, v in model.state_dict().items()}
+        for block in model.layers:
+            fully_shard(block)
+        return fully_shard(model), unsharded
+
+    x = torch.randn(2, 5, HIDDEN, generator=torch.Generator().manual_seed(3))
+    model, unsharded = sharded(with_lam=True)
+    with torch.no_grad():
+        expected = model(x)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        assert full.keys() == unsharded.keys(), sorted(set(full) ^ set(unsharded))
+        for key, value in unsharded.items():
+            assert torch.equal(full[key], value), f"full state dict: {key}"
+    folder = Path(os.environ["QRLORA_TEST_ADAPTER_DIR"]) / "dcp"
+    dcp.save({"model": model.state_dict()}, checkpoint_id=folder)
+    restored, _ = sharded(with_lam=False)
+    state = {"model": restored.state_dict()}
+    dcp.load(state, checkpoint_id=folder)
+    restored.load_state_dict(state["model"])
+    broadcast, _ = sharded(with_lam=False)
+    set_model_state_dict(broadcast, full if rank == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for label, model in (("dcp.load", restored), ("set_model_state_dict", broadcast)):
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-7, msg=f"{label} on rank {rank}")
+
+
 def _check_fsdp1(rank, world):
     """FSDP1 flattens parameters: a save outside summon_full_params is refused (it wrote flat shards); inside it,
     the file names the plain modules and reloads into a plain model."""
@@ -262,8 +306,8 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = [dist.new_group([r]) for r in range(world)]  # collective: every rank creates every group
     _SINGLE["group"] = groups[rank]
-    for check in (_check_apply, _check_ddp, _check_fsdp2, _check_fsdp1):
-        if check is _check_fsdp2 and not FSDP2_ON_CPU:
+    for check in (_check_apply, _check_ddp, _check_fsdp2, _check_fsdp2_checkpoints, _check_fsdp1):
+        if check in (_check_fsdp2, _check_fsdp2_checkpoints) and not FSDP2_ON_CPU:
             if rank == 0:
                 print(f"SKIPPED {check.__name__}", flush=True)
             continue
@@ -282,8 +326,8 @@ def test_apply_ddp_and_fsdp2_under_torchrun(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=root)
     log = done.stdout + done.stderr
     assert done.returncode == 0, f"torchrun failed (exit {done.returncode}):\n{log[-6000:]}"
-    for name in ("_check_apply", "_check_ddp", "_check_fsdp2", "_check_fsdp1"):
-        if name == "_check_fsdp2" and not FSDP2_ON_CPU:
+    for name in ("_check_apply", "_check_ddp", "_check_fsdp2", "_check_fsdp2_checkpoints", "_check_fsdp1"):
+        if name.startswith("_check_fsdp2") and not FSDP2_ON_CPU:
             assert f"SKIPPED {name}" in done.stdout, log[-3000:]
             continue
         assert f"PASSED {name}" in done.stdout, log[-3000:]
