@@ -169,9 +169,11 @@ _last_id_range = (None, -1, 0, 0)  # (weakref to the ids tensor, its version cou
 
 def _id_range(adapter_ids):
     """(min, max) of the ids. On CUDA this syncs with the host, so it is remembered for the last tensor seen:
-    a model-level context hands the same ids tensor to every layer, and only the first layer pays."""
+    a model-level context hands the same ids tensor to every layer, and only the first layer pays. Remembered by
+    the tensor's version counter, which writes through ``.data`` or a shared numpy array do not bump: CPU ids
+    (cheap to measure) are measured every time."""
     global _last_id_range
-    if adapter_ids.is_inference():  # no version counter to tell a rewritten tensor: always measure
+    if adapter_ids.is_inference() or adapter_ids.device.type == "cpu":  # (inference tensors have no version)
         return int(adapter_ids.min()), int(adapter_ids.max())
     ref, version, low, high = _last_id_range
     if ref is not None and ref() is adapter_ids and adapter_ids._version == version:

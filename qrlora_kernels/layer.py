@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -131,8 +132,10 @@ class QRLoraLinear(nn.Module):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features), ("rank", rank),
                             ("num_adapters", num_adapters)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            # Any integer (numpy's too, as nn.Linear takes them), not a bool.
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        in_features, out_features, rank, num_adapters = map(int, (in_features, out_features, rank, num_adapters))
         if rank > min(in_features, out_features):
             raise ValueError(f"rank {rank} exceeds min(in_features, out_features) = {min(in_features, out_features)}")
         if energy not in ENERGY_RULES:
@@ -171,6 +174,25 @@ class QRLoraLinear(nn.Module):
         self.register_buffer("perm", torch.arange(in_features, device=device, dtype=torch.int64))
         lam_shape = (rank,) if num_adapters == 1 else (num_adapters, rank)
         self.lam = nn.Parameter(torch.zeros(lam_shape, device=device, dtype=_lam_dtype(self.weight.dtype)))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """As ``nn.Linear``'s: ``weight`` and ``bias`` drawn as it draws them, and an empty adapter: lam = 0 and
+        the basis zero (Q = R = 0, perm the identity). The layer then computes ``F.linear`` until a basis is
+        built (``from_linear``) or loaded (``load_state_dict``); a layer made by the constructor starts so, not
+        with uninitialised memory (which could hold NaN, and 0 * NaN is NaN)."""
+        if self.merged:
+            raise ValueError("reset_parameters() on a merged layer; unmerge() first")
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        for buffer in (self.Q, self.R):
+            if buffer is not None:
+                buffer.zero_()
+        self.perm.copy_(torch.arange(self.in_features, device=self.perm.device))
+        self.lam.zero_()
 
     # ------------------------------------------------------------------ construction
 
@@ -198,6 +220,10 @@ class QRLoraLinear(nn.Module):
         ``truncate``) or a tuple ``(Q, R, perm)``, Q (out x r), R (r x in, original column order),
         perm the pivots (length in, or at least r: ``perm[:r]`` are the basis columns). With ``store_r=False``
         R is dropped (it must then equal Q^T W0, as a pivoted-QR basis's does; R may be None)."""
+        taken = sorted({"in_features", "out_features", "rank", "bias", "device", "dtype"} & set(kwargs))
+        if taken:
+            raise TypeError(f"from_linear / from_basis take {', '.join(taken)} from the linear layer and the basis; "
+                            f"convert the linear first (or the layer after, with .to(device, dtype))")
         linear = as_linear(linear, "from_basis")
         Q, R, perm = basis[0], basis[1], basis[2]
         energy_captured = basis.energy_captured if isinstance(basis, QRLoraBasis) else None
@@ -278,8 +304,9 @@ class QRLoraLinear(nn.Module):
 
     def set_num_adapters(self, num_adapters: int) -> None:
         """Grow (zero rows) or shrink lam to ``num_adapters`` rows; 1 gives back the (r,) shape."""
-        if isinstance(num_adapters, bool) or not isinstance(num_adapters, int) or num_adapters < 1:
+        if isinstance(num_adapters, bool) or not isinstance(num_adapters, numbers.Integral) or num_adapters < 1:
             raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
+        num_adapters = int(num_adapters)
         if self.merged:
             raise ValueError("cannot change the adapters of a merged layer; unmerge() first")
         rows = self.lam.detach().reshape(-1, self.rank)[:num_adapters]
@@ -306,15 +333,18 @@ class QRLoraLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = input  # nn.Linear's name for it, so that layer(input=x) works as it does there
         if adapter_ids is None and not torch.compiler.is_compiling():
             self._refuse_recomputation_outside_context()
-        if self.merged or self.adapters_disabled:
-            return F.linear(x, self.weight, self.bias)
         ids = adapter_ids if adapter_ids is not None else self._context_adapter_ids(x)
-        lam = self.lam
-        if ids is None and lam.dim() == 2:
-            lam = lam[self.active_adapter]
+        if self.merged or self.adapters_disabled:
+            if ids is not None and not self.adapters_disabled:
+                # Checked as in the unmerged layer (a merged one holds one adapter, id 0), not ignored: ids of
+                # another adapter would get this one's update.
+                functional._lam_index(ids, x, self.num_adapters)
+            return F.linear(x, self.weight, self.bias)
+        lam = self.lam if ids is not None else self._adapter_lam(None)
         return qrlora_linear(x, self.weight, self.bias, self.Q, self.R, lam, backend=self.backend,
                              adapter_ids=ids, strategy=self.strategy)
 
@@ -401,7 +431,9 @@ class QRLoraLinear(nn.Module):
             raise ValueError(f"merge() needs a single adapter, but this layer holds {self.num_adapters}; "
                              "use to_linear() per adapter or set_num_adapters(1)")
         # A new tensor rather than an in-place update: the weight may share storage with the original nn.Linear.
-        self.weight = nn.Parameter(self._merged_weight(1.0), requires_grad=False)
+        # Made outside inference mode (a merge for serving may run inside it), so that the layer can still train.
+        with torch.inference_mode(False):
+            self.weight = nn.Parameter(self._merged_weight(1.0), requires_grad=False)
         self.merged = True
 
     @torch.no_grad()
@@ -410,7 +442,8 @@ class QRLoraLinear(nn.Module):
         if not self.merged:
             raise ValueError("layer is not merged")
         # basis_r refuses (before anything changes) where a store_r=False layer cannot recover W0 accurately.
-        self.weight = nn.Parameter(self._merged_weight(-1.0), requires_grad=False)
+        with torch.inference_mode(False):
+            self.weight = nn.Parameter(self._merged_weight(-1.0), requires_grad=False)
         self.merged = False
 
     # A merged store_r=False layer recovers W0 (unmerge) or R (basis_r) through (I + Q diag(lam) Q^T)^-1, which
@@ -437,6 +470,8 @@ class QRLoraLinear(nn.Module):
         Its parameters stay as frozen as this layer's ``weight`` and ``bias`` (as after PEFT's ``merge_and_unload``).
         A layer made from a transformers ``Conv1D`` gives a ``Conv1D`` back (weight in x out, as GPT-2 stores it).
         """
+        if self.merged:
+            self._adapter_lam(adapter)  # the merged adapter is the only one: another index is refused
         weight = self.weight.detach().clone() if self.merged else (
             self.weight.detach() + self.delta_weight(adapter)).to(self.weight.dtype)
         if self.fan_in_fan_out:
@@ -489,8 +524,19 @@ class QRLoraLinear(nn.Module):
                                   f"update of its lam): {'unmerge()' if self.merged else 'merge()'} the layer first")
                 return
         errors_before = len(error_msgs)
+        # A plain nn.Linear's state_dict (a non-strict load: "convert, then load the pretrained weights") replaces
+        # W0 under a basis built from another weight: said, not refused (the layer still computes W + dW).
+        weight = state_dict.get(weight_key)
+        stale_basis = (isinstance(weight, torch.Tensor) and not self.merged
+                       and not any(prefix + key in state_dict for key in ("lam", "perm") + self.held_basis_buffers)
+                       and not self.Q.is_meta and bool(self.Q.any()) and not _same_weight(weight, self.weight))
         self._load_basis_and_weights(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                      error_msgs)
+        if stale_basis and len(error_msgs) == errors_before:
+            warnings.warn(f"{name}: load_state_dict replaced the weight W0 but not the QR-LoRA basis, which was built "
+                          f"from the weight before: the update no longer comes from a pivoted QR of W0. Load the "
+                          f"weights before converting (QRLoraLinear.from_linear, apply_qrlora), or load a state_dict "
+                          f"with the basis", UserWarning, stacklevel=3)
         if merged_key in unexpected_keys:
             unexpected_keys.remove(merged_key)
         if weight_key in state_dict and len(error_msgs) == errors_before:
@@ -559,6 +605,20 @@ class QRLoraLinear(nn.Module):
             for key in basis_keys:
                 if key not in state_dict and key in missing_keys:
                     missing_keys.remove(key)
+
+    def _apply(self, fn, recurse=True):
+        # .half(), .bfloat16() and .to(torch.float16) cast every floating parameter: lam keeps float32 master values
+        # under a half-precision weight, as from_linear gives them (half-precision lam loses small optimizer steps),
+        # taken from the values before the cast where they are real (not a meta tensor's).
+        before = self.lam.detach()
+        result = super()._apply(fn, recurse)
+        lam = self.lam
+        if lam.dtype in (torch.float16, torch.bfloat16) and _lam_dtype(self.weight.dtype) == torch.float32:
+            exact = before.dtype == torch.float32 and not before.is_meta and not lam.is_meta
+            lam.data = (before.to(lam.device) if exact else lam.data.float())
+            if lam.grad is not None:
+                lam.grad = lam.grad.float()
+        return result
 
     def extra_repr(self) -> str:
         tau = "None" if self.tau is None else f"{self.tau:g}"

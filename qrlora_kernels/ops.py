@@ -250,6 +250,17 @@ merged_forward.register_autograd(_merged_backward, setup_context=_merged_setup_c
 
 # ---------------------------------------------------------------- entry points: custom ops or eager Functions
 
+def _refuse_higher_order() -> None:
+    """The kernels' backward has no backward of its own. A backward that records a graph (``create_graph=True``:
+    a gradient penalty, a Hessian-vector product) would give gradients missing this layer's part, or torch's
+    "appears to not have been used in the graph": refused, naming the backend that has them."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("QR-LoRA's Triton kernels have no second derivative, and this backward was asked for a "
+                           "graph (create_graph=True, e.g. a gradient penalty): use backend='torch' "
+                           "(QRLoraLinear(..., backend='torch') or qrlora_linear(..., backend='torch')), whose "
+                           "gradients are differentiable")
+
+
 class _EagerLowrank(torch.autograd.Function):
     """``lowrank_forward`` and its registered autograd formula, without the custom-op dispatch."""
 
@@ -261,9 +272,10 @@ class _EagerLowrank(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels' backward has no backward of its own
     def backward(ctx, dy):
-        return _lowrank_grads(ctx, dy, _lowrank_backward_impl)
+        _refuse_higher_order()
+        with torch.no_grad():
+            return _lowrank_grads(ctx, dy, _lowrank_backward_impl)
 
 
 class _EagerMerged(torch.autograd.Function):
@@ -276,9 +288,10 @@ class _EagerMerged(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        return _merged_grads(ctx, dy, _merged_backward_impl)
+        _refuse_higher_order()
+        with torch.no_grad():
+            return _merged_grads(ctx, dy, _merged_backward_impl)
 
 
 def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], Q: Tensor, R: Optional[Tensor], lam: Tensor,

@@ -562,3 +562,138 @@ def test_a_merged_state_dict_without_the_basis_loads_into_a_layer_built_on_the_s
     half = QRLoraLinear.from_linear(copy.deepcopy(lin), rank=9).to(torch.bfloat16)  # the same pivots
     half.load_state_dict(state)
     assert half.merged and half.weight.dtype == torch.bfloat16
+
+
+def test_a_constructed_layer_is_a_linear_layer_until_it_has_a_basis():
+    """The constructor (and reset_parameters, which FSDP's meta-device init calls) draws weight and bias as
+    nn.Linear does and leaves an empty adapter (lam = 0, Q = R = 0), not uninitialised memory, whose NaN would
+    survive lam = 0 (0 * NaN); a plain nn.Linear's state_dict then loads into it (non-strict) as into nn.Linear."""
+    import numpy as np
+    torch.manual_seed(0)
+    for _ in range(3):
+        layer = QRLoraLinear(np.int64(24), 16, np.int64(5), num_adapters=2)  # integers as nn.Linear takes them
+        assert all(bool(torch.isfinite(t).all()) for t in (layer.weight, layer.bias, layer.Q, layer.R))
+        assert not layer.lam.any() and torch.equal(layer.perm, torch.arange(24))
+        lin = nn.Linear(24, 16)
+        layer.load_state_dict(lin.state_dict(), strict=False)
+        x = torch.randn(3, 24)
+        assert torch.equal(layer(input=x), lin(input=x))  # nn.Linear's argument name
+    trained = QRLoraLinear.from_linear(_linear(), rank=4)
+    _randomise_lam(trained)
+    trained.reset_parameters()
+    assert not trained.lam.any() and not trained.Q.any() and not trained.R.any()
+    trained.merge()
+    with pytest.raises(ValueError, match="merged layer; unmerge"):
+        trained.reset_parameters()
+
+
+def test_loading_another_weight_without_the_basis_warns_that_the_basis_is_stale():
+    """'Convert, then load the pretrained weights' (non-strict) keeps a basis built from the weight before: said.
+    The same weight, or a state_dict with the basis or the pivots, loads quietly."""
+    import warnings
+    lin = _linear()
+    layer = QRLoraLinear.from_linear(lin, rank=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.load_state_dict(lin.state_dict(), strict=False)
+        layer.load_state_dict(QRLoraLinear.from_linear(lin, rank=4).state_dict())
+    other = _linear()
+    with pytest.warns(UserWarning, match="replaced the weight W0 but not the QR-LoRA basis"):
+        layer.load_state_dict(other.state_dict(), strict=False)
+    assert torch.equal(layer.weight, other.weight)
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "to_float16"])
+def test_half_precision_casts_keep_lam_in_float32(cast):
+    """.half() / .bfloat16() / .to(float16) of a converted layer keep lam's float32 master values (as from_linear
+    of a half-precision layer makes them): in half precision an AdamW step of 1e-3 on lam = 1 is lost."""
+    layer = QRLoraLinear.from_linear(_linear(), rank=4)
+    _randomise_lam(layer)
+    values = layer.lam.detach().clone()
+    layer.lam.grad = torch.randn_like(layer.lam)
+    layer = layer.to(torch.float16) if cast == "to_float16" else getattr(layer, cast)()
+    assert layer.weight.dtype in (torch.float16, torch.bfloat16) and layer.Q.dtype == layer.weight.dtype
+    assert layer.lam.dtype == torch.float32 and layer.lam.grad.dtype == torch.float32
+    assert torch.equal(layer.lam.detach(), values)  # not rounded through half precision
+    with torch.no_grad():
+        layer.lam.fill_(1.0)
+    optimizer = torch.optim.AdamW([layer.lam], lr=1e-3, weight_decay=0.0)
+    for _ in range(3):
+        optimizer.zero_grad()
+        layer(torch.randn(4, 40, dtype=layer.weight.dtype)).float().square().mean().backward()
+        optimizer.step()
+    assert (layer.lam.detach() - 1).abs().min() > 1e-3  # every coefficient moved by about 3 steps of 1e-3
+    assert layer.double().lam.dtype == torch.float64
+
+
+def test_merging_inside_inference_mode_leaves_a_layer_that_still_trains():
+    layer = QRLoraLinear.from_linear(_linear(), rank=4)
+    _randomise_lam(layer)
+    with torch.inference_mode():
+        layer.merge()
+    assert not layer.weight.is_inference()
+    x = torch.randn(3, 40, requires_grad=True)
+    layer(x).sum().backward()  # an inference weight cannot be saved for backward
+    with torch.inference_mode():
+        layer.unmerge()
+    assert not layer.weight.is_inference()
+    layer(torch.randn(3, 40)).square().sum().backward()
+    assert layer.lam.grad is not None
+
+
+def test_adapter_indices_and_ids_are_checked_in_every_state():
+    """The active adapter is checked in the forward as delta_weight checks it (-1 used the last row, silently);
+    a merged layer (one adapter, id 0) checks the ids it is given instead of giving every id its update."""
+    layer = QRLoraLinear.from_linear(_linear(), rank=4, num_adapters=3)
+    x = torch.randn(2, 5, 40)
+    for bad in (-1, 3):
+        layer.active_adapter = bad
+        with pytest.raises(ValueError, match=f"adapter {bad} is out of range for 3 adapters"):
+            layer(x)
+    single = QRLoraLinear.from_linear(_linear(), rank=4)
+    _randomise_lam(single)
+    expected = single(x, adapter_ids=torch.tensor([0, 0]))
+    single.merge()
+    assert_rel_close(single(x, adapter_ids=torch.tensor([0, 0])), expected, REL_TOL[torch.float32])
+    for ids, match in ((torch.tensor([0, 1]), "adapter id 1 is out of range for 1 adapter"),
+                       (torch.tensor([0.0, 0.0]), "integer tensor"), (torch.tensor([0, 0, 0]), "expected per-sequence")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            single(x, adapter_ids=ids)
+    with pytest.raises(ValueError, match="adapter 5 is out of range"):
+        single.to_linear(adapter=5)
+
+
+def test_cpu_adapter_ids_rewritten_behind_the_version_counter_are_checked_again():
+    """Writes through a shared numpy array do not bump a tensor's version: CPU ids are measured at every call."""
+    import numpy as np
+    layer = QRLoraLinear.from_linear(_linear(), rank=4, num_adapters=2)
+    array = np.zeros(2, dtype=np.int64)
+    ids = torch.from_numpy(array)
+    layer(torch.randn(2, 3, 40), adapter_ids=ids)
+    array[1] = 7
+    with pytest.raises(ValueError, match="adapter id 7 is out of range for 2 adapter"):
+        layer(torch.randn(2, 3, 40), adapter_ids=ids)
+
+
+def test_from_linear_refuses_what_it_takes_from_the_linear():
+    with pytest.raises(TypeError, match="take dtype from the linear layer"):
+        QRLoraLinear.from_linear(_linear(), rank=4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="take bias, device from the linear layer"):
+        QRLoraLinear.from_linear(_linear(), rank=4, device="cpu", bias=False)
+
+
+@pytest.mark.parametrize("strategy", ["lowrank", "merged"])
+def test_the_torch_backend_has_second_derivatives(strategy):
+    """The torch backend's gradients are differentiable: a gradient penalty through the layer, checked by gradcheck
+    in float64 (the Triton backward refuses create_graph=True: test_ops)."""
+    torch.manual_seed(0)
+    lin = _linear(24, 16, dtype=torch.float64)
+    layer = QRLoraLinear.from_linear(lin, rank=16, backend="torch", strategy=strategy)
+    _randomise_lam(layer)
+    x = torch.randn(4, 24, dtype=torch.float64, requires_grad=True)
+
+    def penalty(lam):
+        y = torch.func.functional_call(layer, {"lam": lam}, (x,))
+        gx, = torch.autograd.grad(torch.tanh(y).sum(), x, create_graph=True)
+        return gx.square().sum()
+    assert torch.autograd.gradcheck(penalty, (layer.lam.detach().clone().requires_grad_(),))
