@@ -44,10 +44,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .atomic_file import atomic_write_files
 from .config import ENERGY_RULES, QRLoraConfig
 from .functional import acc_dtype, implied_r
-from .model import (ADAPTER_IDS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER, MODULES_TO_SAVE_ATTR, _layer_class,
-                    _read_by_parent, _refuse_unloaded_weight, _set_submodule, adapter_row, canonical_name,
-                    default_adapter_name, modules_by_canonical_name, parameter_holding_wrapper, qrlora_layers,
-                    skip_bases_in_hf_checkpoints, unwrap_model)
+from .model import (ACTIVE_ADAPTER_ATTR, ADAPTER_IDS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER, MODULES_TO_SAVE_ATTR,
+                    _layer_class, _read_by_parent, _refuse_unloaded_weight, _set_submodule, adapter_row,
+                    canonical_name, default_adapter_name, modules_by_canonical_name, parameter_holding_wrapper,
+                    qrlora_layers, refuse_bare_layer, skip_bases_in_hf_checkpoints, unwrap_model)
 from .reentrant_checkpointing import keep_gradients_through_reentrant_checkpoints
 from .distributed import module_progress
 
@@ -245,6 +245,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
     from safetensors.torch import save as safetensors_save
 
     model = unwrap_model(model)
+    refuse_bare_layer(model, "save_adapter")
     layers = qrlora_layers(model)
     if not layers:
         raise ValueError("the model has no QR-LoRA layers to save (call apply_qrlora first)")
@@ -506,6 +507,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
         raise TypeError(f"store_r must be True, False or None, got {store_r!r}")
     wrapper = parameter_holding_wrapper(model)
     model = unwrap_model(model)
+    refuse_bare_layer(model, "load_adapter")
     from .hub import resolve_adapter_folder
     folder = resolve_adapter_folder(path, revision=revision, token=token)
     meta = _read_config(folder / ADAPTER_CONFIG)
@@ -523,6 +525,14 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
     if saved_meta and not fresh and set(ids) != {name_to_load}:
         raise ValueError(f"adapter {name_to_load!r} has modules_to_save ({', '.join(saved_meta)}), which all "
                          f"adapters of one model share; load it into a fresh base model instead")
+    trained_here = getattr(model, MODULES_TO_SAVE_ATTR, None) or []
+    if not saved_meta and trained_here and not fresh and set(ids) - {name_to_load}:
+        # The other way round: this adapter was trained with the base model's modules, which the model no longer
+        # has (another adapter's trained copies replaced them), and would compute with those.
+        owners = sorted(set(ids) - {name_to_load})
+        raise ValueError(f"the model's modules_to_save ({', '.join(trained_here)}) belong to adapter(s) "
+                         f"{', '.join(map(repr, owners))}, and adapter {name_to_load!r} has none: it would compute "
+                         f"with their trained copies; load it into a fresh base model instead")
     if wrapper is not None and (fresh or name_to_load not in ids):
         raise ValueError(f"load adapters before wrapping the model in {wrapper}: it keeps the parameters it was "
                          f"given, and the new lam parameters would not be synchronised (only an adapter already "
@@ -629,6 +639,11 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
         setattr(model, CONFIG_ATTR, config)
     setattr(model, MODULES_TO_SAVE_ATTR, sorted(set(getattr(model, MODULES_TO_SAVE_ATTR, [])) | set(saved_meta)))
     setattr(model, ADAPTER_IDS_ATTR, ids)
+    # Layers built here start at row 0: every layer computes with the adapter set_adapter chose.
+    active = getattr(model, ACTIVE_ADAPTER_ATTR, None)
+    if active in ids:
+        for _, layer in qrlora_layers(model):
+            layer.active_adapter = ids[active]
     skip_bases_in_hf_checkpoints(model)
     keep_gradients_through_reentrant_checkpoints(model, adapted=True)
     return dict(ids)

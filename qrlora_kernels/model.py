@@ -87,6 +87,12 @@ class QRLoraReport:
                              f"place and returns this report of what it did, not a model (unlike PEFT's "
                              f"get_peft_model); keep using the model you passed to it")
 
+    def __call__(self, *args, **kwargs):
+        # The same habit, then calling "the model": model(input_ids) would say only "not callable".
+        raise TypeError("a QRLoraReport is not callable: apply_qrlora converts the model in place and returns this "
+                        "report of what it did, not a model (unlike PEFT's get_peft_model); call the model you passed "
+                        "to it")
+
     @property
     def trainable_percent(self) -> float:
         return 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
@@ -210,6 +216,16 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def refuse_bare_layer(model: nn.Module, caller: str) -> None:
+    """Model-level functions replace a model's linear submodules: a bare layer (the model itself an nn.Linear,
+    Conv1D or QRLoraLinear) has none, and would get a child named '' instead. Refused, naming what works."""
+    from .layer import is_conv1d
+    if isinstance(model, (nn.Linear, _layer_class())) or is_conv1d(model):
+        raise TypeError(f"{caller} works on a model that holds linear layers, not on a {type(model).__name__} "
+                        f"itself: wrap the layer (nn.Sequential(layer)), or use QRLoraLinear's own methods "
+                        f"(from_linear, merge, to_linear, state_dict)")
+
+
 def qrlora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     QRLoraLinear = _layer_class()
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QRLoraLinear)]
@@ -307,6 +323,7 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_qrlora needs an nn.Module, got {type(model).__name__}")
+    refuse_bare_layer(unwrap_model(model), "apply_qrlora")
     if not isinstance(config, QRLoraConfig):
         raise TypeError(f"config must be a QRLoraConfig, got {type(config).__name__}")
     if qrlora_layers(model):
@@ -461,6 +478,7 @@ def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) ->
     model's.
     """
     model = unwrap_model(model)
+    refuse_bare_layer(model, "merge_and_unload")
     layers = qrlora_layers(model)
     if not layers:
         raise ValueError("the model has no QR-LoRA layers to merge")

@@ -380,7 +380,7 @@ def test_a_merged_layer_the_adapter_does_not_cover_is_refused_before_any_lam_cha
     """Loading touches every layer's lam (a new row, or the overwritten row cleared where the file has no
     coefficients); a merged layer holds its lam in its weight, so it is refused first, by name."""
     save_adapter(_adapted(base, QRLoraConfig(target_modules=["query"])), tmp_path / "query-only")
-    model = _adapted(base)
+    model = _adapted(base, QRLoraConfig(target_modules=["query", "value"]))  # no head: no other rule refuses first
     model.layers[2].value.merge()
     lams = {name: (layer.lam, layer.lam.detach().clone()) for name, layer in qrlora_layers(model)}
     for name in ("other", "default"):  # a new row, and an overwrite that clears the value layers' rows
@@ -859,3 +859,59 @@ def test_set_adapter_picks_the_adapter_outside_adapter_batch_and_for_saves_and_m
         set_adapter(served, 0)
     with pytest.raises(ValueError, match="no QR-LoRA layers"):
         set_adapter(copy.deepcopy(base), "a")
+
+
+def test_layers_a_reload_builds_compute_with_the_active_adapter(base, tmp_path):
+    """set_adapter('b'), then a new version of 'b' that adapts more modules: the layers built for it start on
+    the active adapter's row (they computed with 'a' and trained its row, silently)."""
+    from qrlora_kernels import set_adapter
+    query_only = QRLoraConfig(target_modules=["query"], rank=4)
+    both = QRLoraConfig(target_modules=["query", "value"], rank=4)
+    for name, config in (("a", query_only), ("b0", query_only), ("b", both)):
+        save_adapter(_adapted(base, config), tmp_path / name)
+    served = copy.deepcopy(base)
+    load_adapter(served, tmp_path / "a", adapter_name="a")
+    load_adapter(served, tmp_path / "b0", adapter_name="b")
+    set_adapter(served, "b")
+    load_adapter(served, tmp_path / "b", adapter_name="b")
+    alone = copy.deepcopy(base)
+    load_adapter(alone, tmp_path / "b")
+    assert {layer.active_adapter for _, layer in qrlora_layers(served)} == {1}
+    x = torch.randn(2, 5, HIDDEN)
+    with torch.no_grad():
+        assert_rel_close(served(x), alone(x), 1e-5, name="the active adapter after its reload")
+
+
+def test_an_adapter_without_modules_to_save_is_refused_beside_one_that_trained_them(base, tmp_path):
+    """It would compute with the other adapter's trained head (the reverse order was already refused)."""
+    save_adapter(_adapted(base, CONFIG), tmp_path / "with_head")
+    save_adapter(_adapted(base, QRLoraConfig(target_modules=["query", "value"])), tmp_path / "no_head")
+    served = copy.deepcopy(base)
+    load_adapter(served, tmp_path / "with_head", adapter_name="a")
+    head = served.classifier.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"modules_to_save \(classifier\) belong to adapter\(s\) 'a', and adapter "
+                                         r"'b' has none"):
+        load_adapter(served, tmp_path / "no_head", adapter_name="b")
+    assert served.qrlora_adapter_ids == {"a": 0} and torch.equal(served.classifier.weight, head)
+    load_adapter(served, tmp_path / "no_head", adapter_name="a")  # the one adapter, replaced: no other to mix
+    trained = _adapted(base, CONFIG)
+    with pytest.raises(ValueError, match=r"belong to adapter\(s\) 'default', and adapter 'b' has none"):
+        load_adapter(trained, tmp_path / "no_head", adapter_name="b")
+
+
+def test_model_level_functions_refuse_a_bare_layer(tmp_path):
+    """A bare layer has no submodule to replace: save_adapter named its module '', load_adapter added a child
+    named '' to an nn.Linear, merge_and_unload returned the layer unmerged."""
+    from qrlora_kernels import merge_and_unload
+    layer = QRLoraLinear.from_linear(nn.Linear(HIDDEN, HIDDEN), rank=4)
+    calls = {"apply_qrlora": lambda: apply_qrlora(nn.Linear(HIDDEN, HIDDEN), QRLoraConfig(target_modules="all-linear")),
+             "save_adapter": lambda: save_adapter(layer, tmp_path / "bare"),
+             "merge_and_unload": lambda: merge_and_unload(layer)}
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=f"{name} works on a model that holds linear layers, not on a "
+                                            f"(Linear|QRLoraLinear) itself: wrap the layer"):
+            call()
+    save_adapter(nn.Sequential(layer), tmp_path / "wrapped")
+    with pytest.raises(TypeError, match="load_adapter works on a model that holds linear layers, not on a Linear"):
+        load_adapter(nn.Linear(HIDDEN, HIDDEN), tmp_path / "wrapped")
+    assert not (tmp_path / "bare").exists() and not layer.merged

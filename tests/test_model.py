@@ -335,6 +335,8 @@ def test_the_report_is_not_a_model_and_says_so():
                                                  "apply_qrlora converts the model in place .* not a model"):
             use(report)
     assert not hasattr(report, "to")
+    with pytest.raises(TypeError, match="QRLoraReport is not callable: apply_qrlora converts the model in place"):
+        report(torch.randn(2, 8))
     # Copies and pickles as a plain dataclass (their protocol lookups of missing dunders are not redirected).
     import pickle
     assert copy.deepcopy(report) == report == pickle.loads(pickle.dumps(report))
