@@ -44,7 +44,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .atomic_file import atomic_write_files
 from .config import ENERGY_RULES, QRLoraConfig
 from .functional import acc_dtype, implied_r
-from .model import (ACTIVE_ADAPTER_ATTR, ADAPTER_IDS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER, MODULES_TO_SAVE_ATTR,
+from .model import (ACTIVE_ADAPTER_ATTR, ADAPTER_FILES_ATTR, ADAPTER_IDS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER, MODULES_TO_SAVE_ATTR,
                     _layer_class, _read_by_parent, _refuse_unloaded_weight, _set_submodule, adapter_row,
                     canonical_name, default_adapter_name, modules_by_canonical_name, parameter_holding_wrapper,
                     qrlora_layers, refuse_bare_layer, skip_bases_in_hf_checkpoints, unwrap_model)
@@ -255,7 +255,11 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
     if is_main_process is None:
         is_main_process = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
             or torch.distributed.get_rank() == 0
-    config = getattr(model, CONFIG_ATTR, None)
+    # An adapter load_adapter loaded keeps its own modules and ranks (and config), not those of the layers it
+    # shares with adapters loaded before it, which may be wider or cover more modules: it would no longer load
+    # beside its original. Coefficients trained since beyond its rank, or in layers it did not cover, are kept.
+    record = (getattr(model, ADAPTER_FILES_ATTR, None) or {}).get(adapter_name)
+    config = getattr(model, CONFIG_ATTR, None) if record is None else record["config"]
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
     diverged: list[str] = []
@@ -270,19 +274,33 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
             raise ValueError(f"{name}: its parameters are flattened or sharded (FSDP1's FullyShardedDataParallel); "
                              f"save inside FullyShardedDataParallel.summon_full_params(model) on every rank, before "
                              f"wrapping, or use FSDP2's fully_shard")
-        lam = lam_rows[row].to("cpu").clone()
+        own_info = None
+        if record is not None:
+            nonzero = lam_rows[row].nonzero()
+            own_info = record["modules"].get(name)
+            r = max(int(own_info["rank"]) if own_info else 0, int(nonzero.max()) + 1 if nonzero.numel() else 0)
+            if r == 0:
+                continue  # a layer this adapter does not use
+        lam = lam_rows[row][:r].to("cpu").clone()
         if not torch.isfinite(lam).all():
             diverged.append(name)
         pivots = layer.perm[:r].to("cpu", torch.int32).clone()
         own = {"lam": lam, "pivots": pivots}
         if include_basis:
             for key in layer.held_basis_buffers:
-                own[key] = _full(getattr(layer, key)).to("cpu").contiguous().clone()
+                basis = _full(getattr(layer, key))
+                own[key] = (basis[:, :r] if key == "Q" else basis[:r]).to("cpu").contiguous().clone()
         tensors.update({f"{name}.{key}": t for key, t in own.items()})
+        # The rule that chose the rank: the layer's where the adapter has the layer's rank, else the adapter's own
+        # where it kept its rank (else unknown: training went past it).
+        rule = ({"tau": getattr(layer, "tau", None), "energy": getattr(layer, "energy", None),
+                 "energy_captured": getattr(layer, "energy_captured", None)} if r == int(layer.rank) else
+                {key: own_info.get(key) for key in ("tau", "energy", "energy_captured")}
+                if own_info and int(own_info["rank"]) == r else
+                {"tau": None, "energy": getattr(layer, "energy", None), "energy_captured": None})
         modules[name] = {
             "rank": r, "in_features": layer.in_features, "out_features": layer.out_features,
-            "bias": layer.bias is not None, "tau": getattr(layer, "tau", None),
-            "energy": getattr(layer, "energy", None), "energy_captured": getattr(layer, "energy_captured", None),
+            "bias": layer.bias is not None, **rule,
             "dtype": _dtype_name(weight.dtype),
             "lam_dtype": _dtype_name(lam.dtype), "fingerprint": base_fingerprint(weight),
             "checksum": _checksum(own),
@@ -639,6 +657,11 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
         setattr(model, CONFIG_ATTR, config)
     setattr(model, MODULES_TO_SAVE_ATTR, sorted(set(getattr(model, MODULES_TO_SAVE_ATTR, [])) | set(saved_meta)))
     setattr(model, ADAPTER_IDS_ATTR, ids)
+    files = dict(getattr(model, ADAPTER_FILES_ATTR, None) or {})
+    files[name_to_load] = {"config": meta.get("config"), "modules": {
+        name: {key: info.get(key) for key in ("rank", "tau", "energy", "energy_captured")}
+        for name, info in meta["modules"].items()}}
+    setattr(model, ADAPTER_FILES_ATTR, files)
     # Layers built here start at row 0: every layer computes with the adapter set_adapter chose.
     active = getattr(model, ACTIVE_ADAPTER_ATTR, None)
     if active in ids:

@@ -32,6 +32,9 @@ ADAPTER_IDS_ATTR = "qrlora_adapter_ids"
 CONFIG_ATTR = "qrlora_config"
 MODULES_TO_SAVE_ATTR = "qrlora_modules_to_save"
 ACTIVE_ADAPTER_ATTR = "qrlora_active_adapter"
+# Per adapter that load_adapter loaded: its file's config and modules (rank, tau, energy), so that saving it again
+# writes that adapter, not the ranks and modules of the layers it shares with others (see adapter_io.save_adapter).
+ADAPTER_FILES_ATTR = "qrlora_adapter_files"
 DEFAULT_ADAPTER = "default"
 _SKIPPED_ON_SAVE_ATTR = "_qrlora_keys_skipped_on_save"
 _COMPILED_ATTR = "_orig_mod"  # where torch.compile's OptimizedModule holds the module it wraps
@@ -491,7 +494,7 @@ def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) ->
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
         _set_submodule(model, name, merged)
-    for attr in (CONFIG_ATTR, ADAPTER_IDS_ATTR, MODULES_TO_SAVE_ATTR, ACTIVE_ADAPTER_ATTR):
+    for attr in (CONFIG_ATTR, ADAPTER_IDS_ATTR, MODULES_TO_SAVE_ATTR, ACTIVE_ADAPTER_ATTR, ADAPTER_FILES_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
     skip_bases_in_hf_checkpoints(model)

@@ -915,3 +915,42 @@ def test_model_level_functions_refuse_a_bare_layer(tmp_path):
     with pytest.raises(TypeError, match="load_adapter works on a model that holds linear layers, not on a Linear"):
         load_adapter(nn.Linear(HIDDEN, HIDDEN), tmp_path / "wrapped")
     assert not (tmp_path / "bare").exists() and not layer.merged
+
+
+def test_an_adapter_saved_again_keeps_its_own_modules_ranks_and_config(base, tmp_path):
+    """'b' (query only, rank 3, tau-less) loaded beside 'a' (query and value, rank 6) and saved again: the file
+    keeps b's modules, ranks and config, not the layers' (zero-padded to rank 6, value added, a's config), so it
+    loads beside the original b; coefficients trained since beyond its rank or in the value layers are kept."""
+    from qrlora_kernels import set_adapter
+    config_a = QRLoraConfig(target_modules=["query", "value"], rank=6)
+    config_b = QRLoraConfig(target_modules=["query"], rank=3, energy="frobenius")
+    save_adapter(_adapted(base, config_a), tmp_path / "a")
+    save_adapter(_adapted(base, config_b), tmp_path / "b")
+    served = copy.deepcopy(base)
+    load_adapter(served, tmp_path / "a", adapter_name="a")
+    load_adapter(served, tmp_path / "b", adapter_name="b")
+    save_adapter(served, tmp_path / "b_again", adapter_name="b")
+    original = json.loads((tmp_path / "b" / ADAPTER_CONFIG).read_text())
+    again = json.loads((tmp_path / "b_again" / ADAPTER_CONFIG).read_text())
+    assert {k: v["rank"] for k, v in again["modules"].items()} == {f"layers.{i}.query": 3 for i in range(3)}
+    assert again["config"] == original["config"] and again["modules"] == original["modules"]
+    load_adapter(served, tmp_path / "b_again", adapter_name="b_copy")  # beside the original
+    x = torch.randn(2, 5, HIDDEN)
+    with torch.no_grad(), adapter_batch(served, ["b", "b_copy"]):
+        out = served(x[:1].expand(2, -1, -1))  # one sequence under each
+    assert_rel_close(out[1], out[0], 1e-6, name="b saved again, beside b")
+    # Training b on the server reaches the layers' full rank and the value layers too: all of it is saved.
+    set_adapter(served, "b")
+    with torch.no_grad():
+        served.layers[0].query.lam[1, 4] = 0.5
+        served.layers[2].value.lam[1, 1] = -0.25
+        expected = served(x)
+    save_adapter(served, tmp_path / "b_trained", adapter_name="b")
+    trained = json.loads((tmp_path / "b_trained" / ADAPTER_CONFIG).read_text())["modules"]
+    assert {k: v["rank"] for k, v in trained.items()} == {"layers.0.query": 5, "layers.1.query": 3,
+                                                          "layers.2.query": 3, "layers.2.value": 2}
+    assert trained["layers.0.query"]["tau"] is None and trained["layers.1.query"] == original["modules"]["layers.1.query"]
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, tmp_path / "b_trained")
+    with torch.no_grad():
+        assert_rel_close(fresh(x), expected, 1e-5, name="b trained on the server, saved and reloaded")
