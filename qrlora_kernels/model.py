@@ -441,14 +441,18 @@ def adapter_row(model: nn.Module, adapter_name: str) -> int:
 
 
 def default_adapter_name(model: nn.Module) -> str:
-    """The adapter a save writes when none is named: the only one loaded, else the one ``set_adapter`` chose,
-    else "default"."""
+    """The adapter a save, a merge or the checkpoint callback takes when none is named: the one the model computes
+    with outside ``adapter_batch`` (the only one loaded, the one ``set_adapter`` chose, else the first loaded)."""
     root = unwrap_model(model)
     loaded = getattr(root, ADAPTER_IDS_ATTR, None) or {DEFAULT_ADAPTER: 0}
     if len(loaded) == 1:
         return next(iter(loaded))
-    active = getattr(root, ACTIVE_ADAPTER_ATTR, None)
-    return active if active in loaded else DEFAULT_ADAPTER
+    rows = {layer.active_adapter for _, layer in qrlora_layers(root)} or {0}
+    names = [name for name, row in loaded.items() if row in rows]
+    if len(rows) != 1 or len(names) != 1:
+        raise ValueError(f"the model's layers compute with different adapters (rows {sorted(rows)} of "
+                         f"{sorted(loaded)}): pass adapter_name=, or set_adapter(model, name) first")
+    return names[0]
 
 
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -476,8 +480,8 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
 def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) -> nn.Module:
     """Turn every ``QRLoraLinear`` back into a plain ``nn.Linear`` with W0 + Q diag(lam) R merged in.
 
-    With several adapters loaded, ``adapter_name`` picks the one to merge (default: the one ``set_adapter``
-    chose). Returns ``model`` (changed in place), without QR-LoRA bookkeeping; its outputs equal the adapted
+    With several adapters loaded, ``adapter_name`` picks the one to merge (default: the one the model computes
+    with, as ``default_adapter_name`` says). Returns ``model`` (changed in place), without QR-LoRA bookkeeping; its outputs equal the adapted
     model's.
     """
     model = unwrap_model(model)
@@ -486,8 +490,8 @@ def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) ->
     if not layers:
         raise ValueError("the model has no QR-LoRA layers to merge")
     if adapter_name is None:
-        adapter_name = getattr(model, ACTIVE_ADAPTER_ATTR, None)
-    row = None if adapter_name is None else adapter_row(model, adapter_name)
+        adapter_name = default_adapter_name(model)
+    row = adapter_row(model, adapter_name)
     for name, layer in layers:
         try:
             merged = _merged_linear(layer, row)

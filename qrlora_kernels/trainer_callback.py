@@ -28,7 +28,8 @@ class QRLoraCheckpointCallback(TrainerCallback):
     """Small ``Trainer`` checkpoints: what training changes, plus ``save_adapter``'s files in ``qrlora-adapter``.
 
     ``Trainer(..., callbacks=[QRLoraCheckpointCallback()])``. ``adapter_name``: the adapter to write when the model
-    has several (checked when training begins); by default its only one, or "default". Every process calls
+    has several (checked when training begins); by default the one it trains (computes with: its only one, the
+    one ``set_adapter`` chose, else the first loaded). Every process calls
     ``save_adapter`` (under FSDP2 gathering the shards is a collective) and those that write Trainer's checkpoints
     (``args.should_save``) write it. ``include_basis`` as in ``save_adapter``.
 

@@ -611,9 +611,9 @@ def test_checkpoint_callback_with_several_adapters(tmp_path):
     data = [{"input_ids": torch.randint(3, 120, (10,)), "labels": torch.tensor(i % 3)} for i in range(4)]
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, save_steps=1, report_to=[], use_cpu=True,
                              per_device_train_batch_size=4, disable_tqdm=True)
-    with pytest.raises(ValueError, match=r"unknown adapter 'default'; loaded adapters: \['a', 'b'\]; pass "
+    with pytest.raises(ValueError, match=r"unknown adapter 'c'; loaded adapters: \['a', 'b'\]; pass "
                                          r"adapter_name="):
-        Trainer(model=model, args=args, train_dataset=data, callbacks=[QRLoraCheckpointCallback()]).train()
+        Trainer(model=model, args=args, train_dataset=data, callbacks=[QRLoraCheckpointCallback("c")]).train()
     assert not list((tmp_path / "run").glob("checkpoint-*"))  # refused before any step or checkpoint
 
     callback = QRLoraCheckpointCallback(adapter_name="b")

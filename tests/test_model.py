@@ -527,8 +527,12 @@ def test_adapter_batch_routes_ids_and_validates():
     with pytest.raises(TypeError, match="integer tensor"):
         with adapter_batch(model, torch.tensor([0.0, 1.0])):
             pass
-    with pytest.raises(ValueError, match="pass adapter_name to choose"):
-        merge_and_unload(model)
+    # No name: the adapter the layers compute with (here "c", set on every layer); layers that disagree: refused.
+    assert_rel_close(merge_and_unload(copy.deepcopy(model))(x), model(x), 1e-5, name="merged without a name")
+    model.layers[0].query.active_adapter = 0
+    with pytest.raises(ValueError, match=r"compute with different adapters \(rows \[0, 2\] of \['a', 'b', 'c'\]\): "
+                                         r"pass adapter_name="):
+        merge_and_unload(copy.deepcopy(model))
     merged = merge_and_unload(copy.deepcopy(model), adapter_name="b")
     for _, layer in qrlora_layers(model):
         layer.active_adapter = 1
