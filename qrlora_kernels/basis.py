@@ -36,6 +36,7 @@ Factorisations run in float32 (float64 for float64 weights); Q_r and R_r are ret
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -120,12 +121,12 @@ def _check_rule(tau, rank, energy, max_rank: int) -> None:
     if energy not in ENERGY_RULES:
         raise ValueError(f"energy must be one of {ENERGY_RULES}, got {energy!r}")
     if tau is not None:
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
             raise TypeError(f"tau must be a float in (0, 1], got {type(tau).__name__}")
         if not 0.0 < float(tau) <= 1.0:
             raise ValueError(f"tau must be in (0, 1], got {tau}")
     if rank is not None:
-        if isinstance(rank, bool) or not isinstance(rank, int):
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
             raise TypeError(f"rank must be an int, got {type(rank).__name__}")
         if not 1 <= rank <= max_rank:
             raise ValueError(f"rank must be in [1, min(out_features, in_features)] = [1, {max_rank}], got {rank}")
@@ -343,8 +344,9 @@ def truncate(basis: QRLoraBasis | DeferredBasis, rank: int, *, energy: str = "di
     """
     if energy not in ENERGY_RULES:
         raise ValueError(f"energy must be one of {ENERGY_RULES}, got {energy!r}")
-    if isinstance(rank, bool) or not isinstance(rank, int):
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
         raise TypeError(f"rank must be an int, got {type(rank).__name__}")
+    rank = int(rank)
     if not 1 <= rank <= basis.rank:
         raise ValueError(f"cannot truncate a rank-{basis.rank} basis to rank {rank}; "
                          f"rank must be in [1, {basis.rank}]")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import numbers
 import re
 from typing import Any, Iterable, Optional, Union
 
@@ -173,7 +174,7 @@ class QRLoraConfig:
         if not chosen:
             self.tau = DEFAULT_TAU
         if self.tau is not None:
-            if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)):
+            if isinstance(self.tau, bool) or not isinstance(self.tau, numbers.Real):
                 raise TypeError(f"tau must be a float, got {type(self.tau).__name__}")
             if not 0.0 < float(self.tau) <= 1.0:
                 raise ValueError(f"tau must lie in (0, 1], got {self.tau}")
@@ -182,10 +183,11 @@ class QRLoraConfig:
             value = getattr(self, key)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{key} must be a positive int, got {value!r}")
             if value < 1:
                 raise ValueError(f"{key} must be a positive int, got {value}")
+            setattr(self, key, int(value))  # a numpy integer would not go into adapter_config.json
         if self.budget is not None and self.energy != "diag":
             raise ValueError("budget ranks components by their diagonal energy R_ii^2 / sum_j R_jj^2, "
                              "so it needs energy='diag'")

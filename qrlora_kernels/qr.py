@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import threading
 import warnings
 from typing import NamedTuple
@@ -76,8 +77,9 @@ class QRCPRawResult(NamedTuple):
     def q(self, columns: int | None = None) -> torch.Tensor:
         """The leading ``columns`` (default k) columns of Q, from the first ``columns`` reflectors only."""
         c = self.rank if columns is None else columns
-        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= self.rank:
+        if isinstance(c, bool) or not isinstance(c, numbers.Integral) or not 0 <= c <= self.rank:
             raise ValueError(f"columns must be an int in [0, {self.rank}], got {columns!r}")
+        c = int(c)
         if c == 0:
             return self.H.new_zeros(self.H.shape[0], 0)
         # Detached: like qrcp itself, forming Q is not differentiable (raw results of a weight that
@@ -111,7 +113,8 @@ class _NotDifferentiable(torch.autograd.Function):
 
 
 def _check_number(name, value, *, integer=False):
-    kinds = (int,) if integer else (int, float)
+    # Any integer or real number (numpy's too), not a bool; _prepare passes them on as int / float.
+    kinds = numbers.Integral if integer else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise TypeError(f"qrcp: {name} must be {'an int' if integer else 'a real number'}, got {type(value).__name__}")
     if not integer and math.isnan(value):

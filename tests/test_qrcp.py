@@ -280,6 +280,24 @@ def test_bad_inputs(call, error, match):
         call()
 
 
+def test_numpy_scalars_are_numbers_like_any_other():
+    """A rank from numpy (np.argmax of a cumulative energy, a config read with numpy) or a float32 tau stops where
+    the Python number does; numpy's bool is no more a rank than Python's."""
+    from qrlora_kernels import QRLoraConfig
+    from qrlora_kernels.basis import build_basis
+    A = torch.randn(30, 20, dtype=torch.float64)
+    for numpy_args, python_args in (({"rank": np.int64(7)}, {"rank": 7}), ({"tau": np.float32(0.5)}, {"tau": 0.5}),
+                                    ({"abstol": np.float64(1.0)}, {"abstol": 1.0})):
+        got, expected = qrcp(A, **numpy_args), qrcp(A, **python_args)
+        assert torch.equal(got.perm, expected.perm) and torch.equal(got.R, expected.R), numpy_args
+    assert qrcp(A, mode="raw").q(np.int32(3)).shape == (30, 3)
+    assert build_basis(A, rank=np.int64(5)).rank == 5
+    config = QRLoraConfig(target_modules=["q"], rank=np.int64(4))
+    assert type(config.rank) is int and QRLoraConfig.from_dict(config.to_dict()) == config  # JSON-able
+    with pytest.raises(TypeError, match="rank must be an int"):
+        qrcp(A, rank=np.bool_(True))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_input_names_first_bad_column(bad):
     A = torch.randn(6, 5)
