@@ -567,16 +567,18 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
     by_name = modules_by_canonical_name(model)
 
     # Check and build everything before changing the model, so a bad adapter leaves it untouched.
-    plan = []
+    plan, model_names = [], {}
     with module_progress(len(meta["modules"]), progress, "QR-LoRA adapter modules") as bar:
         for name, info in meta["modules"].items():
-            if name not in by_name:
+            found = _backbone_name(model, name, by_name)
+            if found is None:
                 raise ValueError(f"{name}: module not found in the model (the adapter was made for another "
                                  f"architecture)")
-            module_path, module = by_name[name]
+            model_names[name] = found
+            module_path, module = by_name[found]
             if not isinstance(module, (nn.Linear, QRLoraLinear)) and not is_conv1d(module):
                 raise ValueError(f"{name}: expected an nn.Linear or QRLoraLinear, found {type(module).__name__}")
-            if name in unreachable:
+            if found in unreachable:
                 raise ValueError(f"{name} is the out_proj of an nn.MultiheadAttention, which reads its weight directly "
                                  f"and never calls its forward: the adapter would be ignored (until merged)")
             _refuse_unloaded_weight(name, module)
@@ -659,7 +661,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
     setattr(model, ADAPTER_IDS_ATTR, ids)
     files = dict(getattr(model, ADAPTER_FILES_ATTR, None) or {})
     files[name_to_load] = {"config": meta.get("config"), "modules": {
-        name: {key: info.get(key) for key in ("rank", "tau", "energy", "energy_captured")}
+        model_names[name]: {key: info.get(key) for key in ("rank", "tau", "energy", "energy_captured")}
         for name, info in meta["modules"].items()}}
     setattr(model, ADAPTER_FILES_ATTR, files)
     # Layers built here start at row 0: every layer computes with the adapter set_adapter chose.
@@ -670,6 +672,21 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
     skip_bases_in_hf_checkpoints(model)
     keep_gradients_through_reentrant_checkpoints(model, adapted=True)
     return dict(ids)
+
+
+def _backbone_name(model: nn.Module, name: str, by_name: dict) -> Optional[str]:
+    """The model's name for the adapter's module ``name``: itself, or across transformers' ``base_model_prefix``
+    (an adapter made on ``BertModel`` names ``encoder.layer.0...``, ``BertForSequenceClassification`` holds it
+    as ``bert.encoder.layer.0...``, and the reverse), as ``from_pretrained`` maps a checkpoint's weights."""
+    if name in by_name:
+        return name
+    prefix = getattr(model, "base_model_prefix", None)
+    if not isinstance(prefix, str) or not prefix:
+        return None
+    for candidate in (f"{prefix}.{name}", name[len(prefix) + 1:] if name.startswith(f"{prefix}.") else None):
+        if candidate in by_name:
+            return candidate
+    return None
 
 
 def _build_layer(linear: nn.Linear, own: dict, info: dict, include_basis: bool, num_adapters: int,

@@ -876,3 +876,33 @@ def test_checkpoint_callback_warns_where_trainer_pushes_without_telling_it(monke
                                          "trainer.push_to_hub\\(\\) then uploads"):
         callback.on_train_begin(args, transformers.TrainerState(), transformers.TrainerControl(), model=model)
     callback.keep_frozen_weights()
+
+
+@pytest.mark.filterwarnings("ignore:.*head 'classifier' is frozen")
+def test_an_adapter_crosses_base_model_prefix_between_backbone_and_task_model(tmp_path):
+    """An adapter made on RobertaModel names encoder.layer...; RobertaForSequenceClassification holds the same
+    backbone as roberta.encoder.layer... (transformers' base_model_prefix, which from_pretrained maps): it loads
+    either way, and saving it again keeps working beside it."""
+    from transformers import RobertaModel
+    from qrlora_kernels import save_adapter, load_adapter
+    torch.manual_seed(0)
+    task = _roberta()
+    backbone = RobertaModel(task.config, add_pooling_layer=False).eval()
+    backbone.load_state_dict(task.roberta.state_dict())
+    ids = torch.randint(3, 120, (2, 9))
+    config = QRLoraConfig(target_modules=["query", "value"], rank=4)
+    for source, target, hidden in ((backbone, task, lambda m: m.roberta), (task, backbone, lambda m: m)):
+        adapted = copy.deepcopy(source)
+        apply_qrlora(adapted, config, progress=False)
+        with torch.no_grad():
+            for _, layer in qrlora_layers(adapted):
+                layer.lam.normal_()
+            expected = (adapted if source is backbone else adapted.roberta)(input_ids=ids).last_hidden_state
+        save_adapter(adapted, tmp_path / type(source).__name__)
+        served = copy.deepcopy(target)
+        load_adapter(served, tmp_path / type(source).__name__)
+        with torch.no_grad():
+            got = hidden(served)(input_ids=ids).last_hidden_state
+        assert_rel_close(got, expected, 1e-5, name=f"{type(source).__name__} adapter in {type(target).__name__}")
+        save_adapter(served, tmp_path / "again")
+        load_adapter(served, tmp_path / "again", adapter_name="again")
