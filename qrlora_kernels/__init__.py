@@ -29,6 +29,8 @@ _EXPORTS = {
     "QRLoraConfig": ".config",
     "apply_qrlora": ".model",
     "merge_and_unload": ".model",
+    "unload": ".model",
+    "delete_adapter": ".model",
     "adapter_batch": ".model",
     "disable_adapters": ".model",
     "set_adapter": ".model",

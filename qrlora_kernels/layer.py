@@ -302,6 +302,20 @@ class QRLoraLinear(nn.Module):
         self.lam.data = values  # .data: autograd records nothing
         self.lam.grad = None
 
+    def set_rows(self, rows: list[int]) -> None:
+        """Keep the adapters in ``rows`` of lam, in that order (``delete_adapter``); one row gives back the (r,)
+        shape. lam stays the same Parameter (see ``add_adapter``); the active adapter moves with its row (row 0 if
+        it is not kept)."""
+        if self.merged:
+            raise ValueError("cannot change the adapters of a merged layer; unmerge() first")
+        if not rows or any(isinstance(r, bool) or not isinstance(r, numbers.Integral)
+                           or not 0 <= r < self.num_adapters for r in rows):
+            raise ValueError(f"rows must be a non-empty list of rows of lam in [0, {self.num_adapters}), got {rows!r}")
+        values = self.lam.detach().reshape(-1, self.rank)[[int(r) for r in rows]]
+        active = [int(r) for r in rows].index(self.active_adapter) if self.active_adapter in rows else 0
+        self._reshape_lam(values.reshape(self.rank).clone() if len(rows) == 1 else values.clone())
+        self.active_adapter = active
+
     def set_num_adapters(self, num_adapters: int) -> None:
         """Grow (zero rows) or shrink lam to ``num_adapters`` rows; 1 gives back the (r,) shape."""
         if isinstance(num_adapters, bool) or not isinstance(num_adapters, numbers.Integral) or num_adapters < 1:
@@ -483,6 +497,20 @@ class QRLoraLinear(nn.Module):
         if self.bias is not None:
             linear.bias.copy_(self.bias.detach())
             linear.bias.requires_grad_(self.bias.requires_grad)
+        return linear
+
+    @torch.no_grad()
+    def base_layer(self) -> nn.Module:
+        """The layer this one adapts, without its update: an ``nn.Linear`` holding W0 and the bias (the same
+        tensors, not copies, unless the layer is merged: W0 is then recovered as ``unmerge()`` would), or for a
+        layer made from a transformers ``Conv1D`` a ``Conv1D`` (a copy, W0 transposed). This layer is unchanged."""
+        weight = self._merged_weight(-1.0) if self.merged else self.weight.detach()
+        if self.fan_in_fan_out:
+            return self._to_conv1d(weight)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=self.weight.requires_grad)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach(), requires_grad=self.bias.requires_grad)
         return linear
 
     def _to_conv1d(self, weight: torch.Tensor) -> nn.Module:

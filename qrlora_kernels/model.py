@@ -498,12 +498,76 @@ def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) ->
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
         _set_submodule(model, name, merged)
+    _drop_bookkeeping(model)
+    return model
+
+
+def _drop_bookkeeping(model: nn.Module) -> None:
     for attr in (CONFIG_ATTR, ADAPTER_IDS_ATTR, MODULES_TO_SAVE_ATTR, ACTIVE_ADAPTER_ATTR, ADAPTER_FILES_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
     skip_bases_in_hf_checkpoints(model)
     keep_gradients_through_reentrant_checkpoints(model, adapted=False)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Turn every ``QRLoraLinear`` back into the layer it replaced, without any adapter's update (PEFT's
+    ``unload``): W0 and the bias, the same tensors (copies where a layer is merged, or was a ``Conv1D``).
+
+    Returns ``model`` (changed in place), without QR-LoRA bookkeeping. Every base layer is formed before any is
+    replaced, so an error leaves the model as it was. ``modules_to_save`` keep their trained values (they train
+    in place, with no copy of the original kept): ``save_adapter`` first to keep the adapter, and reload the base
+    model for its original head. Parameters stay frozen, as ``apply_qrlora`` left them.
+    """
+    model = unwrap_model(model)
+    refuse_bare_layer(model, "unload")
+    layers = qrlora_layers(model)
+    if not layers:
+        raise ValueError("the model has no QR-LoRA layers to unload")
+    bases = []
+    for name, layer in layers:
+        try:
+            bases.append((name, layer.base_layer()))
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+    for name, base in bases:
+        _set_submodule(model, name, base)
+    _drop_bookkeeping(model)
     return model
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove the adapter ``adapter_name`` from every layer (PEFT's ``delete_adapter``): its row of each ``lam``
+    goes, the adapters after it move up a row (their names keep them). The last adapter is not deleted: use
+    ``unload`` or ``merge_and_unload``. Deleting the adapter the model computes with makes the first remaining
+    one active. Like ``add_adapter``, each ``lam`` keeps its Parameter with a new shape: build optimizers after."""
+    root = unwrap_model(model)
+    layers = qrlora_layers(root)
+    if not layers:
+        raise ValueError("the model has no QR-LoRA layers (call apply_qrlora or load_adapter first)")
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"adapter_name must be an adapter's name (str), got {type(adapter_name).__name__}")
+    ids = dict(getattr(root, ADAPTER_IDS_ATTR, None) or {DEFAULT_ADAPTER: 0})
+    row = adapter_row(root, adapter_name)
+    if len(ids) == 1:
+        raise ValueError(f"{adapter_name!r} is the model's only adapter: unload(model) or merge_and_unload(model) "
+                         f"removes it")
+    active_name = default_adapter_name(root) if len({l.active_adapter for _, l in layers}) == 1 else None
+    del ids[adapter_name]
+    ids = {name: r - (r > row) for name, r in ids.items()}
+    for _, layer in layers:
+        keep = [r for r in range(layer.num_adapters) if r != row]
+        layer.set_rows(keep)
+    if active_name == adapter_name or active_name is None:
+        active_name = min(ids, key=ids.get)
+    for _, layer in layers:
+        layer.active_adapter = ids[active_name]
+    setattr(root, ADAPTER_IDS_ATTR, ids)
+    if getattr(root, ACTIVE_ADAPTER_ATTR, None) is not None:
+        setattr(root, ACTIVE_ADAPTER_ATTR, active_name)
+    files = getattr(root, ADAPTER_FILES_ATTR, None)
+    if files and adapter_name in files:
+        setattr(root, ADAPTER_FILES_ATTR, {k: v for k, v in files.items() if k != adapter_name})
 
 
 def _wrapper_chain(model: nn.Module):

@@ -962,3 +962,75 @@ def test_an_adapter_saved_again_keeps_its_own_modules_ranks_and_config(base, tmp
     load_adapter(fresh, tmp_path / "b_trained")
     with torch.no_grad():
         assert_rel_close(fresh(x), expected, 1e-5, name="b trained on the server, saved and reloaded")
+
+
+def test_unload_gives_the_base_layers_back_without_any_update(base, tmp_path):
+    """PEFT's unload: every layer back to the one it replaced, W0 and bias the same tensors (W0 recovered where
+    merged, a Conv1D where it was one), the bookkeeping and the checkpointing hook gone; a layer whose W0 cannot
+    be recovered is refused before any layer changes; the trained head keeps its values (trained in place)."""
+    from transformers.pytorch_utils import Conv1D
+    from qrlora_kernels import unload
+    from qrlora_kernels.reentrant_checkpointing import InputsRequireGrad
+    torch.manual_seed(0)
+    base.layers[1].value = Conv1D(HIDDEN, HIDDEN)  # GPT-2's layout for one of them
+    model = _adapted(base, dataclasses.replace(CONFIG, store_r=False))
+    model.layers[2].query.merge()
+    x = torch.randn(2, 5, HIDDEN)
+    with torch.no_grad():
+        model.layers[1].query.merge()
+        model.layers[1].query.lam.fill_(-1.0)  # merged with 1 + lam = 0: W0 is gone from that layer
+    before = {n: m for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"layers\.1\.query: cannot recover W0"):
+        unload(model)
+    assert {n: m for n, m in model.named_modules()} == before
+    model = _adapted(base, CONFIG)
+    model.layers[2].query.merge()
+    head = model.classifier.weight.detach().clone()
+    w0 = model.layers[0].query.weight
+    unload(model)
+    assert type(model.layers[0].query) is nn.Linear and type(model.layers[1].value) is Conv1D
+    assert model.layers[0].query.weight is not None and model.layers[0].query.weight.data_ptr() == w0.data_ptr()
+    assert not any(hasattr(model, a) for a in ("qrlora_adapter_ids", "qrlora_config", "qrlora_modules_to_save"))
+    assert not [h for m in model.modules() for h in m._forward_hooks.values() if isinstance(h, InputsRequireGrad)]
+    plain = copy.deepcopy(base)
+    with torch.no_grad():
+        plain.classifier.weight.copy_(head)
+        plain.classifier.bias.copy_(model.classifier.bias)
+        assert_rel_close(model(x), plain(x), 1e-5, name="unloaded = base with the trained head")
+    assert torch.equal(model.classifier.weight, head)
+    with pytest.raises(ValueError, match="no QR-LoRA layers to unload"):
+        unload(model)
+
+
+def test_delete_adapter_removes_its_row_and_keeps_the_others(base, tmp_path):
+    from qrlora_kernels import delete_adapter, set_adapter
+    config = QRLoraConfig(target_modules=["query", "value"], rank=4)
+    tuned = {name: _adapted(base, config) for name in ("a", "b", "c")}
+    for name, model in tuned.items():
+        save_adapter(model, tmp_path / name)
+    served = copy.deepcopy(base)
+    for name in ("a", "b", "c"):
+        load_adapter(served, tmp_path / name, adapter_name=name)
+    x = torch.randn(3, 5, HIDDEN)
+    lam = served.layers[0].query.lam
+    set_adapter(served, "b")
+    delete_adapter(served, "a")
+    assert served.qrlora_adapter_ids == {"b": 0, "c": 1} and served.layers[0].query.lam is lam
+    with torch.no_grad():
+        assert_rel_close(served(x), tuned["b"](x), 1e-5, name="b stays active")
+        with adapter_batch(served, ["c", "b", "c"]):
+            mixed = served(x)
+        for i, name in enumerate(["c", "b", "c"]):
+            assert_rel_close(mixed[i], tuned[name](x[i:i + 1])[0], 1e-5, name=f"{name} by name after the delete")
+    delete_adapter(served, "b")  # the active one: the first remaining becomes active
+    assert served.qrlora_adapter_ids == {"c": 0} and lam.shape == (4,)
+    with torch.no_grad():
+        assert_rel_close(served(x), tuned["c"](x), 1e-5, name="c alone")
+    save_adapter(served, tmp_path / "c_again")
+    assert json.loads((tmp_path / "c_again" / ADAPTER_CONFIG).read_text())["adapter_name"] == "c"
+    for name, error, match in (("c", ValueError, "'c' is the model's only adapter: unload"),
+                               ("z", ValueError, r"unknown adapter 'z'"), (0, TypeError, "adapter_name must be")):
+        with pytest.raises(error, match=match):
+            delete_adapter(served, name)
+    load_adapter(served, tmp_path / "a", adapter_name="a")
+    assert served.qrlora_adapter_ids == {"c": 0, "a": 1}
