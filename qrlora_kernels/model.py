@@ -312,7 +312,7 @@ def _make_layer(linear: nn.Module, basis: QRLoraBasis, config: QRLoraConfig, num
 
 # ---------------------------------------------------------------------------------------- public API
 def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[bool] = None,
-                 group=None) -> QRLoraReport:
+                 group=None, adapter_name: str = DEFAULT_ADAPTER) -> QRLoraReport:
     """Replace every ``nn.Linear`` that ``config`` targets by a ``QRLoraLinear``, in place.
 
     Every other parameter is frozen, except those of ``config.modules_to_save``. The
@@ -321,11 +321,14 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
     ``torch.distributed`` process group (``group``, default the world) the factorisations are split across the
     ranks and the bases broadcast, so every rank ends with the same model as one process would.
 
-    ``progress``: show a tqdm bar over modules (None: only on a terminal).
+    ``progress``: show a tqdm bar over modules (None: only on a terminal). ``adapter_name``: the name of the
+    adapter being trained (PEFT's ``get_peft_model(..., adapter_name=)``), which ``save_adapter`` records.
     Returns a ``QRLoraReport`` (``print(report)`` gives a table).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_qrlora needs an nn.Module, got {type(model).__name__}")
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
     refuse_bare_layer(unwrap_model(model), "apply_qrlora")
     if not isinstance(config, QRLoraConfig):
         raise TypeError(f"config must be a QRLoraConfig, got {type(config).__name__}")
@@ -376,7 +379,7 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
             saved_params += p.numel()
     _warn_if_a_fresh_head_stays_frozen(model, config, saved)
     setattr(model, CONFIG_ATTR, config)
-    setattr(model, ADAPTER_IDS_ATTR, {DEFAULT_ADAPTER: 0})
+    setattr(model, ADAPTER_IDS_ATTR, {adapter_name: 0})
     setattr(model, MODULES_TO_SAVE_ATTR, saved)
     skip_bases_in_hf_checkpoints(model)
     keep_gradients_through_reentrant_checkpoints(model, adapted=bool(qrlora_layers(model)))

@@ -1034,3 +1034,17 @@ def test_delete_adapter_removes_its_row_and_keeps_the_others(base, tmp_path):
             delete_adapter(served, name)
     load_adapter(served, tmp_path / "a", adapter_name="a")
     assert served.qrlora_adapter_ids == {"c": 0, "a": 1}
+
+
+def test_apply_qrlora_names_the_adapter_it_makes(base, tmp_path):
+    """PEFT's get_peft_model(..., adapter_name=): the name is the model's, saved in the file, and loads under it."""
+    model = copy.deepcopy(base)
+    apply_qrlora(model, QRLoraConfig(target_modules=["query"], rank=3), progress=False, adapter_name="sst2")
+    assert model.qrlora_adapter_ids == {"sst2": 0}
+    save_adapter(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / ADAPTER_CONFIG).read_text())["adapter_name"] == "sst2"
+    served = copy.deepcopy(base)
+    assert load_adapter(served, tmp_path / "a") == {"sst2": 0}
+    for bad in ("", 3):
+        with pytest.raises(TypeError, match="adapter_name must be a non-empty str"):
+            apply_qrlora(copy.deepcopy(base), QRLoraConfig(target_modules=["query"], rank=3), adapter_name=bad)
