@@ -237,8 +237,8 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
     ``model`` may be wrapped (``DistributedDataParallel``, ``DataParallel``, ``torch.compile``): module names
     are the unwrapped model's, so the adapter loads into a plain base model. Under FSDP2 (``fully_shard``) the
     sharded tensors are gathered, a collective: call ``save_adapter`` on every rank.
-    ``adapter_name`` picks the adapter (row of lam) to save when several are loaded; by default "default", or
-    the only adapter loaded. ``include_basis=True`` also stores Q_r and R_r for a bit-exact reload.
+    ``adapter_name`` picks the adapter (row of lam) to save when several are loaded; by default the one the model
+    computes with (``model.default_adapter_name``). ``include_basis=True`` also stores Q_r and R_r for a bit-exact reload.
     ``is_main_process``: whether this process writes the files (default: rank 0 of an initialised process
     group, else True), as in Hugging Face's ``save_pretrained``. Returns the two paths.
     """
@@ -618,9 +618,11 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
                  if k.startswith(f"{SAVED_PREFIX}{name}.")}
         if _checksum(state) != checksum:
             raise ValueError(f"{name}: the stored modules_to_save tensors are missing or corrupt")
-        if name not in by_name:
+        found = _backbone_name(model, name, by_name)
+        if found is None:
             raise ValueError(f"{name}: module (modules_to_save) not found in the model")
-        target = by_name[name][1]
+        model_names[name] = found
+        target = by_name[found][1]
         expected = {k: tuple(v.shape) for k, v in target.state_dict().items()}
         stored = {k: tuple(v.shape) for k, v in state.items()}
         if expected != stored:
@@ -646,7 +648,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
             _write_lam_row(layer, row, torch.zeros(0))
 
     for name in saved_meta:
-        target = by_name[name][1]
+        target = by_name[model_names[name]][1]
         state = {k[len(SAVED_PREFIX) + len(name) + 1:]: v for k, v in tensors.items()
                  if k.startswith(f"{SAVED_PREFIX}{name}.")}
         target.load_state_dict(state, strict=True)
@@ -657,7 +659,8 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
         if isinstance(config, QRLoraConfig) and store_r is not None:
             config = dataclasses.replace(config, store_r=store_r)
         setattr(model, CONFIG_ATTR, config)
-    setattr(model, MODULES_TO_SAVE_ATTR, sorted(set(getattr(model, MODULES_TO_SAVE_ATTR, [])) | set(saved_meta)))
+    setattr(model, MODULES_TO_SAVE_ATTR,
+            sorted(set(getattr(model, MODULES_TO_SAVE_ATTR, [])) | {model_names[name] for name in saved_meta}))
     setattr(model, ADAPTER_IDS_ATTR, ids)
     files = dict(getattr(model, ADAPTER_FILES_ATTR, None) or {})
     files[name_to_load] = {"config": meta.get("config"), "modules": {

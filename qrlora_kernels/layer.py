@@ -151,7 +151,7 @@ class QRLoraLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.rank = rank
-        self.tau = tau
+        self.tau = None if tau is None else float(tau)  # (a numpy float would not go into adapter_config.json)
         self.energy = energy
         self.energy_captured = energy_captured
         self.backend = backend

@@ -492,9 +492,10 @@ def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) ->
     layers = qrlora_layers(model)
     if not layers:
         raise ValueError("the model has no QR-LoRA layers to merge")
-    if adapter_name is None:
-        adapter_name = default_adapter_name(model)
-    row = adapter_row(model, adapter_name)
+    if adapter_name is None and getattr(model, ADAPTER_IDS_ATTR, None) is None:
+        row = None  # layers given adapters by hand (add_adapter): each merges its active one, if it has one
+    else:
+        row = adapter_row(model, adapter_name if adapter_name is not None else default_adapter_name(model))
     for name, layer in layers:
         try:
             merged = _merged_linear(layer, row)
@@ -550,6 +551,10 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         raise ValueError("the model has no QR-LoRA layers (call apply_qrlora or load_adapter first)")
     if not isinstance(adapter_name, str):
         raise TypeError(f"adapter_name must be an adapter's name (str), got {type(adapter_name).__name__}")
+    wrapper = parameter_holding_wrapper(model)
+    if wrapper is not None or any(hasattr(layer.lam, "device_mesh") for _, layer in layers):
+        raise ValueError(f"delete adapters before wrapping the model in {wrapper or 'FSDP2 (fully_shard)'}: it "
+                         f"keeps each lam at the shape it was given, and the next backward would fail")
     ids = dict(getattr(root, ADAPTER_IDS_ATTR, None) or {DEFAULT_ADAPTER: 0})
     row = adapter_row(root, adapter_name)
     if len(ids) == 1:

@@ -165,6 +165,12 @@ def _check_ddp(rank, world):
         raise AssertionError("a new adapter was loaded into a DDP-wrapped model")
     except ValueError as err:
         assert "load adapters before wrapping the model in DistributedDataParallel" in str(err), err
+    from qrlora_kernels import delete_adapter
+    try:
+        delete_adapter(ddp, "default")
+        raise AssertionError("an adapter was deleted from a DDP-wrapped model")
+    except ValueError as err:
+        assert "delete adapters before wrapping the model in DistributedDataParallel" in str(err), err
     lam_before = [p for n, p in model.named_parameters() if n.endswith(".lam")]
     load_adapter(ddp, folder)
     assert [p for n, p in model.named_parameters() if n.endswith(".lam")] == lam_before  # the same Parameters
@@ -222,6 +228,12 @@ def _check_fsdp2(rank, world):
     torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01).step()
     (model(x[share]) - target[share]).square().mean().backward()  # a second step runs on updated shards
     _check_saved_adapter(model, x, "fsdp2", rank)
+    from qrlora_kernels import delete_adapter
+    try:
+        delete_adapter(model, "default")
+        raise AssertionError("an adapter was deleted from an FSDP2-sharded model")
+    except ValueError as err:
+        assert "delete adapters before wrapping the model in FSDP2" in str(err), err
 
 
 def _check_fsdp2_checkpoints(rank, world):

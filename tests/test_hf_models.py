@@ -890,13 +890,17 @@ def test_an_adapter_crosses_base_model_prefix_between_backbone_and_task_model(tm
     backbone = RobertaModel(task.config, add_pooling_layer=False).eval()
     backbone.load_state_dict(task.roberta.state_dict())
     ids = torch.randint(3, 120, (2, 9))
-    config = QRLoraConfig(target_modules=["query", "value"], rank=4)
+    # The embeddings' LayerNorm trained too (modules_to_save): its name crosses the prefix as well.
+    config = QRLoraConfig(target_modules=["query", "value"], rank=4, modules_to_save=["embeddings.LayerNorm"])
     for source, target, hidden in ((backbone, task, lambda m: m.roberta), (task, backbone, lambda m: m)):
         adapted = copy.deepcopy(source)
         apply_qrlora(adapted, config, progress=False)
         with torch.no_grad():
             for _, layer in qrlora_layers(adapted):
                 layer.lam.normal_()
+            for module in adapted.modules():
+                if type(module).__name__ == "LayerNorm" and module.weight.requires_grad:
+                    module.weight.normal_()
             expected = (adapted if source is backbone else adapted.roberta)(input_ids=ids).last_hidden_state
         save_adapter(adapted, tmp_path / type(source).__name__)
         served = copy.deepcopy(target)
@@ -904,5 +908,7 @@ def test_an_adapter_crosses_base_model_prefix_between_backbone_and_task_model(tm
         with torch.no_grad():
             got = hidden(served)(input_ids=ids).last_hidden_state
         assert_rel_close(got, expected, 1e-5, name=f"{type(source).__name__} adapter in {type(target).__name__}")
+        assert served.qrlora_modules_to_save == [
+            ("roberta." if target is task else "") + "embeddings.LayerNorm"]
         save_adapter(served, tmp_path / "again")
-        load_adapter(served, tmp_path / "again", adapter_name="again")
+        load_adapter(served, tmp_path / "again")

@@ -675,6 +675,14 @@ def test_cpu_adapter_ids_rewritten_behind_the_version_counter_are_checked_again(
         layer(torch.randn(2, 3, 40), adapter_ids=ids)
 
 
+def test_a_numpy_tau_is_kept_as_a_float():
+    """Accepted like a Python float, and kept as one: adapter_config.json could not hold a numpy float."""
+    import json
+    import numpy as np
+    layer = QRLoraLinear.from_linear(_linear(), tau=np.float32(0.5))
+    assert type(layer.tau) is float and layer.tau == 0.5 and json.dumps(layer.tau)
+
+
 def test_from_linear_refuses_what_it_takes_from_the_linear():
     with pytest.raises(TypeError, match="take dtype from the linear layer"):
         QRLoraLinear.from_linear(_linear(), rank=4, dtype=torch.float64)

@@ -534,6 +534,11 @@ def test_adapter_batch_routes_ids_and_validates():
                                          r"pass adapter_name="):
         merge_and_unload(copy.deepcopy(model))
     merged = merge_and_unload(copy.deepcopy(model), adapter_name="b")
+    # Layers given their adapters by hand (no adapter names): each would merge a row of its own choosing.
+    by_hand = copy.deepcopy(model)
+    del by_hand.qrlora_adapter_ids
+    with pytest.raises(ValueError, match="layer has 3 adapters: pass adapter_name"):
+        merge_and_unload(by_hand)
     for _, layer in qrlora_layers(model):
         layer.active_adapter = 1
     assert_rel_close(merged(x), model(x), 1e-5, name="merged adapter b")
