@@ -7,7 +7,7 @@ Converts a sequence-classification model (default: the real all-MiniLM-L6-v2 wei
 left out) and ``QRLoraCheckpointCallback(frozen_weights=True)``, and counts the trainable values in its
 model.safetensors (all of them must be there). Sizes are exact byte counts: they depend on the model and the
 versions of transformers and safetensors, not on the machine. ``--record-cost`` instead times the record of the
-frozen weights that such checkpoints carry (``qrlora_kernels.frozen_weights``), made when training begins and
+frozen weights that such checkpoints carry (``qrlora_kernels.frozen_weights``), made at the first checkpoint and
 checked at a resume, on a TinyLlama-shaped model (1.1B parameters, bf16, random weights). Run::
 
     python -m benchmarks.checkpoint_size                 # -> benchmarks/results/cpu/checkpoint_size.{json,csv}

@@ -53,7 +53,8 @@ def _name_hash(name: str) -> bytes:
 
 
 def _row(name: str, weight: torch.Tensor) -> bytes:
-    fingerprint = weight_fingerprint(weight)
+    # Cached per weight version: a record is made at every checkpoint, and frozen weights do not change.
+    fingerprint = weight_fingerprint(weight, cache=True)
     return (_name_hash(name) + bytes.fromhex(fingerprint["sample_hash"])
             + struct.pack("<dd", fingerprint["sum"], fingerprint["sum_sq"]))
 

@@ -475,12 +475,47 @@ def test_checkpoint_callback_keeps_the_frozen_weights_of_a_model_trainer_saves_w
     assert not any(p.requires_grad for p in bert.classifier.parameters())
     callback = QRLoraCheckpointCallback()
     callback.on_train_begin(args, None, None, model=bert)
+    assert not hasattr(bert, FROZEN_WEIGHTS_BUFFER)  # only while a checkpoint is written
+    import types
+    callback.on_step_end(args, None, types.SimpleNamespace(should_save=True, should_evaluate=False))
     assert hasattr(bert, FROZEN_WEIGHTS_BUFFER)
     assert "roberta.embeddings.word_embeddings.weight" in bert._keys_to_ignore_on_save
     assert not [k for k in bert._keys_to_ignore_on_save if k.startswith("classifier.")]  # a frozen task head: kept
     callback.keep_frozen_weights()
     assert not hasattr(bert, FROZEN_WEIGHTS_BUFFER)
     assert not [k for k in bert._keys_to_ignore_on_save if not k.endswith((".Q", ".R"))]
+
+
+@pytest.mark.parametrize("evaluating", [False, True])
+def test_a_save_after_an_interrupted_train_writes_the_whole_model(tmp_path, evaluating):
+    """The callback leaves the frozen weights out of Trainer's checkpoints only (armed when a step or an evaluation
+    asks for one, until on_save): a train() stopped by Ctrl-C between checkpoints, then trainer.save_model(),
+    wrote a model without its backbone, silently (on_train_end never ran)."""
+    from safetensors.torch import load_file
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from qrlora_kernels import QRLoraCheckpointCallback
+
+    class Interrupt(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    model = _roberta()
+    apply_qrlora(model, QRLoraConfig(target_modules=["query"], rank=4, task_type="SEQ_CLS"), progress=False)
+    data = [{"input_ids": torch.randint(3, 120, (10,)), "labels": torch.tensor(i % 3)} for i in range(8)]
+    schedule = dict(eval_strategy="steps", eval_steps=2) if evaluating else {}
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=6, save_steps=2, report_to=[], use_cpu=True,
+                             per_device_train_batch_size=4, disable_tqdm=True, **schedule)
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:4],
+                      callbacks=[QRLoraCheckpointCallback(), Interrupt()])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    checkpoint = load_file(tmp_path / "run" / "checkpoint-2" / "model.safetensors")
+    assert "roberta.embeddings.word_embeddings.weight" not in checkpoint  # the checkpoint was small
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = load_file(tmp_path / "saved" / "model.safetensors")
+    expected = {k for k in model.state_dict() if not k.endswith((".Q", ".R"))}
+    assert set(saved) == expected
 
 
 def test_checkpoint_callback_puts_the_adapter_in_trainers_hub_pushes(tmp_path, monkeypatch):
