@@ -120,9 +120,12 @@ if (( dry_run )); then
     check summary "$PYTHON" -c "import triton, benchmarks.qr; from benchmarks.throughput import summarize"
     check autotune-knob "$PYTHON" -c "import os, sys; os.environ['QRLORA_AUTOTUNE'] = '0'; from qrlora_kernels.kernels import utils; sys.exit(utils.AUTOTUNE)"
     echo "ok    env: PYTHON=$PYTHON PYTHONUNBUFFERED=$PYTHONUNBUFFERED"
-    probe="$(mkdir -p "$repo/benchmarks/results" && mktemp -d "$repo/benchmarks/results/.dry-run.XXXXXX" 2>/dev/null)" \
+    # The folder the results would go to: --out (made now, as the run would), else a new one under
+    # benchmarks/results.
+    results_parent="${out_dir:-$repo/benchmarks/results}"
+    probe="$(mkdir -p "$results_parent" 2>/dev/null && mktemp -d "$results_parent/.dry-run.XXXXXX" 2>/dev/null)" \
         && rmdir "$probe"
-    check results-folder test -n "$probe"
+    check "results-folder ($results_parent)" test -n "$probe"
     if [[ -n "$archive" ]]; then
         check archive bash -c 'mkdir -p "$(dirname "$1")" && touch "$1.probe" && rm -f "$1.probe"' _ "$archive"
     else
@@ -142,8 +145,12 @@ if [[ -z "$gpu" ]]; then
 fi
 slug="$(echo "$gpu" | tr 'A-Z' 'a-z' | tr -c 'a-z0-9' '-' | sed 's/-\+/-/g; s/^-//; s/-$//')"
 out_dir="${out_dir:-benchmarks/results/$(date -u +%Y%m%d-%H%M)-$slug}"
-mkdir -p "$out_dir"
-out_dir="$(cd "$out_dir" && pwd)"
+# A folder that cannot be made (a file in the way, no permission) stops the run here: nothing is measured, and
+# nothing is written anywhere else.
+if ! mkdir -p "$out_dir" 2>/dev/null || ! out_dir="$(cd "$out_dir" && pwd)" || [[ ! -w "$out_dir" ]]; then
+    echo "device_suite.sh: cannot write the results folder '$out_dir' (--out)" >&2
+    exit 2
+fi
 suite_log="$out_dir/suite.log"
 say() { echo "$@" | tee -a "$suite_log"; }
 steps="$out_dir/steps.tsv"

@@ -525,10 +525,25 @@ def test_device_suite_dry_run_checks_every_step_then_the_gpu():
     proc = _script("benchmarks/device_suite.sh", "--dry-run")
     assert proc.returncode == 3, proc.stdout + proc.stderr
     for step in ("timeout", "tar", "build", "qrcp-tests", "qr", "init", "bench", "cuda-tests", "summary",
-                 "autotune-knob", "env", "results-folder"):
+                 "autotune-knob", "env"):
         assert f"ok    {step}:" in proc.stdout, step
+    assert f"ok    results-folder ({REPO / 'benchmarks' / 'results'}):" in proc.stdout
     assert "PYTHONUNBUFFERED=1" in proc.stdout and "note  archive: none" in proc.stdout
     assert "no CUDA GPU" in proc.stderr
+
+
+def test_device_suite_refuses_a_results_folder_it_cannot_write(tmp_path):
+    """--out under a file: exit 2 before anything runs (it went on with an empty folder name, writing its logs into
+    the root folder, and exited 0); --dry-run checks the --out it is given."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    env = _env_without_interpreter()
+    proc = _script("benchmarks/device_suite.sh", "--allow-cpu", "--only", "summary", "--out", str(blocker / "sub"),
+                   env=env)
+    assert proc.returncode == 2 and "cannot write the results folder" in proc.stderr, proc.stdout + proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+    proc = _script("benchmarks/device_suite.sh", "--dry-run", "--out", str(blocker / "sub"), env=env)
+    assert proc.returncode == 2 and f"FAIL  results-folder ({blocker / 'sub'})" in proc.stderr, proc.stderr
 
 
 def test_device_suite_step_caps_fit_the_budget_most_important_first():
