@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import statistics
 import time
 from pathlib import Path
@@ -63,8 +64,26 @@ TABLE_COLUMNS = ["m", "n", "routine", "status", "median_ms", "p20_ms", "p80_ms",
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    m, _, n = text.lower().partition("x")
-    return int(m), int(n or m)
+    """``2048`` (square) or ``4096x11008``: positive sizes, nothing else ("64x" was read as 64x64)."""
+    found = re.fullmatch(r"\s*([1-9][0-9]*)(?:\s*[xX]\s*([1-9][0-9]*))?\s*", text)
+    if not found:
+        raise argparse.ArgumentTypeError(f"sizes are N or MxN with positive M, N (e.g. 2048 or 4096x11008), "
+                                         f"got {text!r}")
+    return int(found.group(1)), int(found.group(2) or found.group(1))
+
+
+def _size_list(text: str) -> list[tuple[int, int]]:
+    return [parse_size(item) for item in text.split(",")]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return value
 
 
 def routines(A: torch.Tensor) -> dict[str, Callable[[], object]]:
@@ -276,11 +295,11 @@ def results_writer(out_dir: Path, name: str, meta: dict) -> Callable[[list], Non
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", help="comma list: 2048 or 4096x11008 (default: the quick CPU set)")
+    parser.add_argument("--sizes", type=_size_list, help="comma list: 2048 or 4096x11008 (default: the quick CPU set)")
     parser.add_argument("--full", action="store_true", help="all sizes of the issue (slow on the CPU)")
     parser.add_argument("--quick", action="store_true", help="the quick set (default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=int, default=None, help="samples per routine (default 3; 10 on CUDA)")
+    parser.add_argument("--reps", type=_positive_int, default=None, help="samples per routine (default 3; 10 on CUDA)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int,
                         help="CPU threads for every routine alike (torch's OpenMP/MKL and scipy's OpenBLAS)")
@@ -293,11 +312,18 @@ def main(argv=None):
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds; routines not started by then are reported as not run (CUDA)")
     args = parser.parse_args(argv)
-    if args.sizes:
-        sizes = [parse_size(s) for s in args.sizes.split(",")]
-    else:
-        sizes = FULL_SIZES if args.full else QUICK_SIZES
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, ValueError) as err:
+        parser.error(f"--device {args.device!r}: {err}")
+    sizes = args.sizes or (FULL_SIZES if args.full else QUICK_SIZES)
     only = set(args.routines.split(",")) if args.routines else None
+    if only is not None:
+        # Checked before anything runs: a typo ran nothing, exited 0 and rewrote the results with no rows.
+        known = list(routines(torch.zeros(2, 2, device=args.device)))
+        unknown = sorted(o for o in only if not any(name == o or name.startswith(o) for name in known))
+        if unknown:
+            parser.error(f"--routines: unknown {', '.join(map(repr, unknown))}; routines here: {', '.join(known)}")
     torch.manual_seed(0)
     limits = contextlib.nullcontext()
     if args.threads:

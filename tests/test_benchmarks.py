@@ -742,3 +742,19 @@ def test_qr_sequential_mode_puts_baselines_first_survives_a_failing_routine_and_
     # Past the time budget, the remaining routines are reported, not run.
     late = qr_bench.run([(24, 24)], reps=2, sequential=True, progress=False, time_budget_s=0.0)
     assert {r["status"] for r in late} == {"not run"} and len(late) == 5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sizes", "64", "--routines", "gqerf"], "--routines: unknown 'gqerf'; routines here: qrcp_geqp3"),
+    (["--sizes", "64x"], "sizes are N or MxN with positive M, N"),
+    (["--sizes", "abc"], "sizes are N or MxN"),
+    (["--sizes", "64", "--reps", "0"], "--reps: must be a positive int, got '0'"),
+    (["--sizes", "64", "--device", "bogus"], "--device 'bogus'"),
+])
+def test_qr_benchmark_refuses_bad_arguments_before_writing_anything(tmp_path, args, message):
+    """A typo in --routines ran nothing, exited 0 and rewrote the results file with no rows; '64x' ran 64x64;
+    --reps 0 was the default: each is now an argparse error (exit 2) and the results folder stays untouched."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.qr", *args, "--out-dir", str(tmp_path / "out")],
+                          cwd=REPO, env=_env_without_interpreter(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
