@@ -84,10 +84,13 @@ def measure(fn: Callable[[], object], *, device: str | torch.device = "cpu", war
 
 
 def _git_commit() -> str:
+    """The commit measured, "-dirty" where tracked files other than benchmarks/results differ from it (a run
+    rewrites its own committed results before it writes its final meta: that is not a change to what ran)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                ":(top,exclude)benchmarks/results"], capture_output=True,
                                text=True, cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -127,7 +130,8 @@ def environment(device: str | torch.device = "cpu") -> dict:
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        # As typed (python -m benchmarks.throughput ...): sys.argv holds the module's file path instead.
+        "command": " ".join([Path(sys.executable).name, *getattr(sys, "orig_argv", [None, *sys.argv])[1:]]),
         "device": str(dev),
         "gpu": gpu,
         "compute_capability": cc,

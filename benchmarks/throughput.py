@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import tempfile
 import re
 import statistics
 import sys
@@ -695,13 +696,23 @@ def main(argv=None) -> int:
             parser.error(str(exc))
     cuda = torch.device(device).type == "cuda"
     plan = resolve_plan(args, cuda=cuda)
+    # Ranks no shape can take: every case would be skipped, and the run would write an empty table.
+    for token in plan.get("ranks") or ():
+        if plan.get("shapes") and all(_resolve_rank(str(token), n, k) is None for n, k in plan["shapes"]):
+            parser.error(f"--ranks {token} exceeds min(out, in) of every shape "
+                         f"({', '.join(f'{n}x{k}' for n, k in plan['shapes'])})")
     threads = args.threads or (1 if plan["suite"] == "cpu-default" else None)
     if threads is not None:
         torch.set_num_threads(threads)
-    out_dir = args.out or default_out_dir(plan, device)
+    out_dir = Path(args.out or default_out_dir(plan, device))
+    try:  # before anything is measured: a bad --out failed only when the first results were written
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as err:
+        parser.error(f"--out {out_dir}: cannot write there ({err.strerror or err})")
     _announce(plan, device)
     started = time.perf_counter()
-    written = []
+    written, failed_sections = [], []
 
     sections = {args.only} if args.only else {"layers", "models", "qr"}
     if args.model_level == "off" or (args.model_level == "auto" and not args.only and args.model_presets is None
@@ -758,8 +769,13 @@ def main(argv=None) -> int:
             written += [out_dir / "qr.json", out_dir / "qr.csv"]
         else:
             print(f"\nQR initialisation: {qr['status']}: {qr['reason']}")
+            if qr["status"] == "error":
+                failed_sections.append("qr")
 
     print(f"\nwrote {', '.join(str(p) for p in written)} ({time.perf_counter() - started:.0f} s)")
+    if failed_sections:  # what was measured is written; the exit status says a section failed
+        print(f"failed: {', '.join(failed_sections)}", file=sys.stderr)
+        return 1
     return 0
 
 

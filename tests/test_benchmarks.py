@@ -758,3 +758,48 @@ def test_qr_benchmark_refuses_bad_arguments_before_writing_anything(tmp_path, ar
                           cwd=REPO, env=_env_without_interpreter(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_throughput_refuses_what_it_cannot_run_and_fails_on_a_failed_section(tmp_path, monkeypatch, capsys):
+    """Ranks no shape can take (every case skipped: an empty table, exit 0) and an --out it cannot write (found
+    only when the first results were written, after measuring them) are argparse errors before anything runs; a
+    section that fails (the QR one here) keeps what was measured and makes the exit status 1."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    small = ["--shapes", "48x32", "--tokens", "16", "--dtype", "fp32", "--providers", "frozen_linear",
+             "--model-level", "off", "--no-plot", "--device", "cpu"]
+    for extra, message in ((["--ranks", "100", "--out", str(tmp_path / "a")], "--ranks 100 exceeds min(out, in) of "
+                                                                               "every shape (48x32)"),
+                           (["--ranks", "8", "--out", str(blocker / "sub")], "cannot write there")):
+        with pytest.raises(SystemExit) as exit_info:
+            TP.main(small + ["--no-qr"] + extra)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+    monkeypatch.setattr(TP, "run_qr_section", lambda *a, **k: {"status": "error", "reason": "RuntimeError: boom"})
+    assert TP.main(small + ["--ranks", "8", "--qr-sizes", "32x32", "--out", str(tmp_path / "b")]) == 1
+    assert "failed: qr" in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "throughput.json").read_text())["rows"]  # the layer rows are kept
+
+
+def test_results_meta_names_the_commit_and_the_command_as_typed(tmp_path):
+    """A run rewrites its committed results before it writes its final meta: that alone is not "-dirty" (every
+    committed result said so); a change elsewhere is. The command is recorded as typed (python -m ...), not with
+    the module's file path, which does not run."""
+    if subprocess.run(["git", "-C", str(REPO), "rev-parse"], capture_output=True).returncode != 0:
+        pytest.skip("not a git work tree")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
+    results = sorted((clone / "benchmarks" / "results").rglob("*.json"))
+    assert results, "no committed results to rewrite"
+    probe = ("from benchmarks.harness import environment; e = environment(); print(e['git_commit']); "
+             "print(e['command'])")
+
+    def meta():
+        out = subprocess.run([sys.executable, "-c", probe, "--flag"], cwd=clone, capture_output=True, text=True,
+                             timeout=120, env=dict(_env_without_interpreter(), PYTHONPATH=str(clone)))
+        return out.stdout.splitlines()
+    results[0].write_text(results[0].read_text() + " ")
+    commit, command = meta()
+    assert not commit.endswith("-dirty") and command == f"{Path(sys.executable).name} -c {probe} --flag"
+    (clone / "README.md").write_text((clone / "README.md").read_text() + " ")
+    assert meta()[0].endswith("-dirty")
