@@ -26,6 +26,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,8 +56,10 @@ def parse_args(argv=None):
     p.add_argument("--method", default="qrlora", choices=["qrlora", "lora", "full"])
     p.add_argument("--model", default=None, help="hub id or local folder (default: roberta-base; offline: MiniLM)")
     p.add_argument("--offline", action="store_true", help="no network: local model and GLUE-format TSV data")
-    p.add_argument("--data-dir", type=Path, default=HERE / "data" / "sst2_tiny",
-                   help="offline data: a folder with train.tsv and dev.tsv in GLUE's format")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="offline data: a folder with train.tsv and dev.tsv, with the task's column names as in HF "
+                        "datasets' GLUE (e.g. sentence, or sentence1 and sentence2) and numeric labels as there "
+                        "(default for sst2: the shipped examples/data/sst2_tiny)")
     p.add_argument("--output-dir", type=Path, default=Path("runs"))
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
@@ -85,7 +88,21 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.push_to_hub is not None:  # checked now, not after the training run
+    # Checked now, not after (or silently during) the training run.
+    for name, value, ok, rule in (("--max-steps", args.max_steps, lambda v: v is None or v >= 1, "a positive int"),
+                                  ("--epochs", args.epochs, lambda v: v > 0, "> 0"),
+                                  ("--batch-size", args.batch_size, lambda v: v >= 1, "a positive int"),
+                                  ("--max-length", args.max_length, lambda v: v >= 1, "a positive int"),
+                                  ("--warmup", args.warmup, lambda v: 0 <= v < 1, "a fraction of the steps in [0, 1)"),
+                                  ("--lr", args.lr, lambda v: v is None or v > 0, "> 0"),
+                                  ("--head-lr", args.head_lr, lambda v: v > 0, "> 0")):
+        if not ok(value):
+            p.error(f"{name} must be {rule}, got {value}")
+    if args.data_dir is None:
+        if args.offline and args.task != "sst2":
+            p.error(f"--offline --task {args.task} needs --data-dir: the shipped tiny dataset is SST-2's")
+        args.data_dir = HERE / "data" / "sst2_tiny"
+    if args.push_to_hub is not None:
         if args.method != "qrlora":
             p.error("--push-to-hub uploads a QR-LoRA adapter: use it with --method qrlora")
         if args.offline:
@@ -108,8 +125,15 @@ def read_glue_tsv(path: Path, keys) -> list[tuple]:
         missing = [k for k in (*[k for k in keys if k], "label") if k not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
-        return [(row[keys[0]].strip(), row[keys[1]].strip() if keys[1] else None, float(row["label"]))
-                for row in reader]
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            try:
+                label = float(row["label"])
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}, line {line}: label {row['label']!r} is not a number: labels are numeric "
+                                 f"as in HF datasets' GLUE (e.g. RTE's 0 = entailment, 1 = not_entailment)") from None
+            rows.append((row[keys[0]].strip(), row[keys[1]].strip() if keys[1] else None, label))
+        return rows
 
 
 def load_data(args):
@@ -236,6 +260,11 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:  # before training: a folder that cannot be written lost the whole run at its end
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.output_dir).close()
+    except OSError as err:
+        raise SystemExit(f"--output-dir {args.output_dir}: cannot write there ({err.strerror or err})") from None
     train_rows, dev_rows, num_labels = load_data(args)
     tokenizer = AutoTokenizer.from_pretrained(default_model(args))
     model, groups, description = build_model(args, num_labels)
@@ -245,7 +274,7 @@ def main(argv=None) -> dict:
     print(f"{description}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%)")
 
     steps_per_epoch = math.ceil(len(train_rows) / args.batch_size)
-    total_steps = args.max_steps or max(1, int(args.epochs * steps_per_epoch))
+    total_steps = args.max_steps if args.max_steps is not None else max(1, int(args.epochs * steps_per_epoch))
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup * total_steps), total_steps)
     loss_fn = torch.nn.MSELoss() if num_labels == 1 else torch.nn.CrossEntropyLoss()

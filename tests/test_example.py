@@ -132,3 +132,34 @@ def test_online_mode_reads_glue_through_hf_datasets(finetune, tmp_path, monkeypa
     assert all(loss == loss for loss in saved["losses"]), "a NaN loss"
     assert result["model_object"].config.num_labels == num_labels
     assert 0.0 <= saved["dev"]["accuracy"] <= 1.0, saved["dev"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-steps", "0"], "--max-steps must be a positive int, got 0"),
+    (["--max-steps", "-1"], "--max-steps must be a positive int"),
+    (["--epochs", "0"], "--epochs must be > 0"),
+    (["--batch-size", "0"], "--batch-size must be a positive int"),
+    (["--warmup", "2"], "--warmup must be a fraction of the steps in [0, 1)"),
+    (["--task", "cola"], "--offline --task cola needs --data-dir: the shipped tiny dataset is SST-2's"),
+])
+def test_bad_options_stop_before_training(finetune, tmp_path, capsys, args, message):
+    """--max-steps 0 ran 3 epochs, -1 saved an untrained adapter, --batch-size 0 a ZeroDivisionError, --task cola
+    offline trained on SST-2 and wrote results_cola: each is now an argparse error."""
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(["--offline", "--output-dir", str(tmp_path / "out"), "--no-progress", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_output_dir_or_a_text_label_stops_before_training(finetune, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="--output-dir .*a_file/out: cannot write there"):
+        finetune.main(["--offline", "--output-dir", str(blocker / "out"), "--no-progress", "--max-steps", "1"])
+    rte = tmp_path / "rte"
+    rte.mkdir()
+    for name in ("train.tsv", "dev.tsv"):
+        (rte / name).write_text("index\tsentence1\tsentence2\tlabel\n0\tA man sleeps.\tA man rests.\tentailment\n")
+    with pytest.raises(ValueError, match=r"train.tsv, line 2: label 'entailment' is not a number"):
+        finetune.main(["--offline", "--task", "rte", "--data-dir", str(rte), "--output-dir", str(tmp_path / "o"),
+                       "--no-progress", "--max-steps", "1", "--device", "cpu"])
