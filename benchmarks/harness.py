@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import datetime as _dt
@@ -81,6 +82,17 @@ def measure(fn: Callable[[], object], *, device: str | torch.device = "cpu", war
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), reps=len(times))
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts (--reps, --layers): 0 was silently the default where ``args.x or default`` read it."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return value
 
 
 def _git_commit() -> str:

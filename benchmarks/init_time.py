@@ -38,7 +38,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from benchmarks.harness import RESULTS_DIR, environment, format_table, measure, write_results
+from benchmarks.harness import RESULTS_DIR, environment, format_table, measure, positive_int, write_results
 
 SHAPES = {
     # name: (container path, {module: (out, in)}, layers, default dtype, targets)
@@ -103,11 +103,11 @@ def _rank_summary(ranks: list[int]) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="roberta-qv")
-    parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
+    parser.add_argument("--layers", type=positive_int, default=None, help="override the number of layers")
     parser.add_argument("--rules", default="diag,frobenius,rank,budget,diag-randomized,frobenius-randomized",
                         help="comma-separated subset of diag, frobenius, rank, budget, diag-randomized, "
                              "frobenius-randomized (the last two: qr_method='randomized')")
-    parser.add_argument("--reps", type=int, default=None, help="timed runs per rule (default 3; llama7b 1)")
+    parser.add_argument("--reps", type=positive_int, default=None, help="timed runs per rule (default 3; llama7b 1)")
     parser.add_argument("--no-scipy", action="store_true", help="skip the scipy geqp3 route")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None,

@@ -44,7 +44,7 @@ from typing import Callable, Optional
 
 import torch
 
-from benchmarks.harness import RESULTS_DIR, environment, format_table, measure, write_results
+from benchmarks.harness import RESULTS_DIR, environment, format_table, measure, positive_int, write_results
 
 QUICK_SIZES = [(1024, 1024), (2048, 2048)]
 FULL_SIZES = [(1024, 1024), (2048, 2048), (4096, 4096), (4096, 11008)]
@@ -74,16 +74,6 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def _size_list(text: str) -> list[tuple[int, int]]:
     return [parse_size(item) for item in text.split(",")]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
-    return value
 
 
 def routines(A: torch.Tensor) -> dict[str, Callable[[], object]]:
@@ -299,7 +289,7 @@ def main(argv=None):
     parser.add_argument("--full", action="store_true", help="all sizes of the issue (slow on the CPU)")
     parser.add_argument("--quick", action="store_true", help="the quick set (default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=_positive_int, default=None, help="samples per routine (default 3; 10 on CUDA)")
+    parser.add_argument("--reps", type=positive_int, default=None, help="samples per routine (default 3; 10 on CUDA)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int,
                         help="CPU threads for every routine alike (torch's OpenMP/MKL and scipy's OpenBLAS)")

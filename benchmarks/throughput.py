@@ -687,6 +687,8 @@ def main(argv=None) -> int:
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for, but no CUDA device is available")
     if args.summary is not None:
+        if not Path(args.summary).is_dir():
+            parser.error(f"--summary {args.summary}: no such results folder")
         print(summarize(args.summary))
         return 0
     if args.case is not None:

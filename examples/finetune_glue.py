@@ -256,6 +256,9 @@ def main(argv=None) -> dict:
         os.environ["HF_DATASETS_OFFLINE"] = "1"
     import torch
     from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+    if args.no_progress:  # transformers' own bars too (weights loading)
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
 
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -316,7 +319,11 @@ def main(argv=None) -> dict:
             from qrlora_kernels import push_adapter_to_hub
             push_adapter_to_hub(model, args.push_to_hub)
             result["hub_repo"] = args.push_to_hub
-    atomic_write_text(args.output_dir / f"results_{args.task}_{args.method}.json", json.dumps(result, indent=2))
+    # A diverged run's NaN losses as null: NaN is not JSON, and strict readers refuse the file.
+    finite = {**result, "losses": [v if math.isfinite(v) else None for v in losses],
+              "dev": {k: v if math.isfinite(v) else None for k, v in metrics.items()}}
+    atomic_write_text(args.output_dir / f"results_{args.task}_{args.method}.json",
+                      json.dumps(finite, indent=2, allow_nan=False))
     result["model_object"] = model
     return result
 

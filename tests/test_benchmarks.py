@@ -803,3 +803,17 @@ def test_results_meta_names_the_commit_and_the_command_as_typed(tmp_path):
     assert not commit.endswith("-dirty") and command == f"{Path(sys.executable).name} -c {probe} --flag"
     (clone / "README.md").write_text((clone / "README.md").read_text() + " ")
     assert meta()[0].endswith("-dirty")
+
+
+def test_counts_and_folders_are_checked_by_the_other_entry_points(tmp_path, capsys):
+    """init_time --reps 0 / --layers 0 were silently the defaults; throughput --summary of a missing folder
+    printed an empty summary and exited 0."""
+    import benchmarks.init_time as IT
+    for args, message in ((["--reps", "0"], "--reps: must be a positive int, got '0'"),
+                          (["--layers", "0"], "--layers: must be a positive int, got '0'")):
+        with pytest.raises(SystemExit) as exit_info:
+            IT.main(args)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        TP.main(["--summary", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2 and "no such results folder" in capsys.readouterr().err
