@@ -458,6 +458,17 @@ def default_adapter_name(model: nn.Module) -> str:
     return names[0]
 
 
+def _named_adapter_layers(model: nn.Module, adapter_name) -> tuple[nn.Module, list]:
+    """(the unwrapped model, its QR-LoRA layers), for the functions that pick an adapter by name."""
+    root = unwrap_model(model)
+    layers = qrlora_layers(root)
+    if not layers:
+        raise ValueError("the model has no QR-LoRA layers (call apply_qrlora or load_adapter first)")
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"adapter_name must be an adapter's name (str), got {type(adapter_name).__name__}")
+    return root, layers
+
+
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
     """Compute with, and train, the adapter ``adapter_name`` outside ``adapter_batch`` (PEFT's ``set_adapter``).
 
@@ -468,12 +479,7 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
     shrinks the other adapters' rows too. Train with ``weight_decay=0`` (``Trainer``'s default), or load the
     other adapters after training.
     """
-    root = unwrap_model(model)
-    layers = qrlora_layers(root)
-    if not layers:
-        raise ValueError("the model has no QR-LoRA layers (call apply_qrlora or load_adapter first)")
-    if not isinstance(adapter_name, str):
-        raise TypeError(f"adapter_name must be an adapter's name (str), got {type(adapter_name).__name__}")
+    root, layers = _named_adapter_layers(model, adapter_name)
     row = adapter_row(root, adapter_name)
     for _, layer in layers:
         layer.active_adapter = row
@@ -545,12 +551,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     goes, the adapters after it move up a row (their names keep them). The last adapter is not deleted: use
     ``unload`` or ``merge_and_unload``. Deleting the adapter the model computes with makes the first remaining
     one active. Like ``add_adapter``, each ``lam`` keeps its Parameter with a new shape: build optimizers after."""
-    root = unwrap_model(model)
-    layers = qrlora_layers(root)
-    if not layers:
-        raise ValueError("the model has no QR-LoRA layers (call apply_qrlora or load_adapter first)")
-    if not isinstance(adapter_name, str):
-        raise TypeError(f"adapter_name must be an adapter's name (str), got {type(adapter_name).__name__}")
+    root, layers = _named_adapter_layers(model, adapter_name)
     wrapper = parameter_holding_wrapper(model)
     if wrapper is not None or any(hasattr(layer.lam, "device_mesh") for _, layer in layers):
         raise ValueError(f"delete adapters before wrapping the model in {wrapper or 'FSDP2 (fully_shard)'}: it "
