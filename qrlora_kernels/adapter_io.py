@@ -44,10 +44,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .atomic_file import atomic_write_files
 from .config import ENERGY_RULES, QRLoraConfig
 from .functional import acc_dtype, implied_r
-from .model import (ACTIVE_ADAPTER_ATTR, ADAPTER_FILES_ATTR, ADAPTER_IDS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER, MODULES_TO_SAVE_ATTR,
-                    _layer_class, _read_by_parent, _refuse_unloaded_weight, _set_submodule, adapter_row,
-                    canonical_name, default_adapter_name, modules_by_canonical_name, parameter_holding_wrapper,
-                    qrlora_layers, refuse_bare_layer, skip_bases_in_hf_checkpoints, unwrap_model)
+from .model import (ACTIVE_ADAPTER_ATTR, ADAPTER_FILES_ATTR, ADAPTER_IDS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER,
+                    MODULES_TO_SAVE_ATTR, _layer_class, _read_by_parent, _refuse_unloaded_weight, _set_submodule,
+                    adapter_row, canonical_name, default_adapter_name, modules_by_canonical_name,
+                    parameter_holding_wrapper, qrlora_layers, refuse_bare_layer, skip_bases_in_hf_checkpoints,
+                    unwrap_model)
 from .reentrant_checkpointing import keep_gradients_through_reentrant_checkpoints
 from .distributed import module_progress
 
@@ -238,7 +239,8 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
     are the unwrapped model's, so the adapter loads into a plain base model. Under FSDP2 (``fully_shard``) the
     sharded tensors are gathered, a collective: call ``save_adapter`` on every rank.
     ``adapter_name`` picks the adapter (row of lam) to save when several are loaded; by default the one the model
-    computes with (``model.default_adapter_name``). ``include_basis=True`` also stores Q_r and R_r for a bit-exact reload.
+    computes with (``model.default_adapter_name``). ``include_basis=True`` also stores Q_r and R_r for a
+    bit-exact reload.
     ``is_main_process``: whether this process writes the files (default: rank 0 of an initialised process
     group, else True), as in Hugging Face's ``save_pretrained``. Returns the two paths.
     """

@@ -490,8 +490,8 @@ def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) ->
     """Turn every ``QRLoraLinear`` back into a plain ``nn.Linear`` with W0 + Q diag(lam) R merged in.
 
     With several adapters loaded, ``adapter_name`` picks the one to merge (default: the one the model computes
-    with, as ``default_adapter_name`` says). Returns ``model`` (changed in place), without QR-LoRA bookkeeping; its outputs equal the adapted
-    model's.
+    with, as ``default_adapter_name`` says). Returns ``model`` (changed in place), without QR-LoRA bookkeeping;
+    its outputs equal the adapted model's.
     """
     model = unwrap_model(model)
     refuse_bare_layer(model, "merge_and_unload")

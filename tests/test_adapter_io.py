@@ -957,7 +957,8 @@ def test_an_adapter_saved_again_keeps_its_own_modules_ranks_and_config(base, tmp
     trained = json.loads((tmp_path / "b_trained" / ADAPTER_CONFIG).read_text())["modules"]
     assert {k: v["rank"] for k, v in trained.items()} == {"layers.0.query": 5, "layers.1.query": 3,
                                                           "layers.2.query": 3, "layers.2.value": 2}
-    assert trained["layers.0.query"]["tau"] is None and trained["layers.1.query"] == original["modules"]["layers.1.query"]
+    assert trained["layers.0.query"]["tau"] is None
+    assert trained["layers.1.query"] == original["modules"]["layers.1.query"]
     fresh = copy.deepcopy(base)
     load_adapter(fresh, tmp_path / "b_trained")
     with torch.no_grad():

@@ -656,7 +656,8 @@ def test_adapter_indices_and_ids_are_checked_in_every_state():
     single.merge()
     assert_rel_close(single(x, adapter_ids=torch.tensor([0, 0])), expected, REL_TOL[torch.float32])
     for ids, match in ((torch.tensor([0, 1]), "adapter id 1 is out of range for 1 adapter"),
-                       (torch.tensor([0.0, 0.0]), "integer tensor"), (torch.tensor([0, 0, 0]), "expected per-sequence")):
+                       (torch.tensor([0.0, 0.0]), "integer tensor"),
+                       (torch.tensor([0, 0, 0]), "expected per-sequence")):
         with pytest.raises((ValueError, TypeError), match=match):
             single(x, adapter_ids=ids)
     with pytest.raises(ValueError, match="adapter 5 is out of range"):
