@@ -527,7 +527,7 @@ def unload(model: nn.Module) -> nn.Module:
     Returns ``model`` (changed in place), without QR-LoRA bookkeeping. Every base layer is formed before any is
     replaced, so an error leaves the model as it was. ``modules_to_save`` keep their trained values (they train
     in place, with no copy of the original kept): ``save_adapter`` first to keep the adapter, and reload the base
-    model for its original head. Parameters stay frozen, as ``apply_qrlora`` left them.
+    model for its original head. The base layers' parameters stay frozen, as ``apply_qrlora`` left them.
     """
     model = unwrap_model(model)
     refuse_bare_layer(model, "unload")
