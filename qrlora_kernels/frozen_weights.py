@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import sys
 from typing import Optional
 
 import torch
@@ -53,8 +54,7 @@ def _name_hash(name: str) -> bytes:
 
 
 def _row(name: str, weight: torch.Tensor) -> bytes:
-    # Cached per weight version: a record is made at every checkpoint, and frozen weights do not change.
-    fingerprint = weight_fingerprint(weight, cache=True)
+    fingerprint = weight_fingerprint(weight)
     return (_name_hash(name) + bytes.fromhex(fingerprint["sample_hash"])
             + struct.pack("<dd", fingerprint["sum"], fingerprint["sum_sq"]))
 
@@ -71,19 +71,38 @@ def record(owner: nn.Module, names: list[str]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.uint8).reshape(len(rows), _ROW_BYTES)
 
 
+def inside_trainer_checkpoint() -> bool:
+    """Whether this call runs inside transformers' ``Trainer._save_checkpoint`` (a frame of it, on a Trainer, is on
+    the stack): Trainer's own checkpoint writes, and not ``trainer.save_model()`` or any other save."""
+    trainer = getattr(sys.modules.get("transformers"), "Trainer", None)
+    frame = sys._getframe(1)
+    while frame is not None and trainer is not None:
+        if frame.f_code.co_name == "_save_checkpoint" and isinstance(frame.f_locals.get("self"), trainer):
+            return True
+        frame = frame.f_back
+    return False
+
+
 class LeftOut:
     """``leave_out``'s changes to one model, until ``undo`` (idempotent). ``refresh`` runs before every
-    ``state_dict`` of the model, so a checkpoint leaves out (and records) what is frozen when it is written."""
+    ``state_dict`` of the model, so a checkpoint leaves out (and records) what is frozen when it is written.
 
-    def __init__(self, owner: nn.Module):
+    ``only_in_checkpoints``: only inside Trainer's checkpoint writes (``inside_trainer_checkpoint``); any other
+    ``state_dict`` is whole, without the record. So a ``trainer.save_model()`` after a ``train()`` stopped by an
+    exception or Ctrl-C (which never reaches the callback's ``on_train_end``) writes the whole model."""
+
+    def __init__(self, owner: nn.Module, *, only_in_checkpoints: bool = False):
         self.owner, self.names, self.added, self.active = owner, None, set(), True
+        self.only_in_checkpoints = only_in_checkpoints
+        self._recorded: Optional[tuple[list, torch.Tensor]] = None  # (names, their record), made once per set
         device = next((p.device for p in owner.parameters()), torch.device("cpu"))
         owner.register_buffer(RECORD_BUFFER, torch.empty(0, _ROW_BYTES, dtype=torch.uint8, device=device),
-                              persistent=True)
+                              persistent=not only_in_checkpoints)
         self.refresh()
 
     def refresh(self) -> None:
-        names = left_out_names(self.owner)
+        applies = not self.only_in_checkpoints or inside_trainer_checkpoint()
+        names = left_out_names(self.owner) if applies else []
         if names == self.names:
             return
         keys = saved_key_variants(names)
@@ -91,7 +110,16 @@ class LeftOut:
         self.added = keys - theirs
         self.owner._keys_to_ignore_on_save = theirs | keys
         device = self.owner._buffers[RECORD_BUFFER].device
-        self.owner._buffers[RECORD_BUFFER] = record(self.owner, names).to(device)
+        if names and (self._recorded is None or self._recorded[0] != names):
+            # Made when the set changes (not at each checkpoint: a pass over the frozen weights), from the values,
+            # not cached sums: a weight trained and frozen again may have changed without its version counter
+            # knowing (fused AdamW, writes through .data).
+            self._recorded = (names, record(self.owner, names))
+        rows = self._recorded[1] if names else torch.empty(0, _ROW_BYTES, dtype=torch.uint8)
+        self.owner._buffers[RECORD_BUFFER] = rows.to(device)
+        if self.only_in_checkpoints:  # the record goes only into the checkpoints that leave weights out
+            (self.owner._non_persistent_buffers_set.discard if names else
+             self.owner._non_persistent_buffers_set.add)(RECORD_BUFFER)
         self.names = names
 
     def undo(self) -> None:
@@ -105,14 +133,15 @@ class LeftOut:
         self.owner._keys_to_ignore_on_save = set(self.owner._keys_to_ignore_on_save or ()) - self.added
 
 
-def leave_out(owner: nn.Module) -> LeftOut:
+def leave_out(owner: nn.Module, *, only_in_checkpoints: bool = False) -> LeftOut:
     """From now until the returned object's ``undo``, ``owner.save_pretrained`` leaves out ``left_out_names`` and
-    writes their record. A model has one such state: an earlier one (another callback's) is undone first."""
+    writes their record (``only_in_checkpoints``: only when Trainer writes a checkpoint). A model has one such
+    state: an earlier one (another callback's) is undone first."""
     earlier = active_left_out(owner)
     if earlier is not None:
         earlier.undo()
     install_hooks(owner)
-    left = LeftOut(owner)
+    left = LeftOut(owner, only_in_checkpoints=only_in_checkpoints)
     setattr(owner, _ACTIVE_ATTR, left)
     return left
 

@@ -37,13 +37,13 @@ class QRLoraCheckpointCallback(TrainerCallback):
     backbone and LM head, and a ``qrlora_frozen_weights`` buffer records them; task heads outside the backbone,
     which transformers may have initialised at random, are kept (see ``frozen_weights``). Resuming refuses a base
     model whose left-out weights differ, naming the first; a parameter unfrozen during training is in the
-    checkpoints from then on. They are left out only while Trainer writes a checkpoint (from the step or the
-    evaluation that asks for one until ``on_save``), so any other ``save_pretrained`` (``trainer.save_model()``,
-    also after a ``train()`` that stopped with an exception or Ctrl-C) writes the whole model. ``True`` keeps them in
-    every checkpoint, as do FSDP and DeepSpeed (their own checkpoint formats) and models that are not a
-    ``PreTrainedModel`` (a warning says so). ``callback.keep_frozen_weights()`` undoes a leave-out that an
-    exception in the middle of a checkpoint's write left (``callback.keep_frozen_weights(copy)`` for a copy of the
-    model made meanwhile).
+    checkpoints from then on. Only Trainer's checkpoint writes leave them out (from ``train()``'s start to its end,
+    only inside ``Trainer._save_checkpoint``): ``trainer.save_model()`` writes the whole model, also after a
+    ``train()`` stopped by an exception or Ctrl-C (which never reaches ``on_train_end``; until
+    ``callback.keep_frozen_weights()``, or ``keep_frozen_weights(copy)`` for a copy of the model made meanwhile,
+    the model still carries the callback's hooks, inactive outside checkpoints). ``True`` keeps them in every
+    checkpoint, as do FSDP and DeepSpeed (their own checkpoint formats) and models that are not a
+    ``PreTrainedModel`` (a warning says so).
 
     When training ends, the final adapter also goes to ``output_dir/qrlora-adapter``, which ``trainer.push_to_hub()``
     uploads; with ``push_to_hub=True`` each push during training carries that folder too, and the checkpoint folders
@@ -61,13 +61,11 @@ class QRLoraCheckpointCallback(TrainerCallback):
         self.frozen_weights = frozen_weights
         self._warned_trial = self._warned_whole = self._warned_push = False
         self._left_out: Optional[LeftOut] = None
-        self._owner: Optional[nn.Module] = None  # the model whose checkpoints leave the frozen weights out
 
     def _leave_out_frozen_weights(self, args, model: Optional[nn.Module]) -> None:
-        """At the start of training (again, for another train()): which model's checkpoints leave the frozen
-        weights out (``_owner``), or why none does. ``_arm`` does it for each checkpoint."""
+        """At the start of training (again, for another train()): what to leave out follows the frozen parameters
+        from then on (``frozen_weights.LeftOut.refresh``)."""
         self.keep_frozen_weights()
-        self._owner = None
         if self.frozen_weights or model is None:
             return
         owner = unwrap_model(model)
@@ -84,27 +82,7 @@ class QRLoraCheckpointCallback(TrainerCallback):
                               UserWarning, stacklevel=3)
                 self._warned_whole = True
             return
-        self._owner = owner
-
-    def _arm(self, control) -> None:
-        """Before a checkpoint Trainer is about to write (``control.should_save``): leave the frozen weights out
-        until ``on_save`` (what to leave out is the frozen parameters then: ``frozen_weights.LeftOut``)."""
-        if getattr(control, "should_save", False) and self._owner is not None and self._left_out is None:
-            self._left_out = leave_out(self._owner)
-
-    # Trainer decides to save in on_step_end / on_epoch_end and saves after the evaluation it may run first: armed
-    # then, or at on_evaluate, so that an interrupted evaluation leaves nothing armed.
-    def on_step_end(self, args, state, control, **kwargs):
-        if not getattr(control, "should_evaluate", False):
-            self._arm(control)
-        return control
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        return self.on_step_end(args, state, control, **kwargs)
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        self._arm(control)
-        return control
+        self._left_out = leave_out(owner, only_in_checkpoints=True)
 
     def keep_frozen_weights(self, model: Optional[nn.Module] = None) -> None:
         """Undo what this callback did to the model (done at the end of training; by hand after a ``train()`` that
@@ -139,8 +117,7 @@ class QRLoraCheckpointCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self.keep_frozen_weights()
-        self._owner = None
+        self.keep_frozen_weights()  # trainer.save_model() after training writes the whole model
         if model is not None and not self._in_trial(state):  # the final adapter, which trainer.push_to_hub() uploads
             self._save_adapter_or_warn(model, os.path.join(args.output_dir, CHECKPOINT_ADAPTER_FOLDER),
                                        args.should_save)
@@ -169,7 +146,6 @@ class QRLoraCheckpointCallback(TrainerCallback):
             return None
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        self.keep_frozen_weights()  # Trainer's checkpoint is written: other saves write the whole model
         if self._in_trial(state):
             return control
         self._save_adapter(model, self._checkpoint_adapter_folder(args, state), args.should_save)

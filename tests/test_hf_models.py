@@ -475,10 +475,18 @@ def test_checkpoint_callback_keeps_the_frozen_weights_of_a_model_trainer_saves_w
     assert not any(p.requires_grad for p in bert.classifier.parameters())
     callback = QRLoraCheckpointCallback()
     callback.on_train_begin(args, None, None, model=bert)
-    assert not hasattr(bert, FROZEN_WEIGHTS_BUFFER)  # only while a checkpoint is written
-    import types
-    callback.on_step_end(args, None, types.SimpleNamespace(should_save=True, should_evaluate=False))
     assert hasattr(bert, FROZEN_WEIGHTS_BUFFER)
+    # Outside Trainer's checkpoint writes (trainer.save_model(), any state_dict) the model is whole, without the
+    # record; inside them (a frame of Trainer._save_checkpoint) the frozen weights are left out and recorded.
+    whole = bert.state_dict()
+    assert "roberta.embeddings.word_embeddings.weight" in whole and FROZEN_WEIGHTS_BUFFER not in whole
+    assert "roberta.embeddings.word_embeddings.weight" not in bert._keys_to_ignore_on_save
+
+    class CheckpointProbe(Trainer):
+        def _save_checkpoint(self, model, trial):
+            return model.state_dict()
+    inside = CheckpointProbe(model=bert, args=args)._save_checkpoint(bert, None)
+    assert FROZEN_WEIGHTS_BUFFER in inside and inside[FROZEN_WEIGHTS_BUFFER].shape[0] > 0
     assert "roberta.embeddings.word_embeddings.weight" in bert._keys_to_ignore_on_save
     assert not [k for k in bert._keys_to_ignore_on_save if k.startswith("classifier.")]  # a frozen task head: kept
     callback.keep_frozen_weights()
@@ -486,36 +494,77 @@ def test_checkpoint_callback_keeps_the_frozen_weights_of_a_model_trainer_saves_w
     assert not [k for k in bert._keys_to_ignore_on_save if not k.endswith((".Q", ".R"))]
 
 
-@pytest.mark.parametrize("evaluating", [False, True])
-def test_a_save_after_an_interrupted_train_writes_the_whole_model(tmp_path, evaluating):
-    """The callback leaves the frozen weights out of Trainer's checkpoints only (armed when a step or an evaluation
-    asks for one, until on_save): a train() stopped by Ctrl-C between checkpoints, then trainer.save_model(),
-    wrote a model without its backbone, silently (on_train_end never ran)."""
+@pytest.mark.parametrize("stop", ["interrupt", "interrupt-with-evaluation", "bad-metric"])
+def test_a_save_after_an_interrupted_train_writes_the_whole_model(tmp_path, stop):
+    """The callback leaves the frozen weights out of Trainer's checkpoint writes only: a train() stopped by Ctrl-C
+    between checkpoints, or by an error after an evaluation that asked for a save (a mistyped
+    metric_for_best_model), then trainer.save_model(), wrote a model without its backbone, silently (on_train_end
+    never ran)."""
     from safetensors.torch import load_file
     from transformers import Trainer, TrainerCallback, TrainingArguments
     from qrlora_kernels import QRLoraCheckpointCallback
 
     class Interrupt(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == 3:
+            if state.global_step == 3 and stop != "bad-metric":
                 raise KeyboardInterrupt
 
     model = _roberta()
     apply_qrlora(model, QRLoraConfig(target_modules=["query"], rank=4, task_type="SEQ_CLS"), progress=False)
     data = [{"input_ids": torch.randint(3, 120, (10,)), "labels": torch.tensor(i % 3)} for i in range(8)]
-    schedule = dict(eval_strategy="steps", eval_steps=2) if evaluating else {}
+    schedule = {"interrupt": {}, "interrupt-with-evaluation": dict(eval_strategy="steps", eval_steps=2),
+                "bad-metric": dict(eval_strategy="steps", eval_steps=2, metric_for_best_model="acuracy")}[stop]
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=6, save_steps=2, report_to=[], use_cpu=True,
                              per_device_train_batch_size=4, disable_tqdm=True, **schedule)
     trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:4],
                       callbacks=[QRLoraCheckpointCallback(), Interrupt()])
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt if stop != "bad-metric" else KeyError):
         trainer.train()
-    checkpoint = load_file(tmp_path / "run" / "checkpoint-2" / "model.safetensors")
-    assert "roberta.embeddings.word_embeddings.weight" not in checkpoint  # the checkpoint was small
+    if stop != "bad-metric":
+        checkpoint = load_file(tmp_path / "run" / "checkpoint-2" / "model.safetensors")
+        assert "roberta.embeddings.word_embeddings.weight" not in checkpoint  # the checkpoint was small
     trainer.save_model(str(tmp_path / "saved"))
     saved = load_file(tmp_path / "saved" / "model.safetensors")
     expected = {k for k in model.state_dict() if not k.endswith((".Q", ".R"))}
     assert set(saved) == expected
+
+
+def test_best_strategy_checkpoints_leave_out_the_frozen_weights_too(tmp_path):
+    """save_strategy="best" decides to save after the evaluation: its checkpoints are as small as the others."""
+    from safetensors.torch import load_file
+    from transformers import Trainer, TrainingArguments
+    from qrlora_kernels import QRLoraCheckpointCallback
+    model = _roberta()
+    apply_qrlora(model, QRLoraConfig(target_modules=["query"], rank=4, task_type="SEQ_CLS"), progress=False)
+    data = [{"input_ids": torch.randint(3, 120, (10,)), "labels": torch.tensor(i % 3)} for i in range(8)]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, eval_strategy="steps", eval_steps=2,
+                             save_strategy="best", metric_for_best_model="loss", report_to=[], use_cpu=True,
+                             per_device_train_batch_size=4, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:4],
+            callbacks=[QRLoraCheckpointCallback()]).train()
+    checkpoints = sorted((tmp_path / "run").glob("checkpoint-*"))
+    assert checkpoints
+    for checkpoint in checkpoints:
+        assert "roberta.embeddings.word_embeddings.weight" not in load_file(checkpoint / "model.safetensors")
+
+
+def test_a_weight_trained_and_frozen_again_is_recorded_from_its_values():
+    """Fused AdamW and writes through .data change a weight without its version counter: the record of a weight
+    frozen again is made from its values, so the model that trained loads its own checkpoint."""
+    from qrlora_kernels.frozen_weights import leave_out
+    model = _roberta()
+    apply_qrlora(model, QRLoraConfig(target_modules=["query"], rank=4, task_type="SEQ_CLS"), progress=False)
+    left = leave_out(model)
+    model.state_dict()
+    weight = model.roberta.encoder.layer[0].output.dense.weight
+    weight.requires_grad_(True)
+    model.state_dict()
+    weight.data.view(-1)[-1] += 0.5  # a position the sample hash may miss; no version bump
+    weight.requires_grad_(False)
+    saved = {k: v for k, v in model.state_dict().items() if k not in model._keys_to_ignore_on_save}
+    assert "roberta.encoder.layer.0.output.dense.weight" not in saved
+    model.load_state_dict(saved)  # strict: the record vouches for the weights left out, as they are now
+    left.undo()
 
 
 def test_checkpoint_callback_puts_the_adapter_in_trainers_hub_pushes(tmp_path, monkeypatch):
