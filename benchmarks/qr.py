@@ -310,7 +310,8 @@ def main(argv=None):
     only = set(args.routines.split(",")) if args.routines else None
     if only is not None:
         # Checked before anything runs: a typo ran nothing, exited 0 and rewrote the results with no rows.
-        known = list(routines(torch.zeros(2, 2, device=args.device)))
+        side = max(TRUNCATED_RANKS)  # large enough for every routine (the truncated ones need min(m, n) >= r)
+        known = list(routines(torch.zeros(side, side, device=args.device)))
         unknown = sorted(o for o in only if not any(name == o or name.startswith(o) for name in known))
         if unknown:
             parser.error(f"--routines: unknown {', '.join(map(repr, unknown))}; routines here: {', '.join(known)}")

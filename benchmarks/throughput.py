@@ -699,7 +699,7 @@ def main(argv=None) -> int:
     cuda = torch.device(device).type == "cuda"
     plan = resolve_plan(args, cuda=cuda)
     # Ranks no shape can take: every case would be skipped, and the run would write an empty table.
-    for token in plan.get("ranks") or ():
+    for token in (plan.get("ranks") or ()) if args.only in (None, "layers") else ():
         if plan.get("shapes") and all(_resolve_rank(str(token), n, k) is None for n, k in plan["shapes"]):
             parser.error(f"--ranks {token} exceeds min(out, in) of every shape "
                          f"({', '.join(f'{n}x{k}' for n, k in plan['shapes'])})")

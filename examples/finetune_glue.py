@@ -89,13 +89,14 @@ def parse_args(argv=None):
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     # Checked now, not after (or silently during) the training run.
+    finite = math.isfinite
     for name, value, ok, rule in (("--max-steps", args.max_steps, lambda v: v is None or v >= 1, "a positive int"),
-                                  ("--epochs", args.epochs, lambda v: v > 0, "> 0"),
+                                  ("--epochs", args.epochs, lambda v: finite(v) and v > 0, "finite and > 0"),
                                   ("--batch-size", args.batch_size, lambda v: v >= 1, "a positive int"),
                                   ("--max-length", args.max_length, lambda v: v >= 1, "a positive int"),
                                   ("--warmup", args.warmup, lambda v: 0 <= v < 1, "a fraction of the steps in [0, 1)"),
-                                  ("--lr", args.lr, lambda v: v is None or v > 0, "> 0"),
-                                  ("--head-lr", args.head_lr, lambda v: v > 0, "> 0")):
+                                  ("--lr", args.lr, lambda v: v is None or (finite(v) and v > 0), "finite and > 0"),
+                                  ("--head-lr", args.head_lr, lambda v: finite(v) and v > 0, "finite and > 0")):
         if not ok(value):
             p.error(f"{name} must be {rule}, got {value}")
     if args.data_dir is None:

@@ -760,6 +760,15 @@ def test_qr_benchmark_refuses_bad_arguments_before_writing_anything(tmp_path, ar
     assert not (tmp_path / "out").exists()
 
 
+def test_qr_benchmark_takes_a_truncated_routine_by_name(tmp_path, monkeypatch):
+    """The names are checked against every routine, the truncated ones too (which a small matrix has none of)."""
+    import benchmarks.qr as qr_bench
+    monkeypatch.setattr(qr_bench, "POOL_PAUSE_S", 0.0, raising=False)
+    rows = qr_bench.main(["--sizes", "64", "--routines", "qrcp_geqp3_rank64", "--reps", "1", "--warmup", "0",
+                          "--out-dir", str(tmp_path)])
+    assert "qrcp_geqp3_rank64" in {row["routine"] for row in rows if row.get("status") == "ok"}, rows
+
+
 def test_throughput_refuses_what_it_cannot_run_and_fails_on_a_failed_section(tmp_path, monkeypatch, capsys):
     """Ranks no shape can take (every case skipped: an empty table, exit 0) and an --out it cannot write (found
     only when the first results were written, after measuring them) are argparse errors before anything runs; a

@@ -137,7 +137,9 @@ def test_online_mode_reads_glue_through_hf_datasets(finetune, tmp_path, monkeypa
 @pytest.mark.parametrize("args, message", [
     (["--max-steps", "0"], "--max-steps must be a positive int, got 0"),
     (["--max-steps", "-1"], "--max-steps must be a positive int"),
-    (["--epochs", "0"], "--epochs must be > 0"),
+    (["--epochs", "0"], "--epochs must be finite and > 0"),
+    (["--epochs", "inf"], "--epochs must be finite and > 0"),
+    (["--lr", "inf"], "--lr must be finite and > 0"),
     (["--batch-size", "0"], "--batch-size must be a positive int"),
     (["--warmup", "2"], "--warmup must be a fraction of the steps in [0, 1)"),
     (["--task", "cola"], "--offline --task cola needs --data-dir: the shipped tiny dataset is SST-2's"),
