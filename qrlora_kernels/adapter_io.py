@@ -295,11 +295,13 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
         tensors.update({f"{name}.{key}": t for key, t in own.items()})
         # The rule that chose the rank: the layer's where the adapter has the layer's rank, else the adapter's own
         # where it kept its rank (else unknown: training went past it).
-        rule = ({"tau": getattr(layer, "tau", None), "energy": getattr(layer, "energy", None),
-                 "energy_captured": getattr(layer, "energy_captured", None)} if r == int(layer.rank) else
-                {key: own_info.get(key) for key in ("tau", "energy", "energy_captured")}
-                if own_info and int(own_info["rank"]) == r else
-                {"tau": None, "energy": getattr(layer, "energy", None), "energy_captured": None})
+        rule_keys = ("tau", "energy", "energy_captured")
+        if r == int(layer.rank):
+            rule = {key: getattr(layer, key, None) for key in rule_keys}
+        elif own_info and int(own_info["rank"]) == r:
+            rule = {key: own_info.get(key) for key in rule_keys}
+        else:
+            rule = {"tau": None, "energy": getattr(layer, "energy", None), "energy_captured": None}
         modules[name] = {
             "rank": r, "in_features": layer.in_features, "out_features": layer.out_features,
             "bias": layer.bias is not None, **rule,

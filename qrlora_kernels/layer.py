@@ -311,8 +311,9 @@ class QRLoraLinear(nn.Module):
         if not rows or any(isinstance(r, bool) or not isinstance(r, numbers.Integral)
                            or not 0 <= r < self.num_adapters for r in rows):
             raise ValueError(f"rows must be a non-empty list of rows of lam in [0, {self.num_adapters}), got {rows!r}")
-        values = self.lam.detach().reshape(-1, self.rank)[[int(r) for r in rows]]
-        active = [int(r) for r in rows].index(self.active_adapter) if self.active_adapter in rows else 0
+        rows = [int(r) for r in rows]
+        values = self.lam.detach().reshape(-1, self.rank)[rows]
+        active = rows.index(self.active_adapter) if self.active_adapter in rows else 0
         self._reshape_lam(values.reshape(self.rank).clone() if len(rows) == 1 else values.clone())
         self.active_adapter = active
 
