@@ -164,6 +164,8 @@ def _autocast(x, weight, bias, Q, R):
     return cast(x), cast(weight), cast(bias), cast(Q), cast(R)
 
 
+_WIDE_UNSIGNED = tuple(getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name))
+
 _last_id_range = (None, -1, 0, 0)  # (weakref to the ids tensor, its version counter, min, max)
 
 
@@ -189,6 +191,11 @@ def _lam_index(adapter_ids, x, num_adapters):
         raise TypeError(f"adapter_ids must be an integer torch.Tensor, got {type(adapter_ids).__name__}")
     if adapter_ids.is_floating_point() or adapter_ids.is_complex() or adapter_ids.dtype == torch.bool:
         raise TypeError(f"adapter_ids must be an integer tensor, got dtype {adapter_ids.dtype}")
+    if adapter_ids.dtype in _WIDE_UNSIGNED:
+        # torch has barely any kernels for these (no min/max, so no range check): refused rather than copied on
+        # every call.
+        raise TypeError(f"adapter_ids must be a signed integer (or uint8) tensor, got dtype {adapter_ids.dtype}, "
+                        f"which torch supports few operations on; pass adapter_ids.long()")
     if adapter_ids.device != x.device:
         raise ValueError(f"mixed devices: x is on {x.device} but adapter_ids is on {adapter_ids.device}")
     tokens_per_sequence = x.shape[-2] if x.dim() >= 2 else 1
@@ -208,7 +215,17 @@ def _lam_index(adapter_ids, x, num_adapters):
             bad = low if low < 0 else high
             raise ValueError(f"adapter id {bad} is out of range for {num_adapters} adapter(s) "
                              f"(valid ids: 0..{num_adapters - 1})")
-    return index.to(torch.int64)
+    # The kernels read the ids as a contiguous vector: a strided view (ids[::2], an expand) is copied.
+    return index.to(torch.int64).contiguous()
+
+
+def _func_transformed() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp, ...) is running. Not asked while compiling: dynamo
+    traces the transforms itself, and the kernels enter its graph as custom ops."""
+    if torch.compiler.is_compiling():
+        return False
+    level = getattr(torch._C._functorch, "maybe_current_level", None)
+    return level is not None and level() is not None
 
 
 def _check_triton_available(x):
@@ -221,6 +238,10 @@ def _check_triton_available(x):
     if not triton_dot_takes(x.dtype):
         raise TypeError(f"backend='triton' cannot take float64 with Triton {'.'.join(map(str, TRITON_RELEASE))}, "
                         f"which has no float64 tl.dot; use backend='torch' (or None, which picks it)")
+    if _func_transformed():
+        raise RuntimeError("backend='triton' cannot run under torch.func transforms (vmap, grad, jacrev, ...): the "
+                           "kernels have no batching or functional-autograd rules; use backend='torch' (or None, "
+                           "which picks it there)")
     if x.device.type == "cpu" and x.dtype == torch.bfloat16:
         # The interpreter computes in numpy, which has no bfloat16: the results would be garbage.
         raise TypeError("backend='triton' on CPU tensors cannot take bfloat16 (Triton's interpreter has no "
@@ -273,7 +294,8 @@ def qrlora_linear(x, weight, bias, Q, R, lam, *, backend=None, adapter_ids=None,
     x, weight, bias, Q, R = _autocast(x, weight, bias, Q, R)
     _validate(x, weight, bias, Q, R, lam)
     if backend is None:
-        backend = "triton" if x.device.type == "cuda" and triton_dot_takes(x.dtype) else "torch"
+        backend = ("triton" if x.device.type == "cuda" and triton_dot_takes(x.dtype) and not _func_transformed()
+                   else "torch")
 
     out_features, in_features = weight.shape
     rank = Q.shape[1]

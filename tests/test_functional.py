@@ -111,6 +111,71 @@ def test_multi_adapter_batch(backend):
     assert_rel_close(y_tokens, y_ref, name="y (per-token ids)")
 
 
+@pytest.mark.parametrize("layout", ["stride2", "expand"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_per_token_adapter_ids(backend, layout):
+    """Per-token ids given as a view (every other element; one id expanded to every token) select the same rows
+    as their contiguous copy: the kernels read ids as a dense vector (they used to read past the view)."""
+    x, weight, bias, Q, R, lam = _problem(T=7, K=20, N=24, r=6, num_adapters=3)
+    ids = torch.randint(0, 3, (14,))[::2] if layout == "stride2" else torch.tensor([2]).expand(7)
+    assert not ids.is_contiguous()
+    y, dx, dlam, dy = _run(x, weight, bias, Q, R, lam, backend=backend, adapter_ids=ids)
+    y_ref, dx_ref, dlam_ref = _reference(x, weight, bias, Q, R, lam, dy, ids.contiguous())
+    assert_rel_close(y, y_ref, name="y")
+    assert_rel_close(dx, dx_ref, name="dx")
+    assert_rel_close(dlam, dlam_ref, name="dlam")
+
+
+@pytest.mark.skipif(not hasattr(torch, "uint16"), reason="torch < 2.3 has no uint16")
+@pytest.mark.parametrize("dtype", ["uint16", "uint32", "uint64"])
+def test_wide_unsigned_adapter_ids_are_refused_by_name(dtype):
+    x, weight, bias, Q, R, lam = _problem(T=4, K=16, N=12, r=3, num_adapters=2)
+    ids = torch.tensor([0, 1, 1, 0], dtype=getattr(torch, dtype))
+    with pytest.raises(TypeError, match=f"adapter_ids must be a signed integer .* got dtype torch.{dtype}"):
+        qrlora_linear(x, weight, bias, Q, R, lam, adapter_ids=ids)
+    # uint8 (which torch fully supports) and int16 are taken.
+    for ok in (torch.uint8, torch.int16):
+        y = qrlora_linear(x, weight, bias, Q, R, lam, adapter_ids=ids.to(torch.int64).to(ok))
+        assert_rel_close(y, _reference(x, weight, bias, Q, R, lam, y, ids.long())[0], name=f"y ({ok})")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")  # the interpreter's
+def test_infinite_grad_output_gives_infinite_dlam_on_both_backends():
+    """An inf in dY makes dlam +-inf (S * G summed over tokens), not NaN, on the Triton lowrank path too: its
+    token tiles are padded with wrapped rows, which used to add 0 * inf = NaN to the sums."""
+    x, weight, bias, Q, R, lam = _problem(T=5, K=16, N=16, r=4)
+    dy = torch.randn(5, 16)
+    dy[2, 3] = float("inf")
+    grads = {}
+    for backend in ("torch", "triton"):
+        lam_b = lam.detach().requires_grad_()
+        qrlora_linear(x, weight, bias, Q, R, lam_b, backend=backend, strategy="lowrank").backward(dy)
+        grads[backend] = lam_b.grad
+    assert torch.isinf(grads["torch"]).all() and not torch.isnan(grads["triton"]).any()
+    assert torch.equal(grads["triton"], grads["torch"])
+
+
+@pytest.mark.parametrize("strategy", ["lowrank", "merged"])
+def test_torch_func_transforms(strategy):
+    """vmap and torch.func.grad run on the torch backend and match the float64 reference; the Triton kernels
+    (no batching or functional-autograd rules) refuse them by name instead of failing inside torch."""
+    from torch.func import grad, vmap
+
+    x, weight, bias, Q, R, lam = _problem(T=None, K=16, N=20, r=5, leading=(3, 4))
+    dy = torch.randn(4, 20)
+    y = vmap(lambda xi: qrlora_linear(xi, weight, bias, Q, R, lam, backend="torch", strategy=strategy))(x)
+    assert_rel_close(y, _reference(x, weight, bias, Q, R, lam, torch.empty(3, 4, 20))[0], name="vmap y")
+    dlam = grad(lambda l: (qrlora_linear(x[0], weight, bias, Q, R, l, backend="torch", strategy=strategy)
+                           * dy).sum())(lam)
+    assert_rel_close(dlam, _reference(x[0], weight, bias, Q, R, lam, dy)[2], name="func.grad dlam")
+    for transform in (vmap(lambda xi: qrlora_linear(xi, weight, bias, Q, R, lam, backend="triton",
+                                                    strategy=strategy)),
+                      lambda xs: grad(lambda l: qrlora_linear(xs[0], weight, bias, Q, R, l, backend="triton",
+                                                              strategy=strategy).sum())(lam)):
+        with pytest.raises(RuntimeError, match="backend='triton' cannot run under torch.func transforms"):
+            transform(x)
+
+
 @pytest.mark.parametrize("strategy", ["lowrank", "merged"])
 @pytest.mark.parametrize("with_ids", [False, True], ids=["no-ids", "ids"])
 def test_single_row_lam_keeps_its_shape(strategy, with_ids):
@@ -255,6 +320,15 @@ def test_cuda_multi_adapter_bf16():
     y_ref, dx_ref, dlam_ref = _reference(x, weight, bias, Q, R, lam.float(), dy, ids.repeat_interleave(9))
     for name, got, want in (("y", y, y_ref), ("dx", dx, dx_ref), ("dlam", dlam, dlam_ref)):
         assert_rel_close(got, want, REL_TOL[torch.bfloat16], name=name)
+
+
+@pytest.mark.gpu
+def test_cuda_automatic_backend_takes_torch_under_func_transforms():
+    from torch.func import vmap
+
+    x, weight, bias, Q, R, lam = (t.cuda() for t in _problem(T=None, K=32, N=48, r=8, leading=(3, 5)))
+    y = vmap(lambda xi: qrlora_linear(xi, weight, bias, Q, R, lam))(x)
+    assert_rel_close(y, _reference(x, weight, bias, Q, R, lam, torch.empty(3, 5, 48))[0], name="vmap y")
 
 
 def test_adapter_id_range_is_rechecked_after_in_place_changes():

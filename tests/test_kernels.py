@@ -481,6 +481,11 @@ def test_bad_lam_and_lam_index():
         kernels.lowrank_matmul(x, W.t(), s, torch.randn(3, p["r"]), Q.t(), lam_index=torch.zeros(7, dtype=torch.long))
     with pytest.raises(TypeError, match="lam_index must be an int32 or int64 tensor, got torch.float32"):
         kernels.project_and_reduce(p["dy"], Q, s, lam_index=torch.zeros(p["T"]), num_adapters=2)
+    strided = torch.randint(0, 3, (2 * p["T"],))[::2]  # the kernels read ids as a dense vector
+    with pytest.raises(ValueError, match="lam_index must be contiguous .* got stride 2"):
+        kernels.lowrank_matmul(x, W.t(), s, torch.randn(3, p["r"]), Q.t(), lam_index=strided)
+    with pytest.raises(ValueError, match="lam_index must be contiguous .* got stride 0"):
+        kernels.project_and_reduce(p["dy"], Q, s, lam_index=torch.tensor([1]).expand(p["T"]), num_adapters=2)
     with pytest.raises(ValueError, match="the merged strategy serves one adapter"):
         kernels.merged_weight(W, Q, torch.randn(2, p["r"]), p["R"])
 

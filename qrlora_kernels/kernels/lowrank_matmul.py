@@ -210,6 +210,9 @@ def check_lam_index(lam_index: torch.Tensor, tokens: int) -> None:
     if lam_index.shape != (tokens,):
         raise ValueError(f"lam_index has shape {tuple(lam_index.shape)} but there are {tokens} tokens "
                          f"(expected ({tokens},))")
+    if tokens > 1 and lam_index.stride(0) != 1:
+        raise ValueError(f"lam_index must be contiguous (the kernels read it as a dense vector), got stride "
+                         f"{lam_index.stride(0)}; pass lam_index.contiguous()")
 
 
 def _check_correction(lead: str, first: torch.Tensor, cols_of: str, N: int, p, lam, lam_index, u, bias,

@@ -55,9 +55,10 @@ def _project_kernel(
     tl.store(g_ptr + rows_out[:, None] * stride_gm + offs_r[None, :] * stride_gr,
              acc.to(g_ptr.dtype.element_ty), mask=mask)
     if REDUCE != 0:
-        # Wrapped rows duplicate real ones; S loads as 0 there, so they add nothing to the sums.
+        # Wrapped rows duplicate real ones: zeroed by a select, not by S = 0 (0 * inf would put a NaN in the sums
+        # where a real row's G is infinite).
         s = tl.load(s_ptr + rows_out[:, None] * stride_sm + offs_r[None, :] * stride_sr, mask=mask, other=0.0)
-        prod = s.to(ACC_DTYPE) * acc
+        prod = tl.where(mask, s.to(ACC_DTYPE) * acc, 0.0)
         if REDUCE == 1:
             tl.store(partial_ptr + pid_m * stride_pm + offs_r * stride_pr, tl.sum(prod, axis=0), mask=in_rank)
         else:
