@@ -9,7 +9,8 @@ Backends:
   is imported. Only x and lam receive gradients.
 * ``"torch"`` -- plain differentiable torch (``F.linear`` plus the two projections): every input gets its
   gradient, and it is gradcheck-able in float64.
-* ``None`` -- "triton" for CUDA tensors, "torch" otherwise.
+* ``None`` -- "triton" for CUDA tensors, "torch" otherwise (and under ``torch.func`` transforms such as
+  ``vmap`` or ``grad``, which the kernels have no rules for: ``backend="triton"`` refuses them).
 
 Strategy ("lowrank" or "merged", see ``dispatch``): the ``strategy=`` argument, ``$QRLORA_STRATEGY``, or the
 cost model. Both backends implement both strategies with the same results up to rounding.
