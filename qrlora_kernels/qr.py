@@ -325,13 +325,17 @@ def _result(mode: str, device, first, second, perm, *, what="qrcp: A", exponent=
     2**exponent, scaled back: see ``_rescaling``).
 
     A finite matrix whose column norms exceed its dtype's range (float32 entries near 3e38) factors into
-    inf/NaN; R's diagonal shows it (O(k) to check), and the caller is told instead of handed NaNs."""
+    inf/NaN; R's diagonal shows it, and so do the reflectors' tau (in raw mode) or Q, and the caller is told
+    instead of handed NaNs."""
     result = QRCPRawResult if mode == "raw" else QRCPResult
     first, second = _scaled_back(mode, first, second, exponent)
     out = result(first.to(device), second.to(device), perm.to(device))
-    diagonal = out.H.diagonal()[:out.rank] if mode == "raw" else out.R.diagonal()
-    if not bool(torch.isfinite(diagonal).all()):
-        raise ValueError(f"{what} overflows {diagonal.dtype} during the factorisation (a column norm exceeds "
+    if mode == "raw":
+        finite = torch.isfinite(out.H.diagonal()[:out.rank]).all() & torch.isfinite(out.tau).all()
+    else:
+        finite = torch.isfinite(out.R.diagonal()).all() & torch.isfinite(out.Q).all()
+    if not bool(finite):
+        raise ValueError(f"{what} overflows {out[0].dtype} during the factorisation (a column norm exceeds "
                          f"its range); scale it down or factor it in float64")
     return out
 

@@ -96,3 +96,16 @@ def matrix_types(m, n, dtype):
     types["near underflow"] = rand * (small / rand.abs().max())
     types["near overflow"] = rand * ((1 / small) / rand.abs().max())
     return {name: a.to(dtype) for name, a in types.items()}
+
+
+def dependent_columns(dtype):
+    """Matrices whose residual becomes subnormal during the factorisation (no whole-matrix rescaling helps):
+    exactly repeated columns (what is left after each step is exactly rank one and shrinks by about eps a step),
+    and one column of subnormal entries beside normal ones. LAPACK's dlarfg rescales for these."""
+    tiny = torch.finfo(dtype).tiny
+    base = torch.randn(60, 5, dtype=torch.float64).to(dtype)
+    subnormal = torch.randn(80, 6, dtype=torch.float64).to(dtype)
+    subnormal[:, 2] = torch.randn(80, dtype=torch.float64).to(dtype) * (tiny / 1e3) / 4
+    return {"ones": torch.ones(100, 50, dtype=dtype),
+            "each column repeated 10 times": base.repeat_interleave(10, dim=1),
+            "a subnormal column": subnormal}

@@ -16,7 +16,8 @@ import torch
 from qrlora_kernels import qrcp
 from qrlora_kernels.qr import MODES, QRCPRawResult, QRCPResult
 from qrlora_kernels.testing import rel_error
-from qr_checks import THRESHOLD, check_structure, lapack_ratios, matrix_types, with_spectrum
+from qr_checks import (THRESHOLD, check_structure, dependent_columns, lapack_ratios, matrix_types,
+                       with_spectrum)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,6 +157,22 @@ def test_exact_rank_deficiency_stops_at_rank(device):
         res = qrcp(A, reltol=1e-10, method=method)
         assert res.R.shape[0] == 6, method
         check_structure(A, res, monotone=method == "geqp3")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_subnormal_residuals_give_finite_orthonormal_factors(device, dtype):
+    """Repeated columns and a subnormal column (dlarfg's tiny-beta case): the reflector's 1 / (alpha - beta)
+    overflowed once alpha - beta was subnormal, giving a false "overflows" error or a NaN Q under a finite R."""
+    for name, A in dependent_columns(dtype).items():
+        for kw in ({}, {"reltol": 0.0}, {"rank": 4}):
+            try:
+                res = qrcp(A.to(device), **kw)
+                assert bool(torch.isfinite(res.Q).all()), "Q is not finite"
+                check_structure(A.to(device), res)
+            except (AssertionError, ValueError) as exc:
+                raise AssertionError(f"{name!r} {kw}: {exc}") from exc
+        raw = qrcp(A.to(device), mode="raw")
+        assert bool(torch.isfinite(raw.tau).all()) and bool(torch.isfinite(raw.q()).all()), name
 
 
 def test_randomized_is_rank_revealing(device):

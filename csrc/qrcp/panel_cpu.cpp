@@ -4,6 +4,7 @@
 // produces F) is fused with the pivot-row update and the norm downdate, so each step reads
 // the trailing matrix once.
 #include "panel.h"
+#include "reflector.h"
 
 #include <ATen/Parallel.h>
 
@@ -189,15 +190,26 @@ void factor_panel_impl(Workspace& ws, int64_t off, int64_t nb) {
           for (int64_t i = 0; i < len; ++i) col[k + i] -= f * vt[i];
         }
         // Householder reflector (dlarfg): H = I - tau v v^T with v[0] = 1, H col = beta e1.
-        const T alpha = col[k];
-        const T xnorm = len > 1 ? safe_norm(col + k + 1, len - 1) : T(0);
+        T alpha = col[k];
+        T xnorm = len > 1 ? safe_norm(col + k + 1, len - 1) : T(0);
         T tk = 0;
         beta = alpha;
         if (xnorm != T(0)) {
           beta = -std::copysign(std::hypot(alpha, xnorm), alpha);
+          // dlarfg's tiny-beta case (see reflector.h): scaled up, exactly, until beta is in range.
+          const int knt = tiny_beta_rescalings(beta);
+          for (int t = 0; t < knt; ++t) {
+            for (int64_t i = 1; i < len; ++i) col[k + i] *= SafeMin<T>::inverse;
+            alpha *= SafeMin<T>::inverse;
+          }
+          if (knt > 0) {
+            xnorm = safe_norm(col + k + 1, len - 1);
+            beta = -std::copysign(std::hypot(alpha, xnorm), alpha);
+          }
           tk = (beta - alpha) / beta;
           const T scal = T(1) / (alpha - beta);
           for (int64_t i = 1; i < len; ++i) col[k + i] *= scal;
+          for (int t = 0; t < knt; ++t) beta *= SafeMin<T>::value;
         }
         tau[k] = tk;
         col[k] = T(1);

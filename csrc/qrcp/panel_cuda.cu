@@ -6,6 +6,7 @@
 // unreliable sets a device flag that turns the panel's remaining launches into no-ops, and
 // the driver reads the step count once per panel.
 #include "panel.h"
+#include "reflector.h"
 
 #include <ATen/Dispatch.h>
 #ifndef QRLORA_CUDA_EMULATION
@@ -186,14 +187,26 @@ __global__ void householder_kernel(T* C, T* tau, T* aux, const int* state, int64
   __shared__ T s_tau, s_scale;
   const int64_t k = off + j, len = m - k;
   T* col = C + k * m;
-  const T alpha = col[k];
-  const T xnorm = len > 1 ? block_norm(col + k + 1, len - 1, s_red) : T(0);
+  T alpha = col[k];
+  T xnorm = len > 1 ? block_norm(col + k + 1, len - 1, s_red) : T(0);
+  // dlarfg's tiny-beta case (see reflector.h). Every thread has alpha and xnorm, so every thread takes the
+  // same branch: the column is scaled up, exactly, until beta is in range, and its norm recomputed.
+  const int knt = xnorm != T(0) ? tiny_beta_rescalings(T(-copysign(hypot(alpha, xnorm), alpha))) : 0;
+  if (knt > 0) {
+    for (int t = 0; t < knt; ++t) {
+      for (int64_t i = k + 1 + threadIdx.x; i < m; i += blockDim.x) col[i] *= SafeMin<T>::inverse;
+      alpha *= SafeMin<T>::inverse;
+    }
+    __syncthreads();
+    xnorm = block_norm(col + k + 1, len - 1, s_red);
+  }
   if (threadIdx.x == 0) {
     T tk = 0, beta = alpha, scale = 1;
     if (xnorm != T(0)) {
       beta = -copysign(hypot(alpha, xnorm), alpha);
       tk = (beta - alpha) / beta;
       scale = T(1) / (alpha - beta);
+      for (int t = 0; t < knt; ++t) beta *= SafeMin<T>::value;
     }
     s_tau = tk;
     s_scale = scale;
