@@ -19,6 +19,9 @@
 #                         mixed in one batch on 4096x4096 (results rewritten after every case group)
 #   6. cuda-tests   75 s  the kernel / op / layer CUDA tests with QRLORA_AUTOTUNE=0 (one config per kernel),
 #                         every test named cuda or marked gpu once: python3 -m pytest -v --tb=short --maxfail=10
+#                         (-n 8 where pytest-xdist is installed: the Triton compiles run in parallel)
+# After the build, a CPU-only extension (setup.py found no toolkit) is reported and the QR steps are skipped: their
+# numbers would be CPU numbers under the GPU's name.
 # The tests run with -v (a killed step's log still shows every test that finished) and PYTHONUNBUFFERED=1.
 #
 # Results: every log, JSON, CSV and PNG, steps.tsv and summary.txt go to ONE folder (--out, default
@@ -92,11 +95,12 @@ no_gpu() {
 }
 # Every CUDA test once: the ones named cuda (the device fixture's [cuda] cases) and the gpu-marked ones
 # (-k also matches marker names). test_qrcp.py has its own step; the CUDA emulation tests are CPU tests.
-# test_ops.py last: its torch.compile (inductor) test is the slowest to start.
+# test_kernels.py last: its ~200 CUDA cases each JIT-compile their own specialisation (the few GPU tests of the
+# other files must not wait behind them); they run in parallel processes where pytest-xdist is installed.
 cuda_test_files() {
     local f files=()
-    for f in tests/test_functional.py tests/test_layer.py tests/test_kernels.py tests/test_model.py \
-             tests/test_adapter_io.py tests/test_ops.py; do
+    for f in tests/test_functional.py tests/test_layer.py tests/test_model.py tests/test_adapter_io.py \
+             tests/test_ops.py tests/test_kernels.py; do
         [[ -f "$f" ]] && files+=("$f")
     done
     echo "${files[@]}"
@@ -223,6 +227,19 @@ run_step() {  # name, command...   (cap from the table above)
 }
 
 run_step build env QRLORA_CUDA_ARCHS=90 MAX_JOBS="$(nproc)" "$PYTHON" setup.py build_ext --inplace
+# setup.py falls back to a CPU-only build where it finds no toolkit: every QR number would then be a CPU number
+# under the GPU's name. Said, and the QR steps skipped, unless --allow-cpu.
+if [[ " $steps_to_run " == *" build "* ]] && (( ! allow_cpu )); then
+    kind="$("$PYTHON" -c "import qrlora_kernels; print(qrlora_kernels.build_info()['kind'])" 2>&1 | tail -n 1)"
+    if [[ "$kind" != cuda ]]; then
+        say "[build] the extension is not a CUDA build (build_info kind: $kind; see build.log): the QR steps are skipped"
+        printf "build-kind\tnot cuda (%s)\t0\t0\tbuild.log\n" "$kind" >> "$steps"
+        kept=""
+        for s in $steps_to_run; do [[ " qrcp-tests qr init " == *" $s "* ]] || kept+=" $s"; done
+        steps_to_run="$kept"
+        any_failed=1
+    fi
+fi
 run_step qrcp-tests env CUDA_LAUNCH_BLOCKING=1 QRLORA_AUTOTUNE=0 "${pytest_cmd[@]}" -k cuda tests/test_qrcp.py
 run_step qr "$PYTHON" -m benchmarks.qr --sizes 4096 --reps 10 --routine-budget 4 --time-budget 55 --out-dir "$out_dir"
 run_step init "$PYTHON" -m benchmarks.init_time --shapes llama7b --layers 2 --rules diag,frobenius,rank \
@@ -231,7 +248,9 @@ run_step bench "$PYTHON" -m benchmarks.throughput --preset llama-7b,roberta-base
     --dtype bf16 --modes fwd,fwd+bwd --providers frozen_linear,qrlora_triton,peft_lora,qrlora_triton_multi1000 \
     --multi-shapes 4096x4096 --model-level off --no-qr --time-budget 120 --out "$out_dir"
 read -r -a cuda_tests <<< "$(cuda_test_files)"
-run_step cuda-tests env QRLORA_AUTOTUNE=0 "${pytest_cmd[@]}" -k "cuda or gpu" "${cuda_tests[@]}"
+parallel=()
+"$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
+run_step cuda-tests env QRLORA_AUTOTUNE=0 "${pytest_cmd[@]}" "${parallel[@]}" -k "cuda or gpu" "${cuda_tests[@]}"
 
 write_summary
 archive_results

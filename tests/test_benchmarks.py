@@ -395,9 +395,12 @@ def test_init_time_survives_a_failing_rule_writes_after_each_and_checks_the_llam
     real_apply = qrlora_kernels.apply_qrlora
     written = []
 
+    sizes = []
+
     def apply(model, config, **kwargs):
         written.append([r["method"] for r in json.loads((tmp_path / "init_time_llama7b.json").read_text())["rows"]]
                        if (tmp_path / "init_time_llama7b.json").exists() else [])
+        sizes.append(sum(p.numel() for p in model.parameters()))
         if config.energy == "frobenius":
             raise RuntimeError("CUDA out of memory (simulated)")
         return real_apply(model, config, **kwargs)
@@ -407,7 +410,12 @@ def test_init_time_survives_a_failing_rule_writes_after_each_and_checks_the_llam
              "--out", str(tmp_path)])
     stored = json.loads((tmp_path / "init_time_llama7b.json").read_text())
     rows = {r["method"]: r for r in stored["rows"]}
-    assert written == [[], ["apply_qrlora diag tau=0.9"], ["apply_qrlora diag tau=0.9", "apply_qrlora frobenius tau=0.9"]]
+    # First one untimed warm-up per rule on small weights (the one-time CUDA costs must not be billed to the first
+    # rule and multiplied by 16), then the timed runs, the results rewritten after each.
+    assert written == [[], [], [], [], ["apply_qrlora diag tau=0.9"],
+                       ["apply_qrlora diag tau=0.9", "apply_qrlora frobenius tau=0.9"]]
+    assert sizes[:3] == [2 * 256 * 256] * 3 and sizes[3:] == [2 * (40 * 32 + 32 * 48)] * 3
+    assert "untimed" in stored["meta"]["warm_up"]
     assert rows["apply_qrlora frobenius tau=0.9"]["status"] == "error"
     assert "simulated" in rows["apply_qrlora frobenius tau=0.9"]["note"]
     diag, rank = rows["apply_qrlora diag tau=0.9"], rows["apply_qrlora rank=8"]
@@ -583,6 +591,35 @@ def test_device_suite_archives_the_results_after_every_step(tmp_path):
     assert not (tmp_path / "out" / "device_suite.tgz.tmp").exists()
     bad = _script("benchmarks/device_suite.sh", "--only", "benchmark")
     assert bad.returncode == 2 and "unknown step 'benchmark'" in bad.stderr
+
+
+@no_gpu_only
+def test_device_suite_skips_the_qr_steps_after_a_cpu_only_build(tmp_path):
+    """On a GPU machine where setup.py found no toolkit (a CPU-only extension), the QR steps would time the CPU
+    under the GPU's name: the suite says so and skips them. Here a stand-in interpreter reports a GPU and makes
+    the build a no-op; the package's real build_info (no CUDA build here) is what the suite reads."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text(
+        "import torch\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "torch.cuda.get_device_name = lambda *a: 'Fake GPU'\n"
+        "torch.cuda.get_device_capability = lambda *a: (9, 0)\n")
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/bash\n[[ \"$1\" == setup.py ]] && {{ echo fake build; exit 0; }}\n"
+                      f"PYTHONPATH={fake}:$PYTHONPATH exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    env = _env_without_interpreter()
+    env["PYTHON"] = str(python)
+    env.pop("OUT", None)
+    out = tmp_path / "results"
+    proc = _script("benchmarks/device_suite.sh", "--only", "build,qr,summary", "--out", str(out), env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "device suite on Fake GPU" in proc.stdout
+    assert "[build] the extension is not a CUDA build" in proc.stdout and "the QR steps are skipped" in proc.stdout
+    steps = (out / "steps.tsv").read_text()
+    assert "build\tok" in steps and "build-kind\tnot cuda" in steps
+    assert not (out / "qr.log").exists() and "[qr]" not in proc.stdout
 
 
 def test_device_suite_rejects_bad_budget():
