@@ -9,7 +9,7 @@
 # important measurements first. The caps sum to 555 s:
 #   1. build       150 s  the extension for sm_90 only: QRLORA_CUDA_ARCHS=90 python3 setup.py build_ext --inplace
 #   2. qrcp-tests   60 s  the first real CUDA run of the pivoted QR, in its own process, CUDA_LAUNCH_BLOCKING=1:
-#                         python3 -m pytest -v --tb=short --maxfail=10 -k cuda tests/test_qrcp.py
+#                         python3 -m pytest -v --tb=short --maxfail=10 -k "cuda or gpu" tests/test_qrcp.py
 #   3. qr           75 s  the QR benchmark at 4096^2 fp32 (baselines first; the ratio bars):
 #                         python3 -m benchmarks.qr --sizes 4096 --out-dir DIR
 #   4. init         45 s  converting 2 of Llama-2-7B's 32 layers, bf16, rules diag, frobenius, rank=8; the
@@ -240,7 +240,7 @@ if [[ " $steps_to_run " == *" build "* ]] && (( ! allow_cpu )); then
         any_failed=1
     fi
 fi
-run_step qrcp-tests env CUDA_LAUNCH_BLOCKING=1 QRLORA_AUTOTUNE=0 "${pytest_cmd[@]}" -k cuda tests/test_qrcp.py
+run_step qrcp-tests env CUDA_LAUNCH_BLOCKING=1 QRLORA_AUTOTUNE=0 "${pytest_cmd[@]}" -k "cuda or gpu" tests/test_qrcp.py
 run_step qr "$PYTHON" -m benchmarks.qr --sizes 4096 --reps 10 --routine-budget 4 --time-budget 55 --out-dir "$out_dir"
 run_step init "$PYTHON" -m benchmarks.init_time --shapes llama7b --layers 2 --rules diag,frobenius,rank \
     --no-scipy --reps 1 --time-budget 30 --out "$out_dir"

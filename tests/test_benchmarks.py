@@ -563,7 +563,16 @@ def test_device_suite_step_caps_fit_the_budget_most_important_first():
     order = [text.index(f"run_step {name} ") for name in caps]
     assert order == sorted(order)
     # The tests run once each, verbose (a killed step's log shows what finished), autotuning off.
-    assert text.count("-k \"cuda or gpu\"") == 1 and "-m gpu" not in text
+    # Both test steps select "cuda or gpu" (the device fixture's [cuda] cases and the gpu-marked tests), and
+    # every file holding gpu-marked tests is in one of them.
+    assert text.count("-k \"cuda or gpu\" tests/test_qrcp.py") == 2 and "-k cuda " not in text
+    assert text.count("-k \"cuda or gpu\" \"${cuda_tests[@]}\"") == 1 and "-m gpu" not in text
+    files = set(re.search(r"for f in (.*?); do", text, re.S).group(1).replace("\\", " ").split()) | {
+        "tests/test_qrcp.py"}
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                "-m", "gpu", "tests"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    marked = {line.split("::")[0] for line in collected.stdout.splitlines() if "::" in line}
+    assert marked and marked <= files, marked - files
     assert "QRLORA_AUTOTUNE=0" in text.split("run_step cuda-tests", 1)[1]
     assert "QRLORA_AUTOTUNE" not in text.split("run_step bench", 1)[1].split("\n")[0]
 
