@@ -5,8 +5,9 @@
 #   benchmarks/device_suite.sh [--dry-run] [--budget SECONDS] [--out DIR] [--archive FILE] [--only STEP,...]
 #                              [--allow-cpu]
 #
-# Within the budget (default 570 s), in this order, each step time-boxed to min(its cap, time left); the most
-# important measurements first. The caps sum to 555 s:
+# Within the budget (default 570 s), in this order, each step time-boxed to min(its cap + the time earlier steps
+# left of theirs, time left); the most important measurements first (the benchmarks' own --time-budget follows
+# that allowance, so a quick build leaves the layer benchmark more time). The caps sum to 555 s:
 #   1. build       150 s  the extension for sm_90 only: QRLORA_CUDA_ARCHS=90 python3 setup.py build_ext --inplace
 #   2. qrcp-tests   60 s  the first real CUDA run of the pivoted QR, in its own process, CUDA_LAUNCH_BLOCKING=1:
 #                         python3 -m pytest -v --tb=short --maxfail=10 -k "cuda or gpu" tests/test_qrcp.py
@@ -198,12 +199,23 @@ write_summary() {  # steps and results so far -> summary.txt
 }
 
 any_failed=0
+banked=0  # seconds earlier steps left of their caps: the next steps may use them
+allowance() {  # name -> the seconds that step may take now: its cap plus the banked time, within the budget
+    local reserve=20  # the summary and the last archive
+    local left=$(( budget - (SECONDS - start_s) - reserve ))
+    local want=$(( cap[$1] + banked ))
+    echo $(( want < left ? want : left ))
+}
+inner_budget() {  # name, margin -> a benchmark's own --time-budget: its allowance less the margin it needs to finish
+    local a
+    a="$(allowance "$1")"
+    echo $(( a - $2 > 10 ? a - $2 : 10 ))
+}
 run_step() {  # name, command...   (cap from the table above)
     local name="$1"; shift
     [[ " $steps_to_run " == *" $name "* ]] || return 0
-    local reserve=20  # the summary and the last archive
-    local left=$(( budget - (SECONDS - start_s) - reserve ))
-    local limit=$(( cap[$name] < left ? cap[$name] : left ))
+    local limit
+    limit="$(allowance "$name")"
     local log="$out_dir/$name.log" t0=$SECONDS status
     if (( limit < 15 )); then
         printf "%s\tskipped (budget spent)\t0\t%d\t-\n" "$name" "${cap[$name]}" >> "$steps"
@@ -220,6 +232,7 @@ run_step() {  # name, command...   (cap from the table above)
     else status="failed (rc=$rc)"; any_failed=1
     fi
     printf "%s\t%s\t%d\t%d\t%s\n" "$name" "$status" $(( SECONDS - t0 )) "${cap[$name]}" "$(basename "$log")" >> "$steps"
+    banked=$(( limit - (SECONDS - t0) > 0 ? limit - (SECONDS - t0) : 0 ))
     say "[$name] $status in $(( SECONDS - t0 ))s; tail of $log:"
     tail -n 6 "$log" | sed 's/^/    /' | tee -a "$suite_log"
     [[ "$name" == bench ]] && write_summary  # in case the last step overruns the call
@@ -241,12 +254,13 @@ if [[ " $steps_to_run " == *" build "* ]] && (( ! allow_cpu )); then
     fi
 fi
 run_step qrcp-tests env CUDA_LAUNCH_BLOCKING=1 QRLORA_AUTOTUNE=0 "${pytest_cmd[@]}" -k "cuda or gpu" tests/test_qrcp.py
-run_step qr "$PYTHON" -m benchmarks.qr --sizes 4096 --reps 10 --routine-budget 4 --time-budget 55 --out-dir "$out_dir"
+run_step qr "$PYTHON" -m benchmarks.qr --sizes 4096 --reps 10 --routine-budget 4 --time-budget "$(inner_budget qr 20)" \
+    --out-dir "$out_dir"
 run_step init "$PYTHON" -m benchmarks.init_time --shapes llama7b --layers 2 --rules diag,frobenius,rank \
-    --no-scipy --reps 1 --time-budget 30 --out "$out_dir"
+    --no-scipy --reps 1 --time-budget "$(inner_budget init 15)" --out "$out_dir"
 run_step bench "$PYTHON" -m benchmarks.throughput --preset llama-7b,roberta-base --tokens 2048,8192 --ranks 16 \
     --dtype bf16 --modes fwd,fwd+bwd --providers frozen_linear,qrlora_triton,peft_lora,qrlora_triton_multi1000 \
-    --multi-shapes 4096x4096 --model-level off --no-qr --time-budget 120 --out "$out_dir"
+    --multi-shapes 4096x4096 --model-level off --no-qr --time-budget "$(inner_budget bench 30)" --out "$out_dir"
 read -r -a cuda_tests <<< "$(cuda_test_files)"
 parallel=()
 "$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
