@@ -602,18 +602,22 @@ def test_device_suite_archives_the_results_after_every_step(tmp_path):
     assert bad.returncode == 2 and "unknown step 'benchmark'" in bad.stderr
 
 
-def _env_with_stand_in_python(tmp_path, *, gpu=True):
+def _env_with_stand_in_python(tmp_path, *, gpu=True, build_kind=None):
     """The suite's environment with $PYTHON a stand-in: `setup.py ...` is a no-op build, `-m benchmarks.qr ...`
     only records its arguments (in tmp_path/qr.args), and everything else runs the real interpreter, which (with
-    ``gpu``) reports a 'Fake GPU'."""
+    ``gpu``) reports a 'Fake GPU' and (with ``build_kind``) an extension of that kind."""
     fake = tmp_path / "fake"
     fake.mkdir()
+    lines = []
     if gpu:
-        (fake / "sitecustomize.py").write_text(
-            "import torch\n"
-            "torch.cuda.is_available = lambda: True\n"
-            "torch.cuda.get_device_name = lambda *a: 'Fake GPU'\n"
-            "torch.cuda.get_device_capability = lambda *a: (9, 0)\n")
+        lines += ["import torch",
+                  "torch.cuda.is_available = lambda: True",
+                  "torch.cuda.get_device_name = lambda *a: 'Fake GPU'",
+                  "torch.cuda.get_device_capability = lambda *a: (9, 0)"]
+    if build_kind:
+        lines += ["import qrlora_kernels",
+                  f"qrlora_kernels.build_info = lambda: {{'kind': {build_kind!r}, 'archs': []}}"]
+    (fake / "sitecustomize.py").write_text("\n".join(lines) + "\n")
     python = tmp_path / "python"
     python.write_text("#!/bin/bash\n"
                       "[[ \"$1\" == setup.py ]] && { echo fake build; exit 0; }\n"
@@ -642,19 +646,25 @@ def test_device_suite_gives_the_time_a_step_left_to_the_next(tmp_path):
 
 
 @no_gpu_only
-def test_device_suite_skips_the_qr_steps_after_a_cpu_only_build(tmp_path):
+@pytest.mark.parametrize("build_kind", ["cpu", "cuda"])
+def test_device_suite_skips_the_qr_steps_after_a_cpu_only_build(tmp_path, build_kind):
     """On a GPU machine where setup.py found no toolkit (a CPU-only extension), the QR steps would time the CPU
-    under the GPU's name: the suite says so and skips them. Here a stand-in interpreter reports a GPU and makes
-    the build a no-op; the package's real build_info (no CUDA build here) is what the suite reads."""
-    env = _env_with_stand_in_python(tmp_path)
+    under the GPU's name: the suite says so and skips them; after a CUDA build they run. Here a stand-in
+    interpreter reports a GPU, makes the build a no-op and reports the extension's kind."""
+    env = _env_with_stand_in_python(tmp_path, build_kind=build_kind)
     out = tmp_path / "results"
     proc = _script("benchmarks/device_suite.sh", "--only", "build,qr,summary", "--out", str(out), env=env)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "device suite on Fake GPU" in proc.stdout
-    assert "[build] the extension is not a CUDA build" in proc.stdout and "the QR steps are skipped" in proc.stdout
     steps = (out / "steps.tsv").read_text()
-    assert "build\tok" in steps and "build-kind\tnot cuda" in steps
-    assert not (out / "qr.log").exists() and "[qr]" not in proc.stdout
+    assert "build\tok" in steps
+    if build_kind == "cpu":
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "[build] the extension is not a CUDA build" in proc.stdout and "the QR steps are skipped" in proc.stdout
+        assert "build-kind\tnot cuda (cpu)" in steps
+        assert not (out / "qr.log").exists() and "[qr]" not in proc.stdout
+    else:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "not a CUDA build" not in proc.stdout and "qr\tok" in steps and (tmp_path / "qr.args").exists()
 
 
 def test_device_suite_rejects_bad_budget():
