@@ -102,8 +102,10 @@ def weight_fingerprint(weight: torch.Tensor, dtype: Optional[torch.dtype] = None
     """A cheap identity of a weight (rounded to ``dtype``, default its own): shape, dtype, a hash of a strided byte
     sample, float64 sums.
 
-    The sample hash catches any different model; the two sums catch a change anywhere in the
-    weight (fine-tuned or perturbed weights), at the cost of one pass over it. ``cache=True`` keeps the sums per
+    The sample hash catches any different model; the sums catch a change anywhere in the weight (fine-tuned or
+    perturbed weights), at the cost of a pass over it: the sum and the sum of squares, and a position-weighted sum
+    (entry (i, j) weighted by cos(i) + sin(j + 1)), which a rearrangement of the entries (two swapped, which keeps
+    the first two) changes. ``cache=True`` keeps the sums per
     weight tensor, dtype and version (``load_adapter`` checks the same base weight once per adapter, and a server
     loads many adapters): an in-place change bumps the version, and one that bypasses it (through ``.data``)
     is still seen by the sample hash, computed every time, where it touches a sampled position.
@@ -124,11 +126,15 @@ def weight_fingerprint(weight: torch.Tensor, dtype: Optional[torch.dtype] = None
     if sums is None:
         w64 = w.to(dtype).to(torch.float64).reshape(-1)
         # dot, not square().sum(): no second float64 copy (both sums agree far within FINGERPRINT_SUM_RTOL).
-        sums = (float(w64.sum()), float(torch.dot(w64, w64)))
+        grid = w64.reshape(w.shape[0] if w.dim() and w.numel() else 1, -1)
+        rows = torch.arange(grid.shape[0], device=grid.device, dtype=torch.float64).cos()
+        cols = torch.arange(1, grid.shape[1] + 1, device=grid.device, dtype=torch.float64).sin()
+        sums = (float(w64.sum()), float(torch.dot(w64, w64)),
+                float(torch.dot(grid.sum(1), rows)) + float(torch.dot(grid.sum(0), cols)))
         if cache:
             _FINGERPRINT_SUMS.setdefault(weight, {})[key] = sums
     return {"shape": list(w.shape), "dtype": _dtype_name(dtype), "sample_hash": h.hexdigest(),
-            "sum": sums[0], "sum_sq": sums[1]}
+            "sum": sums[0], "sum_sq": sums[1], "moment": sums[2]}
 
 
 # weight tensor -> {(dtype, version, data_ptr, device, shape, own dtype): (sum, sum_sq)}; entries go with the tensor.
@@ -152,15 +158,21 @@ def base_fingerprint(weight: torch.Tensor) -> dict:
     fingerprint = weight_fingerprint(weight)
     narrower = ROUNDED_DTYPES.get(weight.dtype, ())
     if narrower:
-        fingerprint["rounded"] = {_dtype_name(d): weight_fingerprint(weight.detach().to(d)) for d in narrower}
+        # (Without the moment: the sums and the sample of a rounded copy suffice, and the config stays small.)
+        fingerprint["rounded"] = {_dtype_name(d): {k: v for k, v in weight_fingerprint(weight.detach().to(d)).items()
+                                                   if k != "moment"} for d in narrower}
     return fingerprint
 
 
 def _same_fingerprint(now: dict, saved: dict, numel: int) -> bool:
     scale_sq = max(abs(saved["sum_sq"]), 1e-300)
+    # |sum| is at most sqrt(sum_sq * numel), the moment (weights in [-2, 2]) twice that.
+    linear = FINGERPRINT_SUM_RTOL * math.sqrt(scale_sq * numel)
     return (now["sample_hash"] == saved["sample_hash"]
             and abs(now["sum_sq"] - saved["sum_sq"]) <= FINGERPRINT_SUM_RTOL * scale_sq
-            and abs(now["sum"] - saved["sum"]) <= FINGERPRINT_SUM_RTOL * math.sqrt(scale_sq * numel))
+            and abs(now["sum"] - saved["sum"]) <= linear
+            # Absent from rounded fingerprints and from adapters saved before it was added: checked where present.
+            and ("moment" not in saved or abs(now["moment"] - saved["moment"]) <= 2 * linear))
 
 
 def _fingerprint_problem(weight: torch.Tensor, saved: dict) -> Optional[str]:
@@ -319,6 +331,8 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
                  for k, v in by_name[name][1].state_dict().items()}
         tensors.update({f"{SAVED_PREFIX}{name}.{k}": v for k, v in state.items()})
         saved_modules[name] = _checksum(state)
+        if _first_non_finite(state) is not None:
+            diverged.append(f"{name} (modules_to_save)")
 
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "adapter_name": adapter_name,
@@ -327,7 +341,9 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
         "base_model_name_or_path": base_model_name(model),
     }
     if diverged:  # written all the same (a diverged run is worth keeping to look at); load_adapter refuses it
-        warnings.warn(f"adapter {adapter_name!r}: lam holds NaN or Inf in {len(diverged)} module(s) "
+        what = "lam holds" if not any(d.endswith("(modules_to_save)") for d in diverged) else \
+            "lam or a modules_to_save tensor holds"
+        warnings.warn(f"adapter {adapter_name!r}: {what} NaN or Inf in {len(diverged)} module(s) "
                       f"({', '.join(diverged[:3])}{', ...' if len(diverged) > 3 else ''}): training diverged; "
                       f"load_adapter will refuse this adapter", UserWarning, stacklevel=2)
     out = Path(path)
@@ -351,8 +367,9 @@ def _read_config(config_path: Path) -> dict:
         raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {config_path.parent}")
     try:
         meta = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_path} is truncated or corrupt: {err}") from None
+    # ValueError: JSONDecodeError, and an integer past Python's digit limit; RecursionError: arrays nested too deep.
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{config_path} is truncated or corrupt: {type(err).__name__}: {err}") from None
     if isinstance(meta, dict) and "peft_type" in meta and meta.get("format") != FORMAT:
         # The same file name as PEFT's adapters: say which kind this one is and what reads it.
         raise ValueError(f"{config_path} is a PEFT adapter config (peft_type {meta['peft_type']!r}), not a QR-LoRA "
@@ -410,6 +427,8 @@ def _check_module_info(name: str, info, config_path: Path) -> None:
     rounded = info["fingerprint"].get("rounded", {})
     if not isinstance(rounded, dict) or any(_bad_field(fp, _FINGERPRINT_FIELDS) for fp in rounded.values()):
         raise ValueError(f"{name}: {config_path} is corrupt: 'fingerprint.rounded' is damaged")
+    if "moment" in info["fingerprint"] and _bad_field(info["fingerprint"], {"moment": (int, float)}):
+        raise ValueError(f"{name}: {config_path} is corrupt: 'fingerprint.moment' is not a number")
     for fingerprint in [info["fingerprint"], *rounded.values()]:
         try:
             _dtype_from_name(fingerprint["dtype"])
@@ -419,10 +438,12 @@ def _check_module_info(name: str, info, config_path: Path) -> None:
     if not isinstance(info.get("store_r", True), bool):
         raise ValueError(f"{name}: {config_path} is corrupt: 'store_r' is not true or false")
     # Shown by the layer's repr and report (tau, energy_captured) and naming its rank rule (energy).
-    for key in ("tau", "energy_captured"):
+    for key, low, high in (("tau", 0.0, 1.0), ("energy_captured", 0.0, 1.0 + 1e-6)):
         value = info.get(key)
-        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-            raise ValueError(f"{name}: {config_path} is corrupt: {key!r} is {value!r}, not a number or null")
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or not low <= value <= high or (key == "tau" and value == 0)):
+            raise ValueError(f"{name}: {config_path} is corrupt: {key!r} is {value!r}, not a number in "
+                             f"{'(0, 1]' if key == 'tau' else '[0, 1]'} or null")
     if info.get("energy") not in (None, *ENERGY_RULES):
         raise ValueError(f"{name}: {config_path} is corrupt: 'energy' is {info['energy']!r}, not "
                          f"{' or '.join(map(repr, ENERGY_RULES))}")
@@ -438,7 +459,7 @@ def _diagnose_safetensors(path: Path) -> str:
         (header_len,) = struct.unpack("<Q", head)
         try:
             header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError):
+        except (ValueError, RecursionError, MemoryError, OverflowError):  # (UnicodeDecodeError is a ValueError)
             return "its header is unreadable"
     available = size - 8 - header_len
 
@@ -455,6 +476,26 @@ def _diagnose_safetensors(path: Path) -> str:
     if lost:
         return f"data missing for module(s) {', '.join(sorted(set(lost)))}"
     return "its header does not match its data"
+
+
+def _first_non_finite(state: dict[str, torch.Tensor]) -> Optional[str]:
+    """The first (by name) floating tensor of ``state`` holding NaN or Inf; None when there is none."""
+    return next((key for key in sorted(state) if state[key].is_floating_point()
+                 and not bool(torch.isfinite(state[key]).all())), None)
+
+
+def _check_tensors_accounted(tensors: dict, meta: dict, weights_path: Path) -> None:
+    """Every tensor of the weights file belongs to a module the config lists: a config that lost an entry (or a
+    weights file of another save) would otherwise load without those modules, silently."""
+    include_basis = bool(meta.get("include_basis"))
+    expected = {f"{name}.{key}" for name, info in meta["modules"].items()
+                for key in ["lam", "pivots"] + (_basis_keys(_stores_r(info)) if include_basis else [])}
+    prefixes = tuple(f"{SAVED_PREFIX}{name}." for name in (meta.get("modules_to_save") or {}))
+    extra = sorted(key for key in tensors if key not in expected and not (prefixes and key.startswith(prefixes)))
+    if extra:
+        shown = ", ".join(extra[:4]) + (", ..." if len(extra) > 4 else "")
+        raise ValueError(f"{weights_path} holds {len(extra)} tensor(s) that {ADAPTER_CONFIG} does not list ({shown}): "
+                         f"the two files are not from one save, or the config was edited")
 
 
 def _read_tensors(weights_path: Path) -> dict[str, torch.Tensor]:
@@ -492,6 +533,9 @@ def _module_tensors(tensors: dict, name: str, info: dict, include_basis: bool, p
                          f"expected ({r},)")
     if not own["lam"].is_floating_point():
         raise ValueError(f"{name}: lam is stored as {own['lam'].dtype}, which cannot be honoured as coefficients")
+    if own["pivots"].dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: its pivots are stored as {own['pivots'].dtype}, not as integers: {path} is "
+                         f"corrupt")
     if not torch.isfinite(own["lam"]).all():
         i = int((~torch.isfinite(own["lam"])).nonzero()[0])
         raise ValueError(f"{name}: lam[{i}] is {own['lam'][i].item()} in {path}: the adapter was saved from a "
@@ -534,6 +578,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
     folder = resolve_adapter_folder(path, revision=revision, token=token)
     meta = _read_config(folder / ADAPTER_CONFIG)
     tensors = _read_tensors(folder / ADAPTER_WEIGHTS)
+    _check_tensors_accounted(tensors, meta, folder / ADAPTER_WEIGHTS)
     include_basis = bool(meta.get("include_basis"))
     name_to_load = adapter_name if adapter_name is not None else meta.get("adapter_name") or DEFAULT_ADAPTER
     if not isinstance(name_to_load, str) or not name_to_load:
@@ -611,6 +656,10 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
                     layer = _build_layer(module, own, info, include_basis, num_adapters, store_r)
                 except (ValueError, RuntimeError) as err:
                     raise ValueError(f"{name}: cannot rebuild the basis from the stored pivots: {err}") from None
+            lam_dtype = layer.lam.dtype
+            if not bool(torch.isfinite(own["lam"].to(lam_dtype)).all()):
+                i = int((~torch.isfinite(own["lam"].to(lam_dtype))).nonzero()[0])
+                raise ValueError(f"{name}: lam[{i}] = {own['lam'][i].item():.6g} overflows the layer's {lam_dtype}")
             # A torch.compile'd Linear calls the module it compiled, whatever its _orig_mod is later: the new layer
             # replaces the compiled wrapper itself (a wrapper inside a compiled block is re-traced instead).
             while module_path.rpartition(".")[2] == "_orig_mod":
@@ -622,6 +671,10 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
                  if k.startswith(f"{SAVED_PREFIX}{name}.")}
         if _checksum(state) != checksum:
             raise ValueError(f"{name}: the stored modules_to_save tensors are missing or corrupt")
+        bad = _first_non_finite(state)
+        if bad is not None:
+            raise ValueError(f"{name}: its modules_to_save tensor {bad!r} holds NaN or Inf: the adapter was saved "
+                             f"from a diverged training run")
         found = _backbone_name(model, name, by_name)
         if found is None:
             raise ValueError(f"{name}: module (modules_to_save) not found in the model")

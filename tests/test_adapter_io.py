@@ -219,6 +219,23 @@ def test_fingerprint_sees_a_change_anywhere():
     changed.view(-1)[1] += 1e-3  # not one of the sampled positions: only the sums can see it
     assert "fingerprint does not match" in _fingerprint_problem(changed, saved)
     assert "shape (100, 99)" in _fingerprint_problem(weight[:, :99], saved)
+    # Two entries swapped (the sum and the sum of squares stay), at positions the byte sample does not see: in one
+    # row, in one column, or in neither.
+    from qrlora_kernels.adapter_io import FINGERPRINT_SAMPLES
+    sampled = set((torch.arange(FINGERPRINT_SAMPLES) * 10_000 // FINGERPRINT_SAMPLES).tolist())
+    unsampled = [(i // 100, i % 100) for i in range(10_000) if i not in sampled]
+    a = unsampled[0]
+    pairs = [(a, next(p for p in unsampled[1:] if p[0] == a[0])), (a, next(p for p in unsampled[1:] if p[1] == a[1])),
+             (a, next(p for p in unsampled[1:] if p[0] != a[0] and p[1] != a[1]))]
+    for a, b in pairs:
+        swapped = weight.clone()
+        swapped[a], swapped[b] = weight[b], weight[a]
+        assert float(swapped.sum()) == pytest.approx(float(weight.sum()))
+        assert "fingerprint does not match" in _fingerprint_problem(swapped, saved), (a, b)
+    # A fingerprint saved before the position-weighted sums existed still matches (and checks what it has).
+    earlier = {k: v for k, v in saved.items() if k != "moment"}
+    assert _fingerprint_problem(weight.clone(), earlier) is None
+    assert _fingerprint_problem(changed, earlier) is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
@@ -321,8 +338,12 @@ def test_load_errors_name_the_module(base, tmp_path):
     (None, "adapter_name", 5, "'adapter_name' is not a string"),
     (None, "include_basis", "false", "'include_basis' is not true or false"),
     (None, "modules", {}, "it lists no adapted modules"),
-    ("module", "tau", "0.9", r"layers\.0\.query: .*'tau' is '0\.9', not a number or null"),
+    ("module", "tau", "0.9", r"layers\.0\.query: .*'tau' is '0\.9', not a number in \(0, 1\] or null"),
+    ("module", "tau", float("nan"), r"layers\.0\.query: .*'tau' is nan, not a number in \(0, 1\]"),
+    ("module", "tau", 0, r"layers\.0\.query: .*'tau' is 0, not a number in \(0, 1\]"),
     ("module", "energy_captured", [0.9], r"layers\.0\.query: .*'energy_captured' is \[0\.9\], not a number"),
+    ("module", "energy_captured", -0.5, r"layers\.0\.query: .*'energy_captured' is -0\.5, not a number in \[0, 1\]"),
+    ("fingerprint", "moment", "1.5", r"layers\.0\.query: .*'fingerprint\.moment' is not a number"),
     ("module", "energy", "bogus", r"layers\.0\.query: .*'energy' is 'bogus', not 'diag' or 'frobenius'"),
     ("fingerprint", "dtype", "bogus", r"layers\.0\.query: .*its fingerprint names an unknown dtype 'bogus'"),
     ("fingerprint", "dtype", "Tensor", r"layers\.0\.query: .*its fingerprint names an unknown dtype 'Tensor'"),
@@ -353,6 +374,111 @@ def test_an_adapter_from_a_diverged_run_is_saved_with_a_warning_and_refused_at_l
     with pytest.raises(ValueError, match=r"layers\.1\.value: lam\[3\] is nan .*diverged"):
         load_adapter(fresh, tmp_path)
     assert not qrlora_layers(fresh)
+
+
+def _state(model):
+    """Everything a failed load must leave as it was."""
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [p.requires_grad for p in model.parameters()],
+            [type(m) for m in model.modules()])
+
+
+def _assert_unchanged(model, before):
+    state, grads, types_ = _state(model)
+    assert state.keys() == before[0].keys() and all(torch.equal(state[k], before[0][k]) for k in state)
+    assert grads == before[1] and types_ == before[2]
+
+
+def test_tensors_the_config_does_not_list_are_refused(base, tmp_path):
+    """A config that lost a module's entry (or a modules_to_save entry) used to load without that module, its
+    tensors ignored: the outputs silently differed from the saved adapter's."""
+    save_adapter(_adapted(base), tmp_path)
+    saved = (tmp_path / ADAPTER_CONFIG).read_text()
+    for drop, message in ((("modules", "layers.1.value"), r"holds 2 tensor\(s\) that adapter_config\.json does not "
+                                                          r"list \(layers\.1\.value\.lam, layers\.1\.value\.pivots\)"),
+                          (("modules_to_save", "classifier"), r"does not list \(modules_to_save\.classifier\.bias, "
+                                                              r"modules_to_save\.classifier\.weight\)")):
+        meta = json.loads(saved)
+        del meta[drop[0]][drop[1]]
+        (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(meta))
+        fresh = copy.deepcopy(base)
+        before = _state(fresh)
+        with pytest.raises(ValueError, match=message + ".*not from one save, or the config was edited"):
+            load_adapter(fresh, tmp_path)
+        _assert_unchanged(fresh, before)
+
+
+def test_a_diverged_module_to_save_is_saved_with_a_warning_and_refused_at_load(base, tmp_path):
+    model = _adapted(base)
+    with torch.no_grad():
+        model.classifier.weight[1, 4] = float("nan")
+    with pytest.warns(UserWarning, match=r"lam or a modules_to_save tensor holds NaN or Inf in 1 module\(s\) "
+                                         r"\(classifier \(modules_to_save\)\)"):
+        save_adapter(model, tmp_path)
+    fresh = copy.deepcopy(base)
+    before = _state(fresh)
+    with pytest.raises(ValueError, match=r"classifier: its modules_to_save tensor 'weight' holds NaN or Inf"):
+        load_adapter(fresh, tmp_path)
+    _assert_unchanged(fresh, before)
+
+
+def _rewrite_module_tensors(folder, name, **replaced):
+    """Replace some of a module's stored tensors, with a checksum that matches them (a crafted, not a damaged,
+    file)."""
+    from safetensors.torch import load_file, save_file
+    from qrlora_kernels.adapter_io import _checksum
+
+    tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    tensors.update({f"{name}.{key}": value for key, value in replaced.items()})
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "qrlora"})
+    meta = json.loads((folder / ADAPTER_CONFIG).read_text())
+    own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}.")}
+    meta["modules"][name]["checksum"] = _checksum(own)
+    meta["modules"][name]["lam_dtype"] = str(own["lam"].dtype).replace("torch.", "")
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("case", ["lam past float32", "float pivots"])
+def test_stored_values_that_cannot_be_honoured_are_refused(base, tmp_path, case):
+    """float64 coefficients that overflow the layer's float32 lam (they loaded as inf), and pivots stored as floats
+    (truncated to other columns, silently): refused, naming the module, before anything changes."""
+    save_adapter(_adapted(base), tmp_path)
+    from safetensors.torch import load_file
+    stored = load_file(str(tmp_path / ADAPTER_WEIGHTS))
+    if case == "lam past float32":
+        lam = stored["layers.0.query.lam"].double()
+        lam[2] = 1e300
+        _rewrite_module_tensors(tmp_path, "layers.0.query", lam=lam)
+        message = r"layers\.0\.query: lam\[2\] = 1e\+300 overflows the layer's torch\.float32"
+    else:
+        _rewrite_module_tensors(tmp_path, "layers.0.query", pivots=stored["layers.0.query.pivots"].float() + 0.9)
+        message = r"layers\.0\.query: its pivots are stored as torch\.float32, not as integers"
+    fresh = copy.deepcopy(base)
+    before = _state(fresh)
+    with pytest.raises(ValueError, match=message):
+        load_adapter(fresh, tmp_path)
+    _assert_unchanged(fresh, before)
+
+
+@pytest.mark.parametrize("damage", ["nested config", "long integer in config", "nested safetensors header"])
+def test_json_past_the_parser_limits_is_named_as_a_corrupt_file(base, tmp_path, damage):
+    """Arrays nested too deep (RecursionError) and integers past Python's digit limit escaped as bare errors."""
+    save_adapter(_adapted(base), tmp_path)
+    if damage == "nested config":
+        (tmp_path / ADAPTER_CONFIG).write_text("[" * 100_000 + "]" * 100_000)
+        message = r"adapter_config\.json is truncated or corrupt: RecursionError"
+    elif damage == "long integer in config":
+        text = (tmp_path / ADAPTER_CONFIG).read_text()
+        (tmp_path / ADAPTER_CONFIG).write_text(text.replace('"rank": ', '"rank": ' + "1" * 5000, 1))
+        message = r"adapter_config\.json is truncated or corrupt: ValueError: Exceeds the limit"
+    else:
+        header = b"[" * 100_000 + b"]" * 100_000
+        (tmp_path / ADAPTER_WEIGHTS).write_bytes(struct.pack("<Q", len(header)) + header)
+        message = r"adapter\.safetensors is truncated or corrupt \(its header is unreadable"
+    fresh = copy.deepcopy(base)
+    before = _state(fresh)
+    with pytest.raises(ValueError, match=message):
+        load_adapter(fresh, tmp_path)
+    _assert_unchanged(fresh, before)
 
 
 def test_an_include_basis_file_whose_basis_has_another_rank_is_refused_before_anything_changes(base, tmp_path):
