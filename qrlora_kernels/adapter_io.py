@@ -98,14 +98,15 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def weight_fingerprint(weight: torch.Tensor, dtype: Optional[torch.dtype] = None, *, cache: bool = False) -> dict:
+def weight_fingerprint(weight: torch.Tensor, dtype: Optional[torch.dtype] = None, *, cache: bool = False,
+                       moment: bool = True) -> dict:
     """A cheap identity of a weight (rounded to ``dtype``, default its own): shape, dtype, a hash of a strided byte
     sample, float64 sums.
 
     The sample hash catches any different model; the sums catch a change anywhere in the weight (fine-tuned or
     perturbed weights), at the cost of a pass over it: the sum and the sum of squares, and a position-weighted sum
     (entry (i, j) weighted by cos(i) + sin(j + 1)), which a rearrangement of the entries (two swapped, which keeps
-    the first two) changes. ``cache=True`` keeps the sums per
+    the first two) changes (``moment=False`` leaves it out, a pass less). ``cache=True`` keeps the sums per
     weight tensor, dtype and version (``load_adapter`` checks the same base weight once per adapter, and a server
     loads many adapters): an in-place change bumps the version, and one that bypasses it (through ``.data``)
     is still seen by the sample hash, computed every time, where it touches a sampled position.
@@ -123,21 +124,27 @@ def weight_fingerprint(weight: torch.Tensor, dtype: Optional[torch.dtype] = None
     cache = cache and _cacheable(weight)
     key = (dtype, w._version, w.data_ptr(), str(w.device), tuple(w.shape), w.dtype) if cache else None
     sums = _FINGERPRINT_SUMS.get(weight, {}).get(key) if cache else None
-    if sums is None:
+    if sums is None or len(sums) < 2 + moment:
         w64 = w.to(dtype).to(torch.float64).reshape(-1)
         # dot, not square().sum(): no second float64 copy (both sums agree far within FINGERPRINT_SUM_RTOL).
-        grid = w64.reshape(w.shape[0] if w.dim() and w.numel() else 1, -1)
-        rows = torch.arange(grid.shape[0], device=grid.device, dtype=torch.float64).cos()
-        cols = torch.arange(1, grid.shape[1] + 1, device=grid.device, dtype=torch.float64).sin()
-        sums = (float(w64.sum()), float(torch.dot(w64, w64)),
-                float(torch.dot(grid.sum(1), rows)) + float(torch.dot(grid.sum(0), cols)))
+        parts = [w64.sum(), torch.dot(w64, w64)]
+        if moment:
+            grid = w64.reshape(w.shape[0] if w.dim() and w.numel() else 1, -1)
+            rows = torch.arange(grid.shape[0], device=grid.device, dtype=torch.float64).cos()
+            cols = torch.arange(1, grid.shape[1] + 1, device=grid.device, dtype=torch.float64).sin()
+            parts.append(torch.dot(grid.sum(1), rows) + torch.dot(grid.sum(0), cols))
+        sums = tuple(torch.stack(parts).tolist())  # one device sync
         if cache:
             _FINGERPRINT_SUMS.setdefault(weight, {})[key] = sums
-    return {"shape": list(w.shape), "dtype": _dtype_name(dtype), "sample_hash": h.hexdigest(),
-            "sum": sums[0], "sum_sq": sums[1], "moment": sums[2]}
+    fingerprint = {"shape": list(w.shape), "dtype": _dtype_name(dtype), "sample_hash": h.hexdigest(),
+                   "sum": sums[0], "sum_sq": sums[1]}
+    if moment:
+        fingerprint["moment"] = sums[2]
+    return fingerprint
 
 
-# weight tensor -> {(dtype, version, data_ptr, device, shape, own dtype): (sum, sum_sq)}; entries go with the tensor.
+# weight tensor -> {(dtype, version, data_ptr, device, shape, own dtype): (sum, sum_sq[, moment])}; entries go with
+# the tensor.
 _FINGERPRINT_SUMS = WeakIdKeyDictionary()
 
 
@@ -158,9 +165,9 @@ def base_fingerprint(weight: torch.Tensor) -> dict:
     fingerprint = weight_fingerprint(weight)
     narrower = ROUNDED_DTYPES.get(weight.dtype, ())
     if narrower:
-        # (Without the moment: the sums and the sample of a rounded copy suffice, and the config stays small.)
-        fingerprint["rounded"] = {_dtype_name(d): {k: v for k, v in weight_fingerprint(weight.detach().to(d)).items()
-                                                   if k != "moment"} for d in narrower}
+        # Without the moment: the sums and the sample of a rounded copy suffice, and the config stays small.
+        fingerprint["rounded"] = {_dtype_name(d): weight_fingerprint(weight.detach().to(d), moment=False)
+                                  for d in narrower}
     return fingerprint
 
 
@@ -331,7 +338,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
                  for k, v in by_name[name][1].state_dict().items()}
         tensors.update({f"{SAVED_PREFIX}{name}.{k}": v for k, v in state.items()})
         saved_modules[name] = _checksum(state)
-        if _first_non_finite(state) is not None:
+        if _first_non_finite(state, by_name[name][1]) is not None:
             diverged.append(f"{name} (modules_to_save)")
 
     meta = {
@@ -438,12 +445,12 @@ def _check_module_info(name: str, info, config_path: Path) -> None:
     if not isinstance(info.get("store_r", True), bool):
         raise ValueError(f"{name}: {config_path} is corrupt: 'store_r' is not true or false")
     # Shown by the layer's repr and report (tau, energy_captured) and naming its rank rule (energy).
-    for key, low, high in (("tau", 0.0, 1.0), ("energy_captured", 0.0, 1.0 + 1e-6)):
+    # (energy_captured has no upper bound: at full rank it is 1 up to the rounding of the weight's precision.)
+    for key, valid, what in (("tau", lambda v: 0 < v <= 1, "in (0, 1]"),
+                             ("energy_captured", lambda v: 0 <= v < math.inf, "finite and >= 0")):
         value = info.get(key)
-        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
-                                  or not low <= value <= high or (key == "tau" and value == 0)):
-            raise ValueError(f"{name}: {config_path} is corrupt: {key!r} is {value!r}, not a number in "
-                             f"{'(0, 1]' if key == 'tau' else '[0, 1]'} or null")
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not valid(value)):
+            raise ValueError(f"{name}: {config_path} is corrupt: {key!r} is {value!r}, not a number {what} or null")
     if info.get("energy") not in (None, *ENERGY_RULES):
         raise ValueError(f"{name}: {config_path} is corrupt: 'energy' is {info['energy']!r}, not "
                          f"{' or '.join(map(repr, ENERGY_RULES))}")
@@ -478,9 +485,11 @@ def _diagnose_safetensors(path: Path) -> str:
     return "its header does not match its data"
 
 
-def _first_non_finite(state: dict[str, torch.Tensor]) -> Optional[str]:
-    """The first (by name) floating tensor of ``state`` holding NaN or Inf; None when there is none."""
-    return next((key for key in sorted(state) if state[key].is_floating_point()
+def _first_non_finite(state: dict[str, torch.Tensor], module: nn.Module) -> Optional[str]:
+    """The first (by name) of ``module``'s parameters in its ``state`` holding NaN or Inf; None when there is none.
+    Buffers are not checked: an infinite one can be meant (a mask of -inf)."""
+    parameters = {name for name, _ in module.named_parameters()}
+    return next((key for key in sorted(state) if key in parameters and state[key].is_floating_point()
                  and not bool(torch.isfinite(state[key]).all())), None)
 
 
@@ -671,10 +680,6 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
                  if k.startswith(f"{SAVED_PREFIX}{name}.")}
         if _checksum(state) != checksum:
             raise ValueError(f"{name}: the stored modules_to_save tensors are missing or corrupt")
-        bad = _first_non_finite(state)
-        if bad is not None:
-            raise ValueError(f"{name}: its modules_to_save tensor {bad!r} holds NaN or Inf: the adapter was saved "
-                             f"from a diverged training run")
         found = _backbone_name(model, name, by_name)
         if found is None:
             raise ValueError(f"{name}: module (modules_to_save) not found in the model")
@@ -687,6 +692,10 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
                           for k in set(expected) | set(stored) if expected.get(k) != stored.get(k))
             raise ValueError(f"{name}: the adapter's modules_to_save tensors do not fit the model's module "
                              f"({'; '.join(diff)}), e.g. a classifier made for another number of labels")
+        bad = _first_non_finite(state, target)
+        if bad is not None:
+            raise ValueError(f"{name}: its modules_to_save parameter {bad!r} holds NaN or Inf: the adapter was saved "
+                             f"from a diverged training run")
 
     if fresh:
         for p in model.parameters():

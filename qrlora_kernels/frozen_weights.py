@@ -54,7 +54,7 @@ def _name_hash(name: str) -> bytes:
 
 
 def _row(name: str, weight: torch.Tensor) -> bytes:
-    fingerprint = weight_fingerprint(weight)
+    fingerprint = weight_fingerprint(weight, moment=False)  # (the record's rows hold the two sums only)
     return (_name_hash(name) + bytes.fromhex(fingerprint["sample_hash"])
             + struct.pack("<dd", fingerprint["sum"], fingerprint["sum_sq"]))
 
@@ -62,7 +62,7 @@ def _row(name: str, weight: torch.Tensor) -> bytes:
 def _same_weight(row: bytes, weight: torch.Tensor) -> bool:
     total, total_sq = struct.unpack("<dd", row[_SAMPLE_END:_ROW_BYTES])
     saved = {"sample_hash": row[_NAME_BYTES:_SAMPLE_END].hex(), "sum": total, "sum_sq": total_sq}
-    return _same_fingerprint(weight_fingerprint(weight), saved, weight.numel())
+    return _same_fingerprint(weight_fingerprint(weight, moment=False), saved, weight.numel())
 
 
 def record(owner: nn.Module, names: list[str]) -> torch.Tensor:
