@@ -7,7 +7,8 @@
 #
 # Within the budget (default 570 s), in this order, each step time-boxed to min(its cap + the time earlier steps
 # left of theirs, time left); the most important measurements first (the benchmarks' own --time-budget follows
-# that allowance, so a quick build leaves the layer benchmark more time). The caps sum to 555 s:
+# that allowance, up to 90 s for the QR one and 30 s for init, so a quick build leaves the layer benchmark more
+# time). The caps sum to 555 s:
 #   1. build       150 s  the extension for sm_90 only: QRLORA_CUDA_ARCHS=90 python3 setup.py build_ext --inplace
 #   2. qrcp-tests   60 s  the first real CUDA run of the pivoted QR, in its own process, CUDA_LAUNCH_BLOCKING=1:
 #                         python3 -m pytest -v --tb=short --maxfail=10 -k "cuda or gpu" tests/test_qrcp.py
@@ -206,10 +207,11 @@ allowance() {  # name -> the seconds that step may take now: its cap plus the ba
     local want=$(( cap[$1] + banked ))
     echo $(( want < left ? want : left ))
 }
-inner_budget() {  # name, margin -> a benchmark's own --time-budget: its allowance less the margin it needs to finish
-    local a
-    a="$(allowance "$1")"
-    echo $(( a - $2 > 10 ? a - $2 : 10 ))
+inner_budget() {  # name, margin, most -> a benchmark's own --time-budget: its allowance less the margin it needs to
+    local a b      # finish, at most `most` (the QR and init steps need little more than their caps: the layer
+    a="$(allowance "$1")"  # benchmark, which can use any time, gets the rest)
+    b=$(( a - $2 < $3 ? a - $2 : $3 ))
+    echo $(( b > 10 ? b : 10 ))
 }
 run_step() {  # name, command...   (cap from the table above)
     local name="$1"; shift
@@ -240,13 +242,14 @@ run_step() {  # name, command...   (cap from the table above)
 }
 
 run_step build env QRLORA_CUDA_ARCHS=90 MAX_JOBS="$(nproc)" "$PYTHON" setup.py build_ext --inplace
-# setup.py falls back to a CPU-only build where it finds no toolkit: every QR number would then be a CPU number
-# under the GPU's name. Said, and the QR steps skipped, unless --allow-cpu.
-if [[ " $steps_to_run " == *" build "* ]] && (( ! allow_cpu )); then
+# setup.py falls back to a CPU-only build where it finds no toolkit (and an earlier build may be one): every QR
+# number would then be a CPU number under the GPU's name. Said, and the QR steps skipped, unless --allow-cpu.
+if [[ " $steps_to_run " == *" qrcp-tests "* || " $steps_to_run " == *" qr "* || " $steps_to_run " == *" init "* ]] \
+        && (( ! allow_cpu )); then
     kind="$("$PYTHON" -c "import qrlora_kernels; print(qrlora_kernels.build_info()['kind'])" 2>&1 | tail -n 1)"
     if [[ "$kind" != cuda ]]; then
         say "[build] the extension is not a CUDA build (build_info kind: $kind; see build.log): the QR steps are skipped"
-        printf "build-kind\tnot cuda (%s)\t0\t0\tbuild.log\n" "$kind" >> "$steps"
+        printf "build-kind\tnot cuda (%s)\t0\t0\t-\n" "$kind" >> "$steps"
         kept=""
         for s in $steps_to_run; do [[ " qrcp-tests qr init " == *" $s "* ]] || kept+=" $s"; done
         steps_to_run="$kept"
@@ -254,17 +257,18 @@ if [[ " $steps_to_run " == *" build "* ]] && (( ! allow_cpu )); then
     fi
 fi
 run_step qrcp-tests env CUDA_LAUNCH_BLOCKING=1 QRLORA_AUTOTUNE=0 "${pytest_cmd[@]}" -k "cuda or gpu" tests/test_qrcp.py
-run_step qr "$PYTHON" -m benchmarks.qr --sizes 4096 --reps 10 --routine-budget 4 --time-budget "$(inner_budget qr 20)" \
+run_step qr "$PYTHON" -m benchmarks.qr --sizes 4096 --reps 10 --routine-budget 4 --time-budget "$(inner_budget qr 20 90)" \
     --out-dir "$out_dir"
 run_step init "$PYTHON" -m benchmarks.init_time --shapes llama7b --layers 2 --rules diag,frobenius,rank \
-    --no-scipy --reps 1 --time-budget "$(inner_budget init 15)" --out "$out_dir"
+    --no-scipy --reps 1 --time-budget "$(inner_budget init 15 30)" --out "$out_dir"
 run_step bench "$PYTHON" -m benchmarks.throughput --preset llama-7b,roberta-base --tokens 2048,8192 --ranks 16 \
     --dtype bf16 --modes fwd,fwd+bwd --providers frozen_linear,qrlora_triton,peft_lora,qrlora_triton_multi1000 \
-    --multi-shapes 4096x4096 --model-level off --no-qr --time-budget "$(inner_budget bench 30)" --out "$out_dir"
+    --multi-shapes 4096x4096 --model-level off --no-qr --time-budget "$(inner_budget bench 30 600)" --out "$out_dir"
 read -r -a cuda_tests <<< "$(cuda_test_files)"
 parallel=()
 "$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
-run_step cuda-tests env QRLORA_AUTOTUNE=0 "${pytest_cmd[@]}" "${parallel[@]}" -k "cuda or gpu" "${cuda_tests[@]}"
+# (${a[@]+"${a[@]}"}: an empty array is "unbound" under set -u before bash 4.4)
+run_step cuda-tests env QRLORA_AUTOTUNE=0 "${pytest_cmd[@]}" ${parallel[@]+"${parallel[@]}"} -k "cuda or gpu" "${cuda_tests[@]}"
 
 write_summary
 archive_results

@@ -603,9 +603,10 @@ def test_device_suite_archives_the_results_after_every_step(tmp_path):
 
 
 def _env_with_stand_in_python(tmp_path, *, gpu=True, build_kind=None):
-    """The suite's environment with $PYTHON a stand-in: `setup.py ...` is a no-op build, `-m benchmarks.qr ...`
-    only records its arguments (in tmp_path/qr.args), and everything else runs the real interpreter, which (with
-    ``gpu``) reports a 'Fake GPU' and (with ``build_kind``) an extension of that kind."""
+    """The suite's environment with $PYTHON a stand-in: `setup.py ...` is a no-op build, the benchmarks (`-m
+    benchmarks.qr|init_time|throughput ...`, not `--summary`) only record their arguments (in tmp_path/NAME.args),
+    and everything else runs the real interpreter, which (with ``gpu``) reports a 'Fake GPU' and (with
+    ``build_kind``) an extension of that kind."""
     fake = tmp_path / "fake"
     fake.mkdir()
     lines = []
@@ -619,9 +620,10 @@ def _env_with_stand_in_python(tmp_path, *, gpu=True, build_kind=None):
                   f"qrlora_kernels.build_info = lambda: {{'kind': {build_kind!r}, 'archs': []}}"]
     (fake / "sitecustomize.py").write_text("\n".join(lines) + "\n")
     python = tmp_path / "python"
-    python.write_text("#!/bin/bash\n"
+    python.write_text("#!/bin/bash\nshopt -s extglob\n"
                       "[[ \"$1\" == setup.py ]] && { echo fake build; exit 0; }\n"
-                      f"[[ \"$1 $2\" == \"-m benchmarks.qr\" ]] && {{ echo \"$@\" > {tmp_path / 'qr.args'}; exit 0; }}\n"
+                      f"case \"$1 $2 $*\" in *--summary*) ;; \"-m benchmarks.\"@(qr|init_time|throughput)\\ *)\n"
+                      f"    echo \"$@\" > {tmp_path}/\"${{2#benchmarks.}}\".args; exit 0 ;; esac\n"
                       f"PYTHONPATH={fake}:$PYTHONPATH exec {sys.executable} \"$@\"\n")
     python.chmod(0o755)
     env = _env_without_interpreter()
@@ -632,17 +634,23 @@ def _env_with_stand_in_python(tmp_path, *, gpu=True, build_kind=None):
 
 @no_gpu_only
 def test_device_suite_gives_the_time_a_step_left_to_the_next(tmp_path):
-    """A build that takes a second of its 150 s cap leaves the rest to the next step: the QR benchmark's own
-    --time-budget is its 75 s cap plus that, less its 20 s margin (55 s when nothing is left over)."""
+    """Steps that take a second of their caps leave the rest to the next: the QR benchmark's own --time-budget
+    grows from 55 s to at most 90 s, init keeps 30 s, and the layer benchmark gets the rest (120 s when nothing
+    is left over: its 150 s cap less its 30 s margin)."""
     env = _env_with_stand_in_python(tmp_path, gpu=False)
     out = tmp_path / "results"
-    proc = _script("benchmarks/device_suite.sh", "--allow-cpu", "--only", "build,qr,summary", "--out", str(out),
-                   env=env)
+    proc = _script("benchmarks/device_suite.sh", "--allow-cpu", "--only", "build,qr,init,bench,summary",
+                   "--out", str(out), env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    args = (tmp_path / "qr.args").read_text().split()
-    inner = int(args[args.index("--time-budget") + 1])
-    assert 75 + 150 - 20 - 15 <= inner <= 75 + 150 - 20, args
-    assert "qr\tok" in (out / "steps.tsv").read_text()
+
+    def inner(name):
+        args = (tmp_path / f"{name}.args").read_text().split()
+        return int(args[args.index("--time-budget") + 1])
+    assert inner("qr") == 90 and inner("init_time") == 30
+    # 150 + the caps the build, qr and init left (150 + 75 + 45, less the seconds they took) - 30.
+    assert 150 + 270 - 30 - 30 <= inner("throughput") <= 150 + 270 - 30, inner("throughput")
+    steps = (out / "steps.tsv").read_text()
+    assert all(f"{name}\tok" in steps for name in ("build", "qr", "init", "bench"))
 
 
 @no_gpu_only
@@ -665,6 +673,9 @@ def test_device_suite_skips_the_qr_steps_after_a_cpu_only_build(tmp_path, build_
     else:
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "not a CUDA build" not in proc.stdout and "qr\tok" in steps and (tmp_path / "qr.args").exists()
+    # An earlier build (no build step) is checked the same way.
+    again = _script("benchmarks/device_suite.sh", "--only", "qr,summary", "--out", str(tmp_path / "again"), env=env)
+    assert ("not a CUDA build" in again.stdout) == (build_kind == "cpu"), again.stdout
 
 
 def test_device_suite_rejects_bad_budget():
