@@ -113,14 +113,6 @@ def weight_fingerprint(weight: torch.Tensor, dtype: Optional[torch.dtype] = None
     """
     w = weight.detach()
     dtype = w.dtype if dtype is None else dtype
-    flat = w.reshape(-1)
-    n = flat.numel()
-    k = min(n, FINGERPRINT_SAMPLES)
-    positions = (torch.arange(k, device=w.device, dtype=torch.int64) * n) // max(k, 1)
-    sample = flat.index_select(0, positions).to(dtype)  # elementwise: the sample of the rounded weight
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{_dtype_name(dtype)}{tuple(w.shape)}".encode())
-    h.update(_tensor_bytes(sample))
     cache = cache and _cacheable(weight)
     key = (dtype, w._version, w.data_ptr(), str(w.device), tuple(w.shape), w.dtype) if cache else None
     sums = _FINGERPRINT_SUMS.get(weight, {}).get(key) if cache else None
@@ -136,11 +128,27 @@ def weight_fingerprint(weight: torch.Tensor, dtype: Optional[torch.dtype] = None
         sums = tuple(torch.stack(parts).tolist())  # one device sync
         if cache:
             _FINGERPRINT_SUMS.setdefault(weight, {})[key] = sums
-    fingerprint = {"shape": list(w.shape), "dtype": _dtype_name(dtype), "sample_hash": h.hexdigest(),
+    fingerprint = {"shape": list(w.shape), "dtype": _dtype_name(dtype), "sample_hash": sample_hash(w, dtype),
                    "sum": sums[0], "sum_sq": sums[1]}
     if moment:
         fingerprint["moment"] = sums[2]
     return fingerprint
+
+
+def sample_hash(weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -> str:
+    """A hash of the weight's dtype, shape and a strided sample of FINGERPRINT_SAMPLES of its values (rounded to
+    ``dtype``, default its own): no pass over the whole weight."""
+    w = weight.detach()
+    dtype = w.dtype if dtype is None else dtype
+    flat = w.reshape(-1)
+    n = flat.numel()
+    k = min(n, FINGERPRINT_SAMPLES)
+    positions = (torch.arange(k, device=w.device, dtype=torch.int64) * n) // max(k, 1)
+    sample = flat.index_select(0, positions).to(dtype)  # elementwise: the sample of the rounded weight
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{_dtype_name(dtype)}{tuple(w.shape)}".encode())
+    h.update(_tensor_bytes(sample))
+    return h.hexdigest()
 
 
 # weight tensor -> {(dtype, version, data_ptr, device, shape, own dtype): (sum, sum_sq[, moment])}; entries go with

@@ -25,6 +25,7 @@ or ``fully_shard``; every rank must call it with the same model and config (it i
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Callable, Optional, Sequence
 
@@ -40,7 +41,59 @@ def world_info(group=None) -> tuple[int, int]:
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the process group passed "
+                         f"as group=; call it on the group's members only (or with group=None: the whole world)")
+    return rank, dist.get_world_size(group)
+
+
+def _gather(values: torch.Tensor, group) -> list[torch.Tensor]:
+    """all_gather of a small tensor (the same shape on every rank), on a device the group's backend takes."""
+    import torch.distributed as dist
+    backend = str(dist.get_backend(group))
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    values = values.to(device)
+    out = [torch.empty_like(values) for _ in range(world_info(group)[1])]
+    dist.all_gather(out, values, group=group)
+    return [t.cpu() for t in out]
+
+
+def raise_together(error: Optional[BaseException], group=None, what: str = "apply_qrlora") -> None:
+    """Collective (every rank calls it): whether any rank failed. A rank with ``error`` raises it; the others raise
+    a RuntimeError naming the failed ranks, instead of waiting for them in the next collective until the process
+    group's timeout. Outside a process group, raises ``error`` if there is one."""
+    rank, world = world_info(group)
+    if world > 1:
+        failed = [r for r, flag in enumerate(_gather(torch.tensor([error is not None], dtype=torch.int64), group))
+                  if int(flag[0])]
+    if error is not None:
+        raise error
+    if world > 1 and failed:
+        raise RuntimeError(f"{what} failed on rank(s) {', '.join(map(str, failed))} of the process group (see the "
+                           f"error there); this rank ({rank}) stops too")
+
+
+def check_same_on_every_rank(items: dict[str, bytes], group=None, what: str = "apply_qrlora") -> None:
+    """Collective: every rank passes the same labelled items (digests of its config and of each targeted weight);
+    a difference (ranks that loaded other weights, or got another config) is a ValueError on every rank, naming
+    the first differing item, instead of bases mixed from different models or a collective that never returns."""
+    rank, world = world_info(group)
+    if world == 1:
+        return
+    counts = [int(c[0]) for c in _gather(torch.tensor([len(items)], dtype=torch.int64), group)]
+    if len(set(counts)) > 1:
+        raise ValueError(f"{what}: the ranks of the process group have different numbers of targeted modules "
+                         f"({', '.join(f'rank {r}: {c}' for r, c in enumerate(counts))}); every rank must pass the "
+                         f"same model and config")
+    labels = list(items)
+    mine = torch.tensor([list(hashlib.blake2b(items[k], digest_size=16).digest()) for k in labels],
+                        dtype=torch.uint8).reshape(len(labels), 16)
+    for other, theirs in enumerate(_gather(mine, group)):
+        differ = (theirs != mine).any(dim=1).nonzero()
+        if differ.numel():
+            raise ValueError(f"{what}: rank {other} and rank {rank} of the process group differ in "
+                             f"{labels[int(differ[0])]}; every rank must pass the same model (weights) and config")
 
 
 def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
@@ -103,8 +156,13 @@ def compute_bases(weights: Sequence[torch.Tensor], factorise_many: Callable, *, 
     costs = [float(w.shape[0]) * w.shape[1] * min(w.shape) for w in weights]
     owners = assign_owners(costs, world)
     mine = [j for j in range(len(weights)) if owners[j] == rank]
-    with module_progress(len(mine), progress, f"QR-LoRA factorisation (rank {rank}/{world})", group) as bar:
-        local = dict(zip(mine, factorise_many([weights[j] for j in mine], [names[j] for j in mine], bar.update)))
+    error = None
+    try:
+        with module_progress(len(mine), progress, f"QR-LoRA factorisation (rank {rank}/{world})", group) as bar:
+            local = dict(zip(mine, factorise_many([weights[j] for j in mine], [names[j] for j in mine], bar.update)))
+    except Exception as err:  # noqa: BLE001 -- a non-finite weight, out of memory: every rank must hear of it
+        error = err
+    raise_together(error, group)
 
     # Phase 1: the small per-module facts (rank, energy, diagonal) every rank needs.
     metas, diags = [], []

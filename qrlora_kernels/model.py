@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import sys
 import warnings
 from typing import Iterable, Optional, Sequence, Union
@@ -310,23 +311,8 @@ def _make_layer(linear: nn.Module, basis: QRLoraBasis, config: QRLoraConfig, num
                                    store_r=config.store_r)
 
 
-# ---------------------------------------------------------------------------------------- public API
-def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[bool] = None,
-                 group=None, adapter_name: str = DEFAULT_ADAPTER) -> QRLoraReport:
-    """Replace every ``nn.Linear`` that ``config`` targets by a ``QRLoraLinear``, in place.
-
-    Every other parameter is frozen, except those of ``config.modules_to_save``. The
-    factorisations run on the weights' devices, and weights that share a shape (the same
-    projection in every layer) are factorised as one batch (``qrcp_batched``). Inside an initialised
-    ``torch.distributed`` process group (``group``, default the world) the factorisations are split across the
-    ranks and the bases broadcast, so every rank ends with the same model as one process would.
-
-    ``progress``: show a tqdm bar over modules (None: only on a terminal). ``adapter_name``: the name of the
-    adapter being trained (PEFT's ``get_peft_model(..., adapter_name=)``), which ``save_adapter`` records.
-    Returns a ``QRLoraReport`` (``print(report)`` gives a table).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"apply_qrlora needs an nn.Module, got {type(model).__name__}")
+def _plan_conversion(model: nn.Module, config: QRLoraConfig, adapter_name: str):
+    """apply_qrlora's checks and choices before any factorisation: (targets, all-zero names, modules_to_save)."""
     if not isinstance(adapter_name, str) or not adapter_name:
         raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
     refuse_bare_layer(unwrap_model(model), "apply_qrlora")
@@ -347,13 +333,55 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
         if len(zero) == len(targets):
             raise ValueError(f"every targeted weight is all zeros ({', '.join(zero[:4])}): no basis to build")
         warnings.warn(f"{len(zero)} targeted weight(s) are all zeros and stay nn.Linear (no basis to build): "
-                      f"{', '.join(zero[:4])}{', ...' if len(zero) > 4 else ''}", UserWarning, stacklevel=2)
+                      f"{', '.join(zero[:4])}{', ...' if len(zero) > 4 else ''}", UserWarning, stacklevel=3)
         targets = [(name, linear) for name, linear in targets if name not in set(zero)]
     if config.modules_to_save and not any(n and config.is_listed_to_save(n) for n, _ in model.named_modules()):
         raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of the model")
     saved = [n for n, _ in model.named_modules() if n and config.is_module_to_save(n)]
     # Keep only the outermost matches, so nested ones are not counted twice.
     saved = [n for n in saved if not any(n.startswith(p + ".") for p in saved if p != n)]
+    return targets, zero, saved
+
+
+def _agreement_items(config: QRLoraConfig, targets) -> dict[str, bytes]:
+    """What every rank of a process group must agree on: the config and each targeted weight (shape, dtype, a
+    hash of a sample of its values)."""
+    from .adapter_io import sample_hash
+    items = {"the config": json.dumps(config.to_dict(), sort_keys=True, default=str).encode()}
+    for name, module in targets:
+        weight = out_in_weight(module)
+        items[f"module {name} (its weight's shape, dtype or values)"] = \
+            f"{tuple(weight.shape)} {weight.dtype} {sample_hash(weight)}".encode()
+    return items
+
+
+# ---------------------------------------------------------------------------------------- public API
+def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[bool] = None,
+                 group=None, adapter_name: str = DEFAULT_ADAPTER) -> QRLoraReport:
+    """Replace every ``nn.Linear`` that ``config`` targets by a ``QRLoraLinear``, in place.
+
+    Every other parameter is frozen, except those of ``config.modules_to_save``. The
+    factorisations run on the weights' devices, and weights that share a shape (the same
+    projection in every layer) are factorised as one batch (``qrcp_batched``). Inside an initialised
+    ``torch.distributed`` process group (``group``, default the world) the factorisations are split across the
+    ranks and the bases broadcast, so every rank ends with the same model as one process would.
+
+    ``progress``: show a tqdm bar over modules (None: only on a terminal). ``adapter_name``: the name of the
+    adapter being trained (PEFT's ``get_peft_model(..., adapter_name=)``), which ``save_adapter`` records.
+    Returns a ``QRLoraReport`` (``print(report)`` gives a table).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_qrlora needs an nn.Module, got {type(model).__name__}")
+    # Every rank must fail together (a rank that raised alone would leave the others waiting in a collective) and
+    # agree on the model and config (else bases mixed from different weights, or a collective that never returns).
+    error = targets = None
+    try:
+        targets, zero, saved = _plan_conversion(model, config, adapter_name)
+    except Exception as err:  # noqa: BLE001 -- re-raised below, on this rank; the others raise naming it
+        error = err
+    _dist.raise_together(error, group)
+    if _dist.world_info(group)[1] > 1:
+        _dist.check_same_on_every_rank(_agreement_items(config, targets), group)
 
     bases = _dist.compute_bases([out_in_weight(module) for _, module in targets],
                                 lambda ws, names, on_done: _factorise_many(ws, config, names, on_done),

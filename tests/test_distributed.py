@@ -122,6 +122,54 @@ def _check_apply(rank, world):
         qm._factorise_many = original
 
 
+def _expect_error(call, kind, pattern):
+    import re
+    try:
+        call()
+    except kind as err:
+        assert re.search(pattern, str(err)), f"{type(err).__name__}: {err}"
+        return
+    raise AssertionError(f"no {kind.__name__} matching {pattern!r}")
+
+
+def _check_ranks_fail_and_disagree_together(rank, world):
+    """Ranks that disagree (other weights, another config) all raise, naming the difference, instead of mixing
+    bases from different models or dying in a mismatched collective; a rank that fails alone (a weight on the meta
+    device, a factorisation error) makes every rank raise instead of leaving them in a collective until the
+    process group's timeout; a rank outside the group passed is told so."""
+    from qrlora_kernels import QRLoraConfig, apply_qrlora
+    config = QRLoraConfig(target_modules="all-linear", tau=0.8)
+    model = _base_model()
+    if rank == 1:
+        with torch.no_grad():
+            model.layers[1].up.weight.mul_(1.5)
+    _expect_error(lambda: apply_qrlora(model, config, progress=False), ValueError,
+                  r"rank \d and rank \d of the process group differ in module layers\.1\.up \(its weight's")
+    other = QRLoraConfig(target_modules="all-linear", tau=0.8 if rank == 0 else 0.9)
+    _expect_error(lambda: apply_qrlora(_base_model(), other, progress=False), ValueError, r"differ in the config")
+    model = _base_model()
+    if rank == 1:
+        model.layers[2].query.to("meta")
+    if rank == 1:
+        _expect_error(lambda: apply_qrlora(model, config, progress=False), ValueError, r"on the meta device")
+    else:
+        _expect_error(lambda: apply_qrlora(model, config, progress=False), RuntimeError,
+                      r"apply_qrlora failed on rank\(s\) 1 of the process group")
+    model = _base_model()
+    with torch.no_grad():
+        model.layers[0].down.weight[3, 5] = float("nan")  # on every rank: only its owner's factorisation fails
+    try:
+        apply_qrlora(model, config, progress=False)
+        raise AssertionError("a NaN weight was factorised")
+    except ValueError as err:
+        assert "contains NaN or Inf" in str(err), err
+    except RuntimeError as err:
+        assert "failed on rank(s)" in str(err), err
+    outside = 1 - rank  # the group holding only the other rank
+    _expect_error(lambda: apply_qrlora(_base_model(), config, progress=False, group=_SINGLE["groups"][outside]),
+                  ValueError, rf"global rank {rank}\) is not a member of the process group")
+
+
 def _converted_with_reference_grads(seed):
     """A converted model with random lam, a batch (x, target) from ``seed``, and the lam gradients one process
     computes on the whole batch: what each data-parallel wrapper must reproduce from its half."""
@@ -317,8 +365,8 @@ def main():
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     groups = [dist.new_group([r]) for r in range(world)]  # collective: every rank creates every group
-    _SINGLE["group"] = groups[rank]
-    for check in (_check_apply, _check_ddp, _check_fsdp2, _check_fsdp2_checkpoints, _check_fsdp1):
+    _SINGLE["group"], _SINGLE["groups"] = groups[rank], groups
+    for check in (_check_apply, _check_ranks_fail_and_disagree_together, _check_ddp, _check_fsdp2, _check_fsdp2_checkpoints, _check_fsdp1):
         if check in (_check_fsdp2, _check_fsdp2_checkpoints) and not FSDP2_ON_CPU:
             if rank == 0:
                 print(f"SKIPPED {check.__name__}", flush=True)
@@ -338,7 +386,7 @@ def test_apply_ddp_and_fsdp2_under_torchrun(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=root)
     log = done.stdout + done.stderr
     assert done.returncode == 0, f"torchrun failed (exit {done.returncode}):\n{log[-6000:]}"
-    for name in ("_check_apply", "_check_ddp", "_check_fsdp2", "_check_fsdp2_checkpoints", "_check_fsdp1"):
+    for name in ("_check_apply", "_check_ranks_fail_and_disagree_together", "_check_ddp", "_check_fsdp2", "_check_fsdp2_checkpoints", "_check_fsdp1"):
         if name.startswith("_check_fsdp2") and not FSDP2_ON_CPU:
             assert f"SKIPPED {name}" in done.stdout, log[-3000:]
             continue
