@@ -68,8 +68,11 @@ def resolve_adapter_folder(path: Union[str, os.PathLike], *, revision: Optional[
         raise FileNotFoundError(f"Hub repository {repo_id}{at}: {' and '.join(missing)} not in the local cache, "
                                 f"and HF_HUB_OFFLINE is set")
     if missing:
+        # (huggingface_hub falls back to the local cache when the Hub cannot be reached, with no error: a cached
+        # copy that lacks a file looks like a repository without it.)
         raise FileNotFoundError(f"Hub repository {repo_id}{at} has no {' or '.join(missing)}: it does not hold a "
-                                f"QR-LoRA adapter (save_adapter / push_adapter_to_hub write both files)")
+                                f"QR-LoRA adapter (save_adapter / push_adapter_to_hub write both files), or the Hub "
+                                f"could not be reached and the local cache holds only part of it")
     return snapshot
 
 
