@@ -389,6 +389,16 @@ def _assert_unchanged(model, before):
     assert grads == before[1] and types_ == before[2]
 
 
+def _assert_load_refused(base, folder, message):
+    """load_adapter of ``folder`` into a copy of ``base`` raises a ValueError matching ``message`` and leaves the
+    copy exactly as it was."""
+    fresh = copy.deepcopy(base)
+    before = _state(fresh)
+    with pytest.raises(ValueError, match=message):
+        load_adapter(fresh, folder)
+    _assert_unchanged(fresh, before)
+
+
 def test_tensors_the_config_does_not_list_are_refused(base, tmp_path):
     """A config that lost a module's entry (or a modules_to_save entry) used to load without that module, its
     tensors ignored: the outputs silently differed from the saved adapter's."""
@@ -401,11 +411,7 @@ def test_tensors_the_config_does_not_list_are_refused(base, tmp_path):
         meta = json.loads(saved)
         del meta[drop[0]][drop[1]]
         (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(meta))
-        fresh = copy.deepcopy(base)
-        before = _state(fresh)
-        with pytest.raises(ValueError, match=message + ".*not from one save, or the config was edited"):
-            load_adapter(fresh, tmp_path)
-        _assert_unchanged(fresh, before)
+        _assert_load_refused(base, tmp_path, message + ".*not from one save, or the config was edited")
 
 
 def test_a_diverged_module_to_save_is_saved_with_a_warning_and_refused_at_load(base, tmp_path):
@@ -415,11 +421,7 @@ def test_a_diverged_module_to_save_is_saved_with_a_warning_and_refused_at_load(b
     with pytest.warns(UserWarning, match=r"lam or a modules_to_save tensor holds NaN or Inf in 1 module\(s\) "
                                          r"\(classifier \(modules_to_save\)\)"):
         save_adapter(model, tmp_path)
-    fresh = copy.deepcopy(base)
-    before = _state(fresh)
-    with pytest.raises(ValueError, match=r"classifier: its modules_to_save parameter 'weight' holds NaN or Inf"):
-        load_adapter(fresh, tmp_path)
-    _assert_unchanged(fresh, before)
+    _assert_load_refused(base, tmp_path, r"classifier: its modules_to_save parameter 'weight' holds NaN or Inf")
 
 
 def test_infinite_buffers_of_a_module_to_save_are_kept(base, tmp_path):
@@ -481,11 +483,7 @@ def test_stored_values_that_cannot_be_honoured_are_refused(base, tmp_path, case)
     else:
         _rewrite_module_tensors(tmp_path, "layers.0.query", pivots=stored["layers.0.query.pivots"].float() + 0.9)
         message = r"layers\.0\.query: its pivots are stored as torch\.float32, not as integers"
-    fresh = copy.deepcopy(base)
-    before = _state(fresh)
-    with pytest.raises(ValueError, match=message):
-        load_adapter(fresh, tmp_path)
-    _assert_unchanged(fresh, before)
+    _assert_load_refused(base, tmp_path, message)
 
 
 @pytest.mark.parametrize("damage", ["nested config", "long integer in config", "nested safetensors header"])
@@ -503,11 +501,7 @@ def test_json_past_the_parser_limits_is_named_as_a_corrupt_file(base, tmp_path, 
         header = b"[" * 100_000 + b"]" * 100_000
         (tmp_path / ADAPTER_WEIGHTS).write_bytes(struct.pack("<Q", len(header)) + header)
         message = r"adapter\.safetensors is truncated or corrupt \(its header is unreadable"
-    fresh = copy.deepcopy(base)
-    before = _state(fresh)
-    with pytest.raises(ValueError, match=message):
-        load_adapter(fresh, tmp_path)
-    _assert_unchanged(fresh, before)
+    _assert_load_refused(base, tmp_path, message)
 
 
 def test_an_include_basis_file_whose_basis_has_another_rank_is_refused_before_anything_changes(base, tmp_path):
