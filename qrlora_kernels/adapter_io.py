@@ -357,7 +357,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
     }
     if diverged:  # written all the same (a diverged run is worth keeping to look at); load_adapter refuses it
         what = "lam holds" if not any(d.endswith("(modules_to_save)") for d in diverged) else \
-            "lam or a modules_to_save tensor holds"
+            "lam or a modules_to_save parameter holds"
         warnings.warn(f"adapter {adapter_name!r}: {what} NaN or Inf in {len(diverged)} module(s) "
                       f"({', '.join(diverged[:3])}{', ...' if len(diverged) > 3 else ''}): training diverged; "
                       f"load_adapter will refuse this adapter", UserWarning, stacklevel=2)
@@ -673,10 +673,10 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
                     layer = _build_layer(module, own, info, include_basis, num_adapters, store_r)
                 except (ValueError, RuntimeError) as err:
                     raise ValueError(f"{name}: cannot rebuild the basis from the stored pivots: {err}") from None
-            lam_dtype = layer.lam.dtype
-            if not bool(torch.isfinite(own["lam"].to(lam_dtype)).all()):
-                i = int((~torch.isfinite(own["lam"].to(lam_dtype))).nonzero()[0])
-                raise ValueError(f"{name}: lam[{i}] = {own['lam'][i].item():.6g} overflows the layer's {lam_dtype}")
+            cast = own["lam"].to(layer.lam.dtype)
+            if not bool(torch.isfinite(cast).all()):
+                i = int((~torch.isfinite(cast)).nonzero()[0])
+                raise ValueError(f"{name}: lam[{i}] = {own['lam'][i].item():.6g} overflows the layer's {cast.dtype}")
             # A torch.compile'd Linear calls the module it compiled, whatever its _orig_mod is later: the new layer
             # replaces the compiled wrapper itself (a wrapper inside a compiled block is re-traced instead).
             while module_path.rpartition(".")[2] == "_orig_mod":

@@ -418,7 +418,7 @@ def test_a_diverged_module_to_save_is_saved_with_a_warning_and_refused_at_load(b
     model = _adapted(base)
     with torch.no_grad():
         model.classifier.weight[1, 4] = float("nan")
-    with pytest.warns(UserWarning, match=r"lam or a modules_to_save tensor holds NaN or Inf in 1 module\(s\) "
+    with pytest.warns(UserWarning, match=r"lam or a modules_to_save parameter holds NaN or Inf in 1 module\(s\) "
                                          r"\(classifier \(modules_to_save\)\)"):
         save_adapter(model, tmp_path)
     _assert_load_refused(base, tmp_path, r"classifier: its modules_to_save parameter 'weight' holds NaN or Inf")
