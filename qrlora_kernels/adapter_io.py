@@ -140,11 +140,14 @@ def sample_hash(weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -> st
     ``dtype``, default its own): no pass over the whole weight."""
     w = weight.detach()
     dtype = w.dtype if dtype is None else dtype
-    flat = w.reshape(-1)
-    n = flat.numel()
+    n = w.numel()
     k = min(n, FINGERPRINT_SAMPLES)
     positions = (torch.arange(k, device=w.device, dtype=torch.int64) * n) // max(k, 1)
-    sample = flat.index_select(0, positions).to(dtype)  # elementwise: the sample of the rounded weight
+    if w.dim() == 2 and n:  # indexed in place: reshape(-1) would copy a transposed (Conv1D) weight whole
+        sample = w[positions // w.shape[1], positions % w.shape[1]]
+    else:
+        sample = w.reshape(-1).index_select(0, positions)
+    sample = sample.to(dtype)  # elementwise: the sample of the rounded weight
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{_dtype_name(dtype)}{tuple(w.shape)}".encode())
     h.update(_tensor_bytes(sample))

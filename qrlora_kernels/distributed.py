@@ -48,25 +48,36 @@ def world_info(group=None) -> tuple[int, int]:
     return rank, dist.get_world_size(group)
 
 
-def _gather(values: torch.Tensor, group) -> list[torch.Tensor]:
-    """all_gather of a small tensor (the same shape on every rank), on a device the group's backend takes."""
+def _collective_device(group, hint: Optional[torch.device]) -> torch.device:
+    """A device the group's backend takes tensors on: the CPU for gloo (also in "cpu:gloo,cuda:nccl") and MPI;
+    else the weights' device ``hint`` (as the broadcasts of the bases use), or the current CUDA device for nccl."""
     import torch.distributed as dist
     backend = str(dist.get_backend(group))
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    values = values.to(device)
+    if "gloo" in backend or backend == "mpi":
+        return torch.device("cpu")
+    if hint is not None and hint.type not in ("cpu", "meta"):
+        return hint
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def _gather(values: torch.Tensor, group, device: Optional[torch.device] = None) -> list[torch.Tensor]:
+    """all_gather of a small tensor (the same shape on every rank), on a device the group's backend takes."""
+    import torch.distributed as dist
+    values = values.to(_collective_device(group, device))
     out = [torch.empty_like(values) for _ in range(world_info(group)[1])]
     dist.all_gather(out, values, group=group)
     return [t.cpu() for t in out]
 
 
-def raise_together(error: Optional[BaseException], group=None, what: str = "apply_qrlora") -> None:
+def raise_together(error: Optional[BaseException], group=None, what: str = "apply_qrlora",
+                   device: Optional[torch.device] = None) -> None:
     """Collective (every rank calls it): whether any rank failed. A rank with ``error`` raises it; the others raise
     a RuntimeError naming the failed ranks, instead of waiting for them in the next collective until the process
-    group's timeout. Outside a process group, raises ``error`` if there is one."""
+    group's timeout. Outside a process group, raises ``error`` if there is one. ``device``: the weights' device."""
     rank, world = world_info(group)
     if world > 1:
-        failed = [r for r, flag in enumerate(_gather(torch.tensor([error is not None], dtype=torch.int64), group))
-                  if int(flag[0])]
+        flag = torch.tensor([error is not None], dtype=torch.int64)
+        failed = [r for r, theirs in enumerate(_gather(flag, group, device)) if int(theirs[0])]
     if error is not None:
         raise error
     if world > 1 and failed:
@@ -74,14 +85,15 @@ def raise_together(error: Optional[BaseException], group=None, what: str = "appl
                            f"error there); this rank ({rank}) stops too")
 
 
-def check_same_on_every_rank(items: dict[str, bytes], group=None, what: str = "apply_qrlora") -> None:
+def check_same_on_every_rank(items: dict[str, bytes], group=None, what: str = "apply_qrlora",
+                             device: Optional[torch.device] = None) -> None:
     """Collective: every rank passes the same labelled items (digests of its config and of each targeted weight);
     a difference (ranks that loaded other weights, or got another config) is a ValueError on every rank, naming
     the first differing item, instead of bases mixed from different models or a collective that never returns."""
     rank, world = world_info(group)
     if world == 1:
         return
-    counts = [int(c[0]) for c in _gather(torch.tensor([len(items)], dtype=torch.int64), group)]
+    counts = [int(c[0]) for c in _gather(torch.tensor([len(items)], dtype=torch.int64), group, device)]
     if len(set(counts)) > 1:
         raise ValueError(f"{what}: the ranks of the process group have different numbers of targeted modules "
                          f"({', '.join(f'rank {r}: {c}' for r, c in enumerate(counts))}); every rank must pass the "
@@ -89,7 +101,7 @@ def check_same_on_every_rank(items: dict[str, bytes], group=None, what: str = "a
     labels = list(items)
     mine = torch.tensor([list(hashlib.blake2b(items[k], digest_size=16).digest()) for k in labels],
                         dtype=torch.uint8).reshape(len(labels), 16)
-    for other, theirs in enumerate(_gather(mine, group)):
+    for other, theirs in enumerate(_gather(mine, group, device)):
         differ = (theirs != mine).any(dim=1).nonzero()
         if differ.numel():
             raise ValueError(f"{what}: rank {other} and rank {rank} of the process group differ in "
@@ -162,7 +174,7 @@ def compute_bases(weights: Sequence[torch.Tensor], factorise_many: Callable, *, 
             local = dict(zip(mine, factorise_many([weights[j] for j in mine], [names[j] for j in mine], bar.update)))
     except Exception as err:  # noqa: BLE001 -- a non-finite weight, out of memory: every rank must hear of it
         error = err
-    raise_together(error, group)
+    raise_together(error, group, device=weights[0].device if weights else None)
 
     # Phase 1: the small per-module facts (rank, energy, diagonal) every rank needs.
     metas, diags = [], []

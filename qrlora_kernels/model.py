@@ -344,14 +344,21 @@ def _plan_conversion(model: nn.Module, config: QRLoraConfig, adapter_name: str):
 
 
 def _agreement_items(config: QRLoraConfig, targets) -> dict[str, bytes]:
-    """What every rank of a process group must agree on: the config and each targeted weight (shape, dtype, a
-    hash of a sample of its values)."""
+    """What every rank of a process group must agree on: the config and each targeted module (its name, and its
+    weight's shape, dtype and a hash of a sample of its values). Lists in the config count as sets (the order of
+    target_modules does not change what is adapted; a list made from a set differs between processes)."""
     from .adapter_io import sample_hash
-    items = {"the config": json.dumps(config.to_dict(), sort_keys=True, default=str).encode()}
-    for name, module in targets:
+
+    def canonical(value):
+        if isinstance(value, (list, tuple, set, frozenset)):
+            return sorted(map(str, value))
+        return value
+    config_items = {key: canonical(value) for key, value in config.to_dict().items()}
+    items = {"the config": json.dumps(config_items, sort_keys=True, default=str).encode()}
+    for i, (name, module) in enumerate(targets):
         weight = out_in_weight(module)
-        items[f"module {name} (its weight's shape, dtype or values)"] = \
-            f"{tuple(weight.shape)} {weight.dtype} {sample_hash(weight)}".encode()
+        items[f"targeted module {i} ({name}: its name, or its weight's shape, dtype or values)"] = \
+            f"{name} {tuple(weight.shape)} {weight.dtype} {sample_hash(weight)}".encode()
     return items
 
 
@@ -374,14 +381,17 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
         raise TypeError(f"apply_qrlora needs an nn.Module, got {type(model).__name__}")
     # Every rank must fail together (a rank that raised alone would leave the others waiting in a collective) and
     # agree on the model and config (else bases mixed from different weights, or a collective that never returns).
-    error = targets = None
+    error = targets = items = device = None
+    distributed = _dist.world_info(group)[1] > 1
     try:
         targets, zero, saved = _plan_conversion(model, config, adapter_name)
+        device = out_in_weight(targets[0][1]).device
+        items = _agreement_items(config, targets) if distributed else None
     except Exception as err:  # noqa: BLE001 -- re-raised below, on this rank; the others raise naming it
         error = err
-    _dist.raise_together(error, group)
-    if _dist.world_info(group)[1] > 1:
-        _dist.check_same_on_every_rank(_agreement_items(config, targets), group)
+    _dist.raise_together(error, group, device=device)
+    if distributed:
+        _dist.check_same_on_every_rank(items, group, device=device)
 
     bases = _dist.compute_bases([out_in_weight(module) for _, module in targets],
                                 lambda ws, names, on_done: _factorise_many(ws, config, names, on_done),

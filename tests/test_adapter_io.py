@@ -216,6 +216,7 @@ def test_fingerprint_sees_a_change_anywhere():
     weight = torch.randn(100, 100)
     saved = weight_fingerprint(weight)
     assert _fingerprint_problem(weight.clone(), saved) is None
+    assert weight_fingerprint(weight.t().contiguous().t()) == saved  # the layout does not count, only the values
     changed = weight.clone()
     changed.view(-1)[1] += 1e-3  # not one of the sampled positions: only the sums can see it
     assert "fingerprint does not match" in _fingerprint_problem(changed, saved)

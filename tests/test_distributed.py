@@ -144,9 +144,21 @@ def _check_ranks_fail_and_disagree_together(rank, world):
         with torch.no_grad():
             model.layers[1].up.weight.mul_(1.5)
     _expect_error(lambda: apply_qrlora(model, config, progress=False), ValueError,
-                  r"rank \d and rank \d of the process group differ in module layers\.1\.up \(its weight's")
+                  r"rank \d and rank \d of the process group differ in targeted module 6 \(layers\.1\.up: its name, "
+                  r"or its weight's")
     other = QRLoraConfig(target_modules="all-linear", tau=0.8 if rank == 0 else 0.9)
     _expect_error(lambda: apply_qrlora(_base_model(), other, progress=False), ValueError, r"differ in the config")
+    # The same modules listed in another order (a list made from a set differs between processes) are the same
+    # config; the same weights under other names are not the same model.
+    names = ["query", "value", "up"]
+    apply_qrlora(_base_model(), QRLoraConfig(target_modules=names if rank == 0 else names[::-1]), progress=False)
+    renamed = _base_model()
+    if rank == 1:
+        renamed.layers[0].add_module("key", renamed.layers[0].query)
+        del renamed.layers[0].query
+    _expect_error(lambda: apply_qrlora(renamed, QRLoraConfig(target_modules=["query", "key", "value"]),
+                                       progress=False),
+                  ValueError, r"differ in targeted module 0 \(layers\.0\.\w+: its name")
     model = _base_model()
     if rank == 1:
         model.layers[2].query.to("meta")
