@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import tempfile
 import re
 import statistics
 import sys
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from qrlora_kernels.atomic_file import check_writable_folder
 
 from . import providers as P
 from .harness import RESULTS_DIR, Timing, environment, format_table, measure, write_results
@@ -708,8 +709,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)
     out_dir = Path(args.out or default_out_dir(plan, device))
     try:  # before anything is measured: a bad --out failed only when the first results were written
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
+        check_writable_folder(out_dir)
     except OSError as err:
         parser.error(f"--out {out_dir}: cannot write there ({err.strerror or err})")
     _announce(plan, device)

@@ -26,7 +26,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,7 +46,7 @@ try:
     import qrlora_kernels  # noqa: F401
 except ImportError:  # run from a source checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent))
-from qrlora_kernels.atomic_file import atomic_write_text  # noqa: E402
+from qrlora_kernels.atomic_file import atomic_write_text, check_writable_folder  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -265,8 +264,7 @@ def main(argv=None) -> dict:
     rng = random.Random(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:  # before training: a folder that cannot be written lost the whole run at its end
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.output_dir).close()
+        check_writable_folder(args.output_dir)
     except OSError as err:
         raise SystemExit(f"--output-dir {args.output_dir}: cannot write there ({err.strerror or err})") from None
     train_rows, dev_rows, num_labels = load_data(args)

@@ -15,11 +15,22 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Optional, Union
 
 PathLike = Union[str, os.PathLike]
+
+
+def check_writable_folder(folder: PathLike) -> Path:
+    """Make ``folder`` (and its parents) and check that a file can be written in it, before a long run whose
+    results would go there: an OSError (a file in the way, no permission, a read-only disk) comes now, not at
+    the end. Returns the folder as a Path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=folder).close()
+    return folder
 
 
 def _sibling(path: Path, suffix: str) -> Path:
