@@ -686,6 +686,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
                 module_path = module_path.rpartition(".")[0]
             plan.append((module_path, module, layer, own))
             bar.update()
+    saved_plan = []  # (the model's module, its state from the file) per modules_to_save entry, checked
     for name, checksum in saved_meta.items():
         state = {k[len(SAVED_PREFIX) + len(name) + 1:]: v for k, v in tensors.items()
                  if k.startswith(f"{SAVED_PREFIX}{name}.")}
@@ -707,6 +708,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
         if bad is not None:
             raise ValueError(f"{name}: its modules_to_save parameter {bad!r} holds NaN or Inf: the adapter was saved "
                              f"from a diverged training run")
+        saved_plan.append((target, state))
 
     if fresh:
         for p in model.parameters():
@@ -724,10 +726,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
         if id(layer) not in covered:
             _write_lam_row(layer, row, torch.zeros(0))
 
-    for name in saved_meta:
-        target = by_name[model_names[name]][1]
-        state = {k[len(SAVED_PREFIX) + len(name) + 1:]: v for k, v in tensors.items()
-                 if k.startswith(f"{SAVED_PREFIX}{name}.")}
+    for target, state in saved_plan:
         target.load_state_dict(state, strict=True)
         for p in target.parameters():
             p.requires_grad_(True)
