@@ -609,6 +609,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
     saved_meta = meta.get("modules_to_save") or {}
     ids = dict(getattr(model, ADAPTER_IDS_ATTR, None) or {})
     fresh = not ids and not qrlora_layers(model)
+    replacing = name_to_load in ids
     if saved_meta and not fresh and set(ids) != {name_to_load}:
         raise ValueError(f"adapter {name_to_load!r} has modules_to_save ({', '.join(saved_meta)}), which all "
                          f"adapters of one model share; load it into a fresh base model instead")
@@ -709,6 +710,14 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
             raise ValueError(f"{name}: its modules_to_save parameter {bad!r} holds NaN or Inf: the adapter was saved "
                              f"from a diverged training run")
         saved_plan.append((target, state))
+    # Replacing the adapter that trained the model's modules_to_save (in place: the base values are gone) with one
+    # that does not restore all of them would compute, and later save, with the old adapter's trained copies.
+    left = sorted(set(trained_here) - {model_names[name] for name in saved_meta}) if replacing else []
+    if left and not fresh:
+        raise ValueError(f"adapter {name_to_load!r} is being replaced, and it trained the model's modules_to_save "
+                         f"{', '.join(left)} in place (their base values are gone); the new adapter has no "
+                         f"{'copy of them' if saved_meta else 'modules_to_save'}, and would compute with the old "
+                         f"adapter's: load it into a fresh base model instead")
 
     if fresh:
         for p in model.parameters():

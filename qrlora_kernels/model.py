@@ -401,13 +401,15 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
 
     for p in model.parameters():
         p.requires_grad_(False)
-    reports, skipped = [], []
+    reports, skipped, recorded = [], [], {}
     for (name, linear), basis in zip(targets, bases):
         if basis is None or basis.rank == 0:
             skipped.append(name)
             continue
         layer = _make_layer(linear, basis, config)
         _set_submodule(model, name, layer)
+        recorded[canonical_name(name)] = {"rank": basis.rank, "tau": layer.tau, "energy": layer.energy,
+                                          "energy_captured": basis.energy_captured}
         reports.append(ModuleReport(name, layer.out_features, layer.in_features, basis.rank,
                                     basis.energy_captured, basis.rank))
     saved_params = 0
@@ -419,6 +421,9 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
     setattr(model, CONFIG_ATTR, config)
     setattr(model, ADAPTER_IDS_ATTR, {adapter_name: 0})
     setattr(model, MODULES_TO_SAVE_ATTR, saved)
+    # Its modules and ranks, as load_adapter records an adapter's: save_adapter then keeps to them when adapters
+    # loaded later added layers (or rows) that this adapter does not use.
+    setattr(model, ADAPTER_FILES_ATTR, {adapter_name: {"config": config, "modules": recorded}})
     skip_bases_in_hf_checkpoints(model)
     keep_gradients_through_reentrant_checkpoints(model, adapted=bool(qrlora_layers(model)))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -513,9 +518,13 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
     Until then a model with several adapters loaded computes with the first ("default", or the first loaded).
     ``save_adapter``, ``merge_and_unload`` and ``QRLoraCheckpointCallback`` then take this adapter when none is
     named. Training reaches only its coefficients (the others get zero gradients), but every layer keeps all
-    adapters as rows of one ``lam`` parameter: an optimizer with weight decay (AdamW with ``weight_decay`` > 0)
-    shrinks the other adapters' rows too. Train with ``weight_decay=0`` (``Trainer``'s default), or load the
-    other adapters after training.
+    adapters as rows of one ``lam`` parameter, which an optimizer steps as a whole: weight decay (AdamW with
+    ``weight_decay`` > 0) shrinks the other adapters' rows too, and momentum (Adam's, SGD's) keeps moving the
+    rows of an adapter trained before this call with the same optimizer. Train with ``weight_decay=0``
+    (``Trainer``'s default) and a new optimizer after each ``set_adapter``, or load the other adapters after
+    training. A model's ``state_dict`` holds the adapters as those rows, in the order they were loaded, without
+    their names: it loads into a model whose adapters were loaded in the same order (``save_adapter`` and
+    ``load_adapter`` move one adapter by name).
     """
     root, layers = _named_adapter_layers(model, adapter_name)
     row = adapter_row(root, adapter_name)

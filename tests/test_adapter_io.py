@@ -1054,10 +1054,57 @@ def test_an_adapter_without_modules_to_save_is_refused_beside_one_that_trained_t
                                          r"'b' has none"):
         load_adapter(served, tmp_path / "no_head", adapter_name="b")
     assert served.qrlora_adapter_ids == {"a": 0} and torch.equal(served.classifier.weight, head)
-    load_adapter(served, tmp_path / "no_head", adapter_name="a")  # the one adapter, replaced: no other to mix
     trained = _adapted(base, CONFIG)
     with pytest.raises(ValueError, match=r"belong to adapter\(s\) 'default', and adapter 'b' has none"):
         load_adapter(trained, tmp_path / "no_head", adapter_name="b")
+
+
+@pytest.mark.parametrize("how", ["load_adapter", "apply_qrlora"])
+def test_replacing_the_adapter_that_trained_the_modules_to_save_needs_them_in_the_new_file(base, tmp_path, how):
+    """The one adapter, which trained the classifier in place, replaced by an adapter without one: the model went on
+    computing with the old adapter's trained classifier (logits off by 46x on a Llama's lm_head), and a later
+    save_adapter wrote it into the new adapter's file."""
+    save_adapter(_adapted(base, CONFIG), tmp_path / "with_head")
+    save_adapter(_adapted(base, QRLoraConfig(target_modules=["query", "value"])), tmp_path / "no_head")
+    if how == "load_adapter":
+        served = copy.deepcopy(base)
+        load_adapter(served, tmp_path / "with_head", adapter_name="a")
+        name = "a"
+    else:
+        served, name = _adapted(base, CONFIG), "default"
+    before = _state(served)
+    with pytest.raises(ValueError, match=rf"adapter '{name}' is being replaced, and it trained the model's "
+                                         r"modules_to_save classifier in place .* the new adapter has no "
+                                         r"modules_to_save"):
+        load_adapter(served, tmp_path / "no_head", adapter_name=name)
+    _assert_unchanged(served, before)
+    # A file that carries the classifier replaces it: the result is the new adapter's, as on a fresh base.
+    load_adapter(served, tmp_path / "with_head", adapter_name=name)
+    alone = copy.deepcopy(base)
+    load_adapter(alone, tmp_path / "with_head")
+    x = torch.randn(2, 5, HIDDEN)
+    with torch.no_grad():
+        assert_rel_close(served(x), alone(x), 1e-5, name="the replacing adapter with its own classifier")
+    assert served.qrlora_modules_to_save == ["classifier"]
+
+
+def test_resaving_the_adapter_apply_qrlora_made_keeps_its_own_modules(base, tmp_path):
+    """apply_qrlora recorded nothing about its adapter, so after another adapter added layers save_adapter wrote
+    those layers too (at the layer's rank, lam 0): the file no longer loaded beside adapters of a wider basis
+    there."""
+    trained = _adapted(base, QRLoraConfig(target_modules=["query"], rank=4))
+    save_adapter(trained, tmp_path / "before")
+    save_adapter(_adapted(base, QRLoraConfig(target_modules=["value"], rank=2)), tmp_path / "value2")
+    load_adapter(trained, tmp_path / "value2", adapter_name="other")
+    save_adapter(trained, tmp_path / "after", adapter_name="default")
+    before, after = (json.loads((tmp_path / d / ADAPTER_CONFIG).read_text()) for d in ("before", "after"))
+    assert sorted(after["modules"]) == sorted(before["modules"]) == [f"layers.{i}.query" for i in range(3)]
+    assert after["modules"] == before["modules"] and after["config"] == before["config"]
+    assert (tmp_path / "after" / ADAPTER_WEIGHTS).read_bytes() == (tmp_path / "before" / ADAPTER_WEIGHTS).read_bytes()
+    save_adapter(_adapted(base, QRLoraConfig(target_modules=["value"], rank=4)), tmp_path / "value4")
+    served = copy.deepcopy(base)
+    load_adapter(served, tmp_path / "after")
+    load_adapter(served, tmp_path / "value4", adapter_name="wider")  # refused when "after" held rank-2 values
 
 
 def test_model_level_functions_refuse_a_bare_layer(tmp_path):
