@@ -249,7 +249,10 @@ def _check_triton_available(x):
                         "bfloat16); use float32/float16, backend='torch', or a CUDA device")
 
 
-def _torch_path(x2, weight, bias, Q, R, lam, lam_index, strategy):
+def _torch_path(x2, weight, bias, Q, R, lam, lam_index, strategy, wide=None):
+    # ``wide``: (x2, weight, Q, R) as given, before autocast cast them (None: the same tensors). What runs in the
+    # accumulator dtype takes those, not their autocast copies cast back up: a float32 basis under bf16 autocast
+    # was cast to bf16 and back on every call, and the float32 copies were saved for the backward.
     # What carries lam is kept in float32 (float64 for float64 inputs), like the kernels' accumulators: dlam
     # reduces over every token and loses too much in half precision. Lowrank: the (T, r) projections, lam
     # and the correction are computed in float32, the frozen GEMM in the input dtype. Merged: plain autograd
@@ -258,25 +261,26 @@ def _torch_path(x2, weight, bias, Q, R, lam, lam_index, strategy):
     # backend="triton" for speed).
     # With R, at lam = 0 the lowrank result is exactly F.linear's, because the correction is an exact zero.
     acc = acc_dtype(x2.dtype)
+    x_w, weight_w, Q_w, R_w = wide if wide is not None else (x2, weight, Q, R)
     lam_rows = lam.to(acc)
     if lam_index is not None:
         lam_rows = lam_rows.index_select(0, lam_index)
     # Without R (R~ = Q^T W0): merged forms R~ in the accumulator dtype; lowrank projects the frozen output Y0
     # (without the bias, which could swamp it in half precision) and adds the bias last.
     if strategy == "merged":
-        R_acc = implied_r(weight, Q, acc) if R is None else R.to(acc)
-        w_eff = weight.to(acc) + (Q.to(acc) * lam_rows) @ R_acc
-        y = F.linear(x2.to(acc), w_eff, None if bias is None else bias.to(acc))
+        R_acc = implied_r(weight_w, Q_w, acc) if R_w is None else R_w.to(acc)
+        w_eff = weight_w.to(acc) + (Q_w.to(acc) * lam_rows) @ R_acc
+        y = F.linear(x_w.to(acc), w_eff, None if bias is None else bias.to(acc))
         return y.to(x2.dtype)
     # The low-rank products run in the accumulator dtype too: in half precision S = x R^T (or Y0 Q) and S * lam
     # can exceed float16's range where y does not (a large component of y that lam mostly cancels).
     if R is None:
         y0 = F.linear(x2, weight).to(acc)
-        Q_acc = Q.to(acc)
+        Q_acc = Q_w.to(acc)
         y = (y0 + ((y0 @ Q_acc) * lam_rows) @ Q_acc.t()).to(x2.dtype)
         return y if bias is None else y + bias
-    scaled = (x2.to(acc) @ R.t().to(acc)) * lam_rows
-    return (F.linear(x2, weight, bias).to(acc) + scaled @ Q.t().to(acc)).to(x2.dtype)
+    scaled = (x_w.to(acc) @ R_w.t().to(acc)) * lam_rows
+    return (F.linear(x2, weight, bias).to(acc) + scaled @ Q_w.t().to(acc)).to(x2.dtype)
 
 
 def qrlora_linear(x, weight, bias, Q, R, lam, *, backend=None, adapter_ids=None, strategy=None):
@@ -291,7 +295,7 @@ def qrlora_linear(x, weight, bias, Q, R, lam, *, backend=None, adapter_ids=None,
         _check_tensor(name, t)
     _check_tensor("bias", bias, optional=True)
     _check_tensor("R", R, optional=True)
-    own_weight = weight
+    own_x, own_weight, own_Q, own_R = x, weight, Q, R
     x, weight, bias, Q, R = _autocast(x, weight, bias, Q, R)
     _validate(x, weight, bias, Q, R, lam)
     if backend is None:
@@ -322,8 +326,11 @@ def qrlora_linear(x, weight, bias, Q, R, lam, *, backend=None, adapter_ids=None,
                                       r_stored=R is not None, strategy=strategy)
 
     if backend == "torch":
+        wide = None
+        if any(a is not b for a, b in zip((x, weight, Q, R), (own_x, own_weight, own_Q, own_R))):  # autocast
+            wide = (own_x if flat else own_x.reshape(-1, in_features), own_weight, own_Q, own_R)
         with _no_autocast(x.device):
-            y = _torch_path(x2, weight, bias, Q, R, lam, lam_index, chosen)
+            y = _torch_path(x2, weight, bias, Q, R, lam, lam_index, chosen, wide)
         return y if flat else y.reshape(*leading, out_features)
 
     if torch.is_grad_enabled():

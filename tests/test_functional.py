@@ -551,3 +551,33 @@ def test_float64_on_cuda_takes_torch_automatically_where_triton_has_no_float64_d
     before = layer(x)
     layer.merge()
     assert_rel_close(layer(x), before, 1e-12, name="merged")
+
+
+@pytest.mark.parametrize("with_r", [True, False], ids=["R", "Q-only"])
+def test_torch_path_under_autocast_saves_the_float32_basis_itself(with_r):
+    """The torch path computes the low-rank part in float32. Under bf16 autocast it took Q and R (and x) cast
+    to bf16 and cast them back up: two casts each per call, bf16-rounded values, and the float32 copies saved
+    for the backward (r * (N + K) * 4 bytes per layer). Now it reads the float32 tensors it was given."""
+    x, weight, bias, Q, R, lam = _problem(T=24, K=32, N=16, r=8)
+    R = R if with_r else None
+    x.requires_grad_()
+    lam.requires_grad_()
+    given = {t.data_ptr() for t in (Q,) + ((R,) if with_r else ())}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = qrlora_linear(x, weight, bias, Q, R, lam, backend="torch", strategy="lowrank")
+    assert y.dtype == torch.bfloat16
+    shapes = {(16, 8), (8, 16), (8, 32), (32, 8)}  # Q, R and their transposes (S is 24 x 8)
+    basis_sized = [t for t in saved if tuple(t.shape) in shapes]
+    assert basis_sized and all(t.data_ptr() in given for t in basis_sized), \
+        [(tuple(t.shape), t.dtype) for t in basis_sized]
+    dy = torch.randn(24, 16)
+    y.float().backward(dy)
+    y_ref, dx_ref, dlam_ref = _reference(x, weight, bias, Q, R if with_r else _implied_r(Q, weight), lam, dy)
+    for name, got, want in (("y", y, y_ref), ("dx", x.grad, dx_ref), ("dlam", lam.grad, dlam_ref)):
+        assert_rel_close(got, want, REL_TOL[torch.bfloat16], name=name)
