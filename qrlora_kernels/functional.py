@@ -167,22 +167,53 @@ def _autocast(x, weight, bias, Q, R):
 
 _WIDE_UNSIGNED = tuple(getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name))
 
-_last_id_range = (None, -1, 0, 0)  # (weakref to the ids tensor, its version counter, min, max)
+# (min, max) of CUDA ids tensors, by id(tensor): (weakref to it, its version counter, min, max). A few entries:
+# one per device of a model-level context, and the ids expanded from them inside generate().
+_ID_RANGES: dict = {}
+_ID_RANGES_KEPT = 8
+
+
+def read_id_range(adapter_ids) -> tuple[int, int]:
+    """(min, max) of a non-empty ids tensor, read back at once (on CUDA one host sync, not two)."""
+    return tuple(torch.stack(torch.aminmax(adapter_ids)).tolist())
+
+
+def _range_kept(adapter_ids) -> bool:
+    """Whether ``adapter_ids``'s range is remembered: not for CPU ids, cheap to measure again, nor inference
+    tensors, which have no version counter."""
+    return not adapter_ids.is_inference() and adapter_ids.device.type != "cpu"
+
+
+def remember_id_range(adapter_ids: torch.Tensor, low: int, high: int) -> None:
+    """Record that ``adapter_ids`` holds values in [low, high] (measured by the caller), so the layers given it
+    do not read it back to check it. Kept while the tensor lives, by its version counter, which writes through
+    ``.data`` or a shared numpy array do not bump."""
+    if not _range_kept(adapter_ids):
+        return
+    if len(_ID_RANGES) >= _ID_RANGES_KEPT and id(adapter_ids) not in _ID_RANGES:
+        _ID_RANGES.pop(next(iter(_ID_RANGES)))
+    _ID_RANGES[id(adapter_ids)] = (weakref.ref(adapter_ids), adapter_ids._version, low, high)
+
+
+def known_id_range(adapter_ids: torch.Tensor):
+    """(min, max) recorded by ``remember_id_range`` for this tensor at its current version, else None."""
+    entry = _ID_RANGES.get(id(adapter_ids)) if _range_kept(adapter_ids) else None
+    if entry is not None and entry[0]() is adapter_ids and adapter_ids._version == entry[1]:
+        return entry[2], entry[3]
+    return None
 
 
 def _id_range(adapter_ids):
-    """(min, max) of the ids. On CUDA this syncs with the host, so it is remembered for the last tensor seen:
-    a model-level context hands the same ids tensor to every layer, and only the first layer pays. Remembered by
-    the tensor's version counter, which writes through ``.data`` or a shared numpy array do not bump: CPU ids
-    (cheap to measure) are measured every time."""
-    global _last_id_range
-    if adapter_ids.is_inference() or adapter_ids.device.type == "cpu":  # (inference tensors have no version)
-        return int(adapter_ids.min()), int(adapter_ids.max())
-    ref, version, low, high = _last_id_range
-    if ref is not None and ref() is adapter_ids and adapter_ids._version == version:
-        return low, high
-    low, high = int(adapter_ids.min()), int(adapter_ids.max())
-    _last_id_range = (weakref.ref(adapter_ids), adapter_ids._version, low, high)
+    """(min, max) of the ids. On CUDA this syncs with the host, so it is remembered: a model-level context hands
+    the same ids tensor to every layer (and records its range first), and only a layer that meets a new
+    tensor pays."""
+    if not _range_kept(adapter_ids):
+        return read_id_range(adapter_ids)
+    known = known_id_range(adapter_ids)
+    if known is not None:
+        return known
+    low, high = read_id_range(adapter_ids)
+    remember_id_range(adapter_ids, low, high)
     return low, high
 
 

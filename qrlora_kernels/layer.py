@@ -31,7 +31,7 @@ from torch import nn
 from .basis import ENERGY_RULES, QRLoraBasis, build_basis
 from .dispatch import STRATEGIES
 from . import functional
-from .functional import BACKENDS, acc_dtype, implied_r, qrlora_linear
+from .functional import BACKENDS, acc_dtype, implied_r, known_id_range, qrlora_linear, remember_id_range
 
 
 def _same_weight(incoming: torch.Tensor, own: torch.Tensor) -> bool:
@@ -399,6 +399,9 @@ class QRLoraLinear(nn.Module):
         if key not in shared:
             with torch.inference_mode(False):  # an ordinary tensor: its range is checked once, not per layer
                 shared[key] = ids.repeat_interleave(key[1])
+            known = known_id_range(ids)
+            if known is not None:  # the same values: no layer needs to read them back
+                remember_id_range(shared[key], *known)
         return shared[key]
 
     # ------------------------------------------------------------------ merging

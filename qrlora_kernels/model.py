@@ -27,6 +27,7 @@ from torch import nn
 from .basis import QRLoraBasis, build_bases
 from .config import ALL_LINEAR, SEQ_CLS_HEADS, TASK_HEADS, QRLoraConfig
 from . import distributed as _dist
+from .functional import read_id_range, remember_id_range
 from .reentrant_checkpointing import keep_gradients_through_reentrant_checkpoints
 
 ADAPTER_IDS_ATTR = "qrlora_adapter_ids"
@@ -682,6 +683,11 @@ def parameter_holding_wrapper(model: nn.Module) -> Optional[str]:
 
 def adapter_id_tensor(model: nn.Module, adapter_ids) -> torch.Tensor:
     """Adapter names or ids (one per sequence) -> an int64 tensor of rows of ``lam``."""
+    return _adapter_ids_in_range(model, adapter_ids)[0]
+
+
+def _adapter_ids_in_range(model: nn.Module, adapter_ids) -> tuple[torch.Tensor, Optional[tuple[int, int]]]:
+    """``adapter_id_tensor`` and the ids' (min, max) (None for no ids), read back once."""
     ids = getattr(unwrap_model(model), ADAPTER_IDS_ATTR, None)
     if ids is None:
         raise ValueError("the model has no QR-LoRA adapters (call apply_qrlora or load_adapter first)")
@@ -703,9 +709,10 @@ def adapter_id_tensor(model: nn.Module, adapter_ids) -> torch.Tensor:
             else:
                 raise TypeError(f"adapter ids must be names (str) or ints, got {a!r}")
         out = torch.tensor(rows, dtype=torch.long)
-    if out.numel() and (int(out.min()) < 0 or int(out.max()) >= len(ids)):
+    span = read_id_range(out) if out.numel() else None
+    if span is not None and (span[0] < 0 or span[1] >= len(ids)):
         raise ValueError(f"adapter id out of range: ids must lie in [0, {len(ids)}), got {out.tolist()}")
-    return out
+    return out, span
 
 
 @contextlib.contextmanager
@@ -728,7 +735,8 @@ def adapter_batch(model: nn.Module, adapter_ids: Union[torch.Tensor, Iterable[Un
     """
     # Ordinary tensors even under inference_mode: an inference tensor has no version counter to cache by.
     with torch.inference_mode(False):
-        ids = adapter_id_tensor(model, adapter_ids).clone()
+        ids, span = _adapter_ids_in_range(model, adapter_ids)
+        ids = ids.clone()
     root = unwrap_model(model)
     layers = [layer for _, layer in qrlora_layers(root)]
     previous = [(layer.adapter_ids, layer.adapter_id_expansions) for layer in layers]
@@ -751,6 +759,8 @@ def adapter_batch(model: nn.Module, adapter_ids: Union[torch.Tensor, Iterable[Un
                 device = layer.weight.device
                 if device not in per_device:
                     per_device[device] = ids.to(device)
+                    if span is not None:  # measured above: the layers need not read the ids back
+                        remember_id_range(per_device[device], *span)
                 layer.adapter_ids = per_device[device]
                 layer.adapter_id_expansions = shared
         yield ids

@@ -544,6 +544,56 @@ def test_adapter_batch_routes_ids_and_validates():
     assert_rel_close(merged(x), model(x), 1e-5, name="merged adapter b")
 
 
+def _three_adapter_model(num_layers=2):
+    _, model = _pair(num_layers)
+    apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"]), progress=False)
+    for _, layer in qrlora_layers(model):
+        layer.set_num_adapters(3)
+        with torch.no_grad():
+            layer.lam.normal_()
+    model.qrlora_adapter_ids = {"a": 0, "b": 1, "c": 2}
+    return model
+
+
+def test_adapter_batch_reads_the_ids_back_once(monkeypatch):
+    """Each read of the ids' values is a host sync on a GPU. adapter_batch read min and max (two syncs), then the
+    first layer read both again; now one read, whose range every layer reuses (on the CPU ranges are not kept,
+    so this test keeps them as on CUDA)."""
+    from qrlora_kernels import functional
+    model = _three_adapter_model()
+    x = torch.randn(4, 5, 8)
+    monkeypatch.setattr(functional, "_range_kept", lambda t: not t.is_inference())
+    reads = []
+    for name in ("tolist", "item", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _o=original, _n=name: reads.append(_n) or _o(t, *a))
+    with adapter_batch(model, ["c", "a", 1, "c"]) as ids:
+        mixed = model(x)
+        ids_reads = list(reads)
+        ids.add_(0)  # an in-place write (the version counter moves): the range is read again, once
+        model(x)
+    monkeypatch.undo()
+    assert ids_reads == ["tolist"] and reads == ["tolist", "tolist"], reads
+    for i, row in enumerate([2, 0, 1, 2]):
+        for _, layer in qrlora_layers(model):
+            layer.active_adapter = row
+        assert_rel_close(mixed[i:i + 1], model(x[i:i + 1]), 1e-5, name=f"sequence {i}")
+
+
+@pytest.mark.gpu
+def test_adapter_batch_on_cuda_does_not_sync_in_the_layers():
+    model = _three_adapter_model().cuda()
+    x = torch.randn(4, 5, 8, device="cuda")
+    with adapter_batch(model, ["c", "a", 1, "c"]):
+        model(x)  # warm-up: kernels compiled, strategy tables filled
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 class CheckpointedModel(nn.Module):
     """Blocks run under torch.utils.checkpoint (reentrant), even in eval mode, as some training loops do."""
 
