@@ -390,19 +390,36 @@ class QRLoraLinear(nn.Module):
         input k times as long as the ids gets each id repeated k times. Ids passed to ``forward`` directly, and
         calls outside ``generate``, are never expanded."""
         ids, shared = self.adapter_ids, self.adapter_id_expansions
-        if ids is None or shared is None or not shared.get("generating") or ids.dim() != 1 or x.dim() < 3:
+        if ids is None or shared is None or ids.dim() != 1 or x.dim() < 3:
             return ids
         n, rows = ids.shape[0], x.shape[0]
-        if n == 0 or rows == n or rows % n:
-            return ids
-        key = (ids.device, rows // n)
-        if key not in shared:
-            with torch.inference_mode(False):  # an ordinary tensor: its range is checked once, not per layer
-                shared[key] = ids.repeat_interleave(key[1])
-            known = known_id_range(ids)
-            if known is not None:  # the same values: no layer needs to read them back
-                remember_id_range(shared[key], *known)
-        return shared[key]
+        if shared.get("generating") and n and rows != n and rows % n == 0:
+            key = (ids.device, rows // n)
+            if key not in shared:
+                shared[key] = self._derived_ids(ids, lambda: ids.repeat_interleave(key[1]))
+            ids = shared[key]
+        if x.dim() != 3 or rows != ids.shape[0] or torch.compiler.is_compiling():
+            return ids  # as given: a mismatch is refused by the functional check
+        # One id per token, made once per input shape for all the layers rather than by each of them.
+        tokens = shared.setdefault("per_token", {})
+        key = (id(ids), ids._version, tuple(x.shape[:-1]))
+        if key not in tokens:
+            if len(tokens) >= 8:
+                tokens.clear()
+            tokens[key] = self._derived_ids(
+                ids, lambda: ids.repeat_interleave(x.shape[1]).reshape(x.shape[:-1]))
+        return tokens[key]
+
+    @staticmethod
+    def _derived_ids(ids: torch.Tensor, make) -> torch.Tensor:
+        """``make()``, ids rearranged, as an ordinary tensor (its range is checked once, not per layer) with the
+        range of ``ids`` when that is known: the same values, which no layer then reads back."""
+        with torch.inference_mode(False):
+            derived = make()
+        known = known_id_range(ids)
+        if known is not None:
+            remember_id_range(derived, *known)
+        return derived
 
     # ------------------------------------------------------------------ merging
 

@@ -580,6 +580,32 @@ def test_adapter_batch_reads_the_ids_back_once(monkeypatch):
         assert_rel_close(mixed[i:i + 1], model(x[i:i + 1]), 1e-5, name=f"sequence {i}")
 
 
+def test_adapter_batch_makes_the_per_token_ids_once_per_forward(monkeypatch):
+    """Every layer expanded the per-sequence ids to one per token (a small kernel per layer per forward); now the
+    first layer of each input shape does, for all of them. A write into the ids makes them again."""
+    model = _three_adapter_model(num_layers=3)
+    x = torch.randn(4, 5, 8)
+    made = []
+    original = torch.Tensor.repeat_interleave
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", lambda t, *a, **k: made.append(1) or original(t, *a, **k))
+    with adapter_batch(model, ["c", "a", 1, "c"]) as ids:
+        mixed = model(x)
+        assert len(made) == 1
+        model(x[:, :3])  # another sequence length: made once more
+        assert len(made) == 2
+        ids[1] = 2  # in place: the next forward must not reuse the expansion of the old ids
+        changed = model(x)
+    monkeypatch.undo()
+    assert len(made) == 3
+    for i, (row, out) in enumerate(zip([2, 0, 1, 2], mixed)):
+        for _, layer in qrlora_layers(model):
+            layer.active_adapter = row
+        assert_rel_close(out[None], model(x[i:i + 1]), 1e-5, name=f"sequence {i}")
+    for _, layer in qrlora_layers(model):
+        layer.active_adapter = 2
+    assert_rel_close(changed[1:2], model(x[1:2]), 1e-5, name="sequence 1 after its id changed to 'c'")
+
+
 @pytest.mark.gpu
 def test_adapter_batch_on_cuda_does_not_sync_in_the_layers():
     model = _three_adapter_model().cuda()
