@@ -178,9 +178,10 @@ def read_id_range(adapter_ids) -> tuple[int, int]:
     return tuple(torch.stack(torch.aminmax(adapter_ids)).tolist())
 
 
-def _range_kept(adapter_ids) -> bool:
-    """Whether ``adapter_ids``'s range is remembered: not for CPU ids, cheap to measure again, nor inference
-    tensors, which have no version counter."""
+def id_range_kept(adapter_ids) -> bool:
+    """Whether ``adapter_ids``'s range (and what is derived from it) is remembered: not for CPU ids, cheap to
+    measure again (and where writes through ``.data`` or numpy, which leave the version counter alone, are
+    common), nor inference tensors, which have no version counter."""
     return not adapter_ids.is_inference() and adapter_ids.device.type != "cpu"
 
 
@@ -188,7 +189,7 @@ def remember_id_range(adapter_ids: torch.Tensor, low: int, high: int) -> None:
     """Record that ``adapter_ids`` holds values in [low, high] (measured by the caller), so the layers given it
     do not read it back to check it. Kept while the tensor lives, by its version counter, which writes through
     ``.data`` or a shared numpy array do not bump."""
-    if not _range_kept(adapter_ids):
+    if not id_range_kept(adapter_ids):
         return
     if len(_ID_RANGES) >= _ID_RANGES_KEPT and id(adapter_ids) not in _ID_RANGES:
         _ID_RANGES.pop(next(iter(_ID_RANGES)))
@@ -197,7 +198,7 @@ def remember_id_range(adapter_ids: torch.Tensor, low: int, high: int) -> None:
 
 def known_id_range(adapter_ids: torch.Tensor):
     """(min, max) recorded by ``remember_id_range`` for this tensor at its current version, else None."""
-    entry = _ID_RANGES.get(id(adapter_ids)) if _range_kept(adapter_ids) else None
+    entry = _ID_RANGES.get(id(adapter_ids)) if id_range_kept(adapter_ids) else None
     if entry is not None and entry[0]() is adapter_ids and adapter_ids._version == entry[1]:
         return entry[2], entry[3]
     return None
@@ -207,7 +208,7 @@ def _id_range(adapter_ids):
     """(min, max) of the ids. On CUDA this syncs with the host, so it is remembered: a model-level context hands
     the same ids tensor to every layer (and records its range first), and only a layer that meets a new
     tensor pays."""
-    if not _range_kept(adapter_ids):
+    if not id_range_kept(adapter_ids):
         return read_id_range(adapter_ids)
     known = known_id_range(adapter_ids)
     if known is not None:

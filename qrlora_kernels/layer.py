@@ -392,13 +392,14 @@ class QRLoraLinear(nn.Module):
         ids, shared = self.adapter_ids, self.adapter_id_expansions
         if ids is None or shared is None or ids.dim() != 1 or x.dim() < 3:
             return ids
+        compiling = torch.compiler.is_compiling()  # (then nothing is remembered: dynamo cannot trace it)
         n, rows = ids.shape[0], x.shape[0]
         if shared.get("generating") and n and rows != n and rows % n == 0:
             key = (ids.device, rows // n)
             if key not in shared:
-                shared[key] = self._derived_ids(ids, lambda: ids.repeat_interleave(key[1]))
+                shared[key] = self._derived_ids(ids, lambda: ids.repeat_interleave(key[1]), not compiling)
             ids = shared[key]
-        if x.dim() != 3 or rows != ids.shape[0] or torch.compiler.is_compiling():
+        if compiling or x.dim() != 3 or rows != ids.shape[0] or not functional.id_range_kept(ids):
             return ids  # as given: a mismatch is refused by the functional check
         # One id per token, made once per input shape for all the layers rather than by each of them.
         tokens = shared.setdefault("per_token", {})
@@ -406,17 +407,16 @@ class QRLoraLinear(nn.Module):
         if key not in tokens:
             if len(tokens) >= 8:
                 tokens.clear()
-            tokens[key] = self._derived_ids(
-                ids, lambda: ids.repeat_interleave(x.shape[1]).reshape(x.shape[:-1]))
+            tokens[key] = self._derived_ids(ids, lambda: ids.repeat_interleave(x.shape[1]).reshape(x.shape[:-1]))
         return tokens[key]
 
     @staticmethod
-    def _derived_ids(ids: torch.Tensor, make) -> torch.Tensor:
+    def _derived_ids(ids: torch.Tensor, make, remember: bool = True) -> torch.Tensor:
         """``make()``, ids rearranged, as an ordinary tensor (its range is checked once, not per layer) with the
         range of ``ids`` when that is known: the same values, which no layer then reads back."""
         with torch.inference_mode(False):
             derived = make()
-        known = known_id_range(ids)
+        known = known_id_range(ids) if remember else None
         if known is not None:
             remember_id_range(derived, *known)
         return derived

@@ -811,6 +811,14 @@ def test_llama_mixed_adapter_batch_equals_each_adapter_alone(tmp_path):
             alone = tuned[task].generate(input_ids=prompt[i:i + 1], attention_mask=mask[i:i + 1], max_new_tokens=4,
                                          do_sample=False, num_beams=2, num_return_sequences=2, pad_token_id=0)
             assert torch.equal(beams[2 * i:2 * i + 2], alone), f"sequence {i} ({task})"
+    # The same with the forward compiled whole (fullgraph): the ids' expansion for the beams is traced.
+    if hasattr(torch.compiler, "is_exporting"):  # (older torch: transformers' masks fail under compile)
+        compiled = copy.deepcopy(served)
+        compiled.forward = torch.compile(compiled.forward, backend="eager", fullgraph=True)
+        with torch.no_grad(), adapter_batch(compiled, order):
+            again = compiled.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                      num_beams=2, num_return_sequences=2, pad_token_id=0)
+        assert torch.equal(again, beams)
     # Ids given to a layer directly are never stretched to another batch size.
     layer = qrlora_layers(served)[0][1]
     with pytest.raises(ValueError, match="adapter_ids has shape"):

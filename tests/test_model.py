@@ -562,7 +562,7 @@ def test_adapter_batch_reads_the_ids_back_once(monkeypatch):
     from qrlora_kernels import functional
     model = _three_adapter_model()
     x = torch.randn(4, 5, 8)
-    monkeypatch.setattr(functional, "_range_kept", lambda t: not t.is_inference())
+    monkeypatch.setattr(functional, "id_range_kept", lambda t: not t.is_inference())
     reads = []
     for name in ("tolist", "item", "__int__", "__bool__"):
         original = getattr(torch.Tensor, name)
@@ -582,9 +582,14 @@ def test_adapter_batch_reads_the_ids_back_once(monkeypatch):
 
 def test_adapter_batch_makes_the_per_token_ids_once_per_forward(monkeypatch):
     """Every layer expanded the per-sequence ids to one per token (a small kernel per layer per forward); now the
-    first layer of each input shape does, for all of them. A write into the ids makes them again."""
+    first layer of each input shape does, for all of them. A write into the ids makes them again. CPU ids are
+    expanded every time, also when written through .data."""
+    from qrlora_kernels import functional
     model = _three_adapter_model(num_layers=3)
     x = torch.randn(4, 5, 8)
+    # Kept as for CUDA ids (CPU ids are measured and expanded every time: writes through .data or numpy, which
+    # leave the version counter alone, are common there).
+    monkeypatch.setattr(functional, "id_range_kept", lambda t: not t.is_inference())
     made = []
     original = torch.Tensor.repeat_interleave
     monkeypatch.setattr(torch.Tensor, "repeat_interleave", lambda t, *a, **k: made.append(1) or original(t, *a, **k))
@@ -597,6 +602,13 @@ def test_adapter_batch_makes_the_per_token_ids_once_per_forward(monkeypatch):
         changed = model(x)
     monkeypatch.undo()
     assert len(made) == 3
+    with adapter_batch(model, ["c", "a", 1, "c"]) as ids:
+        model(x)
+        ids.data[1] = 2  # no version bump: on the CPU the ids are read again all the same
+        assert_rel_close(model(x), changed, 0.0, name="after a write through .data")
+        ids.data[1] = 7
+        with pytest.raises(ValueError, match="adapter id 7 is out of range for 3 adapter"):
+            model(x)
     for i, (row, out) in enumerate(zip([2, 0, 1, 2], mixed)):
         for _, layer in qrlora_layers(model):
             layer.active_adapter = row
@@ -608,16 +620,20 @@ def test_adapter_batch_makes_the_per_token_ids_once_per_forward(monkeypatch):
 
 @pytest.mark.gpu
 def test_adapter_batch_on_cuda_does_not_sync_in_the_layers():
+    """The block measures the ids once as it starts (its copy to the GPU syncs too); the first forward in a new
+    block then reads nothing back (each layer's first look at a new ids tensor read min and max)."""
     model = _three_adapter_model().cuda()
     x = torch.randn(4, 5, 8, device="cuda")
     with adapter_batch(model, ["c", "a", 1, "c"]):
         model(x)  # warm-up: kernels compiled, strategy tables filled
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            model(x)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    for ids in (["c", "a", 1, "c"], torch.tensor([2, 0, 1, 2], device="cuda")):
+        with adapter_batch(model, ids):
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                model(x)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
 
 
 class CheckpointedModel(nn.Module):
