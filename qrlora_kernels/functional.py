@@ -235,7 +235,8 @@ def _lam_index(adapter_ids, x, num_adapters):
     if adapter_ids.shape == x.shape[:-1]:
         index = adapter_ids.reshape(-1)
     elif adapter_ids.shape == x.shape[:-2]:
-        index = adapter_ids.reshape(-1).repeat_interleave(tokens_per_sequence)
+        # (expand, not repeat_interleave, which reads its repeats back from the device on some torch releases)
+        index = adapter_ids.reshape(-1, 1).expand(-1, tokens_per_sequence).reshape(-1)
     else:
         raise ValueError(f"adapter_ids has shape {tuple(adapter_ids.shape)}; expected per-sequence ids of shape "
                          f"{tuple(x.shape[:-2])} or per-token ids of shape {tuple(x.shape[:-1])} for x of shape "

@@ -397,7 +397,8 @@ class QRLoraLinear(nn.Module):
         if shared.get("generating") and n and rows != n and rows % n == 0:
             key = (ids.device, rows // n)
             if key not in shared:
-                shared[key] = self._derived_ids(ids, lambda: ids.repeat_interleave(key[1]), not compiling)
+                shared[key] = self._derived_ids(ids, lambda: ids[:, None].expand(n, key[1]).reshape(-1),
+                                                not compiling)
             ids = shared[key]
         if compiling or x.dim() != 3 or rows != ids.shape[0] or not functional.id_range_kept(ids):
             return ids  # as given: a mismatch is refused by the functional check
@@ -407,13 +408,15 @@ class QRLoraLinear(nn.Module):
         if key not in tokens:
             if len(tokens) >= 8:
                 tokens.clear()
-            tokens[key] = self._derived_ids(ids, lambda: ids.repeat_interleave(x.shape[1]).reshape(x.shape[:-1]))
+            tokens[key] = self._derived_ids(ids, lambda: ids[:, None].expand(x.shape[:-1]).contiguous())
         return tokens[key]
 
     @staticmethod
     def _derived_ids(ids: torch.Tensor, make, remember: bool = True) -> torch.Tensor:
         """``make()``, ids rearranged, as an ordinary tensor (its range is checked once, not per layer) with the
-        range of ``ids`` when that is known: the same values, which no layer then reads back."""
+        range of ``ids`` when that is known: the same values, which no layer then reads back. (Rearranged by
+        expand, never repeat_interleave, which reads its repeats back from the device on some torch
+        releases.)"""
         with torch.inference_mode(False):
             derived = make()
         known = known_id_range(ids) if remember else None
