@@ -266,6 +266,7 @@ def evaluate(model, tokenizer, rows, args, device, num_labels):
 NOT_RUN_DEFINING = {"output_dir", "device", "no_progress", "push_to_hub", "save_steps", "resume", "data_dir",
                     "offline"}
 CHECKPOINT_FORMAT = 1
+CHECKPOINT_MAGIC = b"finetune_glue checkpoint sha256 "
 CHECKPOINT_KEYS = {"format", "options", "train_data_sha256", "trainable", "optimizer", "scheduler", "torch_rng",
                    "cuda_rng", "step", "epoch_rng_state", "epoch_batches_done", "losses", "train_time_s"}
 
@@ -280,37 +281,64 @@ def run_identity(args, train_rows) -> dict:
     import hashlib
     options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in NOT_RUN_DEFINING}
     options["model"] = default_model(args)
+    # Defaults as they take effect: --lr 2e-2 given or left out is the same run.
+    options["lr"] = args.lr if args.lr is not None else DEFAULT_LR[args.method]
+    if args.tau is None and args.rank is None and args.budget is None:
+        from qrlora_kernels.config import DEFAULT_TAU
+        options["tau"] = DEFAULT_TAU
     return {"options": options, "train_data_sha256": hashlib.sha256(json.dumps(train_rows).encode()).hexdigest()}
 
 
 def save_checkpoint(path: Path, identity: dict, model, optimizer, scheduler, position: dict) -> None:
     """The trainable parameters, the optimizer and schedule, the random states and the loop's position, written
     atomically (an interrupted write leaves the previous checkpoint)."""
-    import io
     import torch
-    from qrlora_kernels.atomic_file import atomic_write_bytes
     state = {"format": CHECKPOINT_FORMAT, **identity,
              "trainable": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
              **position}
+    write_checkpoint_file(path, state)
+
+
+def write_checkpoint_file(path: Path, state: dict) -> None:
+    """``state`` saved by torch, headed by a SHA-256 of those bytes; written atomically."""
+    import hashlib
+    import io
+    import torch
+    from qrlora_kernels.atomic_file import atomic_write_bytes
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    payload = buffer.getvalue()
+    atomic_write_bytes(path, CHECKPOINT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
 
 
-def load_checkpoint(path: Path, identity: dict, model, optimizer, scheduler, device) -> dict:
+def read_checkpoint_file(path: Path):
+    """What ``write_checkpoint_file`` wrote, on the CPU; refuses a file whose checksum does not match (torch does
+    not check its own), which is not a torch file, or which holds objects a checkpoint never has."""
+    import hashlib
+    import io
+    import torch
+    data = path.read_bytes()
+    digest, _, payload = data[len(CHECKPOINT_MAGIC):].partition(b"\n")
+    if not data.startswith(CHECKPOINT_MAGIC) or hashlib.sha256(payload).hexdigest().encode() != digest:
+        raise SystemExit(f"--resume: {path} is truncated or corrupt (its checksum does not match)")
+    try:  # on the CPU: load_state_dict and copy_ put each tensor on its parameter's device
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise SystemExit(f"--resume: {path} is truncated or corrupt ({type(err).__name__}: {err})") from None
+
+
+def load_checkpoint(path: Path, identity: dict, model, optimizer, scheduler) -> dict:
     """Put a checkpoint written by ``save_checkpoint`` back; returns the loop's position. Refuses, naming the
-    difference, a checkpoint of another run (options, data or trainable parameters), and a damaged file."""
+    difference, a checkpoint of another run (options, data or trainable parameters), and a damaged file (a
+    SHA-256 of the rest heads it)."""
     import torch
     if not path.is_file():
         raise SystemExit(f"--resume: no checkpoint at {path} (a run writes it every --save-steps steps and when "
                          f"it is stopped; is --output-dir the one of that run?)")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # truncated, not a torch file, or holding objects a checkpoint never has
-        raise SystemExit(f"--resume: {path} is truncated or corrupt ({type(err).__name__}: {err})") from None
+    state = read_checkpoint_file(path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or set(state) != CHECKPOINT_KEYS:
         raise SystemExit(f"--resume: {path} is not a checkpoint written by this script (format "
                          f"{CHECKPOINT_FORMAT})")
@@ -419,21 +447,36 @@ def main(argv=None) -> dict:
     checkpoint = checkpoint_path(args)
     position = {"step": 0, "epoch_rng_state": None, "epoch_batches_done": 0, "losses": [], "train_time_s": 0.0}
     if args.resume:
-        position = load_checkpoint(checkpoint, identity, model, optimizer, scheduler, device)
+        position = load_checkpoint(checkpoint, identity, model, optimizer, scheduler)
         print(f"resumed from {checkpoint} at step {position['step']} of {total_steps}")
     resumed_from = position["step"] if args.resume else None
     step, losses, epoch_state, done = (position["step"], position["losses"], position["epoch_rng_state"],
                                        position["epoch_batches_done"])
 
+    saved_at = [None]
+
     def save(at_step):
         save_checkpoint(checkpoint, identity, model, optimizer, scheduler,
                         {"step": at_step, "epoch_rng_state": epoch_state, "epoch_batches_done": done,
                          "losses": losses, "train_time_s": position["train_time_s"] + time.perf_counter() - start})
+        saved_at[0] = at_step
+
+    def stop_if_asked():
+        """After a step, the evaluation or the adapter's save: a signal received meanwhile writes the checkpoint
+        (unless this step's is written) and stops."""
+        if stop.signal is None:
+            return
+        if saved_at[0] != step:
+            save(step)
+        bar.close()
+        print(f"stopped by {signal.Signals(stop.signal).name} after step {step} of {total_steps}; checkpoint: "
+              f"{checkpoint}. To go on, run the same command with --resume", file=sys.stderr)
+        raise SystemExit(128 + stop.signal)
 
     from tqdm.auto import tqdm
     start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=step, desc=f"{args.method} {args.task}", disable=args.no_progress or None)
-    with StopRequest() as stop:
+    with StopRequest() as stop:  # until the results are written: a stop in the evaluation loses nothing either
         while step < total_steps:
             if epoch_state is None:  # a new epoch: its shuffle is replayed from this state at a resume
                 epoch_state, done = rng.getstate(), 0
@@ -452,43 +495,40 @@ def main(argv=None) -> dict:
                 step, done = step + 1, i + 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                if stop.signal is not None or (args.save_steps and (step % args.save_steps == 0
-                                                                    or step == total_steps)):
+                if args.save_steps and (step % args.save_steps == 0 or step == total_steps):
                     save(step)
-                if stop.signal is not None:
-                    bar.close()
-                    print(f"stopped by {signal.Signals(stop.signal).name} after step {step} of {total_steps}; "
-                          f"checkpoint: {checkpoint}. To go on, run the same command with --resume",
-                          file=sys.stderr)
-                    raise SystemExit(128 + stop.signal)
+                stop_if_asked()
                 if step >= total_steps:
                     break
             else:
                 epoch_state = None
-    bar.close()
-    train_time = position["train_time_s"] + time.perf_counter() - start
-    metrics = evaluate(model, tokenizer, dev_rows, args, device, num_labels)
-    print(f"dev {args.task}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        bar.close()
+        train_time = position["train_time_s"] + time.perf_counter() - start
+        metrics = evaluate(model, tokenizer, dev_rows, args, device, num_labels)
+        print(f"dev {args.task}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        stop_if_asked()
 
-    result = {"task": args.task, "method": args.method, "description": description, "model": default_model(args),
-              "offline": args.offline, "trainable_params": trainable, "total_params": total, "steps": step,
-              "train_time_s": train_time, "resumed_from_step": resumed_from, "losses": losses, "dev": metrics,
-              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    if args.method == "qrlora":
-        from qrlora_kernels import save_adapter
-        adapter_dir = args.output_dir / f"adapter_{args.task}"
-        save_adapter(model, adapter_dir)
-        result["adapter_dir"] = str(adapter_dir)
-        result["adapter_bytes"] = sum(f.stat().st_size for f in adapter_dir.iterdir())
-        if args.push_to_hub:
-            from qrlora_kernels import push_adapter_to_hub
-            push_adapter_to_hub(model, args.push_to_hub)
-            result["hub_repo"] = args.push_to_hub
-    # A diverged run's NaN losses as null: NaN is not JSON, and strict readers refuse the file.
-    finite = {**result, "losses": [v if math.isfinite(v) else None for v in losses],
-              "dev": {k: v if math.isfinite(v) else None for k, v in metrics.items()}}
-    atomic_write_text(args.output_dir / f"results_{args.task}_{args.method}.json",
-                      json.dumps(finite, indent=2, allow_nan=False))
+        result = {"task": args.task, "method": args.method, "description": description,
+                  "model": default_model(args), "offline": args.offline, "trainable_params": trainable,
+                  "total_params": total, "steps": step, "train_time_s": train_time,
+                  "resumed_from_step": resumed_from, "losses": losses, "dev": metrics,
+                  "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+        if args.method == "qrlora":
+            from qrlora_kernels import save_adapter
+            adapter_dir = args.output_dir / f"adapter_{args.task}"
+            save_adapter(model, adapter_dir)
+            result["adapter_dir"] = str(adapter_dir)
+            result["adapter_bytes"] = sum(f.stat().st_size for f in adapter_dir.iterdir())
+            if args.push_to_hub:
+                from qrlora_kernels import push_adapter_to_hub
+                push_adapter_to_hub(model, args.push_to_hub)
+                result["hub_repo"] = args.push_to_hub
+        stop_if_asked()
+        # A diverged run's NaN losses as null: NaN is not JSON, and strict readers refuse the file.
+        finite = {**result, "losses": [v if math.isfinite(v) else None for v in losses],
+                  "dev": {k: v if math.isfinite(v) else None for k, v in metrics.items()}}
+        atomic_write_text(args.output_dir / f"results_{args.task}_{args.method}.json",
+                          json.dumps(finite, indent=2, allow_nan=False))
     checkpoint.unlink(missing_ok=True)  # the run is complete: its results (and adapter) are written
     result["model_object"] = model
     return result

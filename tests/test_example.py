@@ -257,7 +257,7 @@ def test_resume_refuses_what_is_not_this_runs_checkpoint(finetune, tmp_path, mon
     # Without --resume the checkpoint would be overwritten by the new run's first save.
     with pytest.raises(SystemExit, match="checkpoint of a run that did not finish: add --resume"):
         finetune.main(RESUME_RUN + out)
-    with pytest.raises(SystemExit, match=r"written by another run: --lr was None, now 0.001; "
+    with pytest.raises(SystemExit, match=r"written by another run: --lr was 0.02, now 0.001; "
                                          r"--rank was 8, now 4\. Resume with the options of that run"):
         finetune.main(RESUME_RUN[:4] + ["4"] + RESUME_RUN[5:] + out + ["--resume", "--lr", "1e-3"])
     data = tmp_path / "data"
@@ -267,11 +267,13 @@ def test_resume_refuses_what_is_not_this_runs_checkpoint(finetune, tmp_path, mon
     (data / "train.tsv").write_text((shipped / "train.tsv").read_text().replace("\t1\n", "\t0\n", 1))
     with pytest.raises(SystemExit, match="the training data differ from those of the run that wrote"):
         finetune.main(RESUME_RUN + out + ["--resume", "--data-dir", str(data)])
-    for damaged in (written[: len(written) // 2], b"not a checkpoint"):
+    middle = len(written) // 2  # torch.load does not check its archive's CRCs: a flipped bit loaded silently
+    flipped = written[:middle] + bytes([written[middle] ^ 1]) + written[middle + 1:]
+    for damaged in (written[:middle], b"not a checkpoint", flipped, written + b"\0"):
         checkpoint.write_bytes(damaged)
         with pytest.raises(SystemExit, match="checkpoint_sst2_qrlora.pt is truncated or corrupt"):
             finetune.main(RESUME_RUN + out + ["--resume"])
-    torch.save({"format": 1, "step": 3}, checkpoint)
+    finetune.write_checkpoint_file(checkpoint, {"format": 1, "step": 3})
     with pytest.raises(SystemExit, match="is not a checkpoint written by this script"):
         finetune.main(RESUME_RUN + out + ["--resume"])
     assert not (tmp_path / "results_sst2_qrlora.json").exists()  # nothing ran past the checks
@@ -285,10 +287,10 @@ def test_resume_refuses_a_checkpoint_of_other_base_weights(finetune, tmp_path, m
         finetune.main(RESUME_RUN + out)
     monkeypatch.undo()
     checkpoint = tmp_path / "checkpoint_sst2_qrlora.pt"
-    state = torch.load(checkpoint, weights_only=True)
+    state = finetune.read_checkpoint_file(checkpoint)
     name = next(n for n in state["trainable"] if n.endswith(".lam"))
     state["trainable"][name] = torch.randn(1, 9)
-    torch.save(state, checkpoint)
+    finetune.write_checkpoint_file(checkpoint, state)
     with pytest.raises(SystemExit, match=rf"does not fit this model's trainable parameters \(first: {name}\)"):
         finetune.main(RESUME_RUN + out + ["--resume"])
 
@@ -304,3 +306,26 @@ def test_baselines_resume_too(finetune, tmp_path, monkeypatch, method):
     assert exit_info.value.code == 128 + signal.SIGTERM
     monkeypatch.undo()
     assert finetune.main(run + ["--output-dir", str(tmp_path), "--resume"])["losses"] == reference
+
+
+def test_a_stop_during_the_evaluation_keeps_the_trained_run(finetune, tmp_path, monkeypatch, uninterrupted):
+    """With --save-steps 0 (a checkpoint only when stopped), Ctrl-C in the evaluation after the last step raised
+    KeyboardInterrupt and lost the whole run; it now writes the last step's checkpoint. Resuming it (with
+    --device cpu:0, which torch.load's map_location refused, and the default --lr given explicitly, which the
+    option check refused) evaluates again and gives the uninterrupted run."""
+    import signal
+    evaluate = finetune.evaluate
+
+    def interrupted(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return evaluate(*args, **kwargs)
+    monkeypatch.setattr(finetune, "evaluate", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(RESUME_RUN + ["--output-dir", str(tmp_path), "--save-steps", "0"])
+    assert exit_info.value.code == 128 + signal.SIGINT
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_sst2_qrlora.pt"]
+    monkeypatch.undo()
+    run = [a if a != "cpu" else "cpu:0" for a in RESUME_RUN]
+    result = finetune.main(run + ["--output-dir", str(tmp_path), "--resume", "--lr", "0.02"])
+    assert result["resumed_from_step"] == 12
+    _same_run(result, uninterrupted)
