@@ -109,6 +109,9 @@ def parse_args(argv=None):
                                   ("--head-lr", args.head_lr, lambda v: finite(v) and v > 0, "finite and > 0")):
         if not ok(value):
             p.error(f"{name} must be {rule}, got {value}")
+    rules = [f"--{name}" for name in ("tau", "rank", "budget") if getattr(args, name) is not None]
+    if len(rules) > 1:
+        p.error(f"give only one of --tau, --rank and --budget (got {' and '.join(rules)})")
     if args.data_dir is None:
         if args.offline and args.task != "sst2":
             p.error(f"--offline --task {args.task} needs --data-dir: the shipped tiny dataset is SST-2's")
@@ -453,12 +456,13 @@ def main(argv=None) -> dict:
     step, losses, epoch_state, done = (position["step"], position["losses"], position["epoch_rng_state"],
                                        position["epoch_batches_done"])
 
-    saved_at = [None]
+    saved_at, train_time = [None], None
 
     def save(at_step):
+        elapsed = train_time if train_time is not None else position["train_time_s"] + time.perf_counter() - start
         save_checkpoint(checkpoint, identity, model, optimizer, scheduler,
                         {"step": at_step, "epoch_rng_state": epoch_state, "epoch_batches_done": done,
-                         "losses": losses, "train_time_s": position["train_time_s"] + time.perf_counter() - start})
+                         "losses": losses, "train_time_s": elapsed})
         saved_at[0] = at_step
 
     def stop_if_asked():

@@ -395,31 +395,37 @@ class QRLoraLinear(nn.Module):
         compiling = torch.compiler.is_compiling()  # (then nothing is remembered: dynamo cannot trace it)
         n, rows = ids.shape[0], x.shape[0]
         if shared.get("generating") and n and rows != n and rows % n == 0:
-            key = (ids.device, rows // n)
-            if key not in shared:
-                shared[key] = self._derived_ids(ids, lambda: ids[:, None].expand(n, key[1]).reshape(-1),
-                                                not compiling)
-            ids = shared[key]
+            k = rows // n
+            if compiling or not functional.id_range_kept(ids):  # made again each time: a write is always seen
+                ids = ids[:, None].expand(n, k).reshape(-1)
+            else:  # kept for the ids as they are now (a write bumps the version)
+                ids = self._kept(shared, "beams", (id(ids), ids._version, k),
+                                 lambda: ids[:, None].expand(n, k).reshape(-1), ids)
         if compiling or x.dim() != 3 or rows != ids.shape[0] or not functional.id_range_kept(ids):
             return ids  # as given: a mismatch is refused by the functional check
         # One id per token, made once per input shape for all the layers rather than by each of them.
-        tokens = shared.setdefault("per_token", {})
-        key = (id(ids), ids._version, tuple(x.shape[:-1]))
-        if key not in tokens:
-            if len(tokens) >= 8:
-                tokens.clear()
-            tokens[key] = self._derived_ids(ids, lambda: ids[:, None].expand(x.shape[:-1]).contiguous())
-        return tokens[key]
+        return self._kept(shared, "per_token", (id(ids), ids._version, tuple(x.shape[:-1])),
+                          lambda: ids[:, None].expand(x.shape[:-1]).contiguous(), ids)
+
+    @classmethod
+    def _kept(cls, shared: dict, kind: str, key: tuple, make, ids: torch.Tensor) -> torch.Tensor:
+        """``shared[kind][key]``, made by ``_derived_ids`` the first time; at most 8 kept per kind."""
+        kept = shared.setdefault(kind, {})
+        if key not in kept:
+            if len(kept) >= 8:
+                kept.clear()
+            kept[key] = cls._derived_ids(ids, make)
+        return kept[key]
 
     @staticmethod
-    def _derived_ids(ids: torch.Tensor, make, remember: bool = True) -> torch.Tensor:
+    def _derived_ids(ids: torch.Tensor, make) -> torch.Tensor:
         """``make()``, ids rearranged, as an ordinary tensor (its range is checked once, not per layer) with the
         range of ``ids`` when that is known: the same values, which no layer then reads back. (Rearranged by
         expand, never repeat_interleave, which reads its repeats back from the device on some torch
         releases.)"""
         with torch.inference_mode(False):
             derived = make()
-        known = known_id_range(ids) if remember else None
+        known = known_id_range(ids)
         if known is not None:
             remember_id_range(derived, *known)
         return derived

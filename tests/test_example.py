@@ -143,6 +143,7 @@ def test_online_mode_reads_glue_through_hf_datasets(finetune, tmp_path, monkeypa
     (["--batch-size", "0"], "--batch-size must be a positive int"),
     (["--warmup", "2"], "--warmup must be a fraction of the steps in [0, 1)"),
     (["--task", "cola"], "--offline --task cola needs --data-dir: the shipped tiny dataset is SST-2's"),
+    (["--tau", "0.9", "--rank", "8"], "give only one of --tau, --rank and --budget (got --tau and --rank)"),
 ])
 def test_bad_options_stop_before_training(finetune, tmp_path, capsys, args, message):
     """--max-steps 0 ran 3 epochs, -1 saved an untrained adapter, --batch-size 0 a ZeroDivisionError, --task cola
@@ -314,12 +315,16 @@ def test_a_stop_during_the_evaluation_keeps_the_trained_run(finetune, tmp_path, 
     --device cpu:0, which torch.load's map_location refused, and the default --lr given explicitly, which the
     option check refused) evaluates again and gives the uninterrupted run."""
     import signal
-    evaluate = finetune.evaluate
+    import time
+    evaluate, began = finetune.evaluate, []
 
     def interrupted(*args, **kwargs):
+        began.append(time.perf_counter())
         signal.raise_signal(signal.SIGINT)
+        time.sleep(1.0)  # a long evaluation: not training time (the checkpoint's train_time_s counted it)
         return evaluate(*args, **kwargs)
     monkeypatch.setattr(finetune, "evaluate", interrupted)
+    started = time.perf_counter()
     with pytest.raises(SystemExit) as exit_info:
         finetune.main(RESUME_RUN + ["--output-dir", str(tmp_path), "--save-steps", "0"])
     assert exit_info.value.code == 128 + signal.SIGINT
@@ -328,4 +333,5 @@ def test_a_stop_during_the_evaluation_keeps_the_trained_run(finetune, tmp_path, 
     run = [a if a != "cpu" else "cpu:0" for a in RESUME_RUN]
     result = finetune.main(run + ["--output-dir", str(tmp_path), "--resume", "--lr", "0.02"])
     assert result["resumed_from_step"] == 12
+    assert result["train_time_s"] < began[0] - started
     _same_run(result, uninterrupted)

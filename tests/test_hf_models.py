@@ -819,6 +819,27 @@ def test_llama_mixed_adapter_batch_equals_each_adapter_alone(tmp_path):
             again = compiled.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=4, do_sample=False,
                                       num_beams=2, num_return_sequences=2, pad_token_id=0)
         assert torch.equal(again, beams)
+    # A write into the block's ids between two generate() calls reroutes the beams (the expansion was kept
+    # once per block, with the old routing, and an out-of-range id went unchecked), with ranges kept as on
+    # CUDA or measured each time as on the CPU.
+    from qrlora_kernels import functional
+    settings = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, num_beams=2, num_return_sequences=2,
+                    pad_token_id=0)
+    for kept in (False, True):
+        with pytest.MonkeyPatch.context() as patch:
+            if kept:
+                patch.setattr(functional, "id_range_kept", lambda t: not t.is_inference())
+            with torch.no_grad(), adapter_batch(served, order) as block_ids:
+                assert torch.equal(served.generate(input_ids=prompt, **settings), beams)
+                block_ids[1] = served.qrlora_adapter_ids["chat"]
+                rerouted = served.generate(input_ids=prompt, **settings)
+                block_ids[1] = 7
+                with pytest.raises(ValueError, match="adapter id 7 is out of range"):
+                    served.generate(input_ids=prompt, **settings)
+        with torch.no_grad():
+            chat = tuned["chat"].generate(input_ids=prompt[1:2], attention_mask=mask[1:2], max_new_tokens=4,
+                                          do_sample=False, num_beams=2, num_return_sequences=2, pad_token_id=0)
+        assert torch.equal(rerouted[2:4], chat) and torch.equal(rerouted[:2], beams[:2]), f"kept={kept}"
     # Ids given to a layer directly are never stretched to another batch size.
     layer = qrlora_layers(served)[0][1]
     with pytest.raises(ValueError, match="adapter_ids has shape"):

@@ -580,6 +580,15 @@ def test_adapter_batch_reads_the_ids_back_once(monkeypatch):
         assert_rel_close(mixed[i:i + 1], model(x[i:i + 1]), 1e-5, name=f"sequence {i}")
 
 
+def _refuse_repeat_interleave(monkeypatch):
+    """repeat_interleave with an int count reads its repeats back from the device on some torch releases (a host
+    sync): ids are stretched with expand instead."""
+    def refused(*args, **kwargs):
+        raise AssertionError("repeat_interleave called")
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", refused)
+    monkeypatch.setattr(torch, "repeat_interleave", refused)
+
+
 def test_adapter_batch_makes_the_per_token_ids_once_per_forward(monkeypatch):
     """Every layer expanded the per-sequence ids to one per token (a small kernel per layer per forward); now the
     first layer of each input shape does, for all of them. A write into the ids makes them again. CPU ids are
@@ -593,6 +602,7 @@ def test_adapter_batch_makes_the_per_token_ids_once_per_forward(monkeypatch):
     made = []
     original = QRLoraLinear._derived_ids
     monkeypatch.setattr(QRLoraLinear, "_derived_ids", staticmethod(lambda *a: made.append(1) or original(*a)))
+    _refuse_repeat_interleave(monkeypatch)
     with adapter_batch(model, ["c", "a", 1, "c"]) as ids:
         mixed = model(x)
         assert len(made) == 1
