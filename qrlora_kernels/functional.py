@@ -283,9 +283,11 @@ def _check_triton_available(x):
 
 
 def _torch_path(x2, weight, bias, Q, R, lam, lam_index, strategy, wide=None):
-    # ``wide``: (x2, weight, Q, R) as given, before autocast cast them (None: the same tensors). What runs in the
-    # accumulator dtype takes those, not their autocast copies cast back up: a float32 basis under bf16 autocast
-    # was cast to bf16 and back on every call, and the float32 copies were saved for the backward.
+    # ``wide``: (x2, Q, R) as given, before autocast cast them (None: the same tensors). The basis, and
+    # the lowrank correction's x, are read from those, not from their autocast copies cast back up: a float32
+    # basis under bf16 autocast was cast to bf16 and back on every call, and the float32 copies were saved for
+    # the backward. What lam = 0 leaves (the frozen GEMM; merged: x and W0) takes the autocast copies, so that
+    # there the layer computes exactly as autocast's F.linear.
     # What carries lam is kept in float32 (float64 for float64 inputs), like the kernels' accumulators: dlam
     # reduces over every token and loses too much in half precision. Lowrank: the (T, r) projections, lam
     # and the correction are computed in float32, the frozen GEMM in the input dtype. Merged: plain autograd
@@ -294,16 +296,16 @@ def _torch_path(x2, weight, bias, Q, R, lam, lam_index, strategy, wide=None):
     # backend="triton" for speed).
     # With R, at lam = 0 the lowrank result is exactly F.linear's, because the correction is an exact zero.
     acc = acc_dtype(x2.dtype)
-    x_w, weight_w, Q_w, R_w = wide if wide is not None else (x2, weight, Q, R)
+    x_w, Q_w, R_w = wide if wide is not None else (x2, Q, R)
     lam_rows = lam.to(acc)
     if lam_index is not None:
         lam_rows = lam_rows.index_select(0, lam_index)
     # Without R (R~ = Q^T W0): merged forms R~ in the accumulator dtype; lowrank projects the frozen output Y0
     # (without the bias, which could swamp it in half precision) and adds the bias last.
-    if strategy == "merged":
-        R_acc = implied_r(weight_w, Q_w, acc) if R_w is None else R_w.to(acc)
-        w_eff = weight_w.to(acc) + (Q_w.to(acc) * lam_rows) @ R_acc
-        y = F.linear(x_w.to(acc), w_eff, None if bias is None else bias.to(acc))
+    if strategy == "merged":  # x and W0 as autocast gave them: at lam = 0 this is autocast's F.linear
+        R_acc = implied_r(weight, Q_w, acc) if R_w is None else R_w.to(acc)
+        w_eff = weight.to(acc) + (Q_w.to(acc) * lam_rows) @ R_acc
+        y = F.linear(x2.to(acc), w_eff, None if bias is None else bias.to(acc))
         return y.to(x2.dtype)
     # The low-rank products run in the accumulator dtype too: in half precision S = x R^T (or Y0 Q) and S * lam
     # can exceed float16's range where y does not (a large component of y that lam mostly cancels).
@@ -360,8 +362,8 @@ def qrlora_linear(x, weight, bias, Q, R, lam, *, backend=None, adapter_ids=None,
 
     if backend == "torch":
         wide = None
-        if any(a is not b for a, b in zip((x, weight, Q, R), (own_x, own_weight, own_Q, own_R))):  # autocast
-            wide = (own_x if flat else own_x.reshape(-1, in_features), own_weight, own_Q, own_R)
+        if any(a is not b for a, b in zip((x, Q, R), (own_x, own_Q, own_R))):  # autocast cast them
+            wide = (own_x if flat else own_x.reshape(-1, in_features), own_Q, own_R)
         with _no_autocast(x.device):
             y = _torch_path(x2, weight, bias, Q, R, lam, lam_index, chosen, wide)
         return y if flat else y.reshape(*leading, out_features)

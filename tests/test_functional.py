@@ -4,6 +4,7 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from qrlora_kernels import dispatch, ops
 from qrlora_kernels.functional import qrlora_linear
@@ -551,6 +552,28 @@ def test_float64_on_cuda_takes_torch_automatically_where_triton_has_no_float64_d
     before = layer(x)
     layer.merge()
     assert_rel_close(layer(x), before, 1e-12, name="merged")
+
+
+@pytest.mark.parametrize("strategy", ["lowrank", "merged"])
+@pytest.mark.parametrize("with_r", [True, False], ids=["R", "Q-only"])
+def test_torch_path_under_autocast_at_lam_zero_is_autocasts_linear(strategy, with_r):
+    """A converted layer starts as the model it replaced: under bf16 autocast too, for either strategy (the merged
+    path computed from the float32 x and W0 for a while: half its outputs differed, by up to 9e5 ulp near 0)."""
+    x, weight, bias, Q, R, lam = _problem(T=64, K=48, N=40, r=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.linear(x, weight, bias)
+        got = qrlora_linear(x, weight, bias, Q, R if with_r else None, torch.zeros_like(lam), backend="torch",
+                            strategy=strategy)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    if strategy == "lowrank" and with_r:
+        assert torch.equal(got, expected)
+        return
+    # Q-only lowrank adds the bias after rounding; merged runs one float32 GEMM over the same bf16 values,
+    # bit for bit, which differs from autocast's bf16 GEMM in the rounding of the sums only.
+    assert_rel_close(got.float(), expected.float(), 2.0 ** -8, name=f"{strategy} at lam = 0")
+    if strategy == "merged":
+        x16, w16, b16 = (t.bfloat16().float() for t in (x, weight, bias))
+        assert torch.equal(got, F.linear(x16, w16, b16).bfloat16())
 
 
 @pytest.mark.parametrize("with_r", [True, False], ids=["R", "Q-only"])
