@@ -332,11 +332,13 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
             rule = {key: own_info.get(key) for key in rule_keys}
         else:
             rule = {"tau": None, "energy": getattr(layer, "energy", None), "energy_captured": None}
+        # W0's: taken by merge() where the layer was merged and unmerged since (W0 back up to rounding only).
+        fingerprint = getattr(layer, "w0_fingerprint", None) or base_fingerprint(weight)
         modules[name] = {
             "rank": r, "in_features": layer.in_features, "out_features": layer.out_features,
             "bias": layer.bias is not None, **rule,
             "dtype": _dtype_name(weight.dtype),
-            "lam_dtype": _dtype_name(lam.dtype), "fingerprint": base_fingerprint(weight),
+            "lam_dtype": _dtype_name(lam.dtype), "fingerprint": fingerprint,
             "checksum": _checksum(own),
         }
         if layer.R is None:  # written only when set, so that other adapters stay readable by older versions

@@ -163,8 +163,11 @@ class QRLoraLinear(nn.Module):
         # Per-sequence or per-token ids used when forward() gets none (set by model-level context managers).
         self.adapter_ids: torch.Tensor | None = None
         # Set with them by ``adapter_batch`` and shared by every layer: whether the model is inside generate(), and
-        # the ids repeated for its beams, one tensor per (device, k): their range is checked once.
+        # (for CUDA ids) the ids stretched for its beams and to one per token, made once for all layers.
         self.adapter_id_expansions: dict | None = None
+        # The adapter files' fingerprint of W0, taken by merge() (unmerge() gives W0 back up to rounding only, and
+        # an adapter saved then must still name the weight it was made for); None while the weight is W0 itself.
+        self.w0_fingerprint: dict | None = None
         # A forward ran under adapter_batch / disable_adapters; see _refuse_recomputation_outside_context.
         self._context_pending = False
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
@@ -184,6 +187,7 @@ class QRLoraLinear(nn.Module):
         with uninitialised memory (which could hold NaN, and 0 * NaN is NaN)."""
         if self.merged:
             raise ValueError("reset_parameters() on a merged layer; unmerge() first")
+        self.w0_fingerprint = None
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features)
@@ -477,7 +481,11 @@ class QRLoraLinear(nn.Module):
         # A new tensor rather than an in-place update: the weight may share storage with the original nn.Linear.
         # Made outside inference mode (a merge for serving may run inside it), so that the layer can still train.
         with torch.inference_mode(False):
-            self.weight = nn.Parameter(self._merged_weight(1.0), requires_grad=False)
+            merged = nn.Parameter(self._merged_weight(1.0), requires_grad=False)
+        if self.w0_fingerprint is None:
+            from .adapter_io import base_fingerprint
+            self.w0_fingerprint = base_fingerprint(self.weight)
+        self.weight = merged
         self.merged = True
 
     @torch.no_grad()
@@ -564,6 +572,11 @@ class QRLoraLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         merged_key, weight_key, lam_key = prefix + self.MERGED_KEY, prefix + "weight", prefix + "lam"
+        lam = state_dict.get(lam_key)
+        if isinstance(lam, torch.Tensor) and lam.is_floating_point() and lam.dtype != self.lam.dtype:
+            # lam keeps its float32 (float64) in half-precision models; a copy casts, but load_state_dict(...,
+            # assign=True) would install a bf16 state_dict's tensor itself. (The dict is load_state_dict's own copy.)
+            state_dict[lam_key] = lam.to(self.lam.dtype)
         merged = bool(state_dict[merged_key]) if merged_key in state_dict else False
         name = prefix.rstrip(".") or type(self).__name__
         if weight_key not in state_dict and (lam_key in state_dict or merged_key in state_dict):
@@ -599,6 +612,7 @@ class QRLoraLinear(nn.Module):
             unexpected_keys.remove(merged_key)
         if weight_key in state_dict and len(error_msgs) == errors_before:
             self.merged = merged
+            self.w0_fingerprint = None  # a weight from elsewhere: W0 is what it says
 
     @torch.no_grad()
     def _state_weight_problem(self, state_dict, prefix: str, weight: torch.Tensor) -> str | None:

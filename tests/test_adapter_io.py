@@ -212,6 +212,31 @@ def test_budget_601_on_roberta_base_dims_gives_a_file_under_16kb(tmp_path):
     assert (tmp_path / ADAPTER_CONFIG).stat().st_size < 32 * 1024
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_adapter_saved_after_merge_and_unmerge_loads_onto_the_base(base, tmp_path, dtype):
+    """unmerge() gives W0 back up to rounding only (W0 + dW - dW): save_adapter then fingerprinted the rounded
+    weight, and load_adapter refused the real base model ("its base weight differs"). The fingerprint of W0 is
+    taken when the layer merges."""
+    model = _adapted(base.to(dtype), QRLoraConfig(target_modules=["query", "value"], rank=6))
+    x = torch.randn(2, 5, HIDDEN, dtype=dtype)
+    with torch.no_grad():
+        before = model(x)
+    layers = [layer for _, layer in qrlora_layers(model)]
+    for layer in layers:
+        layer.merge()
+        layer.unmerge()
+    assert any(not torch.equal(layer.weight, base.get_submodule(name).weight)
+               for (name, _), layer in zip(qrlora_layers(model), layers))  # the rounding this is about
+    save_adapter(model, tmp_path / "adapter")
+    fresh = copy.deepcopy(base.to(dtype))
+    load_adapter(fresh, tmp_path / "adapter")
+    with torch.no_grad():
+        assert_rel_close(fresh(x), before, 1e-5 if dtype == torch.float32 else 2e-2, name="reloaded after unmerge")
+    # A weight loaded from elsewhere is W0 from then on: its own fingerprint is saved.
+    layers[0].load_state_dict(layers[0].state_dict())
+    assert layers[0].w0_fingerprint is None and layers[1].w0_fingerprint is not None
+
+
 def test_fingerprint_sees_a_change_anywhere():
     weight = torch.randn(100, 100)
     saved = weight_fingerprint(weight)

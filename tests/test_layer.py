@@ -626,6 +626,20 @@ def test_half_precision_casts_keep_lam_in_float32(cast):
     assert layer.double().lam.dtype == torch.float64
 
 
+@pytest.mark.parametrize("assign", [False, True])
+def test_loading_a_half_precision_state_dict_keeps_lam_in_float32(assign):
+    """load_state_dict(..., assign=True) of a bf16 layer's state_dict installed its tensors as they were: lam
+    became bf16 (silently: every key matched). Without assign lam was cast, as for every parameter."""
+    layer = QRLoraLinear.from_linear(_linear(), rank=4)
+    _randomise_lam(layer)
+    half = {k: v.bfloat16() if v.is_floating_point() else v for k, v in layer.state_dict().items()}
+    fresh = QRLoraLinear.from_linear(_linear(), rank=4).bfloat16()
+    fresh.load_state_dict(half, assign=assign)
+    assert fresh.lam.dtype == torch.float32 and isinstance(fresh.lam, nn.Parameter) and fresh.lam.requires_grad
+    assert torch.equal(fresh.lam.detach(), half["lam"].float()) and fresh.weight.dtype == torch.bfloat16
+    assert half["lam"].dtype == torch.bfloat16  # the caller's dict is left as it was
+
+
 def test_merging_inside_inference_mode_leaves_a_layer_that_still_trains():
     layer = QRLoraLinear.from_linear(_linear(), rank=4)
     _randomise_lam(layer)
