@@ -482,9 +482,10 @@ class QRLoraLinear(nn.Module):
         # Made outside inference mode (a merge for serving may run inside it), so that the layer can still train.
         with torch.inference_mode(False):
             merged = nn.Parameter(self._merged_weight(1.0), requires_grad=False)
-        if self.w0_fingerprint is None:
-            from .adapter_io import base_fingerprint
-            self.w0_fingerprint = base_fingerprint(self.weight)
+        if self.w0_fingerprint is None and not self.weight.is_meta:
+            from .adapter_io import _is_sharded, base_fingerprint
+            if not _is_sharded(self.weight):  # (a sharded weight is fingerprinted whole when saved, as before)
+                self.w0_fingerprint = base_fingerprint(self.weight)
         self.weight = merged
         self.merged = True
 

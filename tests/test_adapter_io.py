@@ -235,6 +235,9 @@ def test_an_adapter_saved_after_merge_and_unmerge_loads_onto_the_base(base, tmp_
     # A weight loaded from elsewhere is W0 from then on: its own fingerprint is saved.
     layers[0].load_state_dict(layers[0].state_dict())
     assert layers[0].w0_fingerprint is None and layers[1].w0_fingerprint is not None
+    meta = QRLoraLinear(HIDDEN, HIDDEN, 4, device="meta")  # no values to fingerprint: merges as before
+    meta.merge()
+    assert meta.merged and meta.w0_fingerprint is None
 
 
 def test_fingerprint_sees_a_change_anywhere():
