@@ -295,6 +295,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
     diverged: list[str] = []
+    rounded: list[str] = []  # layers merged and unmerged since their weight was W0
     for module_path, layer in layers:
         name = canonical_name(module_path)
         if getattr(layer, "merged", False):
@@ -332,8 +333,9 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
             rule = {key: own_info.get(key) for key in rule_keys}
         else:
             rule = {"tau": None, "energy": getattr(layer, "energy", None), "energy_captured": None}
-        # W0's: taken by merge() where the layer was merged and unmerged since (W0 back up to rounding only).
-        fingerprint = getattr(layer, "w0_fingerprint", None) or base_fingerprint(weight)
+        if getattr(layer, "holds_unmerged_weight", lambda: False)():
+            rounded.append(name)
+        fingerprint = base_fingerprint(weight)
         modules[name] = {
             "rank": r, "in_features": layer.in_features, "out_features": layer.out_features,
             "bias": layer.bias is not None, **rule,
@@ -360,6 +362,12 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
         "include_basis": bool(include_basis), "modules": modules, "modules_to_save": saved_modules,
         "base_model_name_or_path": base_model_name(model),
     }
+    if rounded:
+        warnings.warn(f"adapter {adapter_name!r}: {len(rounded)} layer(s) ({', '.join(rounded[:3])}"
+                      f"{', ...' if len(rounded) > 3 else ''}) were merged and unmerged, which gives W0 back up to "
+                      f"rounding only: the adapter names that rounded weight, and load_adapter will refuse the "
+                      f"original base model. Save adapters before merging (or merge a copy: merge_and_unload, "
+                      f"to_linear)", UserWarning, stacklevel=2)
     if diverged:  # written all the same (a diverged run is worth keeping to look at); load_adapter refuses it
         what = "lam holds" if not any(d.endswith("(modules_to_save)") for d in diverged) else \
             "lam or a modules_to_save parameter holds"

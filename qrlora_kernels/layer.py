@@ -165,9 +165,9 @@ class QRLoraLinear(nn.Module):
         # Set with them by ``adapter_batch`` and shared by every layer: whether the model is inside generate(), and
         # (for CUDA ids) the ids stretched for its beams and to one per token, made once for all layers.
         self.adapter_id_expansions: dict | None = None
-        # The adapter files' fingerprint of W0, taken by merge() (unmerge() gives W0 back up to rounding only, and
-        # an adapter saved then must still name the weight it was made for); None while the weight is W0 itself.
-        self.w0_fingerprint: dict | None = None
+        # The weight unmerge() made, and its version: W0 up to rounding only, which save_adapter warns about while
+        # the layer still holds it unchanged (an adapter saved then is refused by the base model).
+        self._unmerged_weight: tuple | None = None
         # A forward ran under adapter_batch / disable_adapters; see _refuse_recomputation_outside_context.
         self._context_pending = False
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
@@ -187,7 +187,6 @@ class QRLoraLinear(nn.Module):
         with uninitialised memory (which could hold NaN, and 0 * NaN is NaN)."""
         if self.merged:
             raise ValueError("reset_parameters() on a merged layer; unmerge() first")
-        self.w0_fingerprint = None
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features)
@@ -481,12 +480,7 @@ class QRLoraLinear(nn.Module):
         # A new tensor rather than an in-place update: the weight may share storage with the original nn.Linear.
         # Made outside inference mode (a merge for serving may run inside it), so that the layer can still train.
         with torch.inference_mode(False):
-            merged = nn.Parameter(self._merged_weight(1.0), requires_grad=False)
-        if self.w0_fingerprint is None and not self.weight.is_meta:
-            from .adapter_io import _is_sharded, base_fingerprint
-            if not _is_sharded(self.weight):  # (a sharded weight is fingerprinted whole when saved, as before)
-                self.w0_fingerprint = base_fingerprint(self.weight)
-        self.weight = merged
+            self.weight = nn.Parameter(self._merged_weight(1.0), requires_grad=False)
         self.merged = True
 
     @torch.no_grad()
@@ -497,7 +491,13 @@ class QRLoraLinear(nn.Module):
         # basis_r refuses (before anything changes) where a store_r=False layer cannot recover W0 accurately.
         with torch.inference_mode(False):
             self.weight = nn.Parameter(self._merged_weight(-1.0), requires_grad=False)
+            self._unmerged_weight = (id(self.weight), self.weight._version)  # (ints: the layer pickles)
         self.merged = False
+
+    def holds_unmerged_weight(self) -> bool:
+        """Whether the weight is still the one ``unmerge()`` made (W0 up to rounding), unchanged."""
+        made = getattr(self, "_unmerged_weight", None)
+        return made is not None and made == (id(self.weight), self.weight._version)
 
     # A merged store_r=False layer recovers W0 (unmerge) or R (basis_r) through (I + Q diag(lam) Q^T)^-1, which
     # scales the merged weight's rounding by 1 / |1 + lam_i| along Q's columns: refused beyond this factor (any lam
@@ -574,10 +574,10 @@ class QRLoraLinear(nn.Module):
                               error_msgs):
         merged_key, weight_key, lam_key = prefix + self.MERGED_KEY, prefix + "weight", prefix + "lam"
         lam = state_dict.get(lam_key)
-        if isinstance(lam, torch.Tensor) and lam.is_floating_point() and lam.dtype != self.lam.dtype:
-            # lam keeps its float32 (float64) in half-precision models; a copy casts, but load_state_dict(...,
-            # assign=True) would install a bf16 state_dict's tensor itself. (The dict is load_state_dict's own copy.)
-            state_dict[lam_key] = lam.to(self.lam.dtype)
+        if isinstance(lam, torch.Tensor) and lam.dtype in (torch.float16, torch.bfloat16):
+            # lam keeps float32 in half-precision models; a copy casts, but load_state_dict(..., assign=True) would
+            # install a bf16 state_dict's tensor itself. (The dict is load_state_dict's own copy.)
+            state_dict[lam_key] = lam.to(torch.float32)
         merged = bool(state_dict[merged_key]) if merged_key in state_dict else False
         name = prefix.rstrip(".") or type(self).__name__
         if weight_key not in state_dict and (lam_key in state_dict or merged_key in state_dict):
@@ -613,7 +613,6 @@ class QRLoraLinear(nn.Module):
             unexpected_keys.remove(merged_key)
         if weight_key in state_dict and len(error_msgs) == errors_before:
             self.merged = merged
-            self.w0_fingerprint = None  # a weight from elsewhere: W0 is what it says
 
     @torch.no_grad()
     def _state_weight_problem(self, state_dict, prefix: str, weight: torch.Tensor) -> str | None:

@@ -638,6 +638,13 @@ def test_loading_a_half_precision_state_dict_keeps_lam_in_float32(assign):
     assert fresh.lam.dtype == torch.float32 and isinstance(fresh.lam, nn.Parameter) and fresh.lam.requires_grad
     assert torch.equal(fresh.lam.detach(), half["lam"].float()) and fresh.weight.dtype == torch.bfloat16
     assert half["lam"].dtype == torch.bfloat16  # the caller's dict is left as it was
+    # A float64 layer's state_dict into a float32 one built on the meta device (then assigned): lam is float64,
+    # as from_linear of a float64 layer makes it; only half-precision lam is widened.
+    wide = QRLoraLinear.from_linear(_linear().double(), rank=4).state_dict()
+    with torch.device("meta"):
+        empty = QRLoraLinear(40, 24, 4)
+    empty.load_state_dict(wide, assign=True)
+    assert empty.lam.dtype == torch.float64
 
 
 def test_merging_inside_inference_mode_leaves_a_layer_that_still_trains():
