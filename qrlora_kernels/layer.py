@@ -497,7 +497,9 @@ class QRLoraLinear(nn.Module):
     def holds_unmerged_weight(self) -> bool:
         """Whether the weight is still the one ``unmerge()`` made (W0 up to rounding), unchanged."""
         made = getattr(self, "_unmerged_weight", None)
-        return made is not None and made == (id(self.weight), self.weight._version)
+        if made is None or self.weight.is_inference():  # (unmerge() never makes an inference tensor)
+            return False
+        return made == (id(self.weight), self.weight._version)
 
     # A merged store_r=False layer recovers W0 (unmerge) or R (basis_r) through (I + Q diag(lam) Q^T)^-1, which
     # scales the merged weight's rounding by 1 / |1 + lam_i| along Q's columns: refused beyond this factor (any lam
