@@ -684,14 +684,19 @@ class QRLoraLinear(nn.Module):
         # .half(), .bfloat16() and .to(torch.float16) cast every floating parameter: lam keeps float32 master values
         # under a half-precision weight, as from_linear gives them (half-precision lam loses small optimizer steps),
         # taken from the values before the cast where they are real (not a meta tensor's).
+        # (detached: _apply may swap the parameter's and its grad's data in place)
         before = self.lam.detach()
+        grad_before = None if self.lam.grad is None else self.lam.grad.detach()
         result = super()._apply(fn, recurse)
         lam = self.lam
         if lam.dtype in (torch.float16, torch.bfloat16) and _lam_dtype(self.weight.dtype) == torch.float32:
-            exact = before.dtype == torch.float32 and not before.is_meta and not lam.is_meta
-            lam.data = (before.to(lam.device) if exact else lam.data.float())
+            # From float32 or float64 values (a .double() layer cast down), not their half-precision rounding.
+            def wide(old, new):
+                real = old is not None and old.dtype in (torch.float32, torch.float64) and not old.is_meta
+                return old.to(new.device, torch.float32) if real and not new.is_meta else new.float()
+            lam.data = wide(before, lam.data)
             if lam.grad is not None:
-                lam.grad = lam.grad.float()
+                lam.grad = wide(grad_before, lam.grad)
         return result
 
     def extra_repr(self) -> str:

@@ -626,6 +626,22 @@ def test_half_precision_casts_keep_lam_in_float32(cast):
     assert layer.double().lam.dtype == torch.float64
 
 
+def test_half_precision_casts_do_not_round_lam_or_its_grad():
+    """.double() then .bfloat16() rounded lam through bf16 (only float32 values were kept exactly), and .half()
+    rounded an existing lam.grad through float16."""
+    def layer_with_grad():
+        layer = QRLoraLinear.from_linear(_linear(), rank=4)
+        with torch.no_grad():
+            layer.lam.fill_(1.0001)
+        layer.lam.grad = torch.full_like(layer.lam, 1.0001e-3)
+        return layer
+    values, grad = torch.full((4,), 1.0001), torch.full((4,), 1.0001e-3)
+    for cast in (lambda m: m.half(), lambda m: m.double().bfloat16()):
+        layer = cast(layer_with_grad())
+        assert layer.weight.dtype in (torch.float16, torch.bfloat16) and layer.lam.dtype == torch.float32
+        assert torch.equal(layer.lam.detach(), values) and torch.equal(layer.lam.grad, grad)
+
+
 @pytest.mark.parametrize("assign", [False, True])
 def test_loading_a_half_precision_state_dict_keeps_lam_in_float32(assign):
     """load_state_dict(..., assign=True) of a bf16 layer's state_dict installed its tensors as they were: lam
