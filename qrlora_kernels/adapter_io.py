@@ -333,14 +333,13 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
             rule = {key: own_info.get(key) for key in rule_keys}
         else:
             rule = {"tau": None, "energy": getattr(layer, "energy", None), "energy_captured": None}
-        if getattr(layer, "holds_unmerged_weight", lambda: False)():
+        if layer.holds_unmerged_weight():
             rounded.append(name)
-        fingerprint = base_fingerprint(weight)
         modules[name] = {
             "rank": r, "in_features": layer.in_features, "out_features": layer.out_features,
             "bias": layer.bias is not None, **rule,
             "dtype": _dtype_name(weight.dtype),
-            "lam_dtype": _dtype_name(lam.dtype), "fingerprint": fingerprint,
+            "lam_dtype": _dtype_name(lam.dtype), "fingerprint": base_fingerprint(weight),
             "checksum": _checksum(own),
         }
         if layer.R is None:  # written only when set, so that other adapters stay readable by older versions
@@ -723,7 +722,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
     # Replacing the adapter that trained the model's modules_to_save (in place: the base values are gone) with one
     # that does not restore all of them would compute, and later save, with the old adapter's trained copies.
     left = sorted(set(trained_here) - {model_names[name] for name in saved_meta}) if replacing else []
-    if left and not fresh:
+    if left:  # (a model with adapters to replace is never fresh)
         raise ValueError(f"adapter {name_to_load!r} is being replaced, and it trained the model's modules_to_save "
                          f"{', '.join(left)} in place (their base values are gone); the new adapter has no "
                          f"{'copy of them' if saved_meta else 'modules_to_save'}, and would compute with the old "

@@ -208,9 +208,7 @@ def _id_range(adapter_ids):
     """(min, max) of the ids. On CUDA this syncs with the host, so it is remembered: a model-level context hands
     the same ids tensor to every layer (and records its range first), and only a layer that meets a new
     tensor pays."""
-    if not id_range_kept(adapter_ids):
-        return read_id_range(adapter_ids)
-    known = known_id_range(adapter_ids)
+    known = known_id_range(adapter_ids)  # (None, and nothing remembered below, for CPU or inference ids)
     if known is not None:
         return known
     low, high = read_id_range(adapter_ids)

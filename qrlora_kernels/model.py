@@ -681,13 +681,9 @@ def parameter_holding_wrapper(model: nn.Module) -> Optional[str]:
     return None
 
 
-def adapter_id_tensor(model: nn.Module, adapter_ids) -> torch.Tensor:
-    """Adapter names or ids (one per sequence) -> an int64 tensor of rows of ``lam``."""
-    return _adapter_ids_in_range(model, adapter_ids)[0]
-
-
 def _adapter_ids_in_range(model: nn.Module, adapter_ids) -> tuple[torch.Tensor, Optional[tuple[int, int]]]:
-    """``adapter_id_tensor`` and the ids' (min, max) (None for no ids), read back once."""
+    """Adapter names or ids (one per sequence) -> an int64 tensor of rows of ``lam``, and the ids' (min, max)
+    (None for no ids), read back once."""
     ids = getattr(unwrap_model(model), ADAPTER_IDS_ATTR, None)
     if ids is None:
         raise ValueError("the model has no QR-LoRA adapters (call apply_qrlora or load_adapter first)")
