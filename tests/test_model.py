@@ -492,21 +492,38 @@ def test_training_changes_only_lam_and_merge_and_unload_keeps_outputs():
         merge_and_unload(model)
 
 
-def test_adapter_batch_routes_ids_and_validates():
-    _, model = _pair(2)
+def _three_adapter_model(num_layers=2):
+    _, model = _pair(num_layers)
     apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"]), progress=False)
     for _, layer in qrlora_layers(model):
         layer.set_num_adapters(3)
         with torch.no_grad():
             layer.lam.normal_()
     model.qrlora_adapter_ids = {"a": 0, "b": 1, "c": 2}
-    x = torch.randn(4, 5, 8)
-    with adapter_batch(model, ["c", "a", 1, "c"]):
-        mixed = model(x)
-    for i, row in enumerate([2, 0, 1, 2]):
+    return model
+
+
+def _assert_each_sequence_alone(model, x, mixed, rows):
+    """Sequence i of a mixed-adapter output ``mixed`` equals the model run on it alone with adapter ``rows[i]``."""
+    for i, row in enumerate(rows):
         for _, layer in qrlora_layers(model):
             layer.active_adapter = row
         assert_rel_close(mixed[i:i + 1], model(x[i:i + 1]), 1e-5, name=f"sequence {i}")
+
+
+def _keep_id_ranges_as_on_cuda(monkeypatch):
+    """Ranges (and the ids stretched from them) are kept for CUDA ids only: CPU ids are measured and stretched
+    every time, as writes through .data or numpy, which leave the version counter alone, are common there."""
+    from qrlora_kernels import functional
+    monkeypatch.setattr(functional, "id_range_kept", lambda t: not t.is_inference())
+
+
+def test_adapter_batch_routes_ids_and_validates():
+    model = _three_adapter_model()
+    x = torch.randn(4, 5, 8)
+    with adapter_batch(model, ["c", "a", 1, "c"]):
+        mixed = model(x)
+    _assert_each_sequence_alone(model, x, mixed, [2, 0, 1, 2])
     assert all(layer.adapter_ids is None for _, layer in qrlora_layers(model))  # ids removed after the block
     # Serving runs under inference_mode: the ids stay ordinary tensors (an inference tensor has no version
     # counter, so every layer would read its range back from the device).
@@ -544,25 +561,13 @@ def test_adapter_batch_routes_ids_and_validates():
     assert_rel_close(merged(x), model(x), 1e-5, name="merged adapter b")
 
 
-def _three_adapter_model(num_layers=2):
-    _, model = _pair(num_layers)
-    apply_qrlora(model, QRLoraConfig(target_modules=["query", "value"]), progress=False)
-    for _, layer in qrlora_layers(model):
-        layer.set_num_adapters(3)
-        with torch.no_grad():
-            layer.lam.normal_()
-    model.qrlora_adapter_ids = {"a": 0, "b": 1, "c": 2}
-    return model
-
-
 def test_adapter_batch_reads_the_ids_back_once(monkeypatch):
     """Each read of the ids' values is a host sync on a GPU. adapter_batch read min and max (two syncs), then the
     first layer read both again; now one read, whose range every layer reuses (on the CPU ranges are not kept,
     so this test keeps them as on CUDA)."""
-    from qrlora_kernels import functional
     model = _three_adapter_model()
     x = torch.randn(4, 5, 8)
-    monkeypatch.setattr(functional, "id_range_kept", lambda t: not t.is_inference())
+    _keep_id_ranges_as_on_cuda(monkeypatch)
     reads = []
     for name in ("tolist", "item", "__int__", "__bool__"):
         original = getattr(torch.Tensor, name)
@@ -574,10 +579,7 @@ def test_adapter_batch_reads_the_ids_back_once(monkeypatch):
         model(x)
     monkeypatch.undo()
     assert ids_reads == ["tolist"] and reads == ["tolist", "tolist"], reads
-    for i, row in enumerate([2, 0, 1, 2]):
-        for _, layer in qrlora_layers(model):
-            layer.active_adapter = row
-        assert_rel_close(mixed[i:i + 1], model(x[i:i + 1]), 1e-5, name=f"sequence {i}")
+    _assert_each_sequence_alone(model, x, mixed, [2, 0, 1, 2])
 
 
 def _refuse_repeat_interleave(monkeypatch):
@@ -593,12 +595,9 @@ def test_adapter_batch_makes_the_per_token_ids_once_per_forward(monkeypatch):
     """Every layer expanded the per-sequence ids to one per token (a small kernel per layer per forward); now the
     first layer of each input shape does, for all of them. A write into the ids makes them again. CPU ids are
     expanded every time, also when written through .data."""
-    from qrlora_kernels import functional
     model = _three_adapter_model(num_layers=3)
     x = torch.randn(4, 5, 8)
-    # Kept as for CUDA ids (CPU ids are measured and expanded every time: writes through .data or numpy, which
-    # leave the version counter alone, are common there).
-    monkeypatch.setattr(functional, "id_range_kept", lambda t: not t.is_inference())
+    _keep_id_ranges_as_on_cuda(monkeypatch)
     made = []
     original = QRLoraLinear._derived_ids
     monkeypatch.setattr(QRLoraLinear, "_derived_ids", staticmethod(lambda *a: made.append(1) or original(*a)))
@@ -619,10 +618,7 @@ def test_adapter_batch_makes_the_per_token_ids_once_per_forward(monkeypatch):
         ids.data[1] = 7
         with pytest.raises(ValueError, match="adapter id 7 is out of range for 3 adapter"):
             model(x)
-    for i, (row, out) in enumerate(zip([2, 0, 1, 2], mixed)):
-        for _, layer in qrlora_layers(model):
-            layer.active_adapter = row
-        assert_rel_close(out[None], model(x[i:i + 1]), 1e-5, name=f"sequence {i}")
+    _assert_each_sequence_alone(model, x, mixed, [2, 0, 1, 2])
     for _, layer in qrlora_layers(model):
         layer.active_adapter = 2
     assert_rel_close(changed[1:2], model(x[1:2]), 1e-5, name="sequence 1 after its id changed to 'c'")
