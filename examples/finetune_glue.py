@@ -429,8 +429,9 @@ def main(argv=None) -> dict:
         check_writable_folder(args.output_dir)
     except OSError as err:
         raise SystemExit(f"--output-dir {args.output_dir}: cannot write there ({err.strerror or err})") from None
-    if not args.resume and checkpoint_path(args).exists():  # the first save would overwrite it
-        raise SystemExit(f"{checkpoint_path(args)} is the checkpoint of a run that did not finish: add --resume to "
+    checkpoint = checkpoint_path(args)
+    if not args.resume and checkpoint.exists():  # the first save would overwrite it
+        raise SystemExit(f"{checkpoint} is the checkpoint of a run that did not finish: add --resume to "
                          f"go on from it, or delete it to start again")
     train_rows, dev_rows, num_labels = load_data(args)
     tokenizer = AutoTokenizer.from_pretrained(default_model(args))
@@ -447,7 +448,6 @@ def main(argv=None) -> dict:
     loss_fn = torch.nn.MSELoss() if num_labels == 1 else torch.nn.CrossEntropyLoss()
 
     identity = run_identity(args, train_rows)
-    checkpoint = checkpoint_path(args)
     position = {"step": 0, "epoch_rng_state": None, "epoch_batches_done": 0, "losses": [], "train_time_s": 0.0}
     if args.resume:
         position = load_checkpoint(checkpoint, identity, model, optimizer, scheduler)
