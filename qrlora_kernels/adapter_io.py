@@ -46,7 +46,8 @@ from .config import ENERGY_RULES, QRLoraConfig
 from .functional import acc_dtype, implied_r
 from .model import (ACTIVE_ADAPTER_ATTR, ADAPTER_FILES_ATTR, ADAPTER_IDS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER,
                     MODULES_TO_SAVE_ATTR, _layer_class, _read_by_parent, _refuse_unloaded_weight, _set_submodule,
-                    adapter_row, canonical_name, default_adapter_name, modules_by_canonical_name,
+                    active_adapter_name, adapter_row, canonical_name, default_adapter_name, module_copies,
+                    modules_by_canonical_name,
                     parameter_holding_wrapper, qrlora_layers, refuse_bare_layer, skip_bases_in_hf_checkpoints,
                     unwrap_model)
 from .reentrant_checkpointing import keep_gradients_through_reentrant_checkpoints
@@ -346,10 +347,10 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], *, include_bas
             modules[name]["store_r"] = False
     saved_modules: dict[str, str] = {}
     by_name = modules_by_canonical_name(model)
-    for name in getattr(model, MODULES_TO_SAVE_ATTR, []):
-        name = canonical_name(name)
+    copies = module_copies(model)
+    for name in copies.owned_by(adapter_name):  # this adapter's copies (the module's values where they are its)
         state = {k: _full(v).to("cpu").contiguous().clone()
-                 for k, v in by_name[name][1].state_dict().items()}
+                 for k, v in copies.values(model, name, adapter_name).items()}
         tensors.update({f"{SAVED_PREFIX}{name}.{k}": v for k, v in state.items()})
         saved_modules[name] = _checksum(state)
         if _first_non_finite(state, by_name[name][1]) is not None:
@@ -593,6 +594,8 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
     another row of every layer's ``lam``, selectable per sequence with ``adapter_batch``. An
     adapter whose pivots are a prefix of a layer's (a lower ``tau`` on the same weights)
     shares that layer's basis, its missing coefficients being zero.
+    Its ``modules_to_save`` become its own copies (``modules_to_save.py``): the modules hold them while the model
+    computes with this adapter.
 
     ``store_r``: whether the layers built here keep R (None: as each module was saved). ``False`` gives Q-only
     layers (``QRLoraLinear(store_r=False)``, about half the basis memory) whatever the file holds, e.g. to serve
@@ -618,18 +621,6 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
     saved_meta = meta.get("modules_to_save") or {}
     ids = dict(getattr(model, ADAPTER_IDS_ATTR, None) or {})
     fresh = not ids and not qrlora_layers(model)
-    replacing = name_to_load in ids
-    if saved_meta and not fresh and set(ids) != {name_to_load}:
-        raise ValueError(f"adapter {name_to_load!r} has modules_to_save ({', '.join(saved_meta)}), which all "
-                         f"adapters of one model share; load it into a fresh base model instead")
-    trained_here = getattr(model, MODULES_TO_SAVE_ATTR, None) or []
-    if not saved_meta and trained_here and not fresh and set(ids) - {name_to_load}:
-        # The other way round: this adapter was trained with the base model's modules, which the model no longer
-        # has (another adapter's trained copies replaced them), and would compute with those.
-        owners = sorted(set(ids) - {name_to_load})
-        raise ValueError(f"the model's modules_to_save ({', '.join(trained_here)}) belong to adapter(s) "
-                         f"{', '.join(map(repr, owners))}, and adapter {name_to_load!r} has none: it would compute "
-                         f"with their trained copies; load it into a fresh base model instead")
     if wrapper is not None and (fresh or name_to_load not in ids):
         raise ValueError(f"load adapters before wrapping the model in {wrapper}: it keeps the parameters it was "
                          f"given, and the new lam parameters would not be synchronised (only an adapter already "
@@ -696,7 +687,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
                 module_path = module_path.rpartition(".")[0]
             plan.append((module_path, module, layer, own))
             bar.update()
-    saved_plan = []  # (the model's module, its state from the file) per modules_to_save entry, checked
+    saved_plan = []  # (the model's module name, its state from the file) per modules_to_save entry, checked
     for name, checksum in saved_meta.items():
         state = {k[len(SAVED_PREFIX) + len(name) + 1:]: v for k, v in tensors.items()
                  if k.startswith(f"{SAVED_PREFIX}{name}.")}
@@ -718,15 +709,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
         if bad is not None:
             raise ValueError(f"{name}: its modules_to_save parameter {bad!r} holds NaN or Inf: the adapter was saved "
                              f"from a diverged training run")
-        saved_plan.append((target, state))
-    # Replacing the adapter that trained the model's modules_to_save (in place: the base values are gone) with one
-    # that does not restore all of them would compute, and later save, with the old adapter's trained copies.
-    left = sorted(set(trained_here) - {model_names[name] for name in saved_meta}) if replacing else []
-    if left:  # (a model with adapters to replace is never fresh)
-        raise ValueError(f"adapter {name_to_load!r} is being replaced, and it trained the model's modules_to_save "
-                         f"{', '.join(left)} in place (their base values are gone); the new adapter has no "
-                         f"{'copy of them' if saved_meta else 'modules_to_save'}, and would compute with the old "
-                         f"adapter's: load it into a fresh base model instead")
+        saved_plan.append((found, state))
 
     if fresh:
         for p in model.parameters():
@@ -744,18 +727,20 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
         if id(layer) not in covered:
             _write_lam_row(layer, row, torch.zeros(0))
 
-    for target, state in saved_plan:
-        target.load_state_dict(state, strict=True)
-        for p in target.parameters():
-            p.requires_grad_(True)
     if fresh or not hasattr(model, CONFIG_ATTR):
         config = meta.get("config")
         if isinstance(config, QRLoraConfig) and store_r is not None:
             config = dataclasses.replace(config, store_r=store_r)
         setattr(model, CONFIG_ATTR, config)
-    setattr(model, MODULES_TO_SAVE_ATTR,
-            sorted(set(getattr(model, MODULES_TO_SAVE_ATTR, [])) | {model_names[name] for name in saved_meta}))
     setattr(model, ADAPTER_IDS_ATTR, ids)
+    # Each adapter keeps its own copy of its modules_to_save (a copy the name had before goes, where the new file
+    # has none); the modules then hold the copy of the adapter the model computes with, or the base values.
+    copies = module_copies(model)
+    for found, state in saved_plan:
+        copies.put(model, found, name_to_load, state)
+    copies.drop(model, name_to_load, keep=frozenset(found for found, _ in saved_plan))
+    copies.show(model, active_adapter_name(model))
+    setattr(model, MODULES_TO_SAVE_ATTR, copies)
     files = dict(getattr(model, ADAPTER_FILES_ATTR, None) or {})
     files[name_to_load] = {"config": meta.get("config"), "modules": {
         model_names[name]: {key: info.get(key) for key in ("rank", "tau", "energy", "energy_captured")}

@@ -7,7 +7,8 @@ bookkeeping lives in three attributes of the root module:
 
 * ``model.qrlora_config``         -- the ``QRLoraConfig`` used;
 * ``model.qrlora_adapter_ids``    -- adapter name -> row of every layer's ``lam`` (``{"default": 0}``);
-* ``model.qrlora_modules_to_save`` -- names of the fully trainable ``modules_to_save``.
+* ``model.qrlora_modules_to_save`` -- the ``modules_to_save``: a ``ModuleCopies`` holding each adapter's copy
+  (``.names()``; see ``modules_to_save.py``).
 
 ``adapter_batch(model, ids)`` routes a multi-adapter batch through any model's ``forward``.
 """
@@ -28,6 +29,7 @@ from .basis import QRLoraBasis, build_bases
 from .config import ALL_LINEAR, SEQ_CLS_HEADS, TASK_HEADS, QRLoraConfig
 from . import distributed as _dist
 from .functional import read_id_range, remember_id_range
+from .modules_to_save import BASE, ModuleCopies, routed, tied_outside
 from .reentrant_checkpointing import keep_gradients_through_reentrant_checkpoints
 
 ADAPTER_IDS_ATTR = "qrlora_adapter_ids"
@@ -413,15 +415,14 @@ def apply_qrlora(model: nn.Module, config: QRLoraConfig, *, progress: Optional[b
                                           "energy_captured": basis.energy_captured}
         reports.append(ModuleReport(name, layer.out_features, layer.in_features, basis.rank,
                                     basis.energy_captured, basis.rank))
-    saved_params = 0
-    for name in saved:
-        for p in model.get_submodule(name).parameters():
-            p.requires_grad_(True)
-            saved_params += p.numel()
+    copies = ModuleCopies()
+    for name in saved:  # trained from the base values, which are kept (disable_adapters, adapters without them)
+        copies.train_in_place(model, canonical_name(name), adapter_name)
+    saved_params = sum(p.numel() for name in saved for p in model.get_submodule(name).parameters())
     _warn_if_a_fresh_head_stays_frozen(model, config, saved)
     setattr(model, CONFIG_ATTR, config)
     setattr(model, ADAPTER_IDS_ATTR, {adapter_name: 0})
-    setattr(model, MODULES_TO_SAVE_ATTR, saved)
+    setattr(model, MODULES_TO_SAVE_ATTR, copies)
     # Its modules and ranks, as load_adapter records an adapter's: save_adapter then keeps to them when adapters
     # loaded later added layers (or rows) that this adapter does not use.
     setattr(model, ADAPTER_FILES_ATTR, {adapter_name: {"config": config, "modules": recorded}})
@@ -502,6 +503,20 @@ def default_adapter_name(model: nn.Module) -> str:
     return names[0]
 
 
+def module_copies(root: nn.Module) -> ModuleCopies:
+    """The model's ``modules_to_save``, one copy per adapter that trains them (empty for a model without)."""
+    copies = getattr(root, MODULES_TO_SAVE_ATTR, None)
+    return copies if isinstance(copies, ModuleCopies) else ModuleCopies()
+
+
+def active_adapter_name(root: nn.Module) -> str:
+    """The adapter the model computes with outside ``adapter_batch``: ``set_adapter``'s choice, else the first
+    loaded."""
+    ids = getattr(root, ADAPTER_IDS_ATTR, None) or {DEFAULT_ADAPTER: 0}
+    chosen = getattr(root, ACTIVE_ADAPTER_ATTR, None)
+    return chosen if chosen in ids else min(ids, key=ids.get)
+
+
 def _named_adapter_layers(model: nn.Module, adapter_name) -> tuple[nn.Module, list]:
     """(the unwrapped model, its QR-LoRA layers), for the functions that pick an adapter by name."""
     root = unwrap_model(model)
@@ -518,17 +533,21 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
 
     Until then a model with several adapters loaded computes with the first ("default", or the first loaded).
     ``save_adapter``, ``merge_and_unload`` and ``QRLoraCheckpointCallback`` then take this adapter when none is
-    named. Training reaches only its coefficients (the others get zero gradients), but every layer keeps all
-    adapters as rows of one ``lam`` parameter, which an optimizer steps as a whole: weight decay (AdamW with
-    ``weight_decay`` > 0) shrinks the other adapters' rows too, and momentum (Adam's, SGD's) keeps moving the
-    rows of an adapter trained before this call with the same optimizer. Train with ``weight_decay=0``
-    (``Trainer``'s default) and a new optimizer after each ``set_adapter``, or load the other adapters after
-    training. A model's ``state_dict`` holds the adapters as those rows, in the order they were loaded, without
-    their names: it loads into a model whose adapters were loaded in the same order (``save_adapter`` and
-    ``load_adapter`` move one adapter by name).
+    named. Each ``modules_to_save`` module takes this adapter's copy into its parameters (in place), and is
+    trainable; one that this adapter does not train takes the base model's values, frozen. Training reaches only
+    its coefficients (the others get zero gradients), but every layer keeps all adapters as rows of one ``lam``
+    parameter, which an optimizer steps as a whole: weight decay (AdamW with ``weight_decay`` > 0) shrinks the
+    other adapters' rows too, and momentum (Adam's, SGD's) keeps moving the rows of an adapter trained before
+    this call with the same optimizer. Train with ``weight_decay=0``
+    (``Trainer``'s default) and a new optimizer after each ``set_adapter`` (momentum would also move the
+    ``modules_to_save`` copy just copied in), or load the other adapters after training. A model's
+    ``state_dict`` holds the adapters as those rows, in the order they were loaded, without their names, and
+    only the ``modules_to_save`` copy each module holds: it loads into a model whose adapters were loaded in the
+    same order (``save_adapter`` and ``load_adapter`` move one adapter by name, with its own copies).
     """
     root, layers = _named_adapter_layers(model, adapter_name)
     row = adapter_row(root, adapter_name)
+    module_copies(root).show(root, adapter_name)
     for _, layer in layers:
         layer.active_adapter = row
     setattr(root, ACTIVE_ADAPTER_ATTR, adapter_name)
@@ -538,8 +557,9 @@ def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) ->
     """Turn every ``QRLoraLinear`` back into a plain ``nn.Linear`` with W0 + Q diag(lam) R merged in.
 
     With several adapters loaded, ``adapter_name`` picks the one to merge (default: the one the model computes
-    with, as ``default_adapter_name`` says). Returns ``model`` (changed in place), without QR-LoRA bookkeeping;
-    its outputs equal the adapted model's.
+    with, as ``default_adapter_name`` says), and the ``modules_to_save`` keep that adapter's copy (the base
+    model's values where it trains none; PEFT keeps the active adapter's copy). Returns ``model`` (changed in
+    place), without QR-LoRA bookkeeping; its outputs equal the adapted model's.
     """
     model = unwrap_model(model)
     refuse_bare_layer(model, "merge_and_unload")
@@ -549,7 +569,10 @@ def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) ->
     if adapter_name is None and getattr(model, ADAPTER_IDS_ATTR, None) is None:
         row = None  # layers given adapters by hand (add_adapter): each merges its active one, if it has one
     else:
-        row = adapter_row(model, adapter_name if adapter_name is not None else default_adapter_name(model))
+        adapter_name = adapter_name if adapter_name is not None else default_adapter_name(model)
+        row = adapter_row(model, adapter_name)
+    if row is not None:  # its own modules_to_save too
+        module_copies(model).show(model, adapter_name)
     for name, layer in layers:
         try:
             merged = _merged_linear(layer, row)
@@ -573,9 +596,10 @@ def unload(model: nn.Module) -> nn.Module:
     ``unload``): W0 and the bias, the same tensors (copies where a layer is merged, or was a ``Conv1D``).
 
     Returns ``model`` (changed in place), without QR-LoRA bookkeeping. Every base layer is formed before any is
-    replaced, so an error leaves the model as it was. ``modules_to_save`` keep their trained values (they train
-    in place, with no copy of the original kept): ``save_adapter`` first to keep the adapter, and reload the base
-    model for its original head. The base layers' parameters stay frozen, as ``apply_qrlora`` left them.
+    replaced, so an error leaves the model as it was. ``modules_to_save`` keep the values the model computes with,
+    the active adapter's trained copy (as PEFT's ``unload`` does; the base model's where it trains none), and the
+    other copies are dropped: ``save_adapter`` first to keep an adapter. The base layers' parameters stay frozen,
+    as ``apply_qrlora`` left them.
     """
     model = unwrap_model(model)
     refuse_bare_layer(model, "unload")
@@ -598,7 +622,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove the adapter ``adapter_name`` from every layer (PEFT's ``delete_adapter``): its row of each ``lam``
     goes, the adapters after it move up a row (their names keep them). The last adapter is not deleted: use
     ``unload`` or ``merge_and_unload``. Deleting the adapter the model computes with makes the first remaining
-    one active. Like ``add_adapter``, each ``lam`` keeps its Parameter with a new shape: build optimizers after."""
+    one active. Its copies of ``modules_to_save`` go too. Like ``add_adapter``, each ``lam`` keeps its Parameter
+    with a new shape: build optimizers after."""
     root, layers = _named_adapter_layers(model, adapter_name)
     wrapper = parameter_holding_wrapper(model)
     if wrapper is not None or any(hasattr(layer.lam, "device_mesh") for _, layer in layers):
@@ -617,6 +642,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         layer.set_rows(keep)
     if active_name == adapter_name or active_name is None:
         active_name = min(ids, key=ids.get)
+    copies = module_copies(root)
+    copies.drop(root, adapter_name)
+    copies.show(root, active_name)
     for _, layer in layers:
         layer.active_adapter = ids[active_name]
     setattr(root, ADAPTER_IDS_ATTR, ids)
@@ -727,7 +755,8 @@ def adapter_batch(model: nn.Module, adapter_ids: Union[torch.Tensor, Iterable[Un
     long as the ids repeats each id k times; outside it, any batch size that does not match the ids is an
     error, as a layer given ids of the wrong length always is. Training works too, with ``backward()``
     inside the block. Under ``torch.inference_mode()`` the ids are kept as ordinary tensors, so their range
-    is checked once, not in every layer.
+    is checked once, not in every layer. Every ``modules_to_save`` module computes each sequence with its
+    adapter's copy (``modules_to_save.py``; training such a batch with another adapter's copy is refused).
     """
     # Ordinary tensors even under inference_mode: an inference tensor has no version counter to cache by.
     with torch.inference_mode(False):
@@ -759,7 +788,8 @@ def adapter_batch(model: nn.Module, adapter_ids: Union[torch.Tensor, Iterable[Un
                         remember_id_range(per_device[device], *span)
                 layer.adapter_ids = per_device[device]
                 layer.adapter_id_expansions = shared
-        yield ids
+        with _modules_to_save_per_sequence(root, ids, shared):
+            yield ids
     finally:
         if callable(bound_generate):
             if original_generate is None:
@@ -771,27 +801,61 @@ def adapter_batch(model: nn.Module, adapter_ids: Union[torch.Tensor, Iterable[Un
 
 
 @contextlib.contextmanager
+def _modules_to_save_per_sequence(root: nn.Module, ids: torch.Tensor, shared: dict):
+    """Inside adapter_batch: each ``modules_to_save`` module computes every sequence with its adapter's copy (the
+    base model's where that adapter trains none). The ids are read back once, and again only after a write."""
+    copies = module_copies(root)
+    names_by_row = {row: name for name, row in (getattr(root, ADAPTER_IDS_ATTR, None) or {}).items()}
+    read: list = [None, None]  # the ids' version when read back, and their values
+
+    def keys_for_rows(name: str):
+        def keys(rows: int) -> list:
+            if read[0] != ids._version:
+                read[:] = [ids._version, ids.tolist()]
+            per_sequence, n = read[1], len(read[1])
+            if rows != n:  # inside generate(): each sequence's beams, k consecutive rows (as the layers expand)
+                if not (shared.get("generating") and n and rows % n == 0):
+                    raise ValueError(f"{name}: its input holds {rows} sequences, and adapter_batch was given {n} "
+                                     f"adapter ids")
+                per_sequence = [a for a in per_sequence for _ in range(rows // n)]
+            return [copies.key_for(name, names_by_row.get(a)) for a in per_sequence]
+        return keys
+
+    with contextlib.ExitStack() as stack:
+        for name in copies.names():
+            stack.enter_context(routed(root, copies, name, keys_for_rows(name)))
+        yield
+
+
+@contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Inside the ``with`` block the model computes as its base model (PEFT's ``disable_adapter()``).
 
-    Every ``QRLoraLinear`` acts as its frozen ``nn.Linear``: e.g. a DPO reference model, or comparing outputs
-    with and without the adapter, without a second copy of the model. Merged layers are refused (unmerge first),
-    and so is a model with ``modules_to_save`` (they are trained in place: the base versions are gone).
+    Every ``QRLoraLinear`` acts as its frozen ``nn.Linear``, and every ``modules_to_save`` module computes with
+    the base model's values (kept since ``apply_qrlora`` or ``load_adapter``; its trained parameters are not
+    written): e.g. a DPO reference model, or comparing outputs with and without the adapter, without a second
+    copy of the model. Merged layers are refused (unmerge first), and so is a ``modules_to_save`` module that
+    shares a weight with another module (a tied LM head), which would keep computing with its trained values.
     """
     root = unwrap_model(model)
-    trained_in_place = getattr(root, MODULES_TO_SAVE_ATTR, None)
-    if trained_in_place:
-        raise ValueError(f"disable_adapters cannot give the base model: its modules_to_save "
-                         f"({', '.join(trained_in_place)}) are trained in place, so their base weights are gone")
     layers = qrlora_layers(root)
     merged = [name for name, layer in layers if layer.merged]
     if merged:
         raise ValueError(f"{merged[0]}: layer is merged, so its weight holds the adapter; unmerge() it first")
+    copies = module_copies(root)
+    for name in copies.names():
+        tied = tied_outside(root, name) if copies.live(name) is not BASE else None
+        if tied is not None:
+            raise ValueError(f"disable_adapters cannot give the base model: {name} (modules_to_save) shares a "
+                             f"parameter with {tied} (tied weights), which holds its trained values")
     previous = [layer.adapters_disabled for _, layer in layers]
     try:
-        for _, layer in layers:
-            layer.adapters_disabled = True
-        yield model
+        with contextlib.ExitStack() as stack:
+            for name in copies.names():
+                stack.enter_context(routed(root, copies, name, lambda rows: [BASE] * rows))
+            for _, layer in layers:
+                layer.adapters_disabled = True
+            yield model
     finally:
         for (_, layer), old in zip(layers, previous):
             layer.adapters_disabled = old

@@ -1,0 +1,293 @@
+"""modules_to_save per adapter: every adapter computes, trains, saves and merges with its own copy of the
+modules it trains in full, and the base model's values are kept for the others and for disable_adapters.
+
+Each check compares a model serving several adapters with each adapter loaded alone into a fresh base model."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from qrlora_kernels import (QRLoraConfig, apply_qrlora, delete_adapter, disable_adapters, load_adapter,
+                            merge_and_unload, save_adapter, set_adapter, unload)
+from qrlora_kernels.model import adapter_batch
+from qrlora_kernels.testing import assert_rel_close, rel_error
+
+from test_adapter_io import CONFIG, HIDDEN, TinyModel, _adapted
+
+NO_HEAD = QRLoraConfig(target_modules=["query", "value"])
+
+
+@pytest.fixture
+def base():
+    return TinyModel().eval()
+
+
+@pytest.fixture
+def folders(base, tmp_path):
+    """Three saved adapters of ``base``: "a" and "b" with their own trained classifier, "plain" without one."""
+    torch.manual_seed(1)
+    for name, config in (("a", CONFIG), ("b", CONFIG), ("plain", NO_HEAD)):
+        save_adapter(_adapted(base, config), tmp_path / name)
+    return tmp_path
+
+
+def _alone(base, folder):
+    model = copy.deepcopy(base)
+    load_adapter(model, folder)
+    return model
+
+
+def _served(base, folders, names=("a", "b", "plain")):
+    model = copy.deepcopy(base)
+    for name in names:
+        load_adapter(model, folders / name, adapter_name=name)
+    return model
+
+
+def _assert_computes_as(model, reference, x, what):
+    with torch.no_grad():
+        assert_rel_close(model(x), reference(x), 1e-6, name=what)
+
+
+def test_each_adapter_computes_with_its_own_copy(base, folders):
+    """Adapters with their own classifier loaded side by side (refused before: one classifier for all), and one
+    without beside them, which computes with the base model's classifier, frozen."""
+    served = _served(base, folders)
+    assert served.qrlora_modules_to_save.names() == ["classifier"]
+    x = torch.randn(3, 4, HIDDEN)
+    alone = {name: _alone(base, folders / name) for name in ("a", "b", "plain")}
+    with torch.no_grad():
+        assert rel_error(alone["a"](x), alone["b"](x)) > 1e-2  # the heads differ
+    _assert_computes_as(served, alone["a"], x, "the first loaded, a")
+    weight = served.classifier.weight
+    for name in ("b", "plain", "a", "plain", "b"):
+        set_adapter(served, name)
+        _assert_computes_as(served, alone[name], x, f"after set_adapter({name!r})")
+        assert served.classifier.weight is weight  # the same Parameter, which an optimizer holds
+        assert weight.requires_grad is (name != "plain")
+        assert torch.equal(served.classifier.weight, alone[name].classifier.weight)
+
+
+def test_the_order_of_loading_does_not_matter(base, folders):
+    """An adapter without a classifier loaded first, then two with one: the base classifier is kept for it."""
+    served = _served(base, folders, ("plain", "b", "a"))
+    x = torch.randn(2, 4, HIDDEN)
+    _assert_computes_as(served, _alone(base, folders / "plain"), x, "plain, loaded first")
+    assert torch.equal(served.classifier.weight, base.classifier.weight)
+    assert not served.classifier.weight.requires_grad
+    set_adapter(served, "a")
+    _assert_computes_as(served, _alone(base, folders / "a"), x, "a, loaded last")
+
+
+def test_a_trained_model_takes_adapters_with_and_without_a_head(base, folders):
+    """apply_qrlora keeps the base classifier before training it, so an adapter without one loads beside it (it
+    was refused: the base values were gone)."""
+    trained = _adapted(base, CONFIG)
+    x = torch.randn(2, 4, HIDDEN)
+    before = copy.deepcopy(trained)
+    load_adapter(trained, folders / "plain", adapter_name="plain")
+    load_adapter(trained, folders / "b", adapter_name="b")
+    _assert_computes_as(trained, before, x, "the trained default adapter, still active")
+    set_adapter(trained, "plain")
+    _assert_computes_as(trained, _alone(base, folders / "plain"), x, "plain beside a trained head")
+    set_adapter(trained, "default")
+    _assert_computes_as(trained, before, x, "default again")
+
+
+def test_save_adapter_writes_each_adapters_own_copy(base, folders, tmp_path):
+    """save_adapter of an adapter the model does not compute with writes that adapter's classifier, not the one
+    the module holds; an adapter without one writes none."""
+    served = _served(base, folders)
+    x = torch.randn(2, 4, HIDDEN)
+    for name in ("b", "plain"):
+        save_adapter(served, tmp_path / f"again_{name}", adapter_name=name)
+        _assert_computes_as(_alone(base, tmp_path / f"again_{name}"), _alone(base, folders / name), x,
+                            f"{name} saved again from the served model")
+    import json
+    meta = json.loads((tmp_path / "again_plain" / "adapter_config.json").read_text())
+    assert meta["modules_to_save"] == {}
+
+
+@pytest.mark.parametrize("how", ["load_adapter", "apply_qrlora"])
+def test_replacing_an_adapter_replaces_its_copy(base, folders, how):
+    """Overwriting an adapter that trained the classifier with a file without one computes with the base
+    classifier (it was refused: the base values were gone); a file with one gives its classifier."""
+    x = torch.randn(2, 4, HIDDEN)
+    if how == "load_adapter":
+        served, name = _alone(base, folders / "a"), "default"
+    else:
+        served, name = _adapted(base, CONFIG), "default"
+    load_adapter(served, folders / "plain", adapter_name=name)
+    _assert_computes_as(served, _alone(base, folders / "plain"), x, "replaced by an adapter without a head")
+    assert not served.qrlora_modules_to_save and not served.classifier.weight.requires_grad
+    load_adapter(served, folders / "b", adapter_name=name)
+    _assert_computes_as(served, _alone(base, folders / "b"), x, "replaced by an adapter with its own head")
+    assert served.classifier.weight.requires_grad
+
+
+def test_a_mixed_batch_gives_every_sequence_its_adapters_head(base, folders):
+    served = _served(base, folders)
+    order = ["b", "plain", "a", "b", "a"]
+    x = torch.randn(len(order), 4, HIDDEN)
+    alone = {name: _alone(base, folders / name) for name in set(order)}
+    before = {k: v.clone() for k, v in served.state_dict().items()}
+    for grad in (False, True):  # with gradients recorded too, where no copy trains (a frozen served model)
+        served.requires_grad_(False)
+        with torch.set_grad_enabled(grad), adapter_batch(served, order):
+            mixed = served(x)
+        with torch.no_grad():
+            for i, name in enumerate(order):
+                assert_rel_close(mixed[i], alone[name](x[i:i + 1])[0], 1e-6, name=f"sequence {i} ({name})")
+    assert all(torch.equal(v, before[k]) for k, v in served.state_dict().items())  # the parameters not written
+
+
+def test_a_mixed_batch_that_would_leave_a_copy_untrained_is_refused(base, folders):
+    """Only the copy the module holds gets gradients: training a batch that also computes with another adapter's
+    copy is refused; rows of adapters without a head (base values, frozen) may mix in."""
+    served = _served(base, folders)
+    set_adapter(served, "a")
+    x = torch.randn(3, 4, HIDDEN)
+    with pytest.raises(ValueError, match=r"classifier \(modules_to_save\) trains the copy of adapter 'a', and this "
+                                         r"batch also computes with the copy of adapter 'b', which would get no "
+                                         r"gradient"):
+        with adapter_batch(served, ["a", "b", "a"]):
+            served(x)
+    assert "forward" not in vars(served.classifier)  # the routing is gone after the block
+    with adapter_batch(served, ["a", "plain", "a"]):
+        served(x).square().sum().backward()
+    grad = served.classifier.weight.grad
+    x_a = x[[0, 2]]
+    served.zero_grad()
+    alone = _alone(base, folders / "a")
+    alone(x_a).square().sum().backward()
+    assert_rel_close(grad, alone.classifier.weight.grad, 1e-5, name="the head's gradient: a's rows only")
+
+
+def test_a_mixed_batch_with_a_wrong_number_of_sequences_is_refused(base, folders):
+    served = _served(base, folders)
+    with torch.no_grad(), adapter_batch(served, ["a", "b"]):
+        with pytest.raises(ValueError, match="holds 4 sequences, and adapter_batch was given 2 adapter ids"):
+            served.classifier(torch.randn(4, HIDDEN))
+
+
+def test_disable_adapters_computes_the_base_head_without_writing_it(base, folders):
+    """disable_adapters refused models with modules_to_save (trained in place, base values gone). The base
+    classifier is used without writing the trained one, so a graph recorded before the block backpropagates."""
+    trained = _adapted(base, CONFIG)
+    x = torch.randn(2, 4, HIDDEN)
+    policy = trained(x).square().sum()
+    with torch.no_grad(), disable_adapters(trained):
+        reference = trained(x)
+    policy.backward()
+    with torch.no_grad():
+        assert torch.equal(reference, base(x))
+        assert rel_error(trained(x), base(x)) > 1e-2
+    assert trained.classifier.weight.grad is not None
+
+
+def test_tied_modules_to_save_refuse_what_they_cannot_do(base, folders):
+    """A module that shares a weight with another (a tied LM head) switches in place, but disable_adapters and
+    mixed batches would leave the other module computing with the trained values: refused, naming the tie."""
+    tied = copy.deepcopy(base)
+    tied.extra = nn.Linear(HIDDEN, 2)
+    tied.extra.weight = tied.classifier.weight
+    served = copy.deepcopy(tied)
+    load_adapter(served, folders / "a", adapter_name="a")
+    load_adapter(served, folders / "b", adapter_name="b")
+    with pytest.raises(ValueError, match=r"classifier \(modules_to_save\) shares a parameter with extra\.weight"):
+        with disable_adapters(served):
+            pass
+    with torch.no_grad(), adapter_batch(served, ["b", "a"]):
+        with pytest.raises(ValueError, match=r"shares a parameter with extra\.weight \(tied weights\)"):
+            served(torch.randn(2, 4, HIDDEN))
+    with torch.no_grad(), adapter_batch(served, ["a", "a"]):  # one copy for all: nothing to route
+        served(torch.randn(2, 4, HIDDEN))
+    set_adapter(served, "b")
+    assert torch.equal(served.extra.weight, _alone(base, folders / "b").classifier.weight)
+
+
+def test_delete_merge_and_unload_take_the_right_copy(base, folders):
+    x = torch.randn(2, 4, HIDDEN)
+    served = _served(base, folders)
+    set_adapter(served, "b")
+    delete_adapter(served, "b")  # the active one goes: the first remaining (a) computes, with its head
+    _assert_computes_as(served, _alone(base, folders / "a"), x, "a after deleting b")
+    assert served.qrlora_modules_to_save.owned_by("b") == []
+    delete_adapter(served, "a")  # no adapter trains the classifier any more: the base values, frozen
+    assert torch.equal(served.classifier.weight, base.classifier.weight) and not served.qrlora_modules_to_save
+    assert not served.classifier.weight.requires_grad
+
+    for name in ("b", "plain"):  # merging an adapter the model does not compute with takes its head too
+        merged = merge_and_unload(_served(base, folders), adapter_name=name)
+        _assert_computes_as(merged, _alone(base, folders / name), x, f"merge_and_unload(adapter_name={name!r})")
+    unloaded = _served(base, folders)
+    set_adapter(unloaded, "b")
+    unload(unloaded)  # PEFT's unload keeps the active adapter's copy of a module to save
+    assert torch.equal(unloaded.classifier.weight, _alone(base, folders / "b").classifier.weight)
+    assert not hasattr(unloaded, "qrlora_modules_to_save")
+
+
+def test_copies_follow_the_modules_dtype(base, folders):
+    """Copies kept in float32 serve a model cast to float64 afterwards, switched in or routed per sequence."""
+    served = _served(base, folders).double()
+    x = torch.randn(3, 4, HIDDEN, dtype=torch.float64)
+    order = ["b", "a", "plain"]
+    with torch.no_grad(), adapter_batch(served, order):
+        mixed = served(x)
+    with torch.no_grad():
+        for i, name in enumerate(order):
+            assert_rel_close(mixed[i], _alone(base, folders / name).double()(x[i:i + 1])[0], 1e-12,
+                             name=f"sequence {i} ({name}) in float64")
+    set_adapter(served, "b")
+    assert served.classifier.weight.dtype == torch.float64
+    assert torch.equal(served.classifier.weight, _alone(base, folders / "b").classifier.weight.double())
+
+
+def test_llama_beams_keep_their_sequences_lm_head(tmp_path):
+    """generate() with beams through a mixed batch of adapters that each trained the LM head: every sequence's
+    beams use its adapter's head (the module's input is k times as long as the ids)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).eval()
+    tuned = {}
+    for task in ("chat", "code"):
+        tuned[task] = copy.deepcopy(base)
+        apply_qrlora(tuned[task], QRLoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+                     progress=False)
+        with torch.no_grad():
+            for p in tuned[task].parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.5)
+        save_adapter(tuned[task], tmp_path / task)
+    served = copy.deepcopy(base)
+    for task in tuned:
+        load_adapter(served, tmp_path / task, adapter_name=task)
+    order = ["code", "chat", "code"]
+    prompt = torch.randint(0, 96, (3, 5))
+    settings = dict(attention_mask=torch.ones(3, 5, dtype=torch.long), max_new_tokens=4, do_sample=False,
+                    num_beams=2, num_return_sequences=2, pad_token_id=0)
+    with torch.no_grad(), adapter_batch(served, order):
+        beams = served.generate(input_ids=prompt, **settings)
+    with torch.no_grad():
+        for i, task in enumerate(order):
+            alone = tuned[task].generate(input_ids=prompt[i:i + 1], **{**settings,
+                                                                       "attention_mask": settings["attention_mask"][:1]})
+            assert torch.equal(beams[2 * i:2 * i + 2], alone), f"sequence {i} ({task})"
+
+
+def test_sharded_modules_refuse_to_switch_or_route(base, folders):
+    """An FSDP2-sharded module (its parameters DTensors, marked by their device_mesh) cannot take other values in
+    place or be called with plain ones: refused, naming it, before anything changes."""
+    served = _served(base, folders)
+    served.classifier.weight.device_mesh = "a mesh"  # what fully_shard leaves on a DTensor parameter
+    held = served.classifier.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"classifier: its parameters are sharded \(FSDP2 fully_shard\)"):
+        set_adapter(served, "b")
+    assert torch.equal(served.classifier.weight, held)
+    with pytest.raises(ValueError, match=r"classifier: its parameters are sharded"):
+        with torch.no_grad(), disable_adapters(served):
+            served(torch.randn(2, 4, HIDDEN))
+    set_adapter(served, "a")  # the values it holds: nothing to switch
