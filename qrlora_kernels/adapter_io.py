@@ -46,10 +46,11 @@ from .config import ENERGY_RULES, QRLoraConfig
 from .functional import acc_dtype, implied_r
 from .model import (ACTIVE_ADAPTER_ATTR, ADAPTER_FILES_ATTR, ADAPTER_IDS_ATTR, CONFIG_ATTR, DEFAULT_ADAPTER,
                     MODULES_TO_SAVE_ATTR, _layer_class, _read_by_parent, _refuse_unloaded_weight, _set_submodule,
-                    active_adapter_name, adapter_row, canonical_name, default_adapter_name, module_copies,
-                    modules_by_canonical_name,
+                    active_adapter_name, adapter_row, canonical_name, default_adapter_name, lam_trains,
+                    module_copies, modules_by_canonical_name,
                     parameter_holding_wrapper, qrlora_layers, refuse_bare_layer, skip_bases_in_hf_checkpoints,
                     unwrap_model)
+from .modules_to_save import refuse_sharded
 from .reentrant_checkpointing import keep_gradients_through_reentrant_checkpoints
 from .distributed import module_progress
 
@@ -710,6 +711,9 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
             raise ValueError(f"{name}: its modules_to_save parameter {bad!r} holds NaN or Inf: the adapter was saved "
                              f"from a diverged training run")
         saved_plan.append((found, state))
+    copies = module_copies(model)
+    for found in sorted({found for found, _ in saved_plan} | set(copies.names()) & set(by_name)):
+        refuse_sharded(by_name[found][1], found)  # (they may take other values below)
 
     if fresh:
         for p in model.parameters():
@@ -733,24 +737,23 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
             config = dataclasses.replace(config, store_r=store_r)
         setattr(model, CONFIG_ATTR, config)
     setattr(model, ADAPTER_IDS_ATTR, ids)
-    # Each adapter keeps its own copy of its modules_to_save (a copy the name had before goes, where the new file
-    # has none); the modules then hold the copy of the adapter the model computes with, or the base values.
-    copies = module_copies(model)
-    for found, state in saved_plan:
-        copies.put(model, found, name_to_load, state)
-    copies.drop(model, name_to_load, keep=frozenset(found for found, _ in saved_plan))
-    copies.show(model, active_adapter_name(model))
-    setattr(model, MODULES_TO_SAVE_ATTR, copies)
     files = dict(getattr(model, ADAPTER_FILES_ATTR, None) or {})
     files[name_to_load] = {"config": meta.get("config"), "modules": {
         model_names[name]: {key: info.get(key) for key in ("rank", "tau", "energy", "energy_captured")}
         for name, info in meta["modules"].items()}}
     setattr(model, ADAPTER_FILES_ATTR, files)
-    # Layers built here start at row 0: every layer computes with the adapter set_adapter chose.
-    active = getattr(model, ACTIVE_ADAPTER_ATTR, None)
-    if active in ids:
+    # The model computes with the adapter set_adapter chose, else the first loaded (row 0, where layers built here
+    # start), in every layer and with its modules_to_save copies. Each adapter keeps its own copies (a copy the
+    # name had before goes, where the new file has none); a module holds the base values for one without.
+    active = active_adapter_name(model)
+    if getattr(model, ACTIVE_ADAPTER_ATTR, None) == active:
         for _, layer in qrlora_layers(model):
             layer.active_adapter = ids[active]
+    for found, state in saved_plan:
+        copies.set_copy(model, found, name_to_load, state)
+    copies.drop(model, name_to_load, keep=frozenset(found for found, _ in saved_plan))
+    copies.hold(model, active, trainable=lam_trains(model))
+    setattr(model, MODULES_TO_SAVE_ATTR, copies)
     skip_bases_in_hf_checkpoints(model)
     keep_gradients_through_reentrant_checkpoints(model, adapted=True)
     return dict(ids)

@@ -509,6 +509,12 @@ def module_copies(root: nn.Module) -> ModuleCopies:
     return copies if isinstance(copies, ModuleCopies) else ModuleCopies()
 
 
+def lam_trains(root: nn.Module) -> bool:
+    """Whether the model's adapters train (any layer's lam requires grad): a ``modules_to_save`` copy taken in then
+    trains too, as ``apply_qrlora`` and ``load_adapter`` leave them; a model frozen for serving stays frozen."""
+    return any(layer.lam.requires_grad for _, layer in qrlora_layers(root))
+
+
 def active_adapter_name(root: nn.Module) -> str:
     """The adapter the model computes with outside ``adapter_batch``: ``set_adapter``'s choice, else the first
     loaded."""
@@ -533,8 +539,8 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
 
     Until then a model with several adapters loaded computes with the first ("default", or the first loaded).
     ``save_adapter``, ``merge_and_unload`` and ``QRLoraCheckpointCallback`` then take this adapter when none is
-    named. Each ``modules_to_save`` module takes this adapter's copy into its parameters (in place), and is
-    trainable; one that this adapter does not train takes the base model's values, frozen. Training reaches only
+    named. Each ``modules_to_save`` module takes this adapter's copy into its parameters (in place), trainable
+    while the adapters' lam are; one that this adapter does not train takes the base model's values, frozen. Training reaches only
     its coefficients (the others get zero gradients), but every layer keeps all adapters as rows of one ``lam``
     parameter, which an optimizer steps as a whole: weight decay (AdamW with ``weight_decay`` > 0) shrinks the
     other adapters' rows too, and momentum (Adam's, SGD's) keeps moving the rows of an adapter trained before
@@ -543,11 +549,12 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
     ``modules_to_save`` copy just copied in), or load the other adapters after training. A model's
     ``state_dict`` holds the adapters as those rows, in the order they were loaded, without their names, and
     only the ``modules_to_save`` copy each module holds: it loads into a model whose adapters were loaded in the
-    same order (``save_adapter`` and ``load_adapter`` move one adapter by name, with its own copies).
+    same order, with the same adapter set active (``save_adapter`` and ``load_adapter`` move one adapter by name,
+    with its own copies).
     """
     root, layers = _named_adapter_layers(model, adapter_name)
     row = adapter_row(root, adapter_name)
-    module_copies(root).show(root, adapter_name)
+    module_copies(root).hold(root, adapter_name, trainable=lam_trains(root))
     for _, layer in layers:
         layer.active_adapter = row
     setattr(root, ACTIVE_ADAPTER_ATTR, adapter_name)
@@ -572,7 +579,7 @@ def merge_and_unload(model: nn.Module, *, adapter_name: Optional[str] = None) ->
         adapter_name = adapter_name if adapter_name is not None else default_adapter_name(model)
         row = adapter_row(model, adapter_name)
     if row is not None:  # its own modules_to_save too
-        module_copies(model).show(model, adapter_name)
+        module_copies(model).hold(model, adapter_name, trainable=lam_trains(model))
     for name, layer in layers:
         try:
             merged = _merged_linear(layer, row)
@@ -644,7 +651,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         active_name = min(ids, key=ids.get)
     copies = module_copies(root)
     copies.drop(root, adapter_name)
-    copies.show(root, active_name)
+    copies.hold(root, active_name, trainable=lam_trains(root))
     for _, layer in layers:
         layer.active_adapter = ids[active_name]
     setattr(root, ADAPTER_IDS_ATTR, ids)
@@ -844,7 +851,7 @@ def disable_adapters(model: nn.Module):
         raise ValueError(f"{merged[0]}: layer is merged, so its weight holds the adapter; unmerge() it first")
     copies = module_copies(root)
     for name in copies.names():
-        tied = tied_outside(root, name) if copies.live(name) is not BASE else None
+        tied = tied_outside(root, name) if copies.held_by(name) is not BASE else None
         if tied is not None:
             raise ValueError(f"disable_adapters cannot give the base model: {name} (modules_to_save) shares a "
                              f"parameter with {tied} (tied weights), which holds its trained values")
@@ -852,7 +859,7 @@ def disable_adapters(model: nn.Module):
     try:
         with contextlib.ExitStack() as stack:
             for name in copies.names():
-                stack.enter_context(routed(root, copies, name, lambda rows: [BASE] * rows))
+                stack.enter_context(routed(root, copies, name, lambda rows: [BASE] * rows, base_only=True))
             for _, layer in layers:
                 layer.adapters_disabled = True
             yield model

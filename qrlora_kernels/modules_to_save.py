@@ -8,11 +8,12 @@ values, and the base model's, are kept beside it, outside the module tree, in th
 (``model.qrlora_modules_to_save``):
 
 * ``set_adapter`` copies the chosen adapter's values into the module (in place: the same Parameters, which an
-  optimizer holds) and keeps the outgoing ones. A module that adapter does not train gets the base values back
-  and is frozen.
+  optimizer holds) and keeps the outgoing ones. The module trains if the adapters' lam do (a model frozen for
+  serving stays frozen); a module that adapter does not train gets the base values back, frozen.
 * ``adapter_batch`` mixing adapters whose copies differ, and ``disable_adapters``, compute such a module with
   the other values (``torch.func.functional_call``, one call per group of sequences that share a copy) without
-  writing into its parameters, so a graph recorded before the block still backpropagates.
+  writing into its parameters, so a graph recorded before the block still backpropagates. Blocks nest, and
+  ``disable_adapters`` wins, as it does in the QR-LoRA layers.
 
 Copies are kept where the module was when they were made, and follow its device and dtype when next used.
 """
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 BASE = None  # the key of the base model's values (adapter names are non-empty str)
-_IN_MODULE = None  # a copy's entry while its values are the module's own
+_HELD = object()  # a copy's entry while its values are the module's own
 
 
 def _clone(state: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -39,10 +40,10 @@ def _describe(key: Optional[str]) -> str:
 
 class ModuleCopies:
     """Per ``modules_to_save`` module (by its canonical name): the values of each adapter that trains it and of
-    the base model. Exactly one entry per module is ``_IN_MODULE``: the values the module holds now."""
+    the base model. Exactly one entry per module is ``_HELD``: the values the module holds now."""
 
     def __init__(self) -> None:
-        self._copies: dict[str, dict[Optional[str], Optional[dict[str, torch.Tensor]]]] = {}
+        self._copies: dict[str, dict[Optional[str], object]] = {}
 
     # ------------------------------------------------------------------ reading
     def names(self) -> list[str]:
@@ -60,9 +61,9 @@ class ModuleCopies:
         """Whose values ``name`` computes with for ``adapter``: its own copy, else the base model's."""
         return adapter if adapter is not BASE and adapter in self._copies[name] else BASE
 
-    def live(self, name: str) -> Optional[str]:
+    def held_by(self, name: str) -> Optional[str]:
         """Whose values the module holds now."""
-        return next(key for key, state in self._copies[name].items() if state is _IN_MODULE)
+        return next(key for key, state in self._copies[name].items() if state is _HELD)
 
     def values(self, root: nn.Module, name: str, key: Optional[str],
                module: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
@@ -70,7 +71,7 @@ class ModuleCopies:
         ``key``'s, else the kept copy, moved to the module's devices and dtypes (kept so, for the next use)."""
         own = (module if module is not None else _module(root, name)).state_dict()
         state = self._copies[name][key]
-        if state is _IN_MODULE:
+        if state is _HELD:
             return {k: v.detach() for k, v in own.items()}
         if any(v.device != own[k].device or v.dtype != own[k].dtype for k, v in state.items()):
             state = self._copies[name][key] = _clone(state, own)
@@ -81,44 +82,48 @@ class ModuleCopies:
         """``apply_qrlora``: ``adapter`` trains ``name`` from its current (base) values, which are kept."""
         module = _module(root, name)
         own = module.state_dict()
-        self._copies[name] = {BASE: _clone(own, own), adapter: _IN_MODULE}
+        self._copies[name] = {BASE: _clone(own, own), adapter: _HELD}
         module.requires_grad_(True)
 
-    def put(self, root: nn.Module, name: str, adapter: str, state: dict[str, torch.Tensor]) -> None:
-        """``load_adapter``: ``state`` becomes ``adapter``'s copy of ``name`` (the module's values where they
-        are ``adapter``'s; a module no adapter trained so far holds the base model's)."""
+    def set_copy(self, root: nn.Module, name: str, adapter: str, state: dict[str, torch.Tensor]) -> None:
+        """``load_adapter``: ``state`` becomes ``adapter``'s copy of ``name`` (written into the module where it
+        holds ``adapter``'s values; a module no adapter trained so far holds the base model's)."""
         module = _module(root, name)
-        copies = self._copies.setdefault(name, {BASE: _IN_MODULE})
-        if copies.get(adapter, False) is _IN_MODULE:
+        copies = self._copies.setdefault(name, {BASE: _HELD})
+        if copies.get(adapter) is _HELD:
             module.load_state_dict(state, strict=True)
         else:
             copies[adapter] = _clone(state, module.state_dict())
 
     def drop(self, root: nn.Module, adapter: str, *, keep: frozenset = frozenset()) -> None:
         """``adapter`` no longer has a copy of any module but those in ``keep``. A module that held its values
-        gets the base model's back, until ``show`` chooses again."""
+        gets the base model's back (frozen), until ``hold`` chooses again."""
         for name in [n for n in self.owned_by(adapter) if n not in keep]:
             copies = self._copies[name]
-            if copies[adapter] is _IN_MODULE:
-                _module(root, name).load_state_dict(self.values(root, name, BASE), strict=True)
-                copies[BASE] = _IN_MODULE
+            if copies[adapter] is _HELD:
+                module = _module(root, name)
+                module.load_state_dict(self.values(root, name, BASE, module), strict=True)
+                module.requires_grad_(False)
+                copies[BASE] = _HELD
             del copies[adapter]
 
-    def show(self, root: nn.Module, adapter: Optional[str]) -> None:
-        """Make every module hold ``adapter``'s values (the base model's where it has no copy): trainable where
-        they are an adapter's, frozen where they are the base model's. A module no adapter trains any more holds
-        the base values and is forgotten."""
-        plan = [(name, _module(root, name), self.key_for(name, adapter), self.live(name)) for name in self._copies]
-        for name, module, want, live in plan:  # all checked before any changes
-            if want != live:
-                _refuse_sharded(module, name)
-        for name, module, want, live in plan:
+    def hold(self, root: nn.Module, adapter: Optional[str], *, trainable: bool) -> None:
+        """Make every module hold ``adapter``'s values (the base model's where it has no copy). A module that
+        takes an adapter's copy trains if ``trainable`` (the adapter's lam train), one that takes the base values
+        is frozen, and one that keeps its values keeps its ``requires_grad``. A module no adapter trains any
+        more holds the base values and is forgotten."""
+        plan = [(name, _module(root, name), self.key_for(name, adapter), self.held_by(name))
+                for name in self._copies]
+        for name, module, want, held in plan:  # all checked before any changes
+            if want != held:
+                refuse_sharded(module, name)
+        for name, module, want, held in plan:
             copies = self._copies[name]
-            if want != live:
+            if want != held:
                 outgoing = {k: v.detach().clone() for k, v in module.state_dict().items()}
                 module.load_state_dict(self.values(root, name, want, module), strict=True)
-                copies[live], copies[want] = outgoing, _IN_MODULE
-            module.requires_grad_(want is not BASE)
+                copies[held], copies[want] = outgoing, _HELD
+                module.requires_grad_(trainable and want is not BASE)
             if set(copies) == {BASE}:
                 del self._copies[name]
 
@@ -131,7 +136,7 @@ def _module(root: nn.Module, name: str) -> nn.Module:
     return found[1]
 
 
-def _refuse_sharded(module: nn.Module, name: str) -> None:
+def refuse_sharded(module: nn.Module, name: str) -> None:
     if any(hasattr(p, "device_mesh") for p in module.parameters()):
         raise ValueError(f"{name}: its parameters are sharded (FSDP2 fully_shard), and it would compute with other "
                          f"values than it holds (another adapter's modules_to_save copy, or the base model's): "
@@ -163,26 +168,46 @@ def _joined(name: str, outputs: list, order: list[int]):
     if isinstance(first, torch.Tensor):
         return torch.cat(outputs).index_select(0, inverse.to(first.device))
     if isinstance(first, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in first):
-        return type(first)(torch.cat(parts).index_select(0, inverse.to(parts[0].device))
-                           for parts in zip(*outputs))
+        parts = [torch.cat(group).index_select(0, inverse.to(group[0].device)) for group in zip(*outputs)]
+        return type(first)(*parts) if hasattr(first, "_fields") else type(first)(parts)  # a namedtuple, or not
     raise TypeError(f"{name}: its forward returns {type(first).__name__}, which a batch mixing adapters with their "
                     f"own copies of it cannot put back together (a tensor, or a tuple of tensors, along the batch)")
 
 
+_ROUTES_ATTR = "_qrlora_routes"  # on a routed module: the blocks that route it, outermost first
+
+
 @contextlib.contextmanager
-def routed(root: nn.Module, copies: ModuleCopies, name: str,
-           keys_for_rows: Callable[[int], list[Optional[str]]]) -> Iterator[None]:
+def routed(root: nn.Module, copies: ModuleCopies, name: str, keys_for_rows: Callable[[int], list[Optional[str]]],
+           *, base_only: bool = False) -> Iterator[None]:
     """Inside the block, module ``name`` computes each sequence (row of its input's leading dimension) with the
     values ``keys_for_rows(rows)`` gives it: one call per group of rows that share a copy, the module's own
     forward for the values it holds, ``functional_call`` with the kept copy for the others. Its parameters are
     not written. Gradients reach only the values the module holds: a group computed with another adapter's copy
-    while the module trains is refused, rather than leaving that copy untrained."""
+    while the module trains is refused, rather than leaving that copy untrained.
+
+    Blocks nest: the innermost decides, except that a ``base_only`` block (``disable_adapters``) anywhere wins,
+    as a disabled QR-LoRA layer ignores the ids of an ``adapter_batch`` around or inside it."""
     module = _module(root, name)
+    routes = module.__dict__.get(_ROUTES_ATTR)
+    if routes is None:
+        routes = _install_routing(root, copies, name, module)
+    entry = (keys_for_rows, base_only)
+    routes.append(entry)
+    try:
+        yield
+    finally:
+        del routes[next(i for i, e in enumerate(routes) if e is entry)]
+        if not routes:
+            _remove_routing(module)
+
+
+def _install_routing(root: nn.Module, copies: ModuleCopies, name: str, module: nn.Module) -> list:
     tied = tied_outside(root, name)
-    had_own = "forward" in module.__dict__
-    previous = module.__dict__.get("forward")
+    previous = module.__dict__.get("forward")  # an instance's own forward (accelerate's hooks set one)
     original = module.forward
     inside = [False]
+    routes: list = []
 
     def forward(*args, **kwargs):
         if inside[0]:  # functional_call's own call of the module
@@ -191,21 +216,22 @@ def routed(root: nn.Module, copies: ModuleCopies, name: str,
         if first is None or not first.dim():
             raise ValueError(f"{name}: cannot tell its input's sequences apart (no tensor with a batch dimension)")
         rows = first.shape[0]
+        keys_for_rows = next((fn for fn, base_only in routes if base_only), routes[-1][0])
         keys = keys_for_rows(rows)
-        live = copies.live(name)
-        if all(key == live for key in keys):
+        held = copies.held_by(name)
+        if all(key == held for key in keys):
             return original(*args, **kwargs)
-        _refuse_sharded(module, name)
+        refuse_sharded(module, name)
         if tied is not None:
             raise ValueError(f"{name} (modules_to_save) shares a parameter with {tied} (tied weights), which would "
-                             f"keep computing with {_describe(live)}: compute with one adapter at a time "
+                             f"keep computing with {_describe(held)}: compute with one adapter at a time "
                              f"(set_adapter)")
         groups: dict[Optional[str], list[int]] = {}
         for row, key in enumerate(keys):
             groups.setdefault(key, []).append(row)
-        others = [key for key in groups if key not in (live, BASE)]
+        others = [key for key in groups if key not in (held, BASE)]
         if others and torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
-            raise ValueError(f"{name} (modules_to_save) trains {_describe(live)}, and this batch also computes with "
+            raise ValueError(f"{name} (modules_to_save) trains {_describe(held)}, and this batch also computes with "
                              f"{_describe(others[0])}, which would get no gradient: train one adapter at a time "
                              f"(set_adapter), and mix adapters under torch.no_grad() or inference_mode()")
         outputs, order = [], []
@@ -213,7 +239,7 @@ def routed(root: nn.Module, copies: ModuleCopies, name: str,
             index = torch.tensor(positions, device=first.device)
             sub_args = tuple(_split_rows(a, index, rows) for a in args)
             sub_kwargs = {k: _split_rows(v, index, rows) for k, v in kwargs.items()}
-            if key == live:
+            if key == held:
                 outputs.append(original(*sub_args, **sub_kwargs))
             else:
                 inside[0] = True
@@ -226,10 +252,15 @@ def routed(root: nn.Module, copies: ModuleCopies, name: str,
         return outputs[0] if len(outputs) == 1 else _joined(name, outputs, order)
 
     module.forward = forward
-    try:
-        yield
-    finally:
-        if had_own:
-            module.forward = previous
-        else:
-            del module.forward
+    module.__dict__[_ROUTES_ATTR] = routes
+    module.__dict__["_qrlora_forward_before_routing"] = previous
+    return routes
+
+
+def _remove_routing(module: nn.Module) -> None:
+    previous = module.__dict__.pop("_qrlora_forward_before_routing")
+    del module.__dict__[_ROUTES_ATTR]
+    if previous is None:
+        del module.forward
+    else:
+        module.forward = previous

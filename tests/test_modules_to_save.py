@@ -10,7 +10,7 @@ from torch import nn
 
 from qrlora_kernels import (QRLoraConfig, apply_qrlora, delete_adapter, disable_adapters, load_adapter,
                             merge_and_unload, save_adapter, set_adapter, unload)
-from qrlora_kernels.model import adapter_batch
+from qrlora_kernels.model import adapter_batch, qrlora_layers
 from qrlora_kernels.testing import assert_rel_close, rel_error
 
 from test_adapter_io import CONFIG, HIDDEN, TinyModel, _adapted
@@ -118,11 +118,13 @@ def test_replacing_an_adapter_replaces_its_copy(base, folders, how):
         served, name = _alone(base, folders / "a"), "default"
     else:
         served, name = _adapted(base, CONFIG), "default"
+    load_adapter(served, folders / "b", adapter_name=name)  # the copy the module holds, overwritten in place
+    _assert_computes_as(served, _alone(base, folders / "b"), x, "replaced by another adapter with a head")
     load_adapter(served, folders / "plain", adapter_name=name)
     _assert_computes_as(served, _alone(base, folders / "plain"), x, "replaced by an adapter without a head")
     assert not served.qrlora_modules_to_save and not served.classifier.weight.requires_grad
-    load_adapter(served, folders / "b", adapter_name=name)
-    _assert_computes_as(served, _alone(base, folders / "b"), x, "replaced by an adapter with its own head")
+    load_adapter(served, folders / "a", adapter_name=name)
+    _assert_computes_as(served, _alone(base, folders / "a"), x, "replaced by an adapter with its own head")
     assert served.classifier.weight.requires_grad
 
 
@@ -284,10 +286,134 @@ def test_sharded_modules_refuse_to_switch_or_route(base, folders):
     served = _served(base, folders)
     served.classifier.weight.device_mesh = "a mesh"  # what fully_shard leaves on a DTensor parameter
     held = served.classifier.weight.detach().clone()
+    rows = [layer.active_adapter for _, layer in qrlora_layers(served)]
     with pytest.raises(ValueError, match=r"classifier: its parameters are sharded \(FSDP2 fully_shard\)"):
         set_adapter(served, "b")
-    assert torch.equal(served.classifier.weight, held)
+    assert torch.equal(served.classifier.weight, held) and getattr(served, "qrlora_active_adapter", None) is None
+    assert [layer.active_adapter for _, layer in qrlora_layers(served)] == rows
+    for block in (lambda: disable_adapters(served), lambda: adapter_batch(served, ["a", "b"])):
+        with pytest.raises(ValueError, match=r"classifier: its parameters are sharded"):
+            with torch.no_grad(), block():
+                served(torch.randn(2, 4, HIDDEN))
     with pytest.raises(ValueError, match=r"classifier: its parameters are sharded"):
-        with torch.no_grad(), disable_adapters(served):
-            served(torch.randn(2, 4, HIDDEN))
+        load_adapter(served, folders / "b", adapter_name="c")
+    assert served.qrlora_adapter_ids == {"a": 0, "b": 1, "plain": 2}
     set_adapter(served, "a")  # the values it holds: nothing to switch
+    with torch.no_grad(), adapter_batch(served, ["a", "a"]):
+        served(torch.randn(2, 4, HIDDEN))
+
+
+def test_blocks_nest_and_disabling_wins(base, folders):
+    """disable_adapters inside or around an adapter_batch gives the base model in every row, as the QR-LoRA
+    layers do (the inner block used to route through the outer one: a row kept its adapter's head, or the
+    inner block miscounted the sequences); each block's end gives the outer one back."""
+    served = _served(base, folders)
+    x = torch.randn(2, 4, HIDDEN)
+    order = ["a", "b"]
+    with torch.no_grad():
+        expected = base(x)
+        with adapter_batch(served, order):
+            with disable_adapters(served):
+                assert_rel_close(served(x), expected, 1e-6, name="disable_adapters inside adapter_batch")
+            mixed = served(x)
+        with disable_adapters(served):
+            with adapter_batch(served, order):
+                assert_rel_close(served(x), expected, 1e-6, name="adapter_batch inside disable_adapters")
+            assert_rel_close(served(x), expected, 1e-6, name="after the inner block")
+        with adapter_batch(served, ["b", "b"]):
+            with adapter_batch(served, order):  # the innermost ids decide
+                assert torch.equal(served(x), mixed)
+        for i, name in enumerate(order):
+            assert_rel_close(mixed[i], _alone(base, folders / name)(x[i:i + 1])[0], 1e-6, name=f"row {i}")
+    assert "forward" not in vars(served.classifier) and "_qrlora_routes" not in vars(served.classifier)
+
+
+def test_a_block_that_raises_gives_the_module_back(base, folders):
+    served = _served(base, folders)
+    own = lambda h: nn.Linear.forward(served.classifier, h)  # an instance's own forward, as accelerate sets one
+    served.classifier.forward = own
+    with pytest.raises(RuntimeError, match="inside"):
+        with torch.no_grad(), adapter_batch(served, ["a", "b"]):
+            raise RuntimeError("inside")
+    assert served.classifier.forward is own and "_qrlora_routes" not in vars(served.classifier)
+
+
+def test_a_frozen_model_stays_frozen(base, folders, tmp_path):
+    """A model frozen for serving (model.requires_grad_(False)): set_adapter and load_adapter used to make the
+    classifier trainable again, and a mixed batch with gradients enabled was then refused."""
+    served = _served(base, folders)
+    served.requires_grad_(False)
+    for step in (lambda: set_adapter(served, "b"), lambda: set_adapter(served, "plain"),
+                 lambda: set_adapter(served, "a"), lambda: load_adapter(served, folders / "b", adapter_name="c"),
+                 lambda: load_adapter(served, folders / "b", adapter_name="a")):
+        step()
+        assert not any(p.requires_grad for p in served.parameters())
+    with adapter_batch(served, ["a", "b"]):
+        served(torch.randn(2, 4, HIDDEN))  # nothing trains: no copy would be left without its gradient
+
+
+class _Pair(nn.Module):
+    """A module to save whose forward returns a tuple (or a namedtuple) of batch-first tensors."""
+    def __init__(self, named):
+        super().__init__()
+        self.proj = nn.Linear(HIDDEN, 2)
+        self.named = named
+
+    def forward(self, h, scale=1.0):
+        from collections import namedtuple
+        out = (self.proj(h) * scale, h.sum(-1))
+        return namedtuple("Out", "logits total")(*out) if self.named else out
+
+
+class _PairModel(TinyModel):
+    def __init__(self, named):
+        super().__init__()
+        self.pair = _Pair(named)
+
+    def forward(self, h):
+        for block in self.layers:
+            h = block(h)
+        return self.pair(h, scale=torch.full((h.shape[0], 1, 1), 2.0))[0]
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["tuple", "namedtuple"])
+def test_tuple_outputs_and_batch_first_keywords_are_split_and_joined(tmp_path, named):
+    torch.manual_seed(0)
+    base = _PairModel(named).eval()
+    config = QRLoraConfig(target_modules=["query", "value"], modules_to_save=["pair"])
+    for name in ("a", "b"):
+        save_adapter(_adapted(base, config), tmp_path / name)
+    served = _served(base, tmp_path, ("a", "b"))
+    x = torch.randn(3, 4, HIDDEN)
+    order = ["b", "a", "b"]
+    with torch.no_grad(), adapter_batch(served, order):
+        mixed = served(x)
+        out = served.pair(x, scale=torch.ones(3, 1, 1))
+        assert type(out).__name__ == ("Out" if named else "tuple") and out[1].shape == (3, 4)
+        with pytest.raises(ValueError, match="pair: cannot tell its input's sequences apart"):
+            served.pair(h=2.0)
+    with torch.no_grad():
+        for i, name in enumerate(order):
+            assert_rel_close(mixed[i], _alone(base, tmp_path / name)(x[i:i + 1])[0], 1e-6, name=f"row {i}")
+
+
+def test_an_output_that_cannot_be_joined_is_refused_by_name(tmp_path):
+    class DictHead(nn.Linear):
+        def forward(self, h):
+            return {"logits": super().forward(h)}
+
+    class Model(TinyModel):
+        def __init__(self):
+            super().__init__()
+            self.classifier = DictHead(HIDDEN, 2)
+
+        def forward(self, h):
+            return self.classifier(h)["logits"]
+    torch.manual_seed(0)
+    base = Model().eval()
+    for name in ("a", "b"):
+        save_adapter(_adapted(base, CONFIG), tmp_path / name)
+    served = _served(base, tmp_path, ("a", "b"))
+    with torch.no_grad(), adapter_batch(served, ["a", "b"]):
+        with pytest.raises(TypeError, match="classifier: its forward returns dict, which a batch mixing adapters"):
+            served(torch.randn(2, 4, HIDDEN))
