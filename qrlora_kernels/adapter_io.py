@@ -638,6 +638,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
     by_name = modules_by_canonical_name(model)
 
     # Check and build everything before changing the model, so a bad adapter leaves it untouched.
+    copies = module_copies(model)
     plan, model_names = [], {}
     with module_progress(len(meta["modules"]), progress, "QR-LoRA adapter modules") as bar:
         for name, info in meta["modules"].items():
@@ -647,6 +648,11 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
                                  f"architecture)")
             model_names[name] = found
             module_path, module = by_name[found]
+            trained_around = _nested_with(found, copies.names())
+            if trained_around is not None:
+                raise ValueError(f"{name}: it lies inside {trained_around}, which adapter(s) "
+                                 f"{', '.join(map(repr, copies.owners(trained_around)))} train in full "
+                                 f"(modules_to_save): another adapter cannot adapt it")
             if not isinstance(module, (nn.Linear, QRLoraLinear)) and not is_conv1d(module):
                 raise ValueError(f"{name}: expected an nn.Linear or QRLoraLinear, found {type(module).__name__}")
             if found in unreachable:
@@ -686,8 +692,9 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
             # replaces the compiled wrapper itself (a wrapper inside a compiled block is re-traced instead).
             while module_path.rpartition(".")[2] == "_orig_mod":
                 module_path = module_path.rpartition(".")[0]
-            plan.append((module_path, module, layer, own))
+            plan.append((module_path, module, layer, own, found))
             bar.update()
+    layer_names = [canonical_name(n) for n, _ in qrlora_layers(model)] + [found for *_, found in plan]
     saved_plan = []  # (the model's module name, its state from the file) per modules_to_save entry, checked
     for name, checksum in saved_meta.items():
         state = {k[len(SAVED_PREFIX) + len(name) + 1:]: v for k, v in tensors.items()
@@ -698,6 +705,17 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
         if found is None:
             raise ValueError(f"{name}: module (modules_to_save) not found in the model")
         model_names[name] = found
+        # A module another adapter trains in full, or one holding QR-LoRA layers, cannot be nested with this one:
+        # taking one's copy in would overwrite part of the other.
+        other = _nested_with(found, [n for n in copies.names() if n != found], inside_too=True)
+        if other is not None:
+            raise ValueError(f"{name} (modules_to_save) and {other}, which adapter(s) "
+                             f"{', '.join(map(repr, copies.owners(other)))} train in full, lie one inside the other: "
+                             f"their copies would overwrite each other")
+        adapted = _nested_with(found, layer_names, inside_too=True)
+        if adapted is not None:
+            raise ValueError(f"{name} (modules_to_save) holds the QR-LoRA layer {adapted}: an adapter cannot train "
+                             f"in full a module that adapters adapt")
         target = by_name[found][1]
         expected = {k: tuple(v.shape) for k, v in target.state_dict().items()}
         stored = {k: tuple(v.shape) for k, v in state.items()}
@@ -711,7 +729,6 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
             raise ValueError(f"{name}: its modules_to_save parameter {bad!r} holds NaN or Inf: the adapter was saved "
                              f"from a diverged training run")
         saved_plan.append((found, state))
-    copies = module_copies(model)
     for found in sorted({found for found, _ in saved_plan} | set(copies.names()) & set(by_name)):
         refuse_sharded(by_name[found][1], found)  # (they may take other values below)
 
@@ -720,13 +737,13 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
             p.requires_grad_(False)
     for _, layer in qrlora_layers(model):
         _resize_adapters(layer, num_adapters)
-    for name, module, layer, own in plan:
+    for name, module, layer, own, _ in plan:
         if layer is not module:
             _set_submodule(model, name, layer)
         _write_lam_row(layer, row, own["lam"])
     # An adapter is whole: overwriting a name clears that row where the new file has no coefficients (a layer
     # the new adapter does not touch), instead of keeping the old adapter's values there.
-    covered = {id(layer) for _, _, layer, _ in plan}
+    covered = {id(layer) for _, _, layer, _, _ in plan}
     for _, layer in qrlora_layers(model):
         if id(layer) not in covered:
             _write_lam_row(layer, row, torch.zeros(0))
@@ -757,6 +774,14 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
     skip_bases_in_hf_checkpoints(model)
     keep_gradients_through_reentrant_checkpoints(model, adapted=True)
     return dict(ids)
+
+
+def _nested_with(name: str, others, *, inside_too: bool = False) -> Optional[str]:
+    """The first of ``others`` that holds module ``name`` (or, ``inside_too``, that ``name`` holds)."""
+    for other in others:
+        if name.startswith(other + ".") or (inside_too and other.startswith(name + ".")):
+            return other
+    return None
 
 
 def _backbone_name(model: nn.Module, name: str, by_name: dict) -> Optional[str]:

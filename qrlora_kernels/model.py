@@ -820,6 +820,9 @@ def _modules_to_save_per_sequence(root: nn.Module, ids: torch.Tensor, shared: di
             if read[0] != ids._version:
                 read[:] = [ids._version, ids.tolist()]
             per_sequence, n = read[1], len(read[1])
+            keys = {copies.key_for(name, names_by_row.get(a)) for a in per_sequence}
+            if len(keys) == 1:  # one copy for the whole batch, whatever the module's input looks like
+                return [keys.pop()] * rows
             if rows != n:  # inside generate(): each sequence's beams, k consecutive rows (as the layers expand)
                 if not (shared.get("generating") and n and rows % n == 0):
                     raise ValueError(f"{name}: its input holds {rows} sequences, and adapter_batch was given {n} "

@@ -29,9 +29,13 @@ BASE = None  # the key of the base model's values (adapter names are non-empty s
 _HELD = object()  # a copy's entry while its values are the module's own
 
 
-def _clone(state: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state``'s tensors as new tensors on the devices and dtypes of ``like`` (the module's)."""
-    return {k: v.detach().to(device=like[k].device, dtype=like[k].dtype, copy=True) for k, v in state.items()}
+def _clone(state: dict[str, torch.Tensor],
+           like: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """``state``'s tensors as new tensors, on the devices and dtypes of ``like`` (the module's) if given. Ordinary
+    tensors even under ``inference_mode``: a copy made there must serve a later training step."""
+    like = state if like is None else like
+    with torch.inference_mode(False):
+        return {k: v.detach().to(device=like[k].device, dtype=like[k].dtype, copy=True) for k, v in state.items()}
 
 
 def _describe(key: Optional[str]) -> str:
@@ -56,6 +60,10 @@ class ModuleCopies:
     def owned_by(self, adapter: str) -> list[str]:
         """The modules ``adapter`` trains in full (and saves with it)."""
         return sorted(name for name, copies in self._copies.items() if adapter in copies)
+
+    def owners(self, name: str) -> list[str]:
+        """The adapters that train ``name`` in full."""
+        return sorted(key for key in self._copies[name] if key is not BASE)
 
     def key_for(self, name: str, adapter: Optional[str]) -> Optional[str]:
         """Whose values ``name`` computes with for ``adapter``: its own copy, else the base model's."""
@@ -82,7 +90,7 @@ class ModuleCopies:
         """``apply_qrlora``: ``adapter`` trains ``name`` from its current (base) values, which are kept."""
         module = _module(root, name)
         own = module.state_dict()
-        self._copies[name] = {BASE: _clone(own, own), adapter: _HELD}
+        self._copies[name] = {BASE: _clone(own), adapter: _HELD}
         module.requires_grad_(True)
 
     def set_copy(self, root: nn.Module, name: str, adapter: str, state: dict[str, torch.Tensor]) -> None:
@@ -120,7 +128,7 @@ class ModuleCopies:
         for name, module, want, held in plan:
             copies = self._copies[name]
             if want != held:
-                outgoing = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                outgoing = _clone(module.state_dict())
                 module.load_state_dict(self.values(root, name, want, module), strict=True)
                 copies[held], copies[want] = outgoing, _HELD
                 module.requires_grad_(trainable and want is not BASE)
@@ -184,7 +192,8 @@ def routed(root: nn.Module, copies: ModuleCopies, name: str, keys_for_rows: Call
     values ``keys_for_rows(rows)`` gives it: one call per group of rows that share a copy, the module's own
     forward for the values it holds, ``functional_call`` with the kept copy for the others. Its parameters are
     not written. Gradients reach only the values the module holds: a group computed with another adapter's copy
-    while the module trains is refused, rather than leaving that copy untrained.
+    while anything in the model trains is refused, rather than training that adapter's lam and leaving its copy
+    untrained.
 
     Blocks nest: the innermost decides, except that a ``base_only`` block (``disable_adapters``) anywhere wins,
     as a disabled QR-LoRA layer ignores the ids of an ``adapter_batch`` around or inside it."""
@@ -230,10 +239,11 @@ def _install_routing(root: nn.Module, copies: ModuleCopies, name: str, module: n
         for row, key in enumerate(keys):
             groups.setdefault(key, []).append(row)
         others = [key for key in groups if key not in (held, BASE)]
-        if others and torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
-            raise ValueError(f"{name} (modules_to_save) trains {_describe(held)}, and this batch also computes with "
-                             f"{_describe(others[0])}, which would get no gradient: train one adapter at a time "
-                             f"(set_adapter), and mix adapters under torch.no_grad() or inference_mode()")
+        if others and torch.is_grad_enabled() and any(p.requires_grad for p in root.parameters()):
+            raise ValueError(f"{name} (modules_to_save) holds {_describe(held)}, and this batch also computes with "
+                             f"{_describe(others[0])}, which would get no gradient while the model trains: train one "
+                             f"adapter at a time (set_adapter), and mix adapters under torch.no_grad() or "
+                             f"inference_mode()")
         outputs, order = [], []
         for key, positions in groups.items():
             index = torch.tensor(positions, device=first.device)

@@ -150,9 +150,9 @@ def test_a_mixed_batch_that_would_leave_a_copy_untrained_is_refused(base, folder
     served = _served(base, folders)
     set_adapter(served, "a")
     x = torch.randn(3, 4, HIDDEN)
-    with pytest.raises(ValueError, match=r"classifier \(modules_to_save\) trains the copy of adapter 'a', and this "
+    with pytest.raises(ValueError, match=r"classifier \(modules_to_save\) holds the copy of adapter 'a', and this "
                                          r"batch also computes with the copy of adapter 'b', which would get no "
-                                         r"gradient"):
+                                         r"gradient while the model trains"):
         with adapter_batch(served, ["a", "b", "a"]):
             served(x)
     assert "forward" not in vars(served.classifier)  # the routing is gone after the block
@@ -164,6 +164,13 @@ def test_a_mixed_batch_that_would_leave_a_copy_untrained_is_refused(base, folder
     alone = _alone(base, folders / "a")
     alone(x_a).square().sum().backward()
     assert_rel_close(grad, alone.classifier.weight.grad, 1e-5, name="the head's gradient: a's rows only")
+    # The module holding the base values (frozen) while the lam train: a's and b's rows would train their lam
+    # and leave their heads untrained (this was accepted).
+    set_adapter(served, "plain")
+    with pytest.raises(ValueError, match=r"holds the base model's values, and this batch also computes with the "
+                                         r"copy of adapter 'a'"):
+        with adapter_batch(served, ["a", "b", "plain"]):
+            served(x)
 
 
 def test_a_mixed_batch_with_a_wrong_number_of_sequences_is_refused(base, folders):
@@ -417,3 +424,87 @@ def test_an_output_that_cannot_be_joined_is_refused_by_name(tmp_path):
     with torch.no_grad(), adapter_batch(served, ["a", "b"]):
         with pytest.raises(TypeError, match="classifier: its forward returns dict, which a batch mixing adapters"):
             served(torch.randn(2, 4, HIDDEN))
+
+
+def test_modules_to_save_that_nest_with_another_adapters_are_refused(base, tmp_path):
+    """A classifier trained by one adapter and its inner layer trained in full, or adapted, by another: taking one
+    copy in overwrote part of the other (values lost after a few set_adapter calls), and an adapter adapting a
+    layer inside another's head was refused as "base weight differs", or loaded and broke set_adapter later."""
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense, self.out = nn.Linear(HIDDEN, HIDDEN), nn.Linear(HIDDEN, 2)
+
+        def forward(self, h):
+            return self.out(torch.tanh(self.dense(h)))
+
+    class Model(TinyModel):
+        def __init__(self):
+            super().__init__()
+            self.classifier = Head()
+    torch.manual_seed(0)
+    model = Model().eval()
+    configs = {"head": CONFIG, "inner": QRLoraConfig(target_modules=["query"], modules_to_save=["classifier.out"]),
+               "adapts_inner": QRLoraConfig(target_modules=["query", "dense"]),
+               "plain": NO_HEAD}
+    for name, config in configs.items():
+        save_adapter(_adapted(model, config), tmp_path / name)
+    for first, second, message in (
+            ("head", "inner", r"classifier\.out \(modules_to_save\) and classifier, which adapter\(s\) 'head' train "
+                              r"in full, lie one inside the other"),
+            ("inner", "head", r"classifier \(modules_to_save\) and classifier\.out, which adapter\(s\) 'inner'"),
+            ("head", "adapts_inner", r"classifier\.dense: it lies inside classifier, which adapter\(s\) 'head' "
+                                     r"train in full \(modules_to_save\)"),
+            ("adapts_inner", "head", r"classifier \(modules_to_save\) holds the QR-LoRA layer classifier\.dense")):
+        for between in ((), ("plain",)):
+            served = copy.deepcopy(model)
+            for name in (first, *between):
+                load_adapter(served, tmp_path / name, adapter_name=name)
+            before = {k: v.clone() for k, v in served.state_dict().items()}
+            with pytest.raises(ValueError, match=message):
+                load_adapter(served, tmp_path / second, adapter_name=second)
+            assert served.state_dict().keys() == before.keys()
+            assert all(torch.equal(v, before[k]) for k, v in served.state_dict().items())
+
+
+def test_one_copy_for_the_whole_batch_needs_no_batch_dimension(tmp_path):
+    """A module to save whose input has no batch dimension of the ids' size (BERT's position embeddings take
+    position ids of shape [1, T]) works as before when every sequence uses the same copy of it."""
+    class Model(TinyModel):
+        def __init__(self):
+            super().__init__()
+            self.positions = nn.Embedding(8, HIDDEN)
+
+        def forward(self, h):
+            return super().forward(h + self.positions(torch.arange(h.shape[1])[None]))
+    torch.manual_seed(0)
+    model = Model().eval()
+    config = QRLoraConfig(target_modules=["query", "value"], modules_to_save=["positions", "classifier"])
+    for name in ("a", "b"):
+        save_adapter(_adapted(model, config), tmp_path / name)
+    served = _served(model, tmp_path, ("a", "b"))
+    x = torch.randn(2, 4, HIDDEN)
+    with torch.no_grad():
+        with adapter_batch(served, ["b", "b"]):
+            assert_rel_close(served(x), _alone(model, tmp_path / "b")(x), 1e-6, name="b for both sequences")
+        with adapter_batch(served, ["a", "b"]):
+            with pytest.raises(ValueError, match="positions: its input holds 1 sequences, and adapter_batch was "
+                                                 "given 2 adapter ids"):
+                served(x)
+
+
+def test_copies_made_under_inference_mode_serve_training_later(base, folders):
+    """set_adapter under torch.inference_mode() kept the outgoing values as inference tensors, which a later
+    training step could not save for backward."""
+    served = _served(base, folders)
+    set_adapter(served, "plain")
+    with torch.inference_mode():
+        set_adapter(served, "b")  # the base values go out here,
+        set_adapter(served, "a")  # and b's here
+    x = torch.randn(3, 4, HIDDEN)
+    with adapter_batch(served, ["a", "plain", "a"]):
+        served(x).square().sum().backward()
+    assert served.classifier.weight.grad is not None
+    served.requires_grad_(False)
+    with adapter_batch(served, ["b", "plain", "a"]):
+        served(x)
