@@ -639,6 +639,10 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
 
     # Check and build everything before changing the model, so a bad adapter leaves it untouched.
     copies = module_copies(model)
+    # The modules other adapters train in full (those only the adapter being replaced trains go with it).
+    trained_by_others = [n for n in copies.names() if set(copies.owners(n)) - {name_to_load}]
+    # New lam (and copies taken in) train unless the model was frozen for serving.
+    trainable = fresh or lam_trains(model)
     plan, model_names = [], {}
     with module_progress(len(meta["modules"]), progress, "QR-LoRA adapter modules") as bar:
         for name, info in meta["modules"].items():
@@ -648,11 +652,11 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
                                  f"architecture)")
             model_names[name] = found
             module_path, module = by_name[found]
-            trained_around = _nested_with(found, copies.names())
+            trained_around = found if found in trained_by_others else _nested_with(found, trained_by_others)
             if trained_around is not None:
-                raise ValueError(f"{name}: it lies inside {trained_around}, which adapter(s) "
-                                 f"{', '.join(map(repr, copies.owners(trained_around)))} train in full "
-                                 f"(modules_to_save): another adapter cannot adapt it")
+                what = "it" if trained_around == found else f"{trained_around}, which holds it,"
+                raise ValueError(f"{name}: adapter(s) {', '.join(map(repr, copies.owners(trained_around)))} train "
+                                 f"{what} in full (modules_to_save): another adapter cannot adapt it")
             if not isinstance(module, (nn.Linear, QRLoraLinear)) and not is_conv1d(module):
                 raise ValueError(f"{name}: expected an nn.Linear or QRLoraLinear, found {type(module).__name__}")
             if found in unreachable:
@@ -707,14 +711,15 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
         model_names[name] = found
         # A module another adapter trains in full, or one holding QR-LoRA layers, cannot be nested with this one:
         # taking one's copy in would overwrite part of the other.
-        other = _nested_with(found, [n for n in copies.names() if n != found], inside_too=True)
+        other = _nested_with(found, [n for n in trained_by_others if n != found], inside_too=True)
         if other is not None:
             raise ValueError(f"{name} (modules_to_save) and {other}, which adapter(s) "
                              f"{', '.join(map(repr, copies.owners(other)))} train in full, lie one inside the other: "
                              f"their copies would overwrite each other")
-        adapted = _nested_with(found, layer_names, inside_too=True)
+        adapted = found if found in layer_names else _nested_with(found, layer_names, inside_too=True)
         if adapted is not None:
-            raise ValueError(f"{name} (modules_to_save) holds the QR-LoRA layer {adapted}: an adapter cannot train "
+            what = "is" if adapted == found else "holds"
+            raise ValueError(f"{name} (modules_to_save) {what} the QR-LoRA layer {adapted}: an adapter cannot train "
                              f"in full a module that adapters adapt")
         target = by_name[found][1]
         expected = {k: tuple(v.shape) for k, v in target.state_dict().items()}
@@ -739,6 +744,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
         _resize_adapters(layer, num_adapters)
     for name, module, layer, own, _ in plan:
         if layer is not module:
+            layer.lam.requires_grad_(trainable)
             _set_submodule(model, name, layer)
         _write_lam_row(layer, row, own["lam"])
     # An adapter is whole: overwriting a name clears that row where the new file has no coefficients (a layer
@@ -769,7 +775,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
     for found, state in saved_plan:
         copies.set_copy(model, found, name_to_load, state)
     copies.drop(model, name_to_load, keep=frozenset(found for found, _ in saved_plan))
-    copies.hold(model, active, trainable=lam_trains(model))
+    copies.hold(model, active, trainable=trainable)
     setattr(model, MODULES_TO_SAVE_ATTR, copies)
     skip_bases_in_hf_checkpoints(model)
     keep_gradients_through_reentrant_checkpoints(model, adapted=True)

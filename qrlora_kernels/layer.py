@@ -366,6 +366,15 @@ class QRLoraLinear(nn.Module):
         return qrlora_linear(x, self.weight, self.bias, self.Q, self.R, lam, backend=self.backend,
                              adapter_ids=ids, strategy=self.strategy)
 
+    def __getstate__(self) -> dict:
+        """A copy (``copy.deepcopy``) or a pickle of the layer stands outside the ``adapter_batch`` /
+        ``disable_adapters`` block it may be made in: it keeps none of the block's state (a copy made inside an
+        ``adapter_batch`` kept routing every batch by the block's ids, one made inside ``disable_adapters``
+        stayed disabled)."""
+        state = super().__getstate__()
+        state.update(adapter_ids=None, adapter_id_expansions=None, adapters_disabled=False, _context_pending=False)
+        return state
+
     def _refuse_recomputation_outside_context(self) -> None:
         """Gradient checkpointing recomputes a layer during backward. If that backward runs after the
         ``adapter_batch`` (or ``disable_adapters``) block that set up the original forward, the recomputation

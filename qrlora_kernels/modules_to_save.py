@@ -20,13 +20,24 @@ Copies are kept where the module was when they were made, and follow its device 
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
 BASE = None  # the key of the base model's values (adapter names are non-empty str)
-_HELD = object()  # a copy's entry while its values are the module's own
+class _Held:
+    """The entry of the copy whose values the module holds: one instance, also after a deepcopy or a pickle."""
+
+    def __repr__(self) -> str:
+        return "<values held by the module>"
+
+    def __reduce__(self) -> str:
+        return "_HELD"
+
+
+_HELD = _Held()
 
 
 def _clone(state: dict[str, torch.Tensor],
@@ -182,9 +193,6 @@ def _joined(name: str, outputs: list, order: list[int]):
                     f"own copies of it cannot put back together (a tensor, or a tuple of tensors, along the batch)")
 
 
-_ROUTES_ATTR = "_qrlora_routes"  # on a routed module: the blocks that route it, outermost first
-
-
 @contextlib.contextmanager
 def routed(root: nn.Module, copies: ModuleCopies, name: str, keys_for_rows: Callable[[int], list[Optional[str]]],
            *, base_only: bool = False) -> Iterator[None]:
@@ -198,48 +206,64 @@ def routed(root: nn.Module, copies: ModuleCopies, name: str, keys_for_rows: Call
     Blocks nest: the innermost decides, except that a ``base_only`` block (``disable_adapters``) anywhere wins,
     as a disabled QR-LoRA layer ignores the ids of an ``adapter_batch`` around or inside it."""
     module = _module(root, name)
-    routes = module.__dict__.get(_ROUTES_ATTR)
-    if routes is None:
-        routes = _install_routing(root, copies, name, module)
+    routing = module.__dict__.get("forward")
+    if not (isinstance(routing, _RoutedForward) and routing.module is module):
+        routing = _RoutedForward(root, copies, name, module)
+        module.forward = routing
     entry = (keys_for_rows, base_only)
-    routes.append(entry)
+    routing.routes.append(entry)
     try:
         yield
     finally:
-        del routes[next(i for i, e in enumerate(routes) if e is entry)]
-        if not routes:
-            _remove_routing(module)
+        del routing.routes[next(i for i, e in enumerate(routing.routes) if e is entry)]
+        if not routing.routes:
+            if routing.previous is None:
+                del module.forward
+            else:
+                module.forward = routing.previous
 
 
-def _install_routing(root: nn.Module, copies: ModuleCopies, name: str, module: nn.Module) -> list:
-    tied = tied_outside(root, name)
-    previous = module.__dict__.get("forward")  # an instance's own forward (accelerate's hooks set one)
-    original = module.forward
-    inside = [False]
-    routes: list = []
+class _RoutedForward:
+    """A routed module's forward (an instance attribute while blocks route it). A copy of the module made inside
+    a block (``copy.deepcopy``) gets its own plain forward back, not this routing of the original module."""
 
-    def forward(*args, **kwargs):
-        if inside[0]:  # functional_call's own call of the module
-            return original(*args, **kwargs)
+    def __init__(self, root: nn.Module, copies: ModuleCopies, name: str, module: nn.Module) -> None:
+        self.root, self.copies, self.name, self.module = root, copies, name, module
+        self.previous = module.__dict__.get("forward")  # an instance's own forward (accelerate's hooks set one)
+        self.original = module.forward
+        self.tied = tied_outside(root, name)
+        self.routes: list = []  # (keys_for_rows, base_only) per block, outermost first
+        self.inside = False
+
+    def __deepcopy__(self, memo):
+        twin = memo.get(id(self.module))
+        if self.previous is not None:
+            return copy.deepcopy(self.previous, memo)
+        return type(twin).forward.__get__(twin) if twin is not None else self.original
+
+    def __call__(self, *args, **kwargs):
+        name, module, copies = self.name, self.module, self.copies
+        if self.inside:  # functional_call's own call of the module
+            return self.original(*args, **kwargs)
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if first is None or not first.dim():
             raise ValueError(f"{name}: cannot tell its input's sequences apart (no tensor with a batch dimension)")
         rows = first.shape[0]
-        keys_for_rows = next((fn for fn, base_only in routes if base_only), routes[-1][0])
-        keys = keys_for_rows(rows)
+        disabling = [fn for fn, base_only in self.routes if base_only]
+        keys = (disabling or [self.routes[-1][0]])[0](rows)
         held = copies.held_by(name)
         if all(key == held for key in keys):
-            return original(*args, **kwargs)
+            return self.original(*args, **kwargs)
         refuse_sharded(module, name)
-        if tied is not None:
-            raise ValueError(f"{name} (modules_to_save) shares a parameter with {tied} (tied weights), which would "
-                             f"keep computing with {_describe(held)}: compute with one adapter at a time "
+        if self.tied is not None:
+            raise ValueError(f"{name} (modules_to_save) shares a parameter with {self.tied} (tied weights), which "
+                             f"would keep computing with {_describe(held)}: compute with one adapter at a time "
                              f"(set_adapter)")
         groups: dict[Optional[str], list[int]] = {}
         for row, key in enumerate(keys):
             groups.setdefault(key, []).append(row)
         others = [key for key in groups if key not in (held, BASE)]
-        if others and torch.is_grad_enabled() and any(p.requires_grad for p in root.parameters()):
+        if others and torch.is_grad_enabled() and any(p.requires_grad for p in self.root.parameters()):
             raise ValueError(f"{name} (modules_to_save) holds {_describe(held)}, and this batch also computes with "
                              f"{_describe(others[0])}, which would get no gradient while the model trains: train one "
                              f"adapter at a time (set_adapter), and mix adapters under torch.no_grad() or "
@@ -250,27 +274,13 @@ def _install_routing(root: nn.Module, copies: ModuleCopies, name: str, module: n
             sub_args = tuple(_split_rows(a, index, rows) for a in args)
             sub_kwargs = {k: _split_rows(v, index, rows) for k, v in kwargs.items()}
             if key == held:
-                outputs.append(original(*sub_args, **sub_kwargs))
+                outputs.append(self.original(*sub_args, **sub_kwargs))
             else:
-                inside[0] = True
+                self.inside = True
                 try:
-                    outputs.append(torch.func.functional_call(module, copies.values(root, name, key, module),
+                    outputs.append(torch.func.functional_call(module, copies.values(self.root, name, key, module),
                                                               sub_args, sub_kwargs))
                 finally:
-                    inside[0] = False
+                    self.inside = False
             order += positions
         return outputs[0] if len(outputs) == 1 else _joined(name, outputs, order)
-
-    module.forward = forward
-    module.__dict__[_ROUTES_ATTR] = routes
-    module.__dict__["_qrlora_forward_before_routing"] = previous
-    return routes
-
-
-def _remove_routing(module: nn.Module) -> None:
-    previous = module.__dict__.pop("_qrlora_forward_before_routing")
-    del module.__dict__[_ROUTES_ATTR]
-    if previous is None:
-        del module.forward
-    else:
-        module.forward = previous

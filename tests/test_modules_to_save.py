@@ -3,6 +3,8 @@ modules it trains in full, and the base model's values are kept for the others a
 
 Each check compares a model serving several adapters with each adapter loaded alone into a fresh base model."""
 import copy
+import dataclasses
+import pickle
 
 import pytest
 import torch
@@ -332,7 +334,7 @@ def test_blocks_nest_and_disabling_wins(base, folders):
                 assert torch.equal(served(x), mixed)
         for i, name in enumerate(order):
             assert_rel_close(mixed[i], _alone(base, folders / name)(x[i:i + 1])[0], 1e-6, name=f"row {i}")
-    assert "forward" not in vars(served.classifier) and "_qrlora_routes" not in vars(served.classifier)
+    assert "forward" not in vars(served.classifier)
 
 
 def test_a_block_that_raises_gives_the_module_back(base, folders):
@@ -342,7 +344,7 @@ def test_a_block_that_raises_gives_the_module_back(base, folders):
     with pytest.raises(RuntimeError, match="inside"):
         with torch.no_grad(), adapter_batch(served, ["a", "b"]):
             raise RuntimeError("inside")
-    assert served.classifier.forward is own and "_qrlora_routes" not in vars(served.classifier)
+    assert served.classifier.forward is own
 
 
 def test_a_frozen_model_stays_frozen(base, folders, tmp_path):
@@ -350,6 +352,16 @@ def test_a_frozen_model_stays_frozen(base, folders, tmp_path):
     classifier trainable again, and a mixed batch with gradients enabled was then refused."""
     served = _served(base, folders)
     served.requires_grad_(False)
+    save_adapter(_adapted(base, dataclasses.replace(CONFIG, target_modules=["query", "value", "classifier"])),
+                 tmp_path / "wider")  # (rejected beside a's head below: checked before anything changes)
+    save_adapter(_adapted(base, QRLoraConfig(target_modules=["query"], modules_to_save=["classifier"])),
+                 tmp_path / "narrow")
+    narrow = copy.deepcopy(base)
+    load_adapter(narrow, tmp_path / "narrow")
+    narrow.requires_grad_(False)
+    load_adapter(narrow, folders / "b", adapter_name="b")  # builds the value layers: their lam stay frozen too
+    set_adapter(narrow, "b")
+    assert not any(p.requires_grad for p in narrow.parameters())
     for step in (lambda: set_adapter(served, "b"), lambda: set_adapter(served, "plain"),
                  lambda: set_adapter(served, "a"), lambda: load_adapter(served, folders / "b", adapter_name="c"),
                  lambda: load_adapter(served, folders / "b", adapter_name="a")):
@@ -446,6 +458,7 @@ def test_modules_to_save_that_nest_with_another_adapters_are_refused(base, tmp_p
     model = Model().eval()
     configs = {"head": CONFIG, "inner": QRLoraConfig(target_modules=["query"], modules_to_save=["classifier.out"]),
                "adapts_inner": QRLoraConfig(target_modules=["query", "dense"]),
+               "adapts_out": QRLoraConfig(target_modules=["query", "out"]),
                "plain": NO_HEAD}
     for name, config in configs.items():
         save_adapter(_adapted(model, config), tmp_path / name)
@@ -453,9 +466,11 @@ def test_modules_to_save_that_nest_with_another_adapters_are_refused(base, tmp_p
             ("head", "inner", r"classifier\.out \(modules_to_save\) and classifier, which adapter\(s\) 'head' train "
                               r"in full, lie one inside the other"),
             ("inner", "head", r"classifier \(modules_to_save\) and classifier\.out, which adapter\(s\) 'inner'"),
-            ("head", "adapts_inner", r"classifier\.dense: it lies inside classifier, which adapter\(s\) 'head' "
-                                     r"train in full \(modules_to_save\)"),
-            ("adapts_inner", "head", r"classifier \(modules_to_save\) holds the QR-LoRA layer classifier\.dense")):
+            ("head", "adapts_inner", r"classifier\.dense: adapter\(s\) 'head' train classifier, which holds it, in "
+                                     r"full \(modules_to_save\): another adapter cannot adapt it"),
+            ("adapts_inner", "head", r"classifier \(modules_to_save\) holds the QR-LoRA layer classifier\.dense"),
+            ("inner", "adapts_out", r"classifier\.out: adapter\(s\) 'inner' train it in full"),
+            ("adapts_out", "inner", r"classifier\.out \(modules_to_save\) is the QR-LoRA layer classifier\.out")):
         for between in ((), ("plain",)):
             served = copy.deepcopy(model)
             for name in (first, *between):
@@ -465,6 +480,15 @@ def test_modules_to_save_that_nest_with_another_adapters_are_refused(base, tmp_p
                 load_adapter(served, tmp_path / second, adapter_name=second)
             assert served.state_dict().keys() == before.keys()
             assert all(torch.equal(v, before[k]) for k, v in served.state_dict().items())
+    # Replacing an adapter under its own name drops its copies first: they do not stand in the way (they did).
+    x = torch.randn(2, 4, HIDDEN)
+    for first, second in (("head", "inner"), ("inner", "head")):
+        served = copy.deepcopy(model)
+        load_adapter(served, tmp_path / "plain", adapter_name="plain")
+        load_adapter(served, tmp_path / first, adapter_name="task")
+        load_adapter(served, tmp_path / second, adapter_name="task")
+        set_adapter(served, "task")
+        _assert_computes_as(served, _alone(model, tmp_path / second), x, f"{first} replaced by {second}")
 
 
 def test_one_copy_for_the_whole_batch_needs_no_batch_dimension(tmp_path):
@@ -508,3 +532,39 @@ def test_copies_made_under_inference_mode_serve_training_later(base, folders):
     served.requires_grad_(False)
     with adapter_batch(served, ["b", "plain", "a"]):
         served(x)
+
+
+def test_copied_and_pickled_models_keep_their_copies(base, folders):
+    """A deepcopy (a reference model for DPO) or a whole-model pickle of a model with copies: the marker of the
+    copy the module holds was a fresh object() after copying, and every later operation failed."""
+    served = _served(base, folders)
+    x = torch.randn(3, 4, HIDDEN)
+    for twin in (copy.deepcopy(served), pickle.loads(pickle.dumps(served))):
+        set_adapter(twin, "b")
+        _assert_computes_as(twin, _alone(base, folders / "b"), x, "b in the copy")
+        with torch.no_grad(), adapter_batch(twin, ["a", "plain", "b"]):
+            mixed = twin(x)
+        with torch.no_grad():
+            assert_rel_close(mixed[0], _alone(base, folders / "a")(x[:1])[0], 1e-6, name="a's row in the copy")
+        with torch.no_grad(), disable_adapters(twin):
+            assert torch.equal(twin(x), base(x))
+        save_adapter(twin, folders / "from_twin", adapter_name="b")
+        _assert_computes_as(_alone(base, folders / "from_twin"), _alone(base, folders / "b"), x, "b saved again")
+    _assert_computes_as(served, _alone(base, folders / "a"), x, "the original, untouched")
+
+
+def test_a_copy_made_inside_a_block_is_a_plain_model(base, folders):
+    """A deepcopy of the model inside a block kept the routing of the original module (computing with its
+    parameters, or failing once the block ended)."""
+    served = _served(base, folders)
+    x = torch.randn(2, 4, HIDDEN)
+    with torch.no_grad():
+        with adapter_batch(served, ["a", "b"]):
+            inside = copy.deepcopy(served)
+        with disable_adapters(served):
+            disabled = copy.deepcopy(served)
+        _assert_computes_as(inside, _alone(base, folders / "a"), x, "copied inside adapter_batch")
+        _assert_computes_as(disabled, _alone(base, folders / "a"), x, "copied inside disable_adapters")
+        set_adapter(inside, "b")
+        _assert_computes_as(inside, _alone(base, folders / "b"), x, "its own classifier")
+        _assert_computes_as(served, _alone(base, folders / "a"), x, "the original")
