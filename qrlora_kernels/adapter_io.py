@@ -50,7 +50,7 @@ from .model import (ACTIVE_ADAPTER_ATTR, ADAPTER_FILES_ATTR, ADAPTER_IDS_ATTR, C
                     module_copies, modules_by_canonical_name,
                     parameter_holding_wrapper, qrlora_layers, refuse_bare_layer, skip_bases_in_hf_checkpoints,
                     unwrap_model)
-from .modules_to_save import refuse_sharded
+from .modules_to_save import BASE, refuse_sharded
 from .reentrant_checkpointing import keep_gradients_through_reentrant_checkpoints
 from .distributed import module_progress
 
@@ -652,11 +652,17 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
                                  f"architecture)")
             model_names[name] = found
             module_path, module = by_name[found]
-            trained_around = found if found in trained_by_others else _nested_with(found, trained_by_others)
-            if trained_around is not None:
-                what = "it" if trained_around == found else f"{trained_around}, which holds it,"
+            trained_around = found if found in copies.names() else _nested_with(found, copies.names())
+            what = "it" if trained_around == found else f"{trained_around}, which holds it,"
+            if trained_around in trained_by_others:
                 raise ValueError(f"{name}: adapter(s) {', '.join(map(repr, copies.owners(trained_around)))} train "
                                  f"{what} in full (modules_to_save): another adapter cannot adapt it")
+            if trained_around is not None and copies.held_by(trained_around) is not BASE:
+                # Only the adapter being replaced trains it, but the module holds that copy, not the base values
+                # this adapter was made on and would be built from.
+                raise ValueError(f"{name}: adapter {name_to_load!r}, being replaced, trains {what} in full "
+                                 f"(modules_to_save), and the model computes with that copy: set_adapter to "
+                                 f"another adapter (or delete_adapter({name_to_load!r})) first")
             if not isinstance(module, (nn.Linear, QRLoraLinear)) and not is_conv1d(module):
                 raise ValueError(f"{name}: expected an nn.Linear or QRLoraLinear, found {type(module).__name__}")
             if found in unreachable:

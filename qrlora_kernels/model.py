@@ -29,6 +29,7 @@ from .basis import QRLoraBasis, build_bases
 from .config import ALL_LINEAR, SEQ_CLS_HEADS, TASK_HEADS, QRLoraConfig
 from . import distributed as _dist
 from .functional import read_id_range, remember_id_range
+from .instance_override import InstanceOverride
 from .modules_to_save import BASE, ModuleCopies, routed, tied_outside
 from .reentrant_checkpointing import keep_gradients_through_reentrant_checkpoints
 
@@ -774,17 +775,9 @@ def adapter_batch(model: nn.Module, adapter_ids: Union[torch.Tensor, Iterable[Un
     previous = [(layer.adapter_ids, layer.adapter_id_expansions) for layer in layers]
     per_device: dict[torch.device, torch.Tensor] = {}
     shared: dict = {"generating": False}  # inside generate(): expand; and the expanded ids per (device, k)
-    original_generate = root.__dict__.get("generate")
-    bound_generate = getattr(root, "generate", None)
-    if callable(bound_generate):
-        @functools.wraps(bound_generate)
-        def generate(*args, **kwargs):
-            shared["generating"] = True
-            try:
-                return bound_generate(*args, **kwargs)
-            finally:
-                shared["generating"] = False
-        root.generate = generate
+    generating = _Generating(root, shared) if callable(getattr(root, "generate", None)) else None
+    if generating is not None:
+        generating.install()
     try:
         with torch.inference_mode(False):
             for layer in layers:
@@ -798,13 +791,27 @@ def adapter_batch(model: nn.Module, adapter_ids: Union[torch.Tensor, Iterable[Un
         with _modules_to_save_per_sequence(root, ids, shared):
             yield ids
     finally:
-        if callable(bound_generate):
-            if original_generate is None:
-                del root.generate
-            else:
-                root.generate = original_generate
+        if generating is not None:
+            generating.remove()
         for layer, (old_ids, old_expansions) in zip(layers, previous):
             layer.adapter_ids, layer.adapter_id_expansions = old_ids, old_expansions
+
+
+class _Generating(InstanceOverride):
+    """The model's ``generate`` inside ``adapter_batch``: while it runs, layer inputs k times as long as the ids
+    are each sequence's beams."""
+
+    def __init__(self, root: nn.Module, shared: dict) -> None:
+        super().__init__(root, "generate")
+        self.shared = shared
+        functools.update_wrapper(self, self.original)  # generate's name, docs and signature
+
+    def __call__(self, *args, **kwargs):
+        self.shared["generating"] = True
+        try:
+            return self.original(*args, **kwargs)
+        finally:
+            self.shared["generating"] = False
 
 
 @contextlib.contextmanager

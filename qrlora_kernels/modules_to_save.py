@@ -20,11 +20,12 @@ Copies are kept where the module was when they were made, and follow its device 
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
+
+from .instance_override import InstanceOverride
 
 BASE = None  # the key of the base model's values (adapter names are non-empty str)
 class _Held:
@@ -207,9 +208,9 @@ def routed(root: nn.Module, copies: ModuleCopies, name: str, keys_for_rows: Call
     as a disabled QR-LoRA layer ignores the ids of an ``adapter_batch`` around or inside it."""
     module = _module(root, name)
     routing = module.__dict__.get("forward")
-    if not (isinstance(routing, _RoutedForward) and routing.module is module):
+    if not (isinstance(routing, _RoutedForward) and routing.owner is module):
         routing = _RoutedForward(root, copies, name, module)
-        module.forward = routing
+        routing.install()
     entry = (keys_for_rows, base_only)
     routing.routes.append(entry)
     try:
@@ -217,33 +218,22 @@ def routed(root: nn.Module, copies: ModuleCopies, name: str, keys_for_rows: Call
     finally:
         del routing.routes[next(i for i, e in enumerate(routing.routes) if e is entry)]
         if not routing.routes:
-            if routing.previous is None:
-                del module.forward
-            else:
-                module.forward = routing.previous
+            routing.remove()
 
 
-class _RoutedForward:
-    """A routed module's forward (an instance attribute while blocks route it). A copy of the module made inside
-    a block (``copy.deepcopy``) gets its own plain forward back, not this routing of the original module."""
+class _RoutedForward(InstanceOverride):
+    """A routed module's forward, while blocks route it (copies of the module get their own forward back)."""
 
     def __init__(self, root: nn.Module, copies: ModuleCopies, name: str, module: nn.Module) -> None:
-        self.root, self.copies, self.name, self.module = root, copies, name, module
-        self.previous = module.__dict__.get("forward")  # an instance's own forward (accelerate's hooks set one)
-        self.original = module.forward
+        super().__init__(module, "forward")
+        self.root, self.copies, self.name = root, copies, name
         self.tied = tied_outside(root, name)
         self.routes: list = []  # (keys_for_rows, base_only) per block, outermost first
         self.inside = False
 
-    def __deepcopy__(self, memo):
-        twin = memo.get(id(self.module))
-        if self.previous is not None:
-            return copy.deepcopy(self.previous, memo)
-        return type(twin).forward.__get__(twin) if twin is not None else self.original
-
     def __call__(self, *args, **kwargs):
-        name, module, copies = self.name, self.module, self.copies
-        if self.inside:  # functional_call's own call of the module
+        name, module, copies = self.name, self.owner, self.copies
+        if self.inside or not self.routes:  # functional_call's own call; a shallow copy's, after the block
             return self.original(*args, **kwargs)
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if first is None or not first.dim():

@@ -480,15 +480,28 @@ def test_modules_to_save_that_nest_with_another_adapters_are_refused(base, tmp_p
                 load_adapter(served, tmp_path / second, adapter_name=second)
             assert served.state_dict().keys() == before.keys()
             assert all(torch.equal(v, before[k]) for k, v in served.state_dict().items())
-    # Replacing an adapter under its own name drops its copies first: they do not stand in the way (they did).
+    # Replacing an adapter under its own name drops its copies: they do not stand in the way (they did), unless
+    # the model computes with the copy that a layer of the new adapter would replace (refused, nothing changed:
+    # it left a QR-LoRA layer inside the module and copies that no longer fit it).
     x = torch.randn(2, 4, HIDDEN)
-    for first, second in (("head", "inner"), ("inner", "head")):
+    for first, second in (("head", "inner"), ("inner", "head"), ("head", "adapts_inner"), ("inner", "adapts_out")):
         served = copy.deepcopy(model)
         load_adapter(served, tmp_path / "plain", adapter_name="plain")
         load_adapter(served, tmp_path / first, adapter_name="task")
+        if second.startswith("adapts"):
+            set_adapter(served, "task")
+            before = {k: v.clone() for k, v in served.state_dict().items()}
+            with pytest.raises(ValueError, match=r"adapter 'task', being replaced, trains (it|classifier, which holds "
+                                                 r"it,) in full \(modules_to_save\), and the model computes with "
+                                                 r"that copy"):
+                load_adapter(served, tmp_path / second, adapter_name="task")
+            assert all(torch.equal(v, before[k]) for k, v in served.state_dict().items())
+            set_adapter(served, "plain")
         load_adapter(served, tmp_path / second, adapter_name="task")
         set_adapter(served, "task")
         _assert_computes_as(served, _alone(model, tmp_path / second), x, f"{first} replaced by {second}")
+        set_adapter(served, "plain")
+        _assert_computes_as(served, _alone(model, tmp_path / "plain"), x, f"plain beside {second}")
 
 
 def test_one_copy_for_the_whole_batch_needs_no_batch_dimension(tmp_path):
@@ -568,3 +581,34 @@ def test_a_copy_made_inside_a_block_is_a_plain_model(base, folders):
         set_adapter(inside, "b")
         _assert_computes_as(inside, _alone(base, folders / "b"), x, "its own classifier")
         _assert_computes_as(served, _alone(base, folders / "a"), x, "the original")
+        # A pickle made inside a block (it held the block's closures: "Can't pickle local object"), and a
+        # shallow copy of a routed module called after the block (it failed).
+        with adapter_batch(served, ["a", "b"]):
+            pickled = pickle.loads(pickle.dumps(served))
+            shallow = copy.copy(served.classifier)
+        _assert_computes_as(pickled, _alone(base, folders / "a"), x, "pickled inside adapter_batch")
+        h = torch.randn(2, HIDDEN)
+        assert torch.equal(shallow(h), served.classifier(h))
+
+
+def test_a_copy_made_inside_a_block_generates_with_its_own_weights(tmp_path):
+    """The block's generate() wrapper, a closure over the original model, went into a deepcopy made inside the
+    block: the copy's generate() ran the original model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = copy.deepcopy(base)
+    apply_qrlora(model, QRLoraConfig(target_modules=["q_proj", "v_proj"]), progress=False)
+    prompt = torch.randint(0, 64, (2, 5))
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        with adapter_batch(model, ["default", "default"]):
+            twin = copy.deepcopy(model)
+        assert "generate" not in vars(model)
+        for module in twin.modules():
+            if hasattr(module, "lam"):
+                module.lam.normal_(0.0, 3.0)
+        assert not torch.equal(twin.generate(prompt, **settings), model.generate(prompt, **settings))
+        with adapter_batch(model, ["default", "default"]):
+            assert torch.equal(model.generate(prompt, **settings), base.generate(prompt, **settings))
