@@ -660,9 +660,10 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
             if trained_around is not None and copies.held_by(trained_around) is not BASE:
                 # Only the adapter being replaced trains it, but the module holds that copy, not the base values
                 # this adapter was made on and would be built from.
+                way_out = (f"set_adapter to another adapter (or delete_adapter({name_to_load!r})) first"
+                           if set(ids) - {name_to_load} else "unload(model) first, or load it into a fresh base model")
                 raise ValueError(f"{name}: adapter {name_to_load!r}, being replaced, trains {what} in full "
-                                 f"(modules_to_save), and the model computes with that copy: set_adapter to "
-                                 f"another adapter (or delete_adapter({name_to_load!r})) first")
+                                 f"(modules_to_save), and the model computes with that copy: {way_out}")
             if not isinstance(module, (nn.Linear, QRLoraLinear)) and not is_conv1d(module):
                 raise ValueError(f"{name}: expected an nn.Linear or QRLoraLinear, found {type(module).__name__}")
             if found in unreachable:

@@ -804,7 +804,9 @@ class _Generating(InstanceOverride):
     def __init__(self, root: nn.Module, shared: dict) -> None:
         super().__init__(root, "generate")
         self.shared = shared
-        functools.update_wrapper(self, self.original)  # generate's name, docs and signature
+        # generate's name, docs and signature; not its __dict__, which would overwrite this object's own attributes
+        # (an outer block's _Generating is the original of an inner one)
+        functools.update_wrapper(self, self.original, updated=())
 
     def __call__(self, *args, **kwargs):
         self.shared["generating"] = True

@@ -497,6 +497,10 @@ def test_modules_to_save_that_nest_with_another_adapters_are_refused(base, tmp_p
                 load_adapter(served, tmp_path / second, adapter_name="task")
             assert all(torch.equal(v, before[k]) for k, v in served.state_dict().items())
             set_adapter(served, "plain")
+            alone = _alone(model, tmp_path / first)
+            with pytest.raises(ValueError, match=r"with that copy: unload\(model\) first, or load it into a fresh "
+                                                 r"base model"):
+                load_adapter(alone, tmp_path / second)
         load_adapter(served, tmp_path / second, adapter_name="task")
         set_adapter(served, "task")
         _assert_computes_as(served, _alone(model, tmp_path / second), x, f"{first} replaced by {second}")
@@ -612,3 +616,11 @@ def test_a_copy_made_inside_a_block_generates_with_its_own_weights(tmp_path):
         assert not torch.equal(twin.generate(prompt, **settings), model.generate(prompt, **settings))
         with adapter_batch(model, ["default", "default"]):
             assert torch.equal(model.generate(prompt, **settings), base.generate(prompt, **settings))
+        # Nested blocks on a model with generate (an inner block's wrapper took the outer one's attributes: beams
+        # failed inside, and leaving the blocks deleted the model's generate).
+        beams = dict(settings, num_beams=2)
+        with adapter_batch(model, ["default", "default"]):
+            with adapter_batch(model, ["default", "default"]):
+                assert torch.equal(model.generate(prompt, **beams), base.generate(prompt, **beams))
+            assert torch.equal(model.generate(prompt, **beams), base.generate(prompt, **beams))
+        assert "generate" not in vars(model) and model.generate(prompt, **settings).shape == (2, 11)
