@@ -541,17 +541,17 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
     Until then a model with several adapters loaded computes with the first ("default", or the first loaded).
     ``save_adapter``, ``merge_and_unload`` and ``QRLoraCheckpointCallback`` then take this adapter when none is
     named. Each ``modules_to_save`` module takes this adapter's copy into its parameters (in place), trainable
-    while the adapters' lam are; one that this adapter does not train takes the base model's values, frozen. Training reaches only
-    its coefficients (the others get zero gradients), but every layer keeps all adapters as rows of one ``lam``
-    parameter, which an optimizer steps as a whole: weight decay (AdamW with ``weight_decay`` > 0) shrinks the
-    other adapters' rows too, and momentum (Adam's, SGD's) keeps moving the rows of an adapter trained before
-    this call with the same optimizer. Train with ``weight_decay=0``
-    (``Trainer``'s default) and a new optimizer after each ``set_adapter`` (momentum would also move the
-    ``modules_to_save`` copy just copied in), or load the other adapters after training. A model's
-    ``state_dict`` holds the adapters as those rows, in the order they were loaded, without their names, and
-    only the ``modules_to_save`` copy each module holds: it loads into a model whose adapters were loaded in the
-    same order, with the same adapter set active (``save_adapter`` and ``load_adapter`` move one adapter by name,
-    with its own copies).
+    while the adapters' lam are; one that this adapter does not train takes the base model's values, frozen.
+
+    Training reaches only its coefficients (the others get zero gradients), but every layer keeps all adapters as
+    rows of one ``lam`` parameter, which an optimizer steps as a whole: weight decay (AdamW with
+    ``weight_decay`` > 0) shrinks the other adapters' rows too, and momentum (Adam's, SGD's) keeps moving the
+    rows of an adapter trained before this call with the same optimizer, and the ``modules_to_save`` copy just
+    copied in. Train with ``weight_decay=0`` (``Trainer``'s default) and a new optimizer after each
+    ``set_adapter``, or load the other adapters after training. A model's ``state_dict`` holds the adapters as
+    those rows, in the order they were loaded, without their names, and only the ``modules_to_save`` copy each
+    module holds: it loads into a model whose adapters were loaded in the same order, with the same adapter set
+    active (``save_adapter`` and ``load_adapter`` move one adapter by name, with its own copies).
     """
     root, layers = _named_adapter_layers(model, adapter_name)
     row = adapter_row(root, adapter_name)
@@ -829,9 +829,9 @@ def _modules_to_save_per_sequence(root: nn.Module, ids: torch.Tensor, shared: di
             if read[0] != ids._version:
                 read[:] = [ids._version, ids.tolist()]
             per_sequence, n = read[1], len(read[1])
-            keys = {copies.key_for(name, names_by_row.get(a)) for a in per_sequence}
-            if len(keys) == 1:  # one copy for the whole batch, whatever the module's input looks like
-                return [keys.pop()] * rows
+            used = {copies.key_for(name, names_by_row.get(a)) for a in per_sequence}
+            if len(used) == 1:  # one copy for the whole batch, whatever the module's input looks like
+                return [used.pop()] * rows
             if rows != n:  # inside generate(): each sequence's beams, k consecutive rows (as the layers expand)
                 if not (shared.get("generating") and n and rows % n == 0):
                     raise ValueError(f"{name}: its input holds {rows} sequences, and adapter_batch was given {n} "

@@ -28,6 +28,8 @@ from torch import nn
 from .instance_override import InstanceOverride
 
 BASE = None  # the key of the base model's values (adapter names are non-empty str)
+
+
 class _Held:
     """The entry of the copy whose values the module holds: one instance, also after a deepcopy or a pickle."""
 
@@ -129,7 +131,7 @@ class ModuleCopies:
 
     def hold(self, root: nn.Module, adapter: Optional[str], *, trainable: bool) -> None:
         """Make every module hold ``adapter``'s values (the base model's where it has no copy). A module that
-        takes an adapter's copy trains if ``trainable`` (the adapter's lam train), one that takes the base values
+        takes an adapter's copy trains if ``trainable`` (the adapters' lam train), one that takes the base values
         is frozen, and one that keeps its values keeps its ``requires_grad``. A module no adapter trains any
         more holds the base values and is forgotten."""
         plan = [(name, _module(root, name), self.key_for(name, adapter), self.held_by(name))
