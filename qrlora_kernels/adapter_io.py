@@ -742,7 +742,13 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
                              f"from a diverged training run")
         saved_plan.append((found, state))
     for found in sorted({found for found, _ in saved_plan} | set(copies.names()) & set(by_name)):
-        refuse_sharded(by_name[found][1], found)  # (they may take other values below)
+        refuse_sharded(model, by_name[found][1], found)  # (they may take other values below)
+    if wrapper is not None and name_to_load == active_adapter_name(model) and \
+            {found for found, _ in saved_plan} != set(copies.owned_by(name_to_load)):
+        raise ValueError(f"adapter {name_to_load!r}, which the model computes with, would train other "
+                         f"modules_to_save ({', '.join(sorted({f for f, _ in saved_plan})) or 'none'} instead of "
+                         f"{', '.join(copies.owned_by(name_to_load)) or 'none'}), and {wrapper} keeps the set of "
+                         f"trained parameters it was given: load it before wrapping the model")
 
     if fresh:
         for p in model.parameters():
@@ -782,7 +788,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
     for found, state in saved_plan:
         copies.set_copy(model, found, name_to_load, state)
     copies.drop(model, name_to_load, keep=frozenset(found for found, _ in saved_plan))
-    copies.hold(model, active, trainable=trainable)
+    copies.hold(model, active, trainable=trainable, wrapper=wrapper)
     setattr(model, MODULES_TO_SAVE_ATTR, copies)
     skip_bases_in_hf_checkpoints(model)
     keep_gradients_through_reentrant_checkpoints(model, adapted=True)

@@ -555,7 +555,7 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
     """
     root, layers = _named_adapter_layers(model, adapter_name)
     row = adapter_row(root, adapter_name)
-    module_copies(root).hold(root, adapter_name, trainable=lam_trains(root))
+    module_copies(root).hold(root, adapter_name, trainable=lam_trains(root), wrapper=parameter_holding_wrapper(model))
     for _, layer in layers:
         layer.active_adapter = row
     setattr(root, ACTIVE_ADAPTER_ATTR, adapter_name)

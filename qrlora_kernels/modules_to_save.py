@@ -129,16 +129,25 @@ class ModuleCopies:
                 copies[BASE] = _HELD
             del copies[adapter]
 
-    def hold(self, root: nn.Module, adapter: Optional[str], *, trainable: bool) -> None:
+    def hold(self, root: nn.Module, adapter: Optional[str], *, trainable: bool,
+             wrapper: Optional[str] = None) -> None:
         """Make every module hold ``adapter``'s values (the base model's where it has no copy). A module that
         takes an adapter's copy trains if ``trainable`` (the adapters' lam train), one that takes the base values
         is frozen, and one that keeps its values keeps its ``requires_grad``. A module no adapter trains any
-        more holds the base values and is forgotten."""
+        more holds the base values and is forgotten. ``wrapper``: the name of a wrapper that fixed the set of
+        trained parameters (DDP), under which no module may start or stop training."""
         plan = [(name, _module(root, name), self.key_for(name, adapter), self.held_by(name))
                 for name in self._copies]
         for name, module, want, held in plan:  # all checked before any changes
-            if want != held:
-                refuse_sharded(module, name)
+            if want == held:
+                continue
+            refuse_sharded(root, module, name)
+            trains = trainable and want is not BASE
+            if wrapper is not None and trains != any(p.requires_grad for p in module.parameters()):
+                raise ValueError(f"{name} (modules_to_save) would {'start' if trains else 'stop'} training with "
+                                 f"{_describe(want)}, and {wrapper} keeps the set of trained parameters it was "
+                                 f"given (its gradients would no longer be synchronised): choose the adapter before "
+                                 f"wrapping the model")
         for name, module, want, held in plan:
             copies = self._copies[name]
             if want != held:
@@ -158,8 +167,19 @@ def _module(root: nn.Module, name: str) -> nn.Module:
     return found[1]
 
 
-def refuse_sharded(module: nn.Module, name: str) -> None:
+def _sharded(root: nn.Module, module: nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) manages ``module``'s parameters: they are DTensors at rest, and plain
+    tensors only between its unit's forward and backward (or after a forward without gradients)."""
     if any(hasattr(p, "device_mesh") for p in module.parameters()):
+        return True
+    for unit in root.modules():
+        if any(c.__name__ == "FSDPModule" for c in type(unit).__mro__) and any(m is module for m in unit.modules()):
+            return True
+    return False
+
+
+def refuse_sharded(root: nn.Module, module: nn.Module, name: str) -> None:
+    if _sharded(root, module):
         raise ValueError(f"{name}: its parameters are sharded (FSDP2 fully_shard), and it would compute with other "
                          f"values than it holds (another adapter's modules_to_save copy, or the base model's): "
                          f"switch adapters, or disable them, before sharding the model")
@@ -230,6 +250,7 @@ class _RoutedForward(InstanceOverride):
         super().__init__(module, "forward")
         self.root, self.copies, self.name = root, copies, name
         self.tied = tied_outside(root, name)
+        self.sharded = _sharded(root, module)
         self.routes: list = []  # (keys_for_rows, base_only) per block, outermost first
         self.inside = False
 
@@ -246,7 +267,8 @@ class _RoutedForward(InstanceOverride):
         held = copies.held_by(name)
         if all(key == held for key in keys):
             return self.original(*args, **kwargs)
-        refuse_sharded(module, name)
+        if self.sharded:
+            refuse_sharded(self.root, module, name)
         if self.tied is not None:
             raise ValueError(f"{name} (modules_to_save) shares a parameter with {self.tied} (tied weights), which "
                              f"would keep computing with {_describe(held)}: compute with one adapter at a time "
@@ -270,8 +292,10 @@ class _RoutedForward(InstanceOverride):
             else:
                 self.inside = True
                 try:
-                    outputs.append(torch.func.functional_call(module, copies.values(self.root, name, key, module),
-                                                              sub_args, sub_kwargs))
+                    # A dict of its own: functional_call writes the module's tensors back into the one it gets
+                    # (FSDP2's own, where it swapped them in meanwhile).
+                    values = dict(copies.values(self.root, name, key, module))
+                    outputs.append(torch.func.functional_call(module, values, sub_args, sub_kwargs))
                 finally:
                     self.inside = False
             order += positions

@@ -624,3 +624,63 @@ def test_a_copy_made_inside_a_block_generates_with_its_own_weights(tmp_path):
                 assert torch.equal(model.generate(prompt, **beams), base.generate(prompt, **beams))
             assert torch.equal(model.generate(prompt, **beams), base.generate(prompt, **beams))
         assert "generate" not in vars(model) and model.generate(prompt, **settings).shape == (2, 11)
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo process group of one process, for DDP and FSDP2 on the CPU; destroyed afterwards."""
+    import socket
+    import torch.distributed as dist
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_wrapped_and_sharded_models_refuse_what_they_cannot_follow(base, folders, one_process_group):
+    """Under DDP a head that starts or stops training is never synchronised (DDP keeps the parameters it was
+    given): set_adapter and an in-place load that would do it are refused, while a switch between two trained
+    copies works. Under FSDP2 a head is refused once it would take other values, also right after a forward
+    (its parameters plain tensors then) and in a block (whose mixed batch destroyed the kept copies)."""
+    served = _served(base, folders)
+    set_adapter(served, "plain")
+    ddp = nn.parallel.DistributedDataParallel(served)
+    with pytest.raises(ValueError, match=r"classifier \(modules_to_save\) would start training with the copy of "
+                                         r"adapter 'b', and DistributedDataParallel keeps the set of trained"):
+        set_adapter(ddp, "b")
+    with pytest.raises(ValueError, match=r"adapter 'plain', which the model computes with, would train other "
+                                         r"modules_to_save \(classifier instead of none\)"):
+        load_adapter(ddp, folders / "b", adapter_name="plain")
+    assert served.qrlora_modules_to_save.owned_by("plain") == []
+    trained = _served(base, folders)
+    ddp = nn.parallel.DistributedDataParallel(trained)
+    set_adapter(ddp, "b")  # a's trained copy for b's: the same parameters train
+    _assert_computes_as(trained, _alone(base, folders / "b"), torch.randn(2, 4, HIDDEN), "b under DDP")
+
+    from test_distributed import FSDP2_ON_CPU
+    if not FSDP2_ON_CPU:
+        pytest.skip(f"torch {torch.__version__}'s FSDP2 needs a GPU")
+    from torch.distributed.fsdp import fully_shard
+    x = torch.randn(2, 4, HIDDEN)
+    for own_unit in (False, True):
+        sharded = _served(base, folders)
+        copies = sharded.qrlora_modules_to_save
+        kept = {k: v.clone() for k, v in copies.values(sharded, "classifier", "b").items()}
+        for block in sharded.layers:
+            fully_shard(block)
+        if own_unit:
+            fully_shard(sharded.classifier)
+        fully_shard(sharded)
+        with torch.no_grad():
+            sharded(x)  # (the root unit's parameters stay plain tensors after a forward without gradients)
+        with pytest.raises(ValueError, match=r"classifier: its parameters are sharded \(FSDP2 fully_shard\)"):
+            set_adapter(sharded, "b")
+        for block in (lambda: disable_adapters(sharded), lambda: adapter_batch(sharded, ["a", "b"])):
+            with pytest.raises(ValueError, match=r"classifier: its parameters are sharded"):
+                with torch.no_grad(), block():
+                    sharded(x)
+        assert all(torch.equal(v, kept[k]) for k, v in copies.values(sharded, "classifier", "b").items())
