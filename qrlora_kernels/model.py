@@ -788,7 +788,7 @@ def adapter_batch(model: nn.Module, adapter_ids: Union[torch.Tensor, Iterable[Un
                         remember_id_range(per_device[device], *span)
                 layer.adapter_ids = per_device[device]
                 layer.adapter_id_expansions = shared
-        with _modules_to_save_per_sequence(root, ids, shared):
+        with _modules_to_save_per_sequence(root, ids, shared, parameter_holding_wrapper(model)):
             yield ids
     finally:
         if generating is not None:
@@ -817,7 +817,7 @@ class _Generating(InstanceOverride):
 
 
 @contextlib.contextmanager
-def _modules_to_save_per_sequence(root: nn.Module, ids: torch.Tensor, shared: dict):
+def _modules_to_save_per_sequence(root: nn.Module, ids: torch.Tensor, shared: dict, wrapper: Optional[str]):
     """Inside adapter_batch: each ``modules_to_save`` module computes every sequence with its adapter's copy (the
     base model's where that adapter trains none). The ids are read back once, and again only after a write."""
     copies = module_copies(root)
@@ -842,7 +842,7 @@ def _modules_to_save_per_sequence(root: nn.Module, ids: torch.Tensor, shared: di
 
     with contextlib.ExitStack() as stack:
         for name in copies.names():
-            stack.enter_context(routed(root, copies, name, keys_for_rows(name)))
+            stack.enter_context(routed(root, copies, name, keys_for_rows(name), wrapper=wrapper))
         yield
 
 
@@ -871,7 +871,8 @@ def disable_adapters(model: nn.Module):
     try:
         with contextlib.ExitStack() as stack:
             for name in copies.names():
-                stack.enter_context(routed(root, copies, name, lambda rows: [BASE] * rows, base_only=True))
+                stack.enter_context(routed(root, copies, name, lambda rows: [BASE] * rows, base_only=True,
+                                           wrapper=parameter_holding_wrapper(model)))
             for _, layer in layers:
                 layer.adapters_disabled = True
             yield model

@@ -141,7 +141,7 @@ class ModuleCopies:
         for name, module, want, held in plan:  # all checked before any changes
             if want == held:
                 continue
-            refuse_sharded(root, module, name)
+            refuse_sharded(root, module, name, wrapper)
             trains = trainable and want is not BASE
             if wrapper is not None and trains != any(p.requires_grad for p in module.parameters()):
                 raise ValueError(f"{name} (modules_to_save) would {'start' if trains else 'stop'} training with "
@@ -168,21 +168,38 @@ def _module(root: nn.Module, name: str) -> nn.Module:
 
 
 def _sharded(root: nn.Module, module: nn.Module) -> bool:
-    """Whether FSDP2 (``fully_shard``) manages ``module``'s parameters: they are DTensors at rest, and plain
-    tensors only between its unit's forward and backward (or after a forward without gradients)."""
+    """Whether FSDP2 (``fully_shard``) may manage ``module``'s parameters: they are DTensors at rest, plain tensors
+    between its unit's forward and backward, after a forward without gradients or one that raised; so any module
+    inside a unit counts (also parameters the unit ignores: choose the adapter before sharding)."""
     if any(hasattr(p, "device_mesh") for p in module.parameters()):
         return True
-    for unit in root.modules():
-        if any(c.__name__ == "FSDPModule" for c in type(unit).__mro__) and any(m is module for m in unit.modules()):
-            return True
-    return False
+    return any(any(c.__name__ == "FSDPModule" for c in type(unit).__mro__) and any(m is module for m in unit.modules())
+               for unit in root.modules())
 
 
-def refuse_sharded(root: nn.Module, module: nn.Module, name: str) -> None:
-    if _sharded(root, module):
-        raise ValueError(f"{name}: its parameters are sharded (FSDP2 fully_shard), and it would compute with other "
-                         f"values than it holds (another adapter's modules_to_save copy, or the base model's): "
-                         f"switch adapters, or disable them, before sharding the model")
+_FSDP1 = "FullyShardedDataParallel"
+
+
+def _sharding_refusal(name: str, wrapper: Optional[str], fsdp2: bool) -> Optional[str]:
+    """Why module ``name`` cannot compute with other values than it holds, if a sharding wrapper owns them:
+    ``wrapper`` FSDP1 (whose flat parameters hide the module's own during a forward), or FSDP2."""
+    other = "(another adapter's modules_to_save copy, or the base model's)"
+    if wrapper == _FSDP1:
+        return (f"{name}: its parameters are flattened and sharded by FullyShardedDataParallel, and it would compute "
+                f"with other values than it holds {other}: choose the adapter before wrapping the model, or use "
+                f"FSDP2's fully_shard")
+    if fsdp2:
+        return (f"{name}: its parameters are sharded (FSDP2 fully_shard: it is or lies inside a unit), and it would "
+                f"compute with other values than it holds {other}: switch adapters, or disable them, before sharding "
+                f"the model")
+    return None
+
+
+def refuse_sharded(root: nn.Module, module: nn.Module, name: str, wrapper: Optional[str] = None) -> None:
+    """Refuse, naming ``name``, to give a module other values than it holds where a sharding wrapper owns them."""
+    refusal = _sharding_refusal(name, wrapper, wrapper != _FSDP1 and _sharded(root, module))
+    if refusal is not None:
+        raise ValueError(refusal)
 
 
 def tied_outside(root: nn.Module, name: str) -> Optional[str]:
@@ -218,7 +235,7 @@ def _joined(name: str, outputs: list, order: list[int]):
 
 @contextlib.contextmanager
 def routed(root: nn.Module, copies: ModuleCopies, name: str, keys_for_rows: Callable[[int], list[Optional[str]]],
-           *, base_only: bool = False) -> Iterator[None]:
+           *, base_only: bool = False, wrapper: Optional[str] = None) -> Iterator[None]:
     """Inside the block, module ``name`` computes each sequence (row of its input's leading dimension) with the
     values ``keys_for_rows(rows)`` gives it: one call per group of rows that share a copy, the module's own
     forward for the values it holds, ``functional_call`` with the kept copy for the others. Its parameters are
@@ -227,11 +244,12 @@ def routed(root: nn.Module, copies: ModuleCopies, name: str, keys_for_rows: Call
     untrained.
 
     Blocks nest: the innermost decides, except that a ``base_only`` block (``disable_adapters``) anywhere wins,
-    as a disabled QR-LoRA layer ignores the ids of an ``adapter_batch`` around or inside it."""
+    as a disabled QR-LoRA layer ignores the ids of an ``adapter_batch`` around or inside it. ``wrapper``: the
+    parameter-holding wrapper the model is in, if any (``parameter_holding_wrapper``)."""
     module = _module(root, name)
     routing = module.__dict__.get("forward")
     if not (isinstance(routing, _RoutedForward) and routing.owner is module):
-        routing = _RoutedForward(root, copies, name, module)
+        routing = _RoutedForward(root, copies, name, module, wrapper)
         routing.install()
     entry = (keys_for_rows, base_only)
     routing.routes.append(entry)
@@ -246,11 +264,12 @@ def routed(root: nn.Module, copies: ModuleCopies, name: str, keys_for_rows: Call
 class _RoutedForward(InstanceOverride):
     """A routed module's forward, while blocks route it (copies of the module get their own forward back)."""
 
-    def __init__(self, root: nn.Module, copies: ModuleCopies, name: str, module: nn.Module) -> None:
+    def __init__(self, root: nn.Module, copies: ModuleCopies, name: str, module: nn.Module,
+                 wrapper: Optional[str]) -> None:
         super().__init__(module, "forward")
         self.root, self.copies, self.name = root, copies, name
         self.tied = tied_outside(root, name)
-        self.sharded = _sharded(root, module)
+        self.sharding_refusal = _sharding_refusal(name, wrapper, wrapper != _FSDP1 and _sharded(root, module))
         self.routes: list = []  # (keys_for_rows, base_only) per block, outermost first
         self.inside = False
 
@@ -267,8 +286,8 @@ class _RoutedForward(InstanceOverride):
         held = copies.held_by(name)
         if all(key == held for key in keys):
             return self.original(*args, **kwargs)
-        if self.sharded:
-            refuse_sharded(self.root, module, name)
+        if self.sharding_refusal is not None:
+            raise ValueError(self.sharding_refusal)
         if self.tied is not None:
             raise ValueError(f"{name} (modules_to_save) shares a parameter with {self.tied} (tied weights), which "
                              f"would keep computing with {_describe(held)}: compute with one adapter at a time "
