@@ -741,8 +741,9 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], *, adapter_nam
             raise ValueError(f"{name}: its modules_to_save parameter {bad!r} holds NaN or Inf: the adapter was saved "
                              f"from a diverged training run")
         saved_plan.append((found, state))
-    for found in sorted({found for found, _ in saved_plan} | set(copies.names()) & set(by_name)):
-        refuse_sharded(model, by_name[found][1], found)  # (they may take other values below)
+    if name_to_load == active_adapter_name(model) and not fresh:  # its copies are written into the modules below
+        for found in sorted({found for found, _ in saved_plan} | set(copies.owned_by(name_to_load)) & set(by_name)):
+            refuse_sharded(model, by_name[found][1], found, wrapper)
     if wrapper is not None and name_to_load == active_adapter_name(model) and \
             {found for found, _ in saved_plan} != set(copies.owned_by(name_to_load)):
         raise ValueError(f"adapter {name_to_load!r}, which the model computes with, would train other "

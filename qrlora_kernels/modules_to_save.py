@@ -185,13 +185,13 @@ def _sharding_refusal(name: str, wrapper: Optional[str], fsdp2: bool) -> Optiona
     ``wrapper`` FSDP1 (whose flat parameters hide the module's own during a forward), or FSDP2."""
     other = "(another adapter's modules_to_save copy, or the base model's)"
     if wrapper == _FSDP1:
-        return (f"{name}: its parameters are flattened and sharded by FullyShardedDataParallel, and it would compute "
-                f"with other values than it holds {other}: choose the adapter before wrapping the model, or use "
-                f"FSDP2's fully_shard")
+        return (f"{name}: its parameters are flattened and sharded by FullyShardedDataParallel, and it would take or "
+                f"compute with other values than it holds {other}: choose the adapter before wrapping the model, or "
+                f"use FSDP2's fully_shard")
     if fsdp2:
         return (f"{name}: its parameters are sharded (FSDP2 fully_shard: it is or lies inside a unit), and it would "
-                f"compute with other values than it holds {other}: switch adapters, or disable them, before sharding "
-                f"the model")
+                f"take or compute with other values than it holds {other}: switch adapters, or disable them, before "
+                f"sharding the model")
     return None
 
 

@@ -1,9 +1,9 @@
 """modules_to_save per adapter: every adapter computes, trains, saves and merges with its own copy of the
 modules it trains in full, and the base model's values are kept for the others and for disable_adapters.
 
-Each check compares a model serving several adapters with each adapter loaded alone into a fresh base model."""
+Most checks compare a model serving several adapters with each adapter loaded alone into a fresh base model; the
+others check refusals, and that a refusal leaves the model as it was."""
 import copy
-import dataclasses
 import pickle
 
 import pytest
@@ -305,8 +305,10 @@ def test_sharded_modules_refuse_to_switch_or_route(base, folders):
             with torch.no_grad(), block():
                 served(torch.randn(2, 4, HIDDEN))
     with pytest.raises(ValueError, match=r"classifier: its parameters are sharded"):
-        load_adapter(served, folders / "b", adapter_name="c")
-    assert served.qrlora_adapter_ids == {"a": 0, "b": 1, "plain": 2}
+        load_adapter(served, folders / "b", adapter_name="a")  # the copy the module holds, overwritten
+    assert served.qrlora_adapter_ids == {"a": 0, "b": 1, "plain": 2} and torch.equal(served.classifier.weight, held)
+    load_adapter(served, folders / "b", adapter_name="c")  # kept beside it: nothing written into the module
+    assert served.qrlora_modules_to_save.owners("classifier") == ["a", "b", "c"]
     set_adapter(served, "a")  # the values it holds: nothing to switch
     with torch.no_grad(), adapter_batch(served, ["a", "a"]):
         served(torch.randn(2, 4, HIDDEN))
@@ -352,8 +354,6 @@ def test_a_frozen_model_stays_frozen(base, folders, tmp_path):
     classifier trainable again, and a mixed batch with gradients enabled was then refused."""
     served = _served(base, folders)
     served.requires_grad_(False)
-    save_adapter(_adapted(base, dataclasses.replace(CONFIG, target_modules=["query", "value", "classifier"])),
-                 tmp_path / "wider")  # (rejected beside a's head below: checked before anything changes)
     save_adapter(_adapted(base, QRLoraConfig(target_modules=["query"], modules_to_save=["classifier"])),
                  tmp_path / "narrow")
     narrow = copy.deepcopy(base)
