@@ -186,8 +186,7 @@ def _sharding_refusal(name: str, wrapper: Optional[str], fsdp2: bool) -> Optiona
     other = "(another adapter's modules_to_save copy, or the base model's)"
     if wrapper == _FSDP1:
         return (f"{name}: its parameters are flattened and sharded by FullyShardedDataParallel, and it would take or "
-                f"compute with other values than it holds {other}: choose the adapter before wrapping the model, or "
-                f"use FSDP2's fully_shard")
+                f"compute with other values than it holds {other}: choose the adapter before wrapping the model")
     if fsdp2:
         return (f"{name}: its parameters are sharded (FSDP2 fully_shard: it is or lies inside a unit), and it would "
                 f"take or compute with other values than it holds {other}: switch adapters, or disable them, before "
